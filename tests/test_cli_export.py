@@ -60,7 +60,8 @@ def no_artifacts(out: Path) -> bool:
 def test_export_with_profile_and_overriding_flags(small_ckpt: Path, synth_manifest: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    for stale in ("model.int8.onnx", "model.fp16.engine", "model.fp16.engine.json", "calibration.json"):
+    # an earlier export's folder (export.json is its record: a folder without one is refused, see test_out_policy)
+    for stale in ("model.int8.onnx", "model.fp16.engine", "model.fp16.engine.json", "calibration.json", "export.json"):
         (out / stale).write_text("from an earlier export")
     result = CliRunner().invoke(app, [
         "export", "--model", str(small_ckpt), "--out", str(out), "--profile", "jetson-orin-nano-fp16",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+
+from fairdeploy.io import OutputPolicy
 
 # Wide tables stay readable when the output is a file or a CI log (rich defaults to 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -31,6 +34,69 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Write --out even when it exists and is not an earlier output of this command "
+                                     "(a folder is replaced; by default such an --out is refused)."),
+]
+
+
+# ---- what each command writes at --out, and the proof that an existing --out is its own (fairdeploy.io) ----
+
+def _json_has(path: Path, keys: tuple[str, ...]) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in keys)
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.readline()
+    except OSError:
+        return False
+    return head.lstrip("\ufeff").strip().split(",")[:4] == ["image", "label", "group", "split"]
+
+
+def _last_stage(run: Path) -> Any:
+    """The stage that produced a training folder's best checkpoint (model.json history), or None."""
+    try:
+        history = json.loads((run / "best" / "model.json").read_text()).get("history") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return history[-1].get("stage") if history and isinstance(history[-1], dict) else None
+
+
+def _is_pipeline_run(run: Path) -> bool:
+    return (run / "stages.json").is_file() or any((d / "stage.json").is_file() for d in run.iterdir() if d.is_dir())
+
+
+def _report_owns(out: Path) -> bool:
+    from fairdeploy.report.render import report_owns
+
+    return report_owns(out)
+
+
+OUT_POLICIES: dict[str, OutputPolicy] = {
+    "data synth": OutputPolicy("data synth", record="synth.json", names=("images", "manifest.csv", "synth.json")),
+    "data prepare": OutputPolicy("data prepare", kind="file", owned=_is_manifest, what="a manifest"),
+    "data inspect": OutputPolicy("data inspect", kind="file", what="an inspection report",
+                                 owned=lambda p: _json_has(p, ("source", "records", "support", "images_checked"))),
+    "train": OutputPolicy("train", resume_option="--resume", proof="trainer.json of a train run",
+                          owned=lambda p: (p / "trainer.json").is_file() and _last_stage(p) != "finetune"),
+    "evaluate": OutputPolicy("evaluate", kind="file", what="a metrics JSON",
+                             owned=lambda p: _json_has(p, ("overall", "groups", "fairness", "class_names"))),
+    "prune": OutputPolicy("prune", record="prune.json", names=("model.safetensors", "model.json", "prune.json")),
+    "finetune": OutputPolicy("finetune", names=("best", "last", "trainer.json"),
+                             proof="trainer.json of a finetune run",
+                             owned=lambda p: (p / "trainer.json").is_file() and _last_stage(p) == "finetune"),
+    "export": OutputPolicy("export", record="export.json"),
+    "validate": OutputPolicy("validate", record="validation.json"),
+    "report": OutputPolicy("report", owned=_report_owns, proof="report.html of an earlier report"),
+    "pipeline": OutputPolicy("pipeline", owned=_is_pipeline_run, proof="stages.json or a stage's stage.json"),
+}
 
 
 class RichProgress:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from fairdeploy.cli.common import DataOpt, ImagesRootOpt, SeedOpt, console
+from fairdeploy.cli.common import OUT_POLICIES, DataOpt, ImagesRootOpt, OverwriteOpt, SeedOpt, console
 from fairdeploy.data.adapters import (
     ATTRIBUTES,
     FITZPATRICK_LABEL_COLUMNS,
@@ -21,7 +21,7 @@ from fairdeploy.data.adapters import (
 from fairdeploy.data.inspect import inspect_manifest, support_table
 from fairdeploy.data.manifest import read_manifest, write_manifest
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import write_json
+from fairdeploy.io import claim_output, write_json
 
 data_app = typer.Typer(
     help="Datasets: build a manifest (image,label,group,split) from a dataset's tables, inspect one.",
@@ -138,27 +138,30 @@ def prepare_cmd(
     val: ValOpt = 0.15,
     test: TestOpt = 0.15,
     seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Build a manifest from Fitzpatrick 17k, ISIC 2019, HAM10000 or a CSV, with seeded stratified splits."""
-    result = prepare(
-        fmt,
-        metadata,
-        ground_truth=ground_truth,
-        attribute=attribute,
-        age_threshold=age_threshold,
-        label_column=label_column,
-        grouping=grouping,
-        unknown=unknown,
-        image_column=image_column,
-        group_column=group_column,
-        split_column=split_column,
-        id_column=id_column,
-        image_ext=image_ext,
-        image_prefix=image_prefix,
-        fractions=(train, val, test),
-        seed=seed,
-    )
-    write_manifest(result.records, out)
+    with claim_output(out, OUT_POLICIES["data prepare"], overwrite=overwrite,
+                      inputs={"--metadata": metadata, "--ground-truth": ground_truth}):
+        result = prepare(
+            fmt,
+            metadata,
+            ground_truth=ground_truth,
+            attribute=attribute,
+            age_threshold=age_threshold,
+            label_column=label_column,
+            grouping=grouping,
+            unknown=unknown,
+            image_column=image_column,
+            group_column=group_column,
+            split_column=split_column,
+            id_column=id_column,
+            image_ext=image_ext,
+            image_prefix=image_prefix,
+            fractions=(train, val, test),
+            seed=seed,
+        )
+        write_manifest(result.records, out)
     _print_prepare_report(result.report)
     _print_support(support_table(result.records), title=f"support: {out.name}")
     console.print(f"wrote {out}", highlight=False, soft_wrap=True)
@@ -170,8 +173,18 @@ def inspect_cmd(
     images_root: ImagesRootOpt = None,
     check_images: CheckImagesOpt = True,
     out: ReportOutOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Support per split x class x group, missing and unreadable images; exit 2 when any image is bad."""
+    if out is None:
+        _inspect(data, images_root, check_images, None)
+        return
+    with claim_output(out, OUT_POLICIES["data inspect"], overwrite=overwrite,
+                      inputs={"--data": data, "--images-root": images_root}):
+        _inspect(data, images_root, check_images, out)
+
+
+def _inspect(data: Path, images_root: Path | None, check_images: bool, out: Path | None) -> None:
     report = inspect_manifest(read_manifest(data, images_root), check_images=check_images)
     _print_support(report.support, title=f"support: {data.name}")
     for split, groups in report.groups_per_split:
@@ -203,13 +216,16 @@ def synth_cmd(
     dark_contrast: Annotated[float, typer.Option(help="Lesion darkening factor on dark skin (1 = invisible).")] = 0.8,
     image_format: Annotated[str, typer.Option("--format", help="png or jpg.")] = "png",
     seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Generate a synthetic dataset whose shortcut cue helps one group and hurts the other."""
     from fairdeploy.data.synth import SynthConfig, generate_synthetic
 
     cfg = SynthConfig(n_images=n_images, image_size=image_size, dark_fraction=dark_fraction, bias=bias,
                       dark_bias=dark_bias, dark_contrast=dark_contrast, image_format=image_format, seed=seed)
-    manifest_path = generate_synthetic(out, cfg)
+    cfg.validate()  # option mistakes first
+    with claim_output(out, OUT_POLICIES["data synth"], overwrite=overwrite):
+        manifest_path = generate_synthetic(out, cfg)
     manifest = read_manifest(manifest_path)
     _print_support(support_table(manifest.records), title=f"{manifest_path}")
     console.print(f"manifest: {manifest_path}")

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from fairdeploy.cli.common import ImagesRootOpt, ModelOpt, OutDirOpt, RichProgress, SeedOpt, console
+from fairdeploy.cli.common import (
+    OUT_POLICIES,
+    ImagesRootOpt,
+    ModelOpt,
+    OutDirOpt,
+    OverwriteOpt,
+    RichProgress,
+    SeedOpt,
+    console,
+)
+from fairdeploy.io import claim_output
 
 PrecisionOpt = Annotated[
     list[str] | None,
@@ -98,6 +108,7 @@ def export(
     trt_implicit_int8: ImplicitOpt = None,
     images_root: ImagesRootOpt = None,
     seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32 + fp16/int8), check it against PyTorch, optionally build engines."""
     from fairdeploy.export.exporter import run_export
@@ -112,7 +123,10 @@ def export(
         "implicit_int8": trt_implicit_int8,
     }
     options = resolve_options(profile, flags, [profiles_dir] if profiles_dir is not None else None)
-    with RichProgress() as progress:
+    inputs = {"--model": model, "--data": data, "--calib-data": calib_data, "--images-root": images_root,
+              "--profile": Path(profile) if profile and profile.endswith(".toml") else None,
+              "--profiles-dir": profiles_dir, "--recipes-dir": recipes_dir}
+    with claim_output(out, OUT_POLICIES["export"], overwrite=overwrite, inputs=inputs), RichProgress() as progress:
         result = run_export(model, out, options, data=data, calib_data=calib_data, images_root=images_root,
                             check_split=check_split, calib_seed=calib_seed, seed=seed,
                             recipe_dirs=[recipes_dir] if recipes_dir is not None else None, progress=progress)

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fairdeploy.cli.common import RichProgress, console, err_console
+from fairdeploy.cli.common import OUT_POLICIES, OverwriteOpt, RichProgress, console, err_console
 from fairdeploy.errors import EXIT_GATE_FAILED
+from fairdeploy.io import claim_output
 
 
 def _f(v: float | None) -> str:
@@ -46,13 +47,15 @@ def pipeline(
     config: Annotated[Path, typer.Argument(help="Pipeline TOML (see fairdeploy/pipeline/demo.toml).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (stages already done there are skipped).")],
     gate: Annotated[bool, typer.Option(help="Exit 1 when a validation tolerance fails.")] = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run prepare -> train -> prune -> finetune -> export -> validate -> report; resumes where it stopped."""
     from fairdeploy.pipeline.config import load_pipeline_config
     from fairdeploy.pipeline.run import run_pipeline
 
     cfg = load_pipeline_config(config)
-    with RichProgress() as progress:
+    with claim_output(out, OUT_POLICIES["pipeline"], overwrite=overwrite, inputs={"CONFIG": config}), \
+            RichProgress() as progress:
         result = run_pipeline(cfg, out, progress)
     _print_result(result)
     if gate and result.gate_failures:
@@ -64,6 +67,7 @@ def demo(
     n_images: Annotated[int | None, typer.Option(help="Override the number of synthetic images.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Override the training epochs.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """The pipeline on built-in synthetic data whose shortcut hurts one group (CPU, a few minutes)."""
     from dataclasses import replace
@@ -75,7 +79,7 @@ def demo(
         synth={"n_images": n_images} if n_images else None, model={"epochs": epochs} if epochs else None)
     if device:
         cfg = replace(cfg, device=device)
-    with RichProgress() as progress:
+    with claim_output(out, OUT_POLICIES["pipeline"], overwrite=overwrite), RichProgress() as progress:
         result = run_pipeline(cfg, out, progress)
     _print_result(result)
     if result.gate_failures:

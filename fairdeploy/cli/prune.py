@@ -8,10 +8,11 @@ import typer
 from rich.table import Table
 
 from fairdeploy.cli.common import (
-    BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, RichProgress, SeedOpt, WorkersOpt, console,
-    err_console,
+    OUT_POLICIES, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, OverwriteOpt, RichProgress,
+    SeedOpt, WorkersOpt, console, err_console,
 )
 from fairdeploy.data.manifest import read_manifest
+from fairdeploy.io import claim_output
 
 
 def _fmt(v: float | None) -> str:
@@ -120,6 +121,7 @@ def prune(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     images_root: ImagesRootOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Prune a checkpoint for fairness; writes OUT/model.safetensors, OUT/model.json and OUT/prune.json."""
     from fairdeploy.pruning import FairPruneConfig, Guard, PruneConfig, SnnlConfig, StopRule, prune_checkpoint
@@ -145,7 +147,8 @@ def prune(
     )
     cfg.validate()  # option mistakes are reported before the manifest is read
     manifest = read_manifest(data, images_root)
-    with RichProgress() as progress:
+    with claim_output(out, OUT_POLICIES["prune"], overwrite=overwrite,
+                      inputs={"--model": model, "--data": data, "--images-root": images_root}), RichProgress() as progress:
         result = prune_checkpoint(model, manifest, out, cfg, device, progress)
     rec = result.record
     console.print(f"groups: unprivileged {rec['groups']['unprivileged']}, privileged {rec['groups']['privileged']} "
@@ -176,6 +179,7 @@ def finetune(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     images_root: ImagesRootOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best."""
     from fairdeploy.pruning import finetune_checkpoint
@@ -185,7 +189,8 @@ def finetune(
                     balance=balance, select=select, amp=amp, workers=workers, seed=seed)
     cfg.validate()
     manifest = read_manifest(data, images_root)
-    with RichProgress() as progress:
+    with claim_output(out, OUT_POLICIES["finetune"], overwrite=overwrite,
+                      inputs={"--model": model, "--data": data, "--images-root": images_root}), RichProgress() as progress:
         result = finetune_checkpoint(model, manifest, out, cfg, device, progress)
     best = result.fit.history[[h["epoch"] for h in result.fit.history].index(result.fit.best_epoch)]
     console.print(

@@ -8,12 +8,12 @@ from typing import Annotated
 import typer
 
 from fairdeploy.cli.common import (
-    BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, RichProgress, SeedOpt, SplitOpt,
-    WorkersOpt, console,
+    OUT_POLICIES, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, OverwriteOpt, RichProgress,
+    SeedOpt, SplitOpt, WorkersOpt, console,
 )
 from fairdeploy.cli.tables import fairness_table, metrics_table
 from fairdeploy.data.manifest import read_manifest
-from fairdeploy.io import write_json
+from fairdeploy.io import claim_output, write_json
 
 
 def train(
@@ -35,6 +35,7 @@ def train(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     images_root: ImagesRootOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a torchvision classifier; the best epoch on validation is saved to OUT/best."""
     from fairdeploy.training.loop import FitConfig
@@ -43,7 +44,9 @@ def train(
     manifest = read_manifest(data, images_root)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     balance=balance, select=select, amp=amp, workers=workers, seed=seed)
-    with RichProgress() as progress:
+    with claim_output(out, OUT_POLICIES["train"], overwrite=overwrite, resume=resume,
+                      inputs={"--data": data, "--weights": weights, "--images-root": images_root}), \
+            RichProgress() as progress:
         result = train_model(manifest, arch, out, cfg, image_size, weights, device, resume, progress)
     best = result.history[[h["epoch"] for h in result.history].index(result.best_epoch)]
     console.print(
@@ -65,15 +68,23 @@ def evaluate(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     images_root: ImagesRootOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Per-group accuracy, macro P/R/F1 and fairness gaps of a checkpoint on one split."""
+    import contextlib
+
     from fairdeploy.training.train import evaluate_checkpoint
 
-    manifest = read_manifest(data, images_root)
-    with RichProgress() as progress:
-        report = evaluate_checkpoint(model, manifest, split, device, batch_size, workers, bootstrap, seed, progress)
-    console.print(metrics_table(report, title=f"{model} on {split}"))
-    console.print(fairness_table(report))
-    if out is not None:
-        write_json(out, report.to_dict())
-        console.print(f"metrics: {out}")
+    claim = contextlib.nullcontext() if out is None else claim_output(
+        out, OUT_POLICIES["evaluate"], overwrite=overwrite,
+        inputs={"--model": model, "--data": data, "--images-root": images_root})
+    with claim:
+        manifest = read_manifest(data, images_root)
+        with RichProgress() as progress:
+            report = evaluate_checkpoint(model, manifest, split, device, batch_size, workers, bootstrap, seed,
+                                         progress)
+        console.print(metrics_table(report, title=f"{model} on {split}"))
+        console.print(fairness_table(report))
+        if out is not None:
+            write_json(out, report.to_dict())
+            console.print(f"metrics: {out}")

@@ -10,12 +10,12 @@ from rich import box
 from rich.table import Table
 
 from fairdeploy.cli.common import (
-    BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, OutDirOpt, RichProgress, SeedOpt, SplitOpt, WorkersOpt,
-    console,
+    OUT_POLICIES, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, OutDirOpt, OverwriteOpt, RichProgress, SeedOpt,
+    SplitOpt, WorkersOpt, console,
 )
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import EXIT_GATE_FAILED
-from fairdeploy.io import write_json
+from fairdeploy.io import claim_output, write_json
 from fairdeploy.runtime.base import BACKENDS
 
 
@@ -102,6 +102,7 @@ def validate(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     images_root: ImagesRootOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Re-validate per-group accuracy and fairness of runtime artifacts against their PyTorch reference.
 
@@ -116,11 +117,13 @@ def validate(
     lat = LatencyConfig(tuple(sorted({1, latency_batch})), latency_warmup, latency_iterations) if latency else None
     cfg = ValidationConfig(split=split, batch_size=batch_size, workers=workers, bootstrap=bootstrap, seed=seed,
                            tolerances=tolerances, latency=lat)
-    with RichProgress() as progress:
-        result = run_validation(reference, candidate, manifest, cfg, backend, device, allow_fallback, progress)
-    d = result.to_dict()
-    path = out / VALIDATION_FILE
-    write_json(path, d)
+    inputs = {"--reference": reference, "--candidate": list(candidate), "--data": data, "--images-root": images_root}
+    with claim_output(out, OUT_POLICIES["validate"], overwrite=overwrite, inputs=inputs):
+        with RichProgress() as progress:
+            result = run_validation(reference, candidate, manifest, cfg, backend, device, allow_fallback, progress)
+        d = result.to_dict()
+        path = out / VALIDATION_FILE
+        write_json(path, d)
     console.print(comparison_table(d))
     for line in d["failures"]:
         console.print(f"[bold red]FAIL[/bold red] {line}", highlight=False, soft_wrap=True)

@@ -18,8 +18,9 @@ that pruning removes a shortcut. Reports built on it say so.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from fairdeploy.io import atomic_dir
 
 CLASSES = ("disc", "ring", "cross")
 GROUPS = ("dark", "light")
+SYNTH_FILE = "synth.json"  # the generator's record: proves a folder is an earlier `data synth` output
 SKIN = {"light": (224, 188, 160), "dark": (112, 76, 54)}
 MARKER_COLOURS = ((230, 40, 40), (40, 200, 60), (50, 80, 235))
 
@@ -107,7 +109,7 @@ def generate_synthetic(out_dir: str | os.PathLike[str], cfg: SynthConfig = Synth
     rng = np.random.default_rng(cfg.seed)
     out = Path(out_dir)
     records = []
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owner=SYNTH_FILE) as tmp:  # replaces only an earlier synth output
         (tmp / "images").mkdir()
         for i in range(cfg.n_images):
             group = "dark" if rng.random() < cfg.dark_fraction else "light"
@@ -128,4 +130,6 @@ def generate_synthetic(out_dir: str | os.PathLike[str], cfg: SynthConfig = Synth
             )
         records = assign_splits(records, fractions=cfg.fractions, seed=cfg.seed)
         write_manifest(records, tmp / "manifest.csv")
+        (tmp / SYNTH_FILE).write_text(json.dumps({"generator": "fairdeploy data synth", "config": asdict(cfg)},
+                                                 indent=2) + "\n")
     return out / "manifest.csv"

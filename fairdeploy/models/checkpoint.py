@@ -148,7 +148,7 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, out_dir: str | os.PathLik
     spec = replace(spec, module_shapes=describe_shapes(model, spec.arch, spec.num_classes))
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owner=SPEC_FILE) as tmp:  # replaces only an earlier checkpoint
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arch": spec.arch})
         (tmp / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     return out

@@ -70,7 +70,7 @@ def finetune_checkpoint(
     masks = spec_masks(model, spec)
     train_ds, val_ds = spec_datasets(manifest, spec)
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owner="trainer.json") as tmp:  # replaces only an earlier finetune output
         model, result = finetune_model(model, spec, train_ds, val_ds, cfg, tmp, dev, masks, progress)
         entry = {
             "stage": "finetune",

@@ -204,7 +204,7 @@ def prune_checkpoint(
         save_checkpoint(result.model, out_spec, staged)
         record["seconds"] = time.perf_counter() - t_start
         write_json(staged / PRUNE_FILE, record)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, owner=PRUNE_FILE) as tmp:  # replaces only an earlier prune output
             for f in staged.iterdir():
                 shutil.move(str(f), tmp / f.name)
     return PruneResult(out_dir=out, record=record)

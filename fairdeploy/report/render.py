@@ -80,7 +80,7 @@ def _html(run: RunStages, figs: list[tuple[str, str, bytes]]) -> str:
     head, rows = stage_table(run)
     e = html.escape
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<!doctype html><html><head><meta charset='utf-8'>", GENERATOR,
         f"<title>{e(run.title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
@@ -102,13 +102,38 @@ def _html(run: RunStages, figs: list[tuple[str, str, bytes]]) -> str:
     return "\n".join(parts) + "\n"
 
 
+REPORT_FILES = ("report.md", "report.html", "report_files")
+GENERATOR = "<meta name='generator' content='fairdeploy report'>"
+
+
+def _only_figures(folder: Path) -> bool:
+    """report_files/ holds nothing but the PNG figures a report wrote (so it may be replaced)."""
+    return all(p.is_file() and p.suffix == ".png" for p in folder.iterdir())
+
+
+def report_owns(out: Path) -> bool:
+    """`out` holds none of the report's file names, or holds them as an earlier report wrote them (its HTML
+    carries the generator tag): the report may write there without replacing anything of someone else's."""
+    present = [n for n in REPORT_FILES if (out / n).exists() or (out / n).is_symlink()]
+    if not present:
+        return True
+    html = out / "report.html"
+    try:
+        with open(html, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    figures = out / "report_files"
+    return GENERATOR in head and (not figures.is_dir() or _only_figures(figures))
+
+
 def build_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> ReportPaths:
     """Write report.md, report_files/*.png and report.html into out_dir (default: the run dir)."""
     run = load_stages(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir)
     figs = _figures(run)
     fig_dir = out / "report_files"
-    with atomic_dir(fig_dir) as tmp:
+    with atomic_dir(fig_dir, owner=_only_figures) as tmp:
         for name, _, png in figs:
             (tmp / name).write_bytes(png)
     with atomic_path(out / "report.md") as tmp:
