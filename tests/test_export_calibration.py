@@ -145,3 +145,88 @@ def test_batches_are_eval_transformed_images_in_recorded_order(synth_manifest: P
     assert sizes == [6, 6, 6]
     reader.rewind()
     np.testing.assert_array_equal(reader.get_next()["input"], np.concatenate(batches)[:6])
+
+
+# ---------------------------------------------------------------- item 10: the default size fits the data
+
+
+def _smallest_train_cell(manifest) -> int:
+    return min(Counter((r.group, r.label) for r in manifest.records if r.split == "train").values())
+
+
+def test_default_size_is_lowered_to_the_largest_balanced_set_with_a_warning(synth_manifest: Path) -> None:
+    manifest = read_manifest(synth_manifest)
+    smallest = _smallest_train_cell(manifest)
+    default = load_recipe(dirs=[REPO / "calibration"])  # size 512 from the file: more than the split has
+    assert default.size == 512 and default.fit_size and default.size > 6 * smallest
+    with pytest.warns(UserWarning, match=r"too few train images of group 'dark'.*calibrating on \d+ images instead"):
+        cal = draw_calibration_set(manifest, SPEC, default)
+    counted = Counter((i.group, i.label) for i in cal.items)
+    assert max(counted.values()) - min(counted.values()) <= 1 and min(counted.values()) == smallest
+    assert len(cal) >= 6 * smallest and cal.recipe.size == len(cal) and cal.recipe.requested_size == 512
+    assert cal.to_dict()["recipe"]["requested_size"] == 512
+    # An explicit size (--calib-size or a profile's) is never changed: too many is one clear error.
+    with pytest.raises(FairdeployError, match=f"use --calib-size {6 * smallest} or less"):
+        draw_calibration_set(manifest, SPEC, load_recipe(dirs=[REPO / "calibration"], size=512))
+    assert not load_recipe(dirs=[REPO / "calibration"], size=512).fit_size
+
+
+def test_largest_balanced_size() -> None:
+    from fairdeploy.export.calibration import largest_balanced_size
+
+    assert largest_balanced_size([5, 5, 5], 100) == 15
+    assert largest_balanced_size([6, 6, 5], 100) == 17  # the first cells take the extra images
+    assert largest_balanced_size([5, 6, 6], 100) == 15
+    assert largest_balanced_size([9, 9], 7) == 7 and largest_balanced_size([0, 4], 8) == 0
+    assert largest_balanced_size([3, 3, 3], 2) == 0  # fewer images than cells: no balanced set
+
+
+def test_a_cell_without_images_is_an_error_even_for_the_default_size(synth_manifest: Path, tmp_path: Path) -> None:
+    rows = list(csv.reader(synth_manifest.open()))
+    header, body = rows[0], rows[1:]
+    g, lab, sp = header.index("group"), header.index("label"), header.index("split")
+    kept = [r for r in body if not (r[g] == "dark" and r[lab] == "ring" and r[sp] == "train")]
+    path = synth_manifest.parent / "no_dark_ring.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *kept])
+    try:
+        with pytest.raises(FairdeployError, match="no train images of group 'dark', class 'ring'"):
+            draw_calibration_set(read_manifest(path), SPEC, load_recipe(dirs=[REPO / "calibration"]))
+    finally:
+        path.unlink()
+
+
+def test_export_checks_the_calibration_size_before_loading_the_model(synth_manifest: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 10: run_export decides the calibration set (fit with a warning, or a clear error) from the
+    manifest and model.json before it loads any model weights."""
+    from fairdeploy.export import exporter
+    from fairdeploy.export.profiles import merge_options
+    from fairdeploy.models import ModelSpec as Spec
+    from fairdeploy.models import create_model, save_checkpoint
+
+    ckpt = save_checkpoint(create_model("mobilenet_v3_small", 3),
+                           Spec(arch="mobilenet_v3_small", classes=SPEC.classes, groups=SPEC.groups, image_size=32),
+                           tmp_path / "ckpt")
+    events: list[str] = []
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(*a, **k):
+        events.append("load")
+        raise Loaded
+
+    monkeypatch.setattr(exporter, "load_checkpoint", fake_load)
+    real_draw = exporter.draw_calibration_set
+    monkeypatch.setattr(exporter, "draw_calibration_set",
+                        lambda *a, **k: (events.append("draw"), real_draw(*a, **k))[1])
+    with pytest.warns(UserWarning, match="largest balanced set"), pytest.raises(Loaded):
+        exporter.run_export(ckpt, tmp_path / "out", merge_options(None, {"precision": ("int8",)}),
+                            data=synth_manifest, recipe_dirs=[REPO / "calibration"])
+    assert events == ["draw", "load"]
+    events.clear()
+    with pytest.raises(FairdeployError, match="too few train images"):
+        exporter.run_export(ckpt, tmp_path / "out", merge_options(None, {"precision": ("int8",), "calib_size": 5000}),
+                            data=synth_manifest, recipe_dirs=[REPO / "calibration"])
+    assert events == ["draw"] and not (tmp_path / "out").exists()

@@ -21,10 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 DIRS = [REPO / "export"]
 
 
-def test_parse_precisions_adds_fp32_and_orders() -> None:
-    assert parse_precisions(["int8,fp16"]) == ("fp32", "fp16", "int8")
-    assert parse_precisions(["int8", "FP16", "int8"]) == ("fp32", "fp16", "int8")
+def test_parse_precisions_orders_and_the_options_add_the_fp32_onnx() -> None:
+    assert parse_precisions(["int8,fp16"]) == ("fp16", "int8")  # what was asked: the engines built
+    assert parse_precisions(["int8", "FP16", "int8"]) == ("fp16", "int8")
     assert parse_precisions([]) == ("fp32",)
+    opts = merge_options(None, {"precision": parse_precisions(["int8,fp16"])})
+    assert opts.precisions == ("fp32", "fp16", "int8") and opts.engine_precisions == ("fp16", "int8")
     with pytest.raises(FairdeployError, match=r"unknown precision 'bf16'; choose one of fp32, fp16, int8"):
         parse_precisions(["fp16,bf16"])
 

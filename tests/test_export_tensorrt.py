@@ -8,9 +8,10 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
 
+import numpy as np
 import pytest
+from fake_tensorrt import ENGINE_MAGIC, fake_tensorrt, names, timing_cache_blob
 
 from fairdeploy.errors import FairdeployError, MissingDependencyError
 from fairdeploy.export import tensorrt_build as tb
@@ -64,11 +65,63 @@ def test_dla_sparsity_and_cache_settings() -> None:
     plan = tb.plan_build("10.3.0", "fp16", dla, 224)
     assert plan.builder_flags == ("SPARSE_WEIGHTS", "GPU_FALLBACK") and plan.dla_core == 1 and plan.timing_cache is None
     no_fallback = TrtOptions(min_batch=1, opt_batch=1, max_batch=1, dla_core=0, gpu_fallback=False)
-    assert tb.plan_build("11.0.0", "int8", no_fallback, 224).builder_flags == ()
+    # 11.4.1 on Linux (JetPack >= 7.2.2): DLA is back, strongly typed, INT8 from the Q/DQ model.
+    eleven = tb.plan_build("11.4.1", "int8", no_fallback, 224, platform="linux")
+    assert eleven.builder_flags == () and eleven.quantization == "qdq" and eleven.onnx_precision == "int8"
     with pytest.raises(FairdeployError, match="DLA runs only FP16 and INT8 layers"):
         tb.plan_build("10.3.0", "fp32", no_fallback, 224)
     with pytest.raises(FairdeployError, match="DLA needs a static batch"):
         tb.plan_build("10.3.0", "fp16", TrtOptions(dla_core=0, max_batch=8), 224)
+
+
+def test_int8_on_dla_with_10x_is_the_implicit_int8_fp16_path() -> None:
+    """Item 1: DLA does not run explicit Q/DQ on 10.x; the entropy calibrator on the fp32 ONNX, weakly typed,
+    INT8 and FP16 flags. The jetson-agx-orin-int8-dla profile plans exactly that and says so."""
+    from fairdeploy.export.profiles import resolve_options
+
+    opts = TrtOptions(min_batch=1, opt_batch=1, max_batch=1, dla_core=0)
+    plan = tb.plan_build("10.3.0.30", "int8", opts, 224)
+    assert plan.implicit_calibrator and plan.network_flags == ()  # weakly typed
+    assert plan.builder_flags == ("INT8", "FP16", "GPU_FALLBACK")
+    assert plan.onnx_precision == "fp32" and plan.quantization == "implicit-calibrator"
+    # The same core with fp16 stays strongly typed from the fp16 ONNX; on the GPU int8 stays Q/DQ.
+    assert not tb.plan_build("10.3.0", "fp16", opts, 224).implicit_calibrator
+    assert tb.plan_build("10.3.0", "int8", TrtOptions(), 224).quantization == "qdq"
+    repo = Path(__file__).resolve().parents[1]
+    profile = resolve_options("jetson-agx-orin-int8-dla", {}, [repo / "export"])
+    assert profile.engine_precisions == ("int8",) and profile.trt.dla_core == 0
+    dla_plan = tb.plan_build("10.3.0", "int8", profile.trt, 224)
+    assert dla_plan.quantization == "implicit-calibrator" and {"INT8", "FP16"} <= set(dla_plan.builder_flags)
+    text = (repo / "export" / "jetson-agx-orin-int8-dla.toml").read_text()
+    assert "IInt8EntropyCalibrator2" in text and "Q/DQ engine on DLA" not in text
+    assert "INT8 *and* FP16" in text and "11.0-11.3 has no DLA" in text
+
+
+@pytest.mark.parametrize("version,platform", [("11.0.0", "linux"), ("11.1.0", "linux"), ("11.3.1", "linux"),
+                                              ("11.4.0", "linux")])
+def test_dla_is_refused_where_tensorrt_has_none(version: str, platform: str) -> None:
+    """Item 2: TensorRT 11.0-11.3 has no DLA; 11.4.0 only on Windows on ARM. One line, before any work."""
+    opts = TrtOptions(min_batch=1, opt_batch=1, max_batch=1, dla_core=0)
+    with pytest.raises(FairdeployError, match=r"--dla-core 0: TensorRT 11\.(0-11\.3|4\.0) has (no DLA|DLA only)") as e:
+        tb.plan_build(version, "fp16", opts, 224, platform=platform)
+    assert "\n" not in str(e.value) and "--dla-core -1" in str(e.value)
+    tb.plan_build(version, "fp16", TrtOptions(), 224, platform=platform)  # the GPU is fine
+    tb.plan_build("11.4.0", "fp16", opts, 224, platform="win32")
+    tb.plan_build("11.4.1", "fp16", opts, 224, platform="linux")
+
+
+@pytest.mark.parametrize("cores,core", [(0, 0), (1, 1), (2, 2)])
+def test_dla_core_the_machine_lacks_is_refused(cores: int, core: int, tmp_path: Path) -> None:
+    """Item 2: builder.num_DLA_cores <= dla_core (an ordinary GPU has 0) -> one-line error, nothing written."""
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    plan = tb.plan_build("10.3.0", "fp16", TrtOptions(min_batch=1, opt_batch=1, max_batch=1, dla_core=core), 32)
+    trt = fake_tensorrt("10.3.0", dla_cores=cores)
+    with pytest.raises(FairdeployError, match=rf"--dla-core {core}: this machine has (no DLA|{cores} DLA core)") as e:
+        tb.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", plan, trt)
+    assert "\n" not in str(e.value) and "build_serialized_network" not in names(trt.calls)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    # The 11.0-11.3 fake reports no DLA cores at all, whatever the hardware.
+    assert fake_tensorrt("11.2.0", dla_cores=2).Builder(None).num_DLA_cores == 0
 
 
 def test_module_imports_without_tensorrt_and_says_how_to_install() -> None:
@@ -83,134 +136,13 @@ def test_module_imports_without_tensorrt_and_says_how_to_install() -> None:
 # ---------------------------------------------------------------- the builder's plumbing (fake module)
 
 
-def fake_tensorrt(version: str, parse_ok: bool = True, build_ok: bool = True) -> ModuleType:
-    """A stand-in exposing only the API of the given major version; it records every call."""
-    legacy = version.startswith("10.")
-    trt = ModuleType("tensorrt")
-    trt.__version__ = version
-    calls: list[tuple] = []
-    trt.calls = calls  # type: ignore[attr-defined]
-
-    class Logger:
-        WARNING = "warning"
-
-        def __init__(self, level: str) -> None:
-            calls.append(("Logger", level))
-
-    flag_names = ["SPARSE_WEIGHTS", "GPU_FALLBACK"] + (["FP16", "INT8"] if legacy else [])
-    trt.Logger = Logger
-    trt.BuilderFlag = SimpleNamespace(**{n: f"flag:{n}" for n in flag_names})
-    trt.NetworkDefinitionCreationFlag = SimpleNamespace(
-        **({"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if legacy else {"STRONGLY_TYPED": 0}))
-    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="pool:workspace")
-    trt.DeviceType = SimpleNamespace(GPU="device:gpu", DLA="device:dla")
-
-    class IProgressMonitor:
-        def __init__(self) -> None:
-            calls.append(("IProgressMonitor.__init__",))
-
-    trt.IProgressMonitor = IProgressMonitor
-    if legacy:
-        class IInt8EntropyCalibrator2:
-            def __init__(self) -> None:
-                calls.append(("IInt8EntropyCalibrator2.__init__",))
-
-        trt.IInt8EntropyCalibrator2 = IInt8EntropyCalibrator2
-
-    class Profile:
-        def set_shape(self, name, mn, opt, mx) -> None:
-            calls.append(("profile.set_shape", name, tuple(mn), tuple(opt), tuple(mx)))
-
-    class Cache:
-        def __init__(self, data: bytes) -> None:
-            self.data = data
-
-        def serialize(self) -> bytes:
-            return b"CACHE+" + self.data
-
-    class Config:
-        _removed = set() if legacy else {"int8_calibrator"}
-
-        def __setattr__(self, name, value) -> None:
-            if name in self._removed:
-                raise AttributeError(f"TensorRT {version} has no IBuilderConfig.{name}")
-            calls.append(("config." + name, value))
-            object.__setattr__(self, name, value)
-
-        def set_memory_pool_limit(self, pool, size) -> None:
-            calls.append(("config.set_memory_pool_limit", pool, size))
-
-        def set_flag(self, flag) -> None:
-            calls.append(("config.set_flag", flag))
-
-        def add_optimization_profile(self, profile) -> None:
-            calls.append(("config.add_optimization_profile",))
-
-        def create_timing_cache(self, data: bytes) -> Cache:
-            calls.append(("config.create_timing_cache", bytes(data)))
-            self.__dict__["_cache"] = Cache(bytes(data))
-            return self.__dict__["_cache"]
-
-        def set_timing_cache(self, cache, ignore_mismatch) -> None:
-            calls.append(("config.set_timing_cache", ignore_mismatch))
-
-        def get_timing_cache(self) -> Cache:
-            return self.__dict__["_cache"]
-
-        if legacy:
-            def set_calibration_profile(self, profile) -> None:
-                calls.append(("config.set_calibration_profile",))
-
-    class Builder:
-        def __init__(self, logger) -> None:
-            calls.append(("Builder",))
-
-        def create_network(self, flags: int):
-            calls.append(("create_network", flags))
-            return "network"
-
-        def create_builder_config(self) -> Config:
-            return Config()
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            monitor = config.__dict__.get("progress_monitor")
-            if monitor is not None:  # what TensorRT does while building: phases and steps
-                monitor.phase_start("Building engine", None, 3)
-                for step in range(3):
-                    assert monitor.step_complete("Building engine", step) is True
-                monitor.phase_finish("Building engine")
-            calls.append(("build_serialized_network",))
-            return b"FAKE-SERIALIZED-BYTES" if build_ok else None
-
-    class OnnxParser:
-        def __init__(self, network, logger) -> None:
-            self.num_errors = 0 if parse_ok else 1
-
-        def parse_from_file(self, path: str) -> bool:
-            calls.append(("parse_from_file", Path(path).name))
-            return parse_ok
-
-        def get_error(self, i: int) -> str:
-            return "In node 3 (Foo): No importer registered for op: Foo"
-
-    trt.Builder, trt.OnnxParser = Builder, OnnxParser
-    return trt
-
-
-def _names(calls: list[tuple]) -> list[str]:
-    return [c[0] for c in calls]
-
-
 @pytest.mark.parametrize("version", ["10.3.0.30", "11.0.0"])
 def test_builder_plumbing_per_version(version: str, tmp_path: Path) -> None:
     onnx_path = tmp_path / "model.int8.onnx"
     onnx_path.write_bytes(b"onnx")
     cache = tmp_path / "timing.cache"
     opts = TrtOptions(min_batch=1, opt_batch=1, max_batch=1, workspace_mib=64, optimization_level=4,
-                      dla_core=0, sparse_weights=True)
+                      sparse_weights=True)
     plan = tb.plan_build(version, "int8", opts, 32)
     seen: list[tuple[str, int, int]] = []
     trt = fake_tensorrt(version)
@@ -220,35 +152,105 @@ def test_builder_plumbing_per_version(version: str, tmp_path: Path) -> None:
     assert ("create_network", 1 << 1 if version.startswith("10.") else 0) in calls  # STRONGLY_TYPED only on 10.x
     assert ("config.set_memory_pool_limit", "pool:workspace", 64 * 2**20) in calls
     assert ("config.builder_optimization_level", 4) in calls
-    assert [c for c in calls if c[0] == "config.set_flag"] == [("config.set_flag", "flag:SPARSE_WEIGHTS"),
-                                                                 ("config.set_flag", "flag:GPU_FALLBACK")]
+    assert [c for c in calls if c[0] == "config.set_flag"] == [("config.set_flag", "flag:SPARSE_WEIGHTS")]
     assert ("profile.set_shape", "input", (1, 3, 32, 32), (1, 3, 32, 32), (1, 3, 32, 32)) in calls
-    assert ("config.default_device_type", "device:dla") in calls and ("config.DLA_core", 0) in calls
-    assert ("config.create_timing_cache", b"") in calls and ("config.set_timing_cache", False) in calls
-    assert "config.int8_calibrator" not in _names(calls)
+    assert "config.default_device_type" not in names(calls) and "config.DLA_core" not in names(calls)
+    assert ("config.create_timing_cache", b"") in calls and ("config.set_timing_cache", False, True) in calls
+    assert "config.int8_calibrator" not in names(calls)
     assert seen[0] == ("TensorRT Building engine", 0, 3) and seen[-1] == ("TensorRT Building engine", 3, 3)
-    assert built.path.read_bytes() == b"FAKE-SERIALIZED-BYTES" and cache.read_bytes() == b"CACHE+"
+    assert built.path.read_bytes() == ENGINE_MAGIC and cache.read_bytes() == timing_cache_blob(version, entries=b"+")
     # A second build reuses the saved timing cache.
     trt2 = fake_tensorrt(version)
     tb.build_engine(onnx_path, tmp_path / "model.int8.engine", plan, trt2, timing_cache_path=cache)
-    assert ("config.create_timing_cache", b"CACHE+") in trt2.calls
+    assert ("config.create_timing_cache", timing_cache_blob(version, entries=b"+")) in trt2.calls
+    assert [c for c in trt2.calls if c[0] == "config.set_timing_cache"] == [("config.set_timing_cache", False, True)]
+    assert cache.read_bytes() == timing_cache_blob(version, entries=b"++")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.engine", "model.int8.onnx", "timing.cache"]
 
 
-def test_implicit_calibrator_plumbing_on_10x(tmp_path: Path) -> None:
-    (tmp_path / "model.fp32.onnx").write_bytes(b"onnx")
-    plan = tb.plan_build("10.3.0", "int8", TrtOptions(implicit_int8=True, timing_cache=None), 32)
+@pytest.mark.parametrize("stale", [timing_cache_blob("10.8.0"), timing_cache_blob("10.3.0", gpu="Other GPU"),
+                                   b"garbage, not a timing cache"])
+def test_timing_cache_from_another_version_or_gpu_falls_back_to_a_fresh_one(stale: bytes, tmp_path: Path) -> None:
+    """Item 4: set_timing_cache returns False for another version/GPU (create_timing_cache None for garbage):
+    the build goes on with a fresh cache, says so, and the file then holds this machine's cache."""
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(stale)
+    plan = tb.plan_build("10.3.0", "fp16", TrtOptions(), 32)
     trt = fake_tensorrt("10.3.0")
-    tb.build_engine(tmp_path / "model.fp32.onnx", tmp_path / "model.int8.engine", plan, trt,
-                    calibration_batches=[object()], calibration_batch_size=6)
+    with pytest.warns(UserWarning, match="timing cache timing.cache is from another TensorRT version or GPU"):
+        built = tb.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", plan, trt, timing_cache_path=cache)
+    sets = [c for c in trt.calls if c[0] == "config.set_timing_cache"]
+    assert sets[-1] == ("config.set_timing_cache", False, True)  # the fresh cache, never ignore_mismatch=True
+    assert all(c[1] is False for c in sets) and ("config.create_timing_cache", b"") in trt.calls
+    assert built.path.read_bytes() == ENGINE_MAGIC and "another TensorRT version" in built.timing_cache_note
+    assert cache.read_bytes() == timing_cache_blob("10.3.0", entries=b"+")
+
+
+def _calibration_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batches, set_hash: str | None,
+                       version: str = "10.3.0", opts: TrtOptions | None = None, dla_cores: int = 0):
+    monkeypatch.setattr(tb, "CALIBRATION_DEVICE", "cpu")  # the fake reads the pointers as host memory
+    plan = tb.plan_build(version, "int8", opts or TrtOptions(implicit_int8=True, timing_cache=None), 32)
+    trt = fake_tensorrt(version, dla_cores=dla_cores)
+    built = tb.build_engine(tmp_path / "model.fp32.onnx", tmp_path / "model.int8.engine", plan, trt,
+                            calibration_batches=batches, calibration_batch_size=len(batches[0]),
+                            calibration_sha256=set_hash)
+    return trt, built
+
+
+def test_implicit_calibrator_plumbing_on_10x(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 7: the fake builder really calls get_batch until None; the calibrator hands it the batches' data."""
+    (tmp_path / "model.fp32.onnx").write_bytes(b"onnx")
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((6, 3, 32, 32)).astype(np.float32) for _ in range(3)]
+    trt, built = _calibration_build(tmp_path, monkeypatch, batches, "ab" * 32)
     calls = trt.calls
     assert ("create_network", 0) in calls and ("config.set_flag", "flag:INT8") in calls
     calibrator = next(c[1] for c in calls if c[0] == "config.int8_calibrator")
     assert isinstance(calibrator, trt.IInt8EntropyCalibrator2) and calibrator.get_batch_size() == 6
     assert ("profile.set_shape", "input", (6, 3, 32, 32), (6, 3, 32, 32), (6, 3, 32, 32)) in calls
-    assert "config.set_calibration_profile" in _names(calls)
+    assert "config.set_calibration_profile" in names(calls)
+    assert trt.calibration["batches"] == [6, 6, 6]
+    np.testing.assert_allclose(trt.calibration["sums"], [float(b.astype(np.float64).sum()) for b in batches],
+                               rtol=1e-6)
+    assert built.calibration_cache == tmp_path / f"model.int8.engine.calib-{'ab' * 8}.cache"
+    assert built.calibration_cache.read_bytes() == b"CALIBRATION-TABLE"
+    plan = tb.plan_build("10.3.0", "int8", TrtOptions(implicit_int8=True, timing_cache=None), 32)
     with pytest.raises(FairdeployError, match="needs the calibration set's batches"):
         tb.build_engine(tmp_path / "model.fp32.onnx", tmp_path / "x.engine", plan, fake_tensorrt("10.3.0"))
+
+
+def test_calibration_cache_is_keyed_to_the_calibration_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 3: a second export with another set into the same folder calibrates again (new cache file named
+    by the set's hash); the same set reuses its own cache and asks for no batch."""
+    (tmp_path / "model.fp32.onnx").write_bytes(b"onnx")
+    one = [np.zeros((2, 3, 32, 32), np.float32)]
+    two = [np.ones((2, 3, 32, 32), np.float32)]
+    trt_a, a = _calibration_build(tmp_path, monkeypatch, one, "a" * 64)
+    trt_b, b = _calibration_build(tmp_path, monkeypatch, two, "b" * 64)
+    assert trt_a.calibration["batches"] == [2] and trt_b.calibration["batches"] == [2]  # B calibrated anew
+    assert trt_b.calibration["sums"] == [2 * 3 * 32 * 32]
+    assert a.calibration_cache != b.calibration_cache and "b" * 16 in b.calibration_cache.name
+    trt_again, again = _calibration_build(tmp_path, monkeypatch, one, "a" * 64)
+    assert trt_again.calibration["batches"] == [] and again.calibration_cache == a.calibration_cache
+    assert ("calibrator.read_calibration_cache", True) in trt_again.calls
+    # No set hash given: the batches' own content keys the cache.
+    _, c = _calibration_build(tmp_path, monkeypatch, two, None)
+    _, d = _calibration_build(tmp_path, monkeypatch, [x + 1 for x in two], None)
+    assert c.calibration_cache != d.calibration_cache
+
+
+def test_int8_on_dla_plumbing_on_10x(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 1 through the builder: DLA device and core, INT8 + FP16 flags, weakly typed, calibrator fed."""
+    (tmp_path / "model.fp32.onnx").write_bytes(b"onnx")
+    opts = TrtOptions(min_batch=1, opt_batch=1, max_batch=1, dla_core=1, timing_cache=None)
+    trt, built = _calibration_build(tmp_path, monkeypatch, [np.ones((1, 3, 32, 32), np.float32)] * 4, "c" * 64,
+                                    opts=opts, dla_cores=2)
+    calls = trt.calls
+    assert ("create_network", 0) in calls
+    assert [c[1] for c in calls if c[0] == "config.set_flag"] == ["flag:INT8", "flag:FP16", "flag:GPU_FALLBACK"]
+    assert ("config.default_device_type", "device:dla") in calls and ("config.DLA_core", 1) in calls
+    assert trt.calibration["batches"] == [1, 1, 1, 1] and built.plan.quantization == "implicit-calibrator"
 
 
 def test_parse_or_build_failure_leaves_no_engine(tmp_path: Path) -> None:
@@ -281,7 +283,73 @@ def test_export_writes_sidecar_from_the_build(tmp_path: Path, monkeypatch: pytes
     assert (side.min_batch, side.opt_batch, side.max_batch) == (1, 2, 4) and side.classes == ("a", "b", "c")
     check_sidecar(side, "10.3.0.30", "Fake GPU", "8.7", result.engines["fp16"])
     recorded = read_json(tmp_path / "out" / "export.json")["engines"]
-    assert set(recorded) == {"fp32", "fp16"} and recorded["fp16"]["engine_sha256"] == side.engine_sha256
+    # Item 5: only the engine asked for; the fp32 ONNX is written (the others derive from it), no fp32 engine.
+    assert set(recorded) == {"fp16"} and recorded["fp16"]["engine_sha256"] == side.engine_sha256
+    assert set(result.engines) == {"fp16"} and not (tmp_path / "out" / "model.fp32.engine").exists()
+    assert set(result.onnx) == {"fp32", "fp16"}
+
+
+def test_engine_precisions_are_those_asked() -> None:
+    """Item 5: the ONNX files always include fp32; the engines only what was asked for."""
+    from fairdeploy.export.profiles import ExportOptions, merge_options, parse_precisions
+
+    opts = merge_options(None, {"precision": parse_precisions(["int8"]), "trt": True})
+    assert opts.precisions == ("fp32", "int8") and opts.engine_precisions == ("int8",)
+    assert merge_options(None, {}).engine_precisions == ("fp32",)
+    both = ExportOptions(precisions=("int8", "fp32"))
+    assert both.precisions == ("fp32", "int8") and both.engine_precisions == ("fp32", "int8")
+    assert ExportOptions(precisions=("fp16",)).engine_precisions == ("fp16",)
+
+
+def _tiny_checkpoint(tmp_path: Path) -> Path:
+    from fairdeploy.models import ModelSpec, create_model, save_checkpoint
+
+    return save_checkpoint(create_model("mobilenet_v3_small", 3),
+                           ModelSpec(arch="mobilenet_v3_small", classes=("cross", "disc", "ring"),
+                                     groups=("dark", "light"), image_size=32), tmp_path / "ckpt")
+
+
+def test_sidecar_is_written_even_when_the_timing_cache_cannot_be_saved(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 4: nothing that can fail comes between the engine file and its sidecar; an unsavable timing cache
+    is a warning, the engine and its sidecar are there."""
+    from fairdeploy.export.exporter import run_export
+    from fairdeploy.export.profiles import merge_options
+    from fairdeploy.export.sidecar import read_sidecar
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache's folder would be")
+    monkeypatch.setattr(tb, "gpu_identity", lambda device_index=0: ("Fake GPU", "8.7"))
+    options = merge_options(None, {"precision": ("fp16",), "trt": True, "max_batch": 2, "opt_batch": 1,
+                                   "timing_cache": str(blocker / "timing.cache")})
+    with pytest.warns(UserWarning, match="timing cache .*timing.cache could not be saved"):
+        result = run_export(_tiny_checkpoint(tmp_path), tmp_path / "out", options,
+                            trt_module=fake_tensorrt("10.3.0.30"))
+    side = read_sidecar(tmp_path / "out" / "model.fp16.engine.json")
+    assert result.engines["fp16"].read_bytes() == ENGINE_MAGIC and side.precision == "fp16"
+
+
+def test_dla_int8_without_gpu_fallback_exports_on_10x(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      synth_manifest: Path) -> None:
+    """Items 1 and 5 end to end: `--dla-core 0 --no-gpu-fallback --precision int8` builds one engine, the
+    implicit-calibrator INT8 one from the fp32 ONNX, its sidecar naming the calibration set."""
+    from fairdeploy.export.exporter import run_export
+    from fairdeploy.export.profiles import merge_options
+    from fairdeploy.export.sidecar import read_sidecar
+
+    monkeypatch.setattr(tb, "gpu_identity", lambda device_index=0: ("Fake GPU", "8.7"))
+    monkeypatch.setattr(tb, "CALIBRATION_DEVICE", "cpu")
+    options = merge_options(None, {"precision": ("int8",), "trt": True, "min_batch": 1, "opt_batch": 1,
+                                   "max_batch": 1, "dla_core": 0, "gpu_fallback": False, "calib_size": 12})
+    trt = fake_tensorrt("10.3.0.30", dla_cores=2)
+    result = run_export(_tiny_checkpoint(tmp_path), tmp_path / "out", options, data=synth_manifest,
+                        trt_module=trt)
+    assert set(result.engines) == {"int8"}
+    side = read_sidecar(tmp_path / "out" / "model.int8.engine.json")
+    assert side.quantization == "implicit-calibrator" and side.onnx_file == "model.fp32.onnx" and side.dla_core == 0
+    assert side.calibration_sha256 == result.summary["calibration"]["sha256"]
+    assert (tmp_path / "out" / f"model.int8.engine.calib-{side.calibration_sha256[:16]}.cache").is_file()
+    assert trt.calibration["batches"] == [1] * 12 and ("parse_from_file", "model.fp32.onnx") in trt.calls
 
 
 # ---------------------------------------------------------------- real TensorRT (skipped here)

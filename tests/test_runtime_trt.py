@@ -6,10 +6,12 @@ import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+from fake_tensorrt import fake_tensorrt, reference_logits
 
 from fairdeploy.errors import EXIT_MISSING_DEPENDENCY, FairdeployError, MissingDependencyError
 from fairdeploy.export.sidecar import EngineSidecar, write_sidecar
@@ -22,17 +24,99 @@ CLASSES = ("cross", "disc", "ring")
 GROUPS = ("dark", "light")
 
 
-def _fake_engine(folder: Path, env: EngineEnvironment = BUILT, onnx: Path | None = None) -> Path:
-    """Engine bytes (not a real engine: these checks run before TensorRT reads it) and their sidecar."""
+def _fake_engine(folder: Path, env: EngineEnvironment = BUILT, onnx: Path | None = None,
+                 dla_core: int | None = None, content: bytes = b"not really an engine") -> Path:
+    """Engine bytes (not a real engine: the sidecar checks run before TensorRT reads it; the fake runtime
+    below accepts them) and their sidecar."""
     engine = folder / "model.fp16.engine"
-    engine.write_bytes(b"not really an engine")
+    engine.write_bytes(content)
     write_sidecar(folder / "model.fp16.engine.json", EngineSidecar(
         engine_file=engine.name, engine_sha256=sha256_file(engine), tensorrt_version=env.tensorrt_version,
         gpu_name=env.gpu_name, compute_capability=env.compute_capability, precision="fp16",
         onnx_file=onnx.name if onnx else "model.fp16.onnx", onnx_sha256="0" * 64, calibration_sha256=None,
-        classes=CLASSES, groups=GROUPS, image_size=32, min_batch=1, opt_batch=8, max_batch=32,
+        classes=CLASSES, groups=GROUPS, image_size=32, min_batch=1, opt_batch=8, max_batch=32, dla_core=dla_core,
     ))
     return engine
+
+
+class _FakeStream:
+    """Stands in for torch.cuda.Stream on a machine without CUDA; records that it was made and synchronised."""
+
+    made: ClassVar[list[_FakeStream]] = []
+
+    def __init__(self, device=None) -> None:
+        self.cuda_stream = 0x5EED + len(self.made)
+        self.synchronized = 0
+        self.made.append(self)
+
+    def synchronize(self) -> None:
+        self.synchronized += 1
+
+
+@pytest.fixture()
+def fake_cuda(monkeypatch: pytest.MonkeyPatch):
+    """torch.cuda's stream and device scopes faked (buffers are CPU tensors: the fake engine reads host
+    memory); the legacy/current stream must not be used at all."""
+    import contextlib
+
+    _FakeStream.made = []
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+
+    def no_current_stream(*a, **k):
+        raise AssertionError("the runner used torch's current (default) stream")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", no_current_stream)
+    monkeypatch.setattr(torch.cuda, "default_stream", no_current_stream)
+    return _FakeStream
+
+
+def _install(monkeypatch: pytest.MonkeyPatch, **kw):
+    trt = fake_tensorrt("10.3.0.30", **kw)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+def test_runner_name_based_io_on_its_own_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_cuda) -> None:
+    """Items 6 and 7: the runner's I/O code against the fake Runtime/ICudaEngine/IExecutionContext: inputs and
+    outputs bound by name, batches above the profile maximum chunked, execute_async_v3 on the runner's own
+    stream (never the default one), results read after that stream."""
+    trt = _install(monkeypatch, profile_batches=(1, 8, 4))
+    runner = TensorRTRunner(_fake_engine(tmp_path), torch.device("cpu"), environment=BUILT)
+    batch = np.random.default_rng(0).standard_normal((11, 3, 32, 32)).astype(np.float32)
+    with runner:
+        assert runner.input_spec().shape == (-1, 3, 32, 32) and runner.input_spec().dtype == "float32"
+        out = runner.infer(batch)
+    np.testing.assert_allclose(out, reference_logits(batch, 3), rtol=1e-5, atol=1e-6)
+    runs = [c for c in trt.calls if c[0] == "context.execute_async_v3"]
+    assert len(fake_cuda.made) == 1 and [c[1] for c in runs] == [fake_cuda.made[0].cuda_stream] * 3
+    assert fake_cuda.made[0].cuda_stream != 0 and fake_cuda.made[0].synchronized == 3
+    shapes = [c[2][0] for c in trt.calls if c[0] == "context.set_input_shape"]
+    assert shapes == [4, 4, 3]  # max_batch 4 from the engine's profile
+    assert ("context.set_tensor_address", "input") in trt.calls and ("context.set_tensor_address", "logits") in trt.calls
+    assert "runtime.DLA_core" not in [c[0] for c in trt.calls]
+
+
+def test_runner_sets_the_dla_core_before_deserialising(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       fake_cuda) -> None:
+    """Item 2: runtime.DLA_core from the sidecar, set before deserialize_cuda_engine."""
+    trt = _install(monkeypatch, dla_cores=2)
+    runner = TensorRTRunner(_fake_engine(tmp_path, dla_core=1), torch.device("cpu"), environment=BUILT)
+    with runner:
+        runner.infer(np.zeros((2, 3, 32, 32), np.float32))
+    order = [c[0] for c in trt.calls]
+    assert ("runtime.DLA_core", 1) in trt.calls
+    assert order.index("runtime.DLA_core") < order.index("runtime.deserialize_cuda_engine")
+    assert runner.describe()["dla_core"] == 1
+
+
+def test_runner_refuses_an_engine_tensorrt_cannot_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       fake_cuda) -> None:
+    _install(monkeypatch)
+    runner = TensorRTRunner(_fake_engine(tmp_path, content=b"corrupt bytes"), torch.device("cpu"), environment=BUILT)
+    with pytest.raises(FairdeployError, match="TensorRT could not deserialize the engine"):
+        runner.activate()
 
 
 def test_engine_for_another_tensorrt_version_is_refused(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -40,6 +41,10 @@ class CalibrationRecipe:
     seed: int = 0
     batch_size: int = 16
     source: str = "<built-in defaults>"
+    # Set by load_recipe when the size comes from the recipe file (no --calib-size / profile size): a size the
+    # data cannot fill is lowered to the largest balanced set, with a warning. An explicit size is strict.
+    fit_size: bool = False
+    requested_size: int | None = None  # the recipe's size before it was lowered to fit the data
 
     def validate(self) -> CalibrationRecipe:
         where = f"calibration recipe {self.source}"
@@ -91,9 +96,12 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise FairdeployError(f"{path}: cannot be read ({exc})") from exc
 
 
+_NOT_TOML_KEYS = ("source", "fit_size", "requested_size")
+
+
 def recipe_from_table(table: dict[str, Any], source: str) -> CalibrationRecipe:
     """A recipe from a TOML table; an unknown key is an error naming the valid keys."""
-    valid = [f.name for f in fields(CalibrationRecipe) if f.name != "source"]
+    valid = [f.name for f in fields(CalibrationRecipe) if f.name not in _NOT_TOML_KEYS]
     unknown = [k for k in table if k not in valid]
     if unknown:
         raise FairdeployError(f"{source}: unknown calibration key {unknown[0]!r}; valid keys: {', '.join(valid)}")
@@ -108,7 +116,8 @@ def load_recipe(name: str | os.PathLike[str] | None = None, dirs: Sequence[Path]
     data = read_toml(path)
     recipe = recipe_from_table(data.get("calibration", {}), str(path))
     changes = {k: v for k, v in overrides.items() if v is not None}
-    return replace(recipe, **changes).validate() if changes else recipe
+    recipe = replace(recipe, **changes).validate() if changes else recipe
+    return replace(recipe, fit_size=overrides.get("size") is None)
 
 
 @dataclass(frozen=True)
@@ -163,9 +172,19 @@ def cell_quotas(size: int, cells: Sequence[tuple[str, str]]) -> dict[tuple[str, 
     return {cell: base + (1 if i < extra else 0) for i, cell in enumerate(cells)}
 
 
-def draw_calibration_set(manifest: Manifest, spec: ModelSpec, recipe: CalibrationRecipe) -> CalibrationSet:
-    """Draw recipe.size images from recipe.split, the same number per (group, class) cell of the model."""
-    recipe.validate()
+def largest_balanced_size(counts: Sequence[int], at_most: int) -> int:
+    """The largest size <= at_most whose cell_quotas every cell can fill (counts in cell order), with at least
+    one image in every cell; 0 when there is none."""
+    n = len(counts)
+    for size in range(min(at_most, min(counts) * n + n - 1), n - 1, -1):
+        base, extra = divmod(size, n)
+        if all(c >= base + (1 if i < extra else 0) for i, c in enumerate(counts)):
+            return size
+    return 0
+
+
+def _cells_of(manifest: Manifest, spec: ModelSpec, split: str
+              ) -> tuple[list[tuple[str, str]], dict[tuple[str, str], list[tuple[str, str, str]]]]:
     groups, classes = list(spec.groups), list(spec.classes)
     if not groups:
         raise FairdeployError(
@@ -175,7 +194,7 @@ def draw_calibration_set(manifest: Manifest, spec: ModelSpec, recipe: Calibratio
     by_cell: dict[tuple[str, str], list[tuple[str, str, str]]] = {cell: [] for cell in cells}
     found = False
     for row, r in enumerate(manifest.records, start=2):
-        if r.split != recipe.split:
+        if r.split != split:
             continue
         found = True
         if r.group not in groups:
@@ -186,18 +205,47 @@ def draw_calibration_set(manifest: Manifest, spec: ModelSpec, recipe: Calibratio
                                   f"classes ({', '.join(classes)})")
         by_cell[(r.group, r.label)].append((r.image, r.label, r.group))
     if not found:
-        raise FairdeployError(f"{manifest.source}: split {recipe.split!r} is empty; calibration draws from it")
+        raise FairdeployError(f"{manifest.source}: split {split!r} is empty; calibration draws from it")
+    return cells, by_cell
+
+
+def fit_calibration_size(manifest: Manifest, spec: ModelSpec, recipe: CalibrationRecipe) -> CalibrationRecipe:
+    """Check that recipe.size fits the data, from the manifest alone (no image is read, no model loaded).
+
+    Fits: the recipe unchanged. Does not fit and the size came from a recipe file (fit_size): the recipe
+    lowered to the largest group x class balanced size the split allows, with a warning. Otherwise (an
+    explicit --calib-size, or a cell with no image at all): one FairdeployError naming the short cell."""
+    recipe.validate()
+    cells, by_cell = _cells_of(manifest, spec, recipe.split)
     quotas = cell_quotas(recipe.size, cells)
     short = [(cell, len(by_cell[cell]), quotas[cell]) for cell in cells if len(by_cell[cell]) < quotas[cell]]
-    if short:
-        (g, c), have, need = short[0]
-        smallest = min(len(v) for v in by_cell.values())
-        raise FairdeployError(
-            f"{manifest.source}: too few {recipe.split} images of group {g!r}, class {c!r} for a balanced "
-            f"calibration set: {have}, need {need} ({recipe.size} images over {len(cells)} group x class cells); "
-            f"use --calib-size {smallest * len(cells)} or less"
-            + (f" ({len(short)} cells are short)" if len(short) > 1 else "")
-        )
+    if not short:
+        return recipe
+    (g, c), have, need = short[0]
+    smallest = min(len(v) for v in by_cell.values())
+    fitted = largest_balanced_size([len(by_cell[cell]) for cell in cells], recipe.size)
+    what = (f"{manifest.source}: too few {recipe.split} images of group {g!r}, class {c!r} for a balanced "
+            f"calibration set: {have}, need {need} ({recipe.size} images over {len(cells)} group x class cells)")
+    if recipe.fit_size and fitted > 0:
+        warnings.warn(f"{what}; calibrating on {fitted} images instead, the largest balanced set this split "
+                      f"allows (give --calib-size to choose)", stacklevel=2)
+        return replace(recipe, size=fitted, requested_size=recipe.size)
+    if fitted == 0:
+        empty = next((cell for cell in cells if not by_cell[cell]), cells[0])
+        raise FairdeployError(f"{manifest.source}: no {recipe.split} images of group {empty[0]!r}, class "
+                              f"{empty[1]!r}; a group x class balanced calibration set needs at least one per cell")
+    raise FairdeployError(
+        f"{what}; use --calib-size {smallest * len(cells)} or less"
+        + (f" ({len(short)} cells are short)" if len(short) > 1 else "")
+    )
+
+
+def draw_calibration_set(manifest: Manifest, spec: ModelSpec, recipe: CalibrationRecipe) -> CalibrationSet:
+    """Draw recipe.size images from recipe.split, the same number per (group, class) cell of the model
+    (a recipe-file size the data cannot fill is lowered first, see fit_calibration_size)."""
+    recipe = fit_calibration_size(manifest, spec, recipe)
+    cells, by_cell = _cells_of(manifest, spec, recipe.split)
+    quotas = cell_quotas(recipe.size, cells)
     chosen: list[CalibrationItem] = []
     counts = []
     for cell in cells:

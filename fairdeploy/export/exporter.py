@@ -41,7 +41,13 @@ from fairdeploy.export.onnx_export import export_model_onnx, random_check_inputs
 from fairdeploy.export.profiles import ExportOptions
 from fairdeploy.export.sidecar import EngineSidecar, write_sidecar
 from fairdeploy.io import read_json, sha256_file, write_json
-from fairdeploy.models.checkpoint import ModelSpec, checkpoint_hash, load_checkpoint, resolve_checkpoint
+from fairdeploy.models.checkpoint import (
+    ModelSpec,
+    checkpoint_hash,
+    load_checkpoint,
+    read_spec,
+    resolve_checkpoint,
+)
 from fairdeploy.progress import Progress, no_progress
 
 SELF_CHECK_SAMPLES = 64  # real images run at every check batch size against PyTorch
@@ -171,7 +177,7 @@ def run_export(
     """
     options = (options or ExportOptions()).validate()
     ckpt = resolve_checkpoint(checkpoint)
-    model, spec = load_checkpoint(ckpt, "cpu")
+    spec = read_spec(ckpt)  # the calibration size is checked against the data before any model is loaded
     ckpt_sha = checkpoint_hash(ckpt)
     check_manifest = read_manifest(data, images_root) if data is not None else None
     cal: CalibrationSet | None = None
@@ -183,6 +189,7 @@ def run_export(
         recipe = load_recipe(options.calib_recipe, recipe_dirs, size=options.calib_size, method=options.calib_method,
                              split=options.calib_split, seed=calib_seed)
         cal = draw_calibration_set(cal_manifest, spec, recipe)
+    model, spec = load_checkpoint(ckpt, "cpu")
     check = load_check_data(check_manifest, spec, check_split, seed)
     out = _writable_dir(Path(out_dir))  # created only once every input has been checked
     torch_ref = _torch_logits(model, check.inputs)
@@ -258,7 +265,7 @@ def build_engines(out: Path, onnx_paths: dict[str, Path], spec: ModelSpec, optio
     except MissingDependencyError as exc:
         raise MissingDependencyError(f"ONNX files written to {out}, no engine built: {exc}") from exc
     version = str(trt.__version__)
-    plans = [plan_build(version, p, options.trt, spec.image_size) for p in options.precisions]  # all refusals first
+    plans = [plan_build(version, p, options.trt, spec.image_size) for p in options.engine_precisions]  # refusals first
     gpu_name, capability = gpu_identity()
     engines: dict[str, Path] = {}
     for plan in plans:
@@ -272,7 +279,8 @@ def build_engines(out: Path, onnx_paths: dict[str, Path], spec: ModelSpec, optio
         if plan.timing_cache:
             cache = Path(plan.timing_cache) if Path(plan.timing_cache).is_absolute() else out / plan.timing_cache
         built = build_engine(onnx_path, out / engine_filename(plan.precision), plan, trt, progress,
-                             calibration_batches=batches, calibration_batch_size=batch_size, timing_cache_path=cache)
+                             calibration_batches=batches, calibration_batch_size=batch_size, timing_cache_path=cache,
+                             calibration_sha256=cal.sha256 if cal is not None else None)
         sidecar = EngineSidecar(
             engine_file=built.path.name, engine_sha256=sha256_file(built.path), tensorrt_version=version,
             gpu_name=gpu_name, compute_capability=capability, precision=plan.precision,

@@ -57,9 +57,15 @@ class TrtOptions:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Everything `fairdeploy export` does, after a profile and the flags are merged."""
+    """Everything `fairdeploy export` does, after a profile and the flags are merged.
+
+    `precisions` are the ONNX files written: fp32 is always added (fp16 and int8 derive from it, and it is
+    every self-check's reference). `engine_precisions` are the TensorRT engines built: only the precisions
+    asked for (None = those given in `precisions`), so `--precision int8` builds no fp32 engine.
+    """
 
     precisions: tuple[str, ...] = ("fp32",)
+    engine_precisions: tuple[str, ...] | None = None
     opset: int = DEFAULT_OPSET
     simplify: bool = True
     check_batch_sizes: tuple[int, ...] = (1, 8)
@@ -72,9 +78,20 @@ class ExportOptions:
     profile: str | None = None  # the profile file applied, if any
     description: str = ""
 
+    def __post_init__(self) -> None:
+        given = tuple(self.precisions)
+        engines = tuple(self.engine_precisions) if self.engine_precisions else given
+
+        def ordered(xs: Iterable[str]) -> tuple[str, ...]:  # canonical order; unknown names kept for validate()
+            xs = tuple(xs)
+            return tuple(p for p in PRECISIONS if p in xs) + tuple(dict.fromkeys(p for p in xs if p not in PRECISIONS))
+
+        object.__setattr__(self, "engine_precisions", ordered(engines) or ("fp32",))
+        object.__setattr__(self, "precisions", ordered((*given, *engines, "fp32")))
+
     def validate(self) -> ExportOptions:
         where = f"profile {self.profile}" if self.profile else "export options"
-        for p in self.precisions:
+        for p in (*self.precisions, *(self.engine_precisions or ())):
             if p not in PRECISIONS:
                 raise FairdeployError(f"{where}: unknown precision {p!r}; choose one of {', '.join(PRECISIONS)}")
         check_opset(self.opset)
@@ -87,7 +104,7 @@ class ExportOptions:
         if self.calib_size is not None and self.calib_size < 1:
             raise FairdeployError(f"{where}: calibration size must be positive, got {self.calib_size}")
         self.trt.validate(where)
-        if self.trt.enabled and self.trt.implicit_int8 and "int8" not in self.precisions:
+        if self.trt.enabled and self.trt.implicit_int8 and "int8" not in (self.engine_precisions or ()):
             raise FairdeployError(f"{where}: the implicit INT8 calibrator builds the int8 engine; add --precision int8")
         return self
 
@@ -96,8 +113,9 @@ class ExportOptions:
 
 
 def parse_precisions(values: Iterable[str]) -> tuple[str, ...]:
-    """'fp16,int8' and repeated values -> canonical order with fp32 always first (the others derive from it)."""
-    wanted = {"fp32"}
+    """'fp16,int8' and repeated values -> the precisions asked for, in canonical order (nothing asked: fp32).
+    ExportOptions adds the fp32 ONNX the others derive from; engines are built only for these."""
+    wanted: set[str] = set()
     for value in values:
         for p in str(value).split(","):
             p = p.strip().lower()
@@ -106,7 +124,7 @@ def parse_precisions(values: Iterable[str]) -> tuple[str, ...]:
             if p not in PRECISIONS:
                 raise FairdeployError(f"unknown precision {p!r}; choose one of {', '.join(PRECISIONS)}")
             wanted.add(p)
-    return tuple(p for p in PRECISIONS if p in wanted)
+    return tuple(p for p in PRECISIONS if p in wanted) or ("fp32",)
 
 
 # Profile TOML: section -> key -> the flat option name used by flags.

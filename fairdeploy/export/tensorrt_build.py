@@ -10,14 +10,24 @@ builds an engine). API facts used, from NVIDIA's Python API docs and the 10.x ->
   STRONGLY_TYPED exists; BuilderFlag.FP16/INT8 and IInt8EntropyCalibrator2 exist but are deprecated.
 - 11.x: networks are always strongly typed (STRONGLY_TYPED is kept only for compatibility and
   ignored, so no flag is passed); BuilderFlag.FP16/INT8, IBuilderConfig.int8_calibrator and
-  set_calibration_profile are removed; SPARSE_WEIGHTS, GPU_FALLBACK, DLA, timing caches,
+  set_calibration_profile are removed; SPARSE_WEIGHTS, GPU_FALLBACK, timing caches,
   builder_optimization_level and IProgressMonitor remain.
+- DLA (Jetson AGX Orin): on 10.x INT8 runs on DLA only through the implicit path (weakly typed network,
+  INT8 and FP16 flags, IInt8EntropyCalibrator2: NvInfer.h calls it the calibrator DLA requires);
+  TensorRT 11.0-11.3 has no DLA at all, 11.4.0 only on Windows on ARM, 11.4.1+ on AGX Orin with
+  JetPack >= 7.2.2 (strongly typed: the precision comes from the ONNX, as on the GPU).
+  IBuilder.num_DLA_cores says how many DLA cores the machine has (0 on an ordinary GPU).
+- IBuilderConfig.set_timing_cache(cache, ignore_mismatch) returns a bool: False for a cache from another
+  TensorRT version or GPU; create_timing_cache returns None for bytes it cannot read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,31 +53,45 @@ class TrtApi:
     version: str
     major: int
     minor: int
+    patch: int
     explicit_batch_flag: bool  # exists (deprecated, ignored) on 10.x, gone on 11.x
     precision_flags: bool  # BuilderFlag.FP16 / INT8: 10.x only
     implicit_calibrator: bool  # IInt8EntropyCalibrator2, int8_calibrator: 10.x only
     always_strongly_typed: bool  # 11.x
+    dla: bool  # the DLA exists in this release on this platform (see dla_refusal)
 
 
-def trt_api(version: str) -> TrtApi:
+def dla_refusal(major: int, minor: int, patch: int, platform: str) -> str | None:
+    """Why TensorRT major.minor.patch has no DLA on `platform` (sys.platform), or None when it has one."""
+    if major == 11 and minor <= 3:
+        return "TensorRT 11.0-11.3 has no DLA"
+    if (major, minor, patch) == (11, 4, 0) and platform != "win32":
+        return "TensorRT 11.4.0 has DLA only on Windows on ARM"
+    return None
+
+
+def trt_api(version: str, platform: str | None = None) -> TrtApi:
     """Parse a TensorRT version string ('10.3.0.30', '11.0.0') and refuse versions before 10.3."""
     parts = []
-    for piece in str(version).split(".")[:2]:
+    for piece in str(version).split(".")[:3]:
         digits = "".join(ch for ch in piece if ch.isdigit())
         if digits == "":
-            raise FairdeployError(f"unparseable TensorRT version {version!r}")
+            break
         parts.append(int(digits))
     if len(parts) < 2:
         raise FairdeployError(f"unparseable TensorRT version {version!r}")
-    major, minor = parts
+    major, minor = parts[0], parts[1]
+    patch = parts[2] if len(parts) > 2 else 0
     if (major, minor) < MIN_VERSION:
         raise FairdeployError(
             f"TensorRT {version} is too old; fairdeploy needs {MIN_VERSION[0]}.{MIN_VERSION[1]} or newer "
             "(JetPack 6 ships 10.3)"
         )
     legacy = major == 10
-    return TrtApi(version=str(version), major=major, minor=minor, explicit_batch_flag=legacy,
-                  precision_flags=legacy, implicit_calibrator=legacy, always_strongly_typed=major >= 11)
+    platform = sys.platform if platform is None else platform
+    return TrtApi(version=str(version), major=major, minor=minor, patch=patch, explicit_batch_flag=legacy,
+                  precision_flags=legacy, implicit_calibrator=legacy, always_strongly_typed=major >= 11,
+                  dla=dla_refusal(major, minor, patch, platform) is None)
 
 
 @dataclass(frozen=True)
@@ -103,12 +127,23 @@ def network_flags(api: TrtApi, implicit_calibrator: bool) -> tuple[str, ...]:
     return ("STRONGLY_TYPED",)
 
 
-def plan_build(version: str, precision: str, options: TrtOptions, image_size: int) -> BuildPlan:
+def plan_build(version: str, precision: str, options: TrtOptions, image_size: int,
+               platform: str | None = None) -> BuildPlan:
     """Decide how to build the `precision` engine with TensorRT `version` and the given options."""
-    api = trt_api(version)
+    api = trt_api(version, platform)
     check_precision(precision)
     options.validate("TensorRT options")
-    implicit = bool(options.implicit_int8 and precision == "int8")
+    dla = options.dla_core is not None
+    if dla and not api.dla:
+        reason = dla_refusal(api.major, api.minor, api.patch, sys.platform if platform is None else platform)
+        raise FairdeployError(
+            f"--dla-core {options.dla_core}: {reason} (11.4.1 and later have it on Jetson AGX Orin with JetPack "
+            f">= 7.2.2); use TensorRT 10.x (JetPack 6) for DLA, or build for the GPU with --dla-core -1"
+        )
+    # INT8 on DLA with TensorRT 10.x: DLA does not take explicit Q/DQ, so the implicit calibrator is the
+    # only INT8 path (weakly typed network, INT8 + FP16 flags, entropy calibrator on the fp32 ONNX).
+    dla_implicit = dla and precision == "int8" and api.implicit_calibrator
+    implicit = bool(precision == "int8" and (options.implicit_int8 or dla_implicit))
     notes: list[str] = []
     if implicit and not api.implicit_calibrator:
         raise FairdeployError(
@@ -119,6 +154,10 @@ def plan_build(version: str, precision: str, options: TrtOptions, image_size: in
     if implicit:
         builder.append("INT8")  # deprecated since 10.1 but present on 10.x; weakly typed network
         notes.append("implicit INT8 calibration (TensorRT 10.x only) from the fp32 ONNX and the balanced set")
+    if dla_implicit:
+        builder.append("FP16")  # layers without an INT8 DLA kernel run FP16 on the DLA, not FP32 on the GPU
+        notes.append("INT8 on DLA (TensorRT 10.x): explicit Q/DQ does not run on DLA, so the engine is calibrated "
+                     "with IInt8EntropyCalibrator2 on a weakly typed network, INT8 + FP16 flags")
     if options.sparse_weights:
         builder.append("SPARSE_WEIGHTS")
     if options.dla_core is not None:
@@ -196,9 +235,31 @@ def make_progress_monitor(trt: Any, progress: Progress):
     return _Monitor()
 
 
+CALIBRATION_DEVICE = "cuda"  # where get_batch puts a batch (TensorRT reads device memory); tests use "cpu"
+
+
+def calibration_cache_path(engine_path: str | os.PathLike[str], set_sha256: str) -> Path:
+    """model.int8.engine -> model.int8.engine.calib-<first 16 hex of the set's hash>.cache: the scales
+    TensorRT cached for one calibration set are never reused for another set."""
+    p = Path(engine_path)
+    return p.with_name(f"{p.name}.calib-{set_sha256[:16]}.cache")
+
+
+def batches_sha256(batches: list, batch_size: int) -> str:
+    """Hash of the calibration batches themselves, when the caller has no calibration-set hash."""
+    import numpy as np
+
+    h = hashlib.sha256(f"batch={int(batch_size)}".encode())
+    for b in batches:
+        a = np.ascontiguousarray(b, dtype=np.float32)
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def make_entropy_calibrator(trt: Any, batches: list, batch_size: int, cache_path: Path | None):
     """IInt8EntropyCalibrator2 over pre-built float32 batches (TensorRT 10.x only). Device memory is a
-    torch CUDA tensor; TensorRT reads the pointer returned by get_batch."""
+    torch tensor on CALIBRATION_DEVICE; TensorRT reads the pointer returned by get_batch."""
     import numpy as np
     import torch
 
@@ -215,7 +276,7 @@ def make_entropy_calibrator(trt: Any, batches: list, batch_size: int, cache_path
             batch = next(self._batches, None)
             if batch is None:
                 return None
-            self._device = torch.from_numpy(np.ascontiguousarray(batch)).to("cuda")
+            self._device = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(CALIBRATION_DEVICE)
             return [int(self._device.data_ptr())]
 
         def read_calibration_cache(self) -> bytes | None:
@@ -234,6 +295,57 @@ class EngineBuild:
     path: Path
     seconds: float
     plan: BuildPlan
+    calibration_cache: Path | None = None  # implicit calibrator: the scales cached for this set
+    timing_cache_note: str | None = None  # why the timing cache was not used or not saved, if so
+
+
+def check_dla_cores(builder: Any, dla_core: int) -> None:
+    """Refuse a DLA core the machine does not have (IBuilder.num_DLA_cores: 0 on an ordinary GPU)."""
+    have = int(getattr(builder, "num_DLA_cores", 0) or 0)
+    if have <= dla_core:
+        where = "this machine has no DLA" if have == 0 else f"this machine has {have} DLA core(s), 0..{have - 1}"
+        raise FairdeployError(f"--dla-core {dla_core}: {where}; build for the GPU with --dla-core -1")
+
+
+def attach_timing_cache(config: Any, cache_file: Path | None) -> str | None:
+    """Load `cache_file` into the builder config, or a fresh cache when it is absent, unreadable or from
+    another TensorRT version or GPU (set_timing_cache returns False). Returns a note when it fell back."""
+    if cache_file is None:
+        return None
+    note = None
+    data = b""
+    if cache_file.is_file():
+        try:
+            data = cache_file.read_bytes()
+        except OSError as exc:
+            note = f"timing cache {cache_file} could not be read ({exc.strerror or exc}); starting a fresh one"
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+        except (RuntimeError, TypeError, ValueError):
+            cache = None
+        # ignore_mismatch=False: a cache from another GPU or TensorRT version is refused, never used.
+        if cache is not None and config.set_timing_cache(cache, False):
+            return None
+        note = (f"timing cache {cache_file.name} is from another TensorRT version or GPU (or damaged); "
+                "starting a fresh one, which replaces it after the build")
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, False):
+        return f"TensorRT refused a fresh timing cache; building without one ({cache_file.name} left as it is)"
+    return note
+
+
+def save_timing_cache(config: Any, cache_file: Path) -> str | None:
+    """Write the builder's timing cache; a failure is a note, never an error (it only speeds up builds)."""
+    try:
+        cache = config.get_timing_cache()
+        if cache is None:
+            return None
+        with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
+            f.write(cache.serialize())
+    except (OSError, RuntimeError, FairdeployError) as exc:
+        return f"timing cache {cache_file} could not be saved ({getattr(exc, 'strerror', None) or exc})"
+    return None
 
 
 def build_engine(
@@ -245,12 +357,19 @@ def build_engine(
     calibration_batches: list | None = None,
     calibration_batch_size: int | None = None,
     timing_cache_path: str | os.PathLike[str] | None = None,
+    calibration_sha256: str | None = None,
 ) -> EngineBuild:
-    """Carry out `plan`: parse the ONNX, configure the builder, build, write the engine atomically."""
+    """Carry out `plan`: parse the ONNX, configure the builder, build, save the timing cache (a failure there
+    is a warning), then write the engine atomically as the last step, so nothing that can fail comes between
+    the engine file and the sidecar the caller writes next."""
     trt = trt if trt is not None else import_tensorrt()
     t0 = time.perf_counter()
+    if plan.implicit_calibrator and (not calibration_batches or not calibration_batch_size):
+        raise FairdeployError("the implicit INT8 calibrator needs the calibration set's batches")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    if plan.dla_core is not None:
+        check_dla_cores(builder, plan.dla_core)
     flags = 0
     for name in plan.network_flags:
         flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
@@ -273,30 +392,35 @@ def build_engine(
         config.DLA_core = plan.dla_core
 
     cache_file = Path(timing_cache_path) if timing_cache_path is not None else None
-    if cache_file is not None:
-        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-        config.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache from another GPU is refused
+    notes = [attach_timing_cache(config, cache_file)]
     if hasattr(trt, "IProgressMonitor"):
         config.progress_monitor = make_progress_monitor(trt, progress)
 
+    calib_cache: Path | None = None
     if plan.implicit_calibrator:
-        if not calibration_batches or not calibration_batch_size:
-            raise FairdeployError("the implicit INT8 calibrator needs the calibration set's batches")
+        assert calibration_batches and calibration_batch_size  # checked above
         # Calibration runs at one static shape; TensorRT reads it from the calibration profile.
         calib_profile = builder.create_optimization_profile()
         shape = (calibration_batch_size, *plan.opt_shape[1:])
         calib_profile.set_shape(INPUT_NAME, shape, shape, shape)
+        key = calibration_sha256 or batches_sha256(calibration_batches, calibration_batch_size)
+        calib_cache = calibration_cache_path(engine_path, key)
         config.int8_calibrator = make_entropy_calibrator(
-            trt, calibration_batches, calibration_batch_size, Path(str(engine_path) + ".calib.cache"))
-        config.set_calibration_profile(calib_profile)
+            trt, calibration_batches, calibration_batch_size, calib_cache)
+        if config.set_calibration_profile(calib_profile) is False:
+            raise FairdeployError(f"TensorRT refused the calibration profile {shape} for {Path(onnx_path).name}")
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise FairdeployError(f"TensorRT could not build an engine from {Path(onnx_path).name} (see its log above)")
+    if cache_file is not None:
+        notes.append(save_timing_cache(config, cache_file))
+    for note in notes:
+        if note:
+            warnings.warn(note, stacklevel=2)
     out = Path(engine_path)
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         f.write(serialized)
-    if cache_file is not None:
-        with atomic_path(cache_file) as tmp, open(tmp, "wb") as f:
-            f.write(config.get_timing_cache().serialize())
-    return EngineBuild(path=out, seconds=time.perf_counter() - t0, plan=plan)
+    return EngineBuild(path=out, seconds=time.perf_counter() - t0, plan=plan,
+                       calibration_cache=calib_cache if calib_cache is not None and calib_cache.is_file() else None,
+                       timing_cache_note="; ".join(n for n in notes if n) or None)

@@ -73,8 +73,9 @@ def engine_info(path: Path, sidecar: Any) -> ArtifactInfo:
 
 
 class TensorRTRunner(BaseRunner):
-    """Deserializes the engine on activate; infer sets the input shape, binds torch CUDA tensors by name and
-    runs execute_async_v3 on torch's current stream. Batches above the profile's maximum are chunked."""
+    """Deserializes the engine on activate (on the sidecar's DLA core, if any); infer sets the input shape,
+    binds torch CUDA tensors by name and runs execute_async_v3 on the runner's own CUDA stream (TensorRT warns
+    about, and synchronises on, the legacy default stream). Batches above the profile's maximum are chunked."""
 
     backend = "tensorrt"
 
@@ -100,17 +101,22 @@ class TensorRTRunner(BaseRunner):
         self.environment = env
         self._engine: Any = None
         self._context: Any = None
+        self._stream: Any = None
         self._io: dict[str, Any] = {}
 
     def _activate(self) -> InputSpec:
         trt = import_tensorrt(f"running {self.path}")
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
+        dla_core = getattr(self.sidecar, "dla_core", None)
+        if dla_core is not None:
+            runtime.DLA_core = int(dla_core)  # before deserialising: the engine runs on the core it was built for
         with torch.cuda.device(self.device):
             engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
             if engine is None:
                 raise FairdeployError(f"{self.path}: TensorRT could not deserialize the engine (see its log above)")
             context = engine.create_execution_context()
+            stream = torch.cuda.Stream(device=self.device)  # our own stream, not the legacy default one
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -122,7 +128,7 @@ class TensorRTRunner(BaseRunner):
         in_np = np.dtype(trt.nptype(engine.get_tensor_dtype(in_name)))
         out_np = np.dtype(trt.nptype(engine.get_tensor_dtype(out_name)))
         _, _, max_shape = engine.get_tensor_profile_shape(in_name, 0)
-        self._engine, self._context = engine, context
+        self._engine, self._context, self._stream = engine, context, stream
         self._io = {
             "input": in_name, "output": out_name,
             "input_dtype": _torch_dtype(in_np), "output_dtype": _torch_dtype(out_np),
@@ -136,22 +142,26 @@ class TensorRTRunner(BaseRunner):
 
     def _infer_chunk(self, batch: np.ndarray) -> np.ndarray:
         ctx, io = self._context, self._io
-        with torch.cuda.device(self.device):
-            stream = torch.cuda.current_stream(self.device)
-            x = torch.from_numpy(batch).to(self.device, dtype=io["input_dtype"]).contiguous()
+        stream = self._stream
+        # Copies, allocation and the engine all run on the runner's stream, in that order.
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, dtype=io["input_dtype"]).contiguous()
             if not ctx.set_input_shape(io["input"], tuple(x.shape)):
                 raise FairdeployError(f"{self.path}: the engine rejects input shape {tuple(x.shape)}")
             out = torch.empty(tuple(ctx.get_tensor_shape(io["output"])), dtype=io["output_dtype"], device=self.device)
-            ctx.set_tensor_address(io["input"], x.data_ptr())
-            ctx.set_tensor_address(io["output"], out.data_ptr())
+            if not (ctx.set_tensor_address(io["input"], x.data_ptr())
+                    and ctx.set_tensor_address(io["output"], out.data_ptr())):
+                raise FairdeployError(f"{self.path}: TensorRT refused the I/O buffers")
             if not ctx.execute_async_v3(stream.cuda_stream):
                 raise FairdeployError(f"{self.path}: TensorRT execution failed")
+            result = out.float().cpu()  # ordered after the engine on the same stream
             stream.synchronize()
-            return out.float().cpu().numpy()
+            return result.numpy()
 
     def _deactivate(self) -> None:
         self._context = None
         self._engine = None
+        self._stream = None
         self._io = {}
 
     def _describe(self) -> dict[str, Any]:
@@ -161,6 +171,7 @@ class TensorRTRunner(BaseRunner):
             "gpu": self.environment.gpu_name,
             "compute_capability": self.environment.compute_capability,
             "built_with_tensorrt": self.sidecar.tensorrt_version,
+            "dla_core": getattr(self.sidecar, "dla_core", None),
         }
 
 
