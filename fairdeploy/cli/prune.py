@@ -12,6 +12,7 @@ from fairdeploy.cli.common import (
     SeedOpt, WorkersOpt, console, err_console,
 )
 from fairdeploy.data.manifest import read_manifest
+from fairdeploy.errors import FairdeployError
 from fairdeploy.io import claim_output
 
 
@@ -75,9 +76,27 @@ MaxF1DropOpt = Annotated[float, _opt("Guard: never select a step losing more mac
 GuardOpt = Annotated[bool, _opt("Never select a step that lowers the unprivileged group's accuracy.",
                                 "--guard/--no-guard")]
 PrivilegedOpt = Annotated[str | None, _opt("Privileged group name (default: higher validation accuracy).")]
-FinetuneEpochsOpt = Annotated[int, _opt("Fine-tuning epochs after every step (0: none).", min=0)]
-FinetuneLrOpt = Annotated[float, _opt("Fine-tuning learning rate.")]
+FinetuneEpochsOpt = Annotated[int | None, _opt("Fine-tuning epochs after every step or round (0: none; default: "
+                                              "0 for FairPrune/SNNL steps, 1 per budget round).", min=0)]
+FinetuneLrOpt = Annotated[float | None, _opt("Fine-tuning learning rate (default: 1e-4 for FairPrune/SNNL steps, "
+                                             "1e-3 for budget rounds).")]
 BalanceOpt = Annotated[str, _opt("Fine-tuning sampling: none, class, group or group-class.")]
+CriterionOpt = Annotated[str | None, _opt(
+    "Budget run: importance criterion magnitude, taylor (fairness-blind), fairprune, snnl or group-taylor "
+    "(fairness-aware); removes channels with Torch-Pruning's global pruner until the budget is met.")]
+TargetMacsOpt = Annotated[float | None, _opt("Budget run: keep this fraction of the input model's MACs (0.5 = 2x fewer).")]
+TargetParamsOpt = Annotated[float | None, _opt("Budget run: keep this fraction of the input model's parameters.")]
+SpeedupOpt = Annotated[float | None, _opt("Budget run: MACs divided by this (2 = --target-macs 0.5).")]
+RoundsOpt = Annotated[int | None, _opt("Budget run: rounds of removal + fine-tuning to reach the budget.", min=1)]
+ControlOpt = Annotated[str | None, _opt("Budget run: control run under the same schedule and seed: magnitude, taylor, "
+                                        "finetune-only or none.")]
+DistillOpt = Annotated[float | None, _opt("Budget run: weight of distillation from the input model in the "
+                                          "fine-tuning loss, in [0, 1] (0: off).")]
+GroupWeightOpt = Annotated[str | None, _opt("Fine-tuning loss weights: none or balanced (each group weighs the same).")]
+MaxGroupDropOpt = Annotated[float | None, _opt("Guard: never select a model that costs any group (FairPrune/SNNL "
+                                               "steps: the unprivileged group) more validation accuracy than this.")]
+KeepRoundsOpt = Annotated[bool, _opt("Budget run: keep every round's checkpoint under OUT/rounds.",
+                                     "--keep-rounds/--no-keep-rounds")]
 SelectEpochOpt = Annotated[str, _opt("Validation metric that picks the best epoch: f1_macro, accuracy, "
                                      "worst_group_accuracy.")]
 
@@ -113,9 +132,19 @@ def prune(
     max_f1_drop: MaxF1DropOpt = 0.02,
     guard: GuardOpt = True,
     privileged: PrivilegedOpt = None,
-    finetune_epochs: FinetuneEpochsOpt = 0,
-    finetune_lr: FinetuneLrOpt = 1e-4,
+    finetune_epochs: FinetuneEpochsOpt = None,
+    finetune_lr: FinetuneLrOpt = None,
     balance: BalanceOpt = "none",
+    criterion: CriterionOpt = None,
+    target_macs: TargetMacsOpt = None,
+    target_params: TargetParamsOpt = None,
+    speedup: SpeedupOpt = None,
+    rounds: RoundsOpt = None,
+    control: ControlOpt = None,
+    distill: DistillOpt = None,
+    group_weight: GroupWeightOpt = None,
+    max_group_drop: MaxGroupDropOpt = None,
+    keep_rounds: KeepRoundsOpt = True,
     batch_size: BatchSizeOpt = 64,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 0,
@@ -123,9 +152,22 @@ def prune(
     images_root: ImagesRootOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Prune a checkpoint for fairness; writes OUT/model.safetensors, OUT/model.json and OUT/prune.json."""
+    """Prune a checkpoint: to a MAC/parameter budget with a criterion and its control (--criterion, --target-macs,
+    --speedup), or FairPrune / SNNL steps (--method). Writes OUT/model.*, OUT/prune.json (and OUT/control, OUT/rounds)."""
     from fairdeploy.pruning import FairPruneConfig, Guard, PruneConfig, SnnlConfig, StopRule, prune_checkpoint
     from fairdeploy.training.loop import FitConfig
+
+    if criterion is not None or any(v is not None for v in (target_macs, target_params, speedup)):
+        _budget_run(model, data, out, images_root, overwrite, device, seed, batch_size, workers, balance,
+                    criterion=criterion, target_macs=target_macs, target_params=target_params, speedup=speedup,
+                    rounds=rounds, control=control, distill=distill, group_weight=group_weight,
+                    max_group_drop=max_group_drop, keep_rounds=keep_rounds, finetune_epochs=finetune_epochs,
+                    finetune_lr=finetune_lr, score_samples=score_samples, round_to=round_to, beta=beta,
+                    temperature=temperature, privileged=privileged)
+        return
+    finetune_epochs = 0 if finetune_epochs is None else finetune_epochs
+    finetune_lr = 1e-4 if finetune_lr is None else finetune_lr
+    guard_opts = {} if max_group_drop is None else {"max_group_drop": max_group_drop}
 
     cfg = PruneConfig(
         method=method,
@@ -137,7 +179,7 @@ def prune(
                         channels_per_round=channels_per_round, max_channels=max_channels, batches=snnl_batches,
                         score_split=score_split, round_to=round_to),
         stop=StopRule(steps=steps, target=target, patience=patience, target_value=target_value),
-        guard=Guard(protect_unprivileged=guard, max_f1_drop=max_f1_drop, select=select),
+        guard=Guard(protect_unprivileged=guard, max_f1_drop=max_f1_drop, select=select, **guard_opts),
         privileged=privileged,
         finetune=FitConfig(epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr, balance=balance,
                            workers=workers, seed=seed) if finetune_epochs > 0 else None,
@@ -161,6 +203,68 @@ def prune(
     if rec["selected_step"] == 0:
         err_console.print(f"[yellow]warning:[/yellow] {rec['selection']['note']}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {result.out_dir} (prune.json beside it)", highlight=False, soft_wrap=True)
+
+
+def _budget_run(model: Any, data: Any, out: Any, images_root: Any, overwrite: bool, device: str, seed: int,
+                batch_size: int, workers: int, balance: str, **opts: Any) -> None:
+    """`fairdeploy prune --criterion C --target-macs F`: options left unset keep BudgetConfig's defaults."""
+    from dataclasses import replace
+
+    from fairdeploy.pruning.budget import BudgetConfig, budget_from, compress_checkpoint
+
+    metric, fraction = budget_from(opts.pop("speedup"), opts.pop("target_macs"), opts.pop("target_params"))
+    base = BudgetConfig()
+    ft = {k: v for k, v in (("epochs", opts.pop("finetune_epochs")), ("lr", opts.pop("finetune_lr")),
+                            ("distill", opts.pop("distill")), ("group_weight", opts.pop("group_weight")))
+          if v is not None}
+    if ft.get("epochs") == 0:
+        raise FairdeployError("budget runs fine-tune after every round: --finetune-epochs must be >= 1")
+    if balance != "none" or workers:
+        ft.update(balance=balance, workers=workers)
+    fit = replace(base.finetune, batch_size=batch_size, seed=seed, **ft)
+    kw = {k: v for k, v in opts.items() if v is not None}
+    cfg = replace(base, metric=metric, target=fraction, finetune=fit, batch_size=batch_size, seed=seed, **kw)
+    cfg.validate()
+    manifest = read_manifest(data, images_root)
+    with claim_output(out, OUT_POLICIES["prune"], overwrite=overwrite,
+                      inputs={"--model": model, "--data": data, "--images-root": images_root}), RichProgress() as progress:
+        result = compress_checkpoint(model, manifest, out, cfg, device, progress)
+    rec = result.record
+    console.print(_budget_table(rec))
+    sel = rec["selected"]
+    console.print(f"selected {sel['model']}: MACs x{sel['macs_fraction']:.3f}, params x{sel['params_fraction']:.3f} "
+                  f"of the input model ({rec['budget']['metric']} budget x{rec['budget']['fraction']:g})",
+                  highlight=False, soft_wrap=True)
+    console.print(rec["comparison"]["verdict"], highlight=False, soft_wrap=True)
+    if not sel["guard_passed"]:
+        err_console.print(f"[yellow]warning:[/yellow] {sel['note']}", highlight=False, soft_wrap=True)
+    console.print(f"checkpoint: {result.out_dir} (prune.json beside it; control: {result.out_dir}/control)",
+                  highlight=False, soft_wrap=True)
+
+
+def _budget_table(record: dict[str, Any]) -> Table:
+    """Input model, then every round of candidate and control (after pruning, after fine-tuning), on validation."""
+    groups = list(record["input"]["val"]["group_accuracy"])
+    table = Table(title=f"{record['criterion']} vs {record['control']} control on validation "
+                        f"(budget: {record['budget']['metric']} x{record['budget']['fraction']:g})")
+    for col in ("run", "model", "MACs", *[f"acc {g}" for g in groups], "worst group", "macro-F1", "Eodd", "guard"):
+        table.add_column(col, justify="left" if col in ("run", "model", "guard") else "right")
+
+    def row(run: str, name: str, p: dict[str, Any], mark: str = "") -> None:
+        v = p["val"]
+        table.add_row(run, name + mark, f"{p['size']['macs'] / 1e6:.1f} M",
+                      *[_fmt(v["group_accuracy"].get(g)) for g in groups], _fmt(v["worst_group_accuracy"]),
+                      _fmt(v["f1_macro"]), _fmt(v["fairness"].get("eodd")),
+                      "ok" if p.get("eligible", True) else "; ".join(p["ineligible_because"]))
+
+    row("input", "dense", {"val": record["input"]["val"], "size": record["budget"]["input"]})
+    for run_name, run in record["runs"].items():
+        for r in run["rounds"]:
+            for stage in ("pruned", "finetuned"):
+                if stage in r:
+                    name = f"r{r['round']}-{stage}"
+                    row(run_name, name, r[stage], " *" if name == run["selected"] else "")
+    return table
 
 
 def finetune(

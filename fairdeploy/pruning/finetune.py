@@ -40,11 +40,13 @@ def spec_masks(model: nn.Module, spec: ModelSpec) -> Masks:
 
 def finetune_model(model: nn.Module, spec: ModelSpec, train_ds, val_ds, cfg: FitConfig, scratch: Path,
                    device: torch.device, masks: Masks | None = None, progress: Progress = no_progress,
-                   task: str = "finetune") -> tuple[nn.Module, FitResult]:
-    """Run the training loop with the masks re-applied after every optimiser step; return the best epoch's
-    model (selected on validation) reloaded from its checkpoint, and the fit result."""
+                   task: str = "finetune", teacher: nn.Module | None = None) -> tuple[nn.Module, FitResult]:
+    """Run the training loop with the masks re-applied after every optimiser step (and distillation from
+    `teacher` when cfg.distill > 0); return the best epoch's model (selected on validation) reloaded from its
+    checkpoint, and the fit result."""
     after = mask_reapplier(masks) if masks else None
-    result = fit(model, spec, train_ds, val_ds, cfg, scratch, device, after_step=after, progress=progress, task=task)
+    result = fit(model, spec, train_ds, val_ds, cfg, scratch, device, after_step=after, progress=progress, task=task,
+                 teacher=teacher)
     best, _ = load_checkpoint(result.best_dir, device)
     return best, result
 

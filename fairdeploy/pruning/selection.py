@@ -35,11 +35,13 @@ class StopRule:
 
 @dataclass(frozen=True)
 class Guard:
-    """Steps that may be selected: by default none that lowers the unprivileged group's validation accuracy
-    or costs more than `max_f1_drop` of overall macro-F1 against the input model."""
+    """Steps that may be selected: by default none that lowers the unprivileged group's validation accuracy by
+    more than `max_group_drop` (one image of a few hundred is noise, not levelling down) or costs more than
+    `max_f1_drop` of overall macro-F1 against the input model."""
 
     protect_unprivileged: bool = True
     max_f1_drop: float = 0.02
+    max_group_drop: float = 0.01
     # fate (on the target gap, against the input model), gap (lowest), f1 (highest), last (the most pruned
     # step that passes the guard: a fixed budget)
     select: str = "fate"
@@ -47,6 +49,8 @@ class Guard:
     def validate(self) -> None:
         if not 0.0 <= self.max_f1_drop <= 1.0:
             raise FairdeployError(f"max F1 drop must be in [0, 1], got {self.max_f1_drop}")
+        if not 0.0 <= self.max_group_drop <= 1.0:
+            raise FairdeployError(f"max group drop must be in [0, 1], got {self.max_group_drop}")
         if self.select not in SELECT_CHOICES:
             raise FairdeployError(f"unknown selection {self.select!r}; choose one of {', '.join(SELECT_CHOICES)}")
 
@@ -63,8 +67,9 @@ def step_record(step: int, report: MetricsReport, baseline: MetricsReport, unpri
     worse = sorted(g for g, d in delta.items() if d < 0)
     f1_drop = baseline.overall_f1_macro - report.overall_f1_macro
     reasons = []
-    if guard.protect_unprivileged and delta.get(unprivileged, 0.0) < 0:
-        reasons.append(f"unprivileged group {unprivileged} lost {-delta[unprivileged]:.4f} accuracy")
+    if guard.protect_unprivileged and -delta.get(unprivileged, 0.0) > guard.max_group_drop + 1e-12:
+        reasons.append(f"unprivileged group {unprivileged} lost {-delta[unprivileged]:.4f} accuracy "
+                       f"(> {guard.max_group_drop})")
     if f1_drop > guard.max_f1_drop + 1e-12:
         reasons.append(f"macro-F1 fell {f1_drop:.4f} (> {guard.max_f1_drop})")
     fates = fate(report, baseline)

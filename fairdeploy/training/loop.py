@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fairdeploy.data.loading import ImageDataset, check_batch, make_loader
@@ -24,6 +26,7 @@ from fairdeploy.training.predict import predict
 
 SELECT_CHOICES = ("f1_macro", "accuracy", "worst_group_accuracy")
 OPTIMIZERS = ("adamw", "sgd")
+GROUP_WEIGHTS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,11 @@ class FitConfig:
     amp: bool = True  # only takes effect on CUDA
     workers: int = 0
     seed: int = 0
+    # knowledge distillation from a teacher given to fit(): loss = (1 - a) * CE + a * T^2 * KL(teacher || student)
+    distill: float = 0.0
+    distill_temperature: float = 4.0
+    # "balanced": each sample's loss weighted by N / (G * n_g) of its group (worst-group emphasis)
+    group_weight: str = "none"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -48,6 +56,14 @@ class FitConfig:
             raise FairdeployError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.select not in SELECT_CHOICES:
             raise FairdeployError(f"unknown selection metric {self.select!r}; choose one of {', '.join(SELECT_CHOICES)}")
+        if self.batch_size < 1:
+            raise FairdeployError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise FairdeployError(f"distillation weight must be in [0, 1], got {self.distill}")
+        if self.distill_temperature <= 0:
+            raise FairdeployError(f"distillation temperature must be > 0, got {self.distill_temperature}")
+        if self.group_weight not in GROUP_WEIGHTS:
+            raise FairdeployError(f"unknown group weighting {self.group_weight!r}; choose one of {', '.join(GROUP_WEIGHTS)}")
 
 
 @dataclass(frozen=True)
@@ -122,20 +138,28 @@ def fit(
     resume: bool = False,
     progress: Progress = no_progress,
     task: str = "train",
+    teacher: nn.Module | None = None,
 ) -> FitResult:
     """Train `model`; write out_dir/best (best on validation), out_dir/last (+ optimizer) and history.
 
     `after_step` runs after every optimiser step (fine-tuning re-applies pruning masks there).
-    With `resume`, continue from out_dir/last when it exists.
+    With `resume`, continue from out_dir/last when it exists. With `teacher` and `cfg.distill` > 0, the loss
+    mixes in distillation from the teacher's logits. Each epoch's history records a hash of the order in which
+    the training samples were seen (two runs with the same seed see the same order).
     """
     cfg.validate()
+    if cfg.distill > 0 and teacher is None:
+        raise FairdeployError("distillation needs a teacher model (the input model of the pruning run)")
     out_dir = Path(out_dir)
     model.to(device)
     opt = _make_optimizer(model, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    group_w = _group_weights(train_ds, cfg.group_weight).to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
     history: list[dict[str, Any]] = []
     start_epoch, best_score, best_epoch = 0, -math.inf, -1
     last_dir, best_dir = out_dir / "last", out_dir / "best"
@@ -169,11 +193,19 @@ def fit(
             group["lr"] = lr
         model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for step, (x, y, _g, ok, idx) in enumerate(loader):
+        order = hashlib.sha256()
+        for step, (x, y, g, ok, idx) in enumerate(loader):
             check_batch(train_ds, ok, idx)
+            order.update(idx.numpy().astype(np.int64).tobytes())
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = loss_fn(model(x), y)
+                logits = model(x)
+                loss = (loss_fn(logits.float(), y) * group_w[g.to(device)]).mean()
+                if cfg.distill > 0 and teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(x).float()
+                    loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(
+                        logits.float(), t_logits, cfg.distill_temperature)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -191,6 +223,7 @@ def fit(
             "lr": lr,
             "train_loss": loss_sum / max(seen, 1),
             "train_samples_per_s": seen / max(train_time, 1e-9),
+            "data_order": order.hexdigest()[:16],
             "val_accuracy": report.overall_accuracy,
             "val_f1_macro": report.overall_f1_macro,
             "val_group_accuracy": {g: m.accuracy for g, m in report.groups},
@@ -210,6 +243,26 @@ def fit(
     if best_epoch < 0:
         raise FairdeployError(f"{out_dir}: no epoch was run (already finished {cfg.epochs} epochs?)")
     return FitResult(best_epoch=best_epoch, best_score=best_score, history=tuple(history), best_dir=best_dir)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss: T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch mean."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
+                    log_target=True) * t * t
+
+
+def _group_weights(dataset: ImageDataset, mode: str) -> torch.Tensor:
+    """Per-group loss weights indexed by group id: ones, or N / (G * n_g) over the groups present."""
+    groups = np.asarray(dataset.groups, dtype=np.int64)
+    size = int(groups.max()) + 1 if len(groups) else 1
+    if mode == "none" or len(groups) == 0:
+        return torch.ones(size)
+    counts = np.bincount(groups, minlength=size).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(size)
+    w[present] = len(groups) / (present.sum() * counts[present])
+    return torch.as_tensor(w, dtype=torch.float32)
 
 
 def with_fit_history(spec: ModelSpec, stage: str, cfg: FitConfig, result: FitResult, **extra: Any) -> ModelSpec:

@@ -1,0 +1,412 @@
+"""compress_checkpoint: prune a checkpoint to a MAC / parameter budget in rounds of global channel removal and
+recovery fine-tuning, with a fairness-blind control run under the identical schedule, data order and seed.
+
+Selection uses the validation split only; the test split is never read. prune.json holds every round of both
+runs, the selection and the candidate-vs-control comparison with paired bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
+from fairdeploy.data.manifest import Manifest
+from fairdeploy.device import resolve_device, seed_everything
+from fairdeploy.errors import FairdeployError
+from fairdeploy.io import atomic_dir, sha256_file, write_json
+from fairdeploy.metrics import METRIC_DEFINITIONS, MetricsReport, compute_metrics
+from fairdeploy.models.checkpoint import WEIGHTS_FILE, ModelSpec, load_checkpoint, resolve_checkpoint, save_checkpoint
+from fairdeploy.models.registry import classifier_head_name
+from fairdeploy.progress import Progress, no_progress
+from fairdeploy.pruning.criteria import BLIND, CRITERIA, ScoreData, prepare_importance
+from fairdeploy.pruning.finetune import finetune_model
+from fairdeploy.pruning.flops import model_size
+from fairdeploy.pruning.removal import BUDGET_METRICS, budget_value, remove_to_budget
+from fairdeploy.pruning.roles import decide_roles
+from fairdeploy.pruning.selection import Guard
+from fairdeploy.pruning.scoresets import balanced_batch_order, group_score_sets, stratified_sample
+from fairdeploy.pruning.structured import dependency_graph
+from fairdeploy.training.loop import FitConfig
+from fairdeploy.training.predict import Predictions, predict
+from fairdeploy.training.train import spec_datasets
+
+CONTROLS = ("magnitude", "taylor", "finetune-only", "none")
+PRUNE_FILE = "prune.json"
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """A budget run: criterion, budget, schedule, recovery fine-tuning, control and guard."""
+
+    criterion: str = "group-taylor"
+    control: str = "magnitude"  # the fairness-blind twin; "none" runs no control (no fairness claim then)
+    metric: str = "macs"  # macs or params
+    target: float = 0.5  # fraction of the input model's `metric` to keep (0.5 = 2x fewer MACs)
+    rounds: int = 3  # budget reached geometrically: round r keeps target ** (r / rounds)
+    round_to: int = 8
+    max_layer_ratio: float = 0.9  # no layer loses more than this share of its channels in one round
+    score_samples: int = 64  # per group (class-stratified); the blind sample has as many images in all
+    score_batch_size: int = 32
+    beta: float = 0.5  # fairprune
+    curvature: str = "fisher"  # fairprune
+    temperature: float = 1.0  # snnl
+    snnl_batches: int = 4
+    snnl_batch_size: int = 64
+    finetune: FitConfig = field(default_factory=lambda: FitConfig(epochs=1, lr=1e-3, distill=0.5))
+    max_group_drop: float = Guard.max_group_drop  # guard: no group may lose more validation accuracy than this
+    max_f1_drop: float = 0.05
+    privileged: str | None = None
+    bootstrap: int = 500
+    batch_size: int = 64  # evaluation
+    keep_rounds: bool = True  # every round's checkpoints under OUT/rounds
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise FairdeployError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.control not in CONTROLS:
+            raise FairdeployError(f"unknown control {self.control!r}; choose one of {', '.join(CONTROLS)}")
+        if self.control == self.criterion:
+            raise FairdeployError(f"the control {self.control!r} is the criterion itself; choose another control")
+        if self.metric not in BUDGET_METRICS:
+            raise FairdeployError(f"unknown budget metric {self.metric!r}; choose one of {', '.join(BUDGET_METRICS)}")
+        if not 0.0 < self.target < 1.0:
+            raise FairdeployError(f"the budget must keep a fraction in (0, 1) of the {self.metric}, got {self.target}")
+        if self.rounds < 1:
+            raise FairdeployError(f"rounds must be >= 1, got {self.rounds}")
+        if self.round_to < 1:
+            raise FairdeployError(f"round_to must be >= 1, got {self.round_to}")
+        if not 0.0 < self.max_layer_ratio < 1.0:
+            raise FairdeployError(f"max layer ratio must be in (0, 1), got {self.max_layer_ratio}")
+        for name in ("score_samples", "score_batch_size", "snnl_batches", "bootstrap", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FairdeployError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.max_group_drop <= 1.0 or not 0.0 <= self.max_f1_drop <= 1.0:
+            raise FairdeployError(f"guard tolerances must be in [0, 1], got max group drop {self.max_group_drop}, "
+                                  f"max F1 drop {self.max_f1_drop}")
+        self.finetune.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    out_dir: Path
+    record: dict[str, Any]
+
+
+def budget_from(speedup: float | None = None, target_macs: float | None = None,
+                target_params: float | None = None) -> tuple[str, float]:
+    """(metric, fraction kept) from exactly one of --speedup S (MACs / S), --target-macs F, --target-params F."""
+    given = {k: v for k, v in (("speedup", speedup), ("target_macs", target_macs),
+                               ("target_params", target_params)) if v is not None}
+    if len(given) != 1:
+        raise FairdeployError("give exactly one budget: --target-macs F, --target-params F or --speedup S "
+                              f"(got {', '.join('--' + k.replace('_', '-') for k in given) or 'none'})")
+    if speedup is not None:
+        if speedup <= 1.0:
+            raise FairdeployError(f"--speedup must be > 1, got {speedup}")
+        return "macs", 1.0 / speedup
+    return ("macs", float(target_macs)) if target_macs is not None else ("params", float(target_params))  # type: ignore[arg-type]
+
+
+# ---- records ------------------------------------------------------------------------------------------------
+
+def _point(report: MetricsReport, size: dict[str, int], base: MetricsReport, cfg: BudgetConfig) -> dict[str, Any]:
+    acc = {g: m.accuracy for g, m in report.groups}
+    base_acc = {g: m.accuracy for g, m in base.groups}
+    delta = {g: acc[g] - base_acc[g] for g in acc if g in base_acc}
+    f1_drop = base.overall_f1_macro - report.overall_f1_macro
+    reasons = [f"group {g} lost {-d:.4f} accuracy (> {cfg.max_group_drop})" for g, d in delta.items()
+               if -d > cfg.max_group_drop + 1e-12]
+    if f1_drop > cfg.max_f1_drop + 1e-12:
+        reasons.append(f"macro-F1 fell {f1_drop:.4f} (> {cfg.max_f1_drop})")
+    return {
+        "val": {"accuracy": report.overall_accuracy, "f1_macro": report.overall_f1_macro, "group_accuracy": acc,
+                "worst_group_accuracy": min(acc.values()), "group_n": {g: m.n for g, m in report.groups},
+                "fairness": dict(report.fairness)},
+        "group_accuracy_change": delta,
+        "size": size,
+        "eligible": not reasons,
+        "ineligible_because": reasons,
+    }
+
+
+def paired_comparison(a: Predictions, b: Predictions, group_names: tuple[str, ...], num_classes: int,
+                      n_boot: int, seed: int) -> dict[str, Any]:
+    """Candidate `a` minus control `b` on the same images: worst-group accuracy, Eodd and macro-F1 differences
+    with 95 % percentile intervals from one shared within-group resampling of the images."""
+    if not (np.array_equal(a.labels, b.labels) and np.array_equal(a.groups, b.groups)):
+        raise FairdeployError("paired comparison needs predictions of the same images in the same order")
+    names = np.asarray(group_names)[a.groups]
+    order = [g for g in group_names if g in set(names.tolist())]
+
+    def stats(pred: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        r = compute_metrics(a.labels[idx], pred[idx], names[idx], num_classes, group_order=order)
+        return np.array([min(m.accuracy for _, m in r.groups), r.gap("eodd") or 0.0, r.overall_f1_macro])
+
+    full = np.arange(len(a.labels))
+    pa, pb = a.predicted, b.predicted
+    point = stats(pa, full) - stats(pb, full)
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(names == g) for g in order]
+    diffs = np.empty((n_boot, 3))
+    for i in range(n_boot):
+        idx = np.concatenate([rng.choice(m, len(m), replace=True) for m in members])
+        diffs[i] = stats(pa, idx) - stats(pb, idx)
+    lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0)
+    keys = ("worst_group_accuracy", "eodd", "f1_macro")
+    return {k: {"difference": float(point[i]), "ci95": [float(lo[i]), float(hi[i])]} for i, k in enumerate(keys)}
+
+
+def verdict(criterion: str, control: str, comparison: dict[str, Any]) -> str:
+    """One line: did the criterion beat the control (a 95 % interval of the difference that excludes 0)?"""
+    wga, eodd = comparison["worst_group_accuracy"], comparison["eodd"]
+    better = []
+    if wga["ci95"][0] > 0:
+        better.append(f"higher worst-group accuracy ({wga['difference']:+.4f})")
+    if eodd["ci95"][1] < 0:
+        better.append(f"lower Eodd ({eodd['difference']:+.4f})")
+    worse = []
+    if wga["ci95"][1] < 0:
+        worse.append(f"lower worst-group accuracy ({wga['difference']:+.4f})")
+    if eodd["ci95"][0] > 0:
+        worse.append(f"higher Eodd ({eodd['difference']:+.4f})")
+    ci = (f"worst-group accuracy {wga['difference']:+.4f} [{wga['ci95'][0]:+.4f}, {wga['ci95'][1]:+.4f}], "
+          f"Eodd {eodd['difference']:+.4f} [{eodd['ci95'][0]:+.4f}, {eodd['ci95'][1]:+.4f}]")
+    if better and not worse:
+        return f"{criterion} beat the {control} control on validation: {', '.join(better)}; {ci}"
+    if worse and not better:
+        return f"{criterion} did worse than the {control} control on validation: {', '.join(worse)}; {ci}"
+    return f"{criterion} vs the {control} control: no difference shown on validation (95 % intervals include 0); {ci}"
+
+
+# ---- one run (candidate or control) ------------------------------------------------------------------------
+
+@dataclass
+class _Ctx:
+    spec: ModelSpec
+    teacher: nn.Module
+    train_ds: Any
+    val_ds: Any
+    scores: ScoreData
+    base_report: MetricsReport
+    base_size: dict[str, int]
+    head: str
+    device: torch.device
+    cfg: BudgetConfig
+    scratch: Path
+    progress: Progress
+
+
+@dataclass
+class _Run:
+    name: str
+    criterion: str  # a criterion, or "finetune-only"
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    final: nn.Module | None = None
+    final_stage: str = ""
+    final_report: MetricsReport | None = None
+    candidates: list[tuple[str, nn.Module, dict[str, Any]]] = field(default_factory=list)
+
+
+def _evaluate(model: nn.Module, ctx: _Ctx) -> MetricsReport:
+    from fairdeploy.training.loop import evaluate_model
+
+    return evaluate_model(model, ctx.val_ds, ctx.spec, ctx.device, ctx.cfg.batch_size, progress=ctx.progress)
+
+
+def _run(run: _Run, model: nn.Module, ctx: _Ctx) -> _Run:
+    cfg = ctx.cfg
+    seed_everything(cfg.seed)  # candidate and control start from the same random state
+    base_value = budget_value(model_size(model, ctx.spec.image_size, ctx.device), cfg.metric)
+    for r in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        entry: dict[str, Any] = {"round": r}
+        if run.criterion != "finetune-only":
+            target = base_value * cfg.target ** (r / cfg.rounds)
+            dg = dependency_graph(model, ctx.spec.image_size, ctx.device)
+            modules = dict(model.named_modules())
+            table, notes = prepare_importance(run.criterion, model, dg, [modules[ctx.head]], ctx.scores, ctx.device)
+            t_score = time.perf_counter() - t0
+            removal = remove_to_budget(model, table, target, cfg.metric, ctx.head, ctx.spec.image_size,
+                                       cfg.round_to, cfg.max_layer_ratio, ctx.device)
+            entry.update({"target": target, "channel_ratio": removal.ratio,
+                          "channels_removed": removal.channels_removed, "removed": removal.removed,
+                          "criterion_notes": notes, "score_seconds": t_score})
+            size = removal.size.to_dict()
+            pruned_report = _evaluate(model, ctx)
+            entry["pruned"] = _point(pruned_report, size, ctx.base_report, cfg)
+            run.candidates.append((f"r{r}-pruned", copy.deepcopy(model).cpu(), entry["pruned"]))
+        else:
+            size = model_size(model, ctx.spec.image_size, ctx.device).to_dict()
+        model, fit = finetune_model(model, ctx.spec, ctx.train_ds, ctx.val_ds, cfg.finetune,
+                                    ctx.scratch / f"{run.name}-r{r}", ctx.device, None, ctx.progress,
+                                    task=f"{run.name} round {r} finetune", teacher=ctx.teacher)
+        report = _evaluate(model, ctx)
+        entry["finetuned"] = _point(report, size, ctx.base_report, cfg)
+        entry["finetune"] = {"best_epoch": fit.best_epoch + 1, "epochs": len(fit.history),
+                             "data_order": [h["data_order"] for h in fit.history],
+                             "train_samples_per_s": float(np.mean([h["train_samples_per_s"] for h in fit.history]))}
+        entry["seconds"] = time.perf_counter() - t0
+        run.rounds.append(entry)
+        run.candidates.append((f"r{r}-finetuned", copy.deepcopy(model).cpu(), entry["finetuned"]))
+        ctx.progress(f"{run.name}: round {r}/{cfg.rounds} worst-group {entry['finetuned']['val']['worst_group_accuracy']:.4f}",
+                     r, cfg.rounds)
+        if r == cfg.rounds:
+            run.final_report = report
+    return run
+
+
+def _select(run: _Run, budget_value_max: float, metric: str) -> tuple[str, nn.Module, dict[str, Any], bool]:
+    """Among the run's models that meet the budget, the best worst-group validation accuracy the guard accepts
+    (else the best one at all, flagged)."""
+    within = [(n, m, p) for n, m, p in run.candidates if p["size"][metric] <= budget_value_max]
+    if not within:
+        raise FairdeployError("no model of the run meets the budget")
+    ok = [c for c in within if c[2]["eligible"]]
+    pool = ok or within
+    key = lambda c: (c[2]["val"]["worst_group_accuracy"], c[2]["val"]["f1_macro"])  # noqa: E731
+    name, model, point = max(pool, key=key)
+    return name, model, point, bool(ok)
+
+
+# ---- the library call --------------------------------------------------------------------------------------
+
+def compress_checkpoint(
+    model_dir: str | os.PathLike[str],
+    manifest: Manifest,
+    out_dir: str | os.PathLike[str],
+    cfg: BudgetConfig = BudgetConfig(),
+    device: str = "auto",
+    progress: Progress = no_progress,
+) -> BudgetResult:
+    """Compress a checkpoint to the budget with `cfg.criterion` and (unless "none") the control; write
+    OUT/model.* (the selected candidate), OUT/control/model.* (the control's selected model), OUT/rounds/* and
+    OUT/prune.json. Nothing is written unless the run succeeds."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    src = resolve_checkpoint(model_dir)
+    teacher, spec = load_checkpoint(src, dev)
+    if spec.sparsity:
+        raise FairdeployError(f"{src}: budget runs start from a dense checkpoint (this one has {spec.sparsity.get('kind')} "
+                              "masks); use the checkpoint before weight-level pruning")
+    head = classifier_head_name(spec.arch)
+    enc = Encoding(spec.classes, spec.groups)
+    train_ds, val_ds = spec_datasets(manifest, spec)
+    score_ds = split_dataset(manifest, "train", enc, eval_transform(spec.image_size, spec.mean, spec.std))
+    base_report = _evaluate_plain(teacher, val_ds, spec, dev, cfg.batch_size, progress)
+    roles = decide_roles(base_report, cfg.privileged)
+    present = sorted(set(score_ds.groups))
+    if len(present) < 2:
+        raise FairdeployError("a budget run needs at least two groups in the train split to score with")
+    ids = group_score_sets(score_ds.labels, score_ds.groups, present, cfg.score_samples, cfg.seed)
+    blind_n = sum(len(v) for v in ids.values())
+    blind = stratified_sample(score_ds.labels, blind_n, np.random.default_rng(cfg.seed))
+    order, bs = balanced_batch_order(score_ds.groups, present, cfg.snnl_batch_size, cfg.snnl_batches, cfg.seed)
+    scores = ScoreData(blind=Subset(score_ds, blind),
+                       per_group={spec.groups[g]: Subset(score_ds, v) for g, v in ids.items()},
+                       unprivileged=roles.unprivileged, privileged=roles.privileged,
+                       snnl_batches=Subset(score_ds, order), snnl_batch_size=bs, batch_size=cfg.score_batch_size,
+                       beta=cfg.beta, curvature=cfg.curvature, temperature=cfg.temperature, seed=cfg.seed)
+    base_size = model_size(teacher, spec.image_size, dev).to_dict()
+    budget_max = base_size[cfg.metric] * cfg.target
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch.", dir=out.parent) as scratch_name:
+        scratch = Path(scratch_name)
+        ctx = _Ctx(spec=spec, teacher=teacher, train_ds=train_ds, val_ds=val_ds, scores=scores,
+                   base_report=base_report, base_size=base_size, head=head, device=dev, cfg=cfg, scratch=scratch,
+                   progress=progress)
+        runs = [_run(_Run("candidate", cfg.criterion), copy.deepcopy(teacher), ctx)]
+        if cfg.control != "none":
+            runs.append(_run(_Run("control", cfg.control), copy.deepcopy(teacher), ctx))
+        input_point = _point(base_report, base_size, base_report, cfg)
+        record: dict[str, Any] = {
+            "kind": "budget",
+            "criterion": cfg.criterion,
+            "criterion_definition": CRITERIA[cfg.criterion],
+            "criterion_is_fairness_aware": cfg.criterion not in BLIND,
+            "control": cfg.control,
+            "control_definition": CRITERIA.get(cfg.control, "fine-tuning alone under the same schedule, no pruning"
+                                               if cfg.control == "finetune-only" else "no control run"),
+            "params": cfg.to_dict(),
+            "budget": {"metric": cfg.metric, "fraction": cfg.target, "max": budget_max, "input": base_size},
+            "input": {"checkpoint": str(src), "sha256": sha256_file(src / WEIGHTS_FILE), "arch": spec.arch,
+                      "val": input_point["val"]},
+            "groups": roles.to_dict(),
+            "data": {"manifest": manifest.source, "score_split": "train", "score_samples_per_group": len(ids[present[0]]),
+                     "val_images": len(val_ds), "test_split_used": False},
+            "device": str(dev),
+            "runs": {},
+            "metric_definitions": METRIC_DEFINITIONS,
+        }
+        selected: dict[str, tuple[str, nn.Module, dict[str, Any], bool]] = {}
+        for run in runs:
+            budget_cap = budget_max if run.criterion != "finetune-only" else float("inf")
+            selected[run.name] = _select(run, budget_cap, cfg.metric)
+            name, _m, point, guard_ok = selected[run.name]
+            record["runs"][run.name] = {"criterion": run.criterion, "rounds": run.rounds, "selected": name,
+                                        "selected_val": point["val"], "selected_size": point["size"],
+                                        "guard_passed": guard_ok}
+        cand = selected["candidate"]
+        record["selected"] = {"model": f"rounds/candidate-{cand[0]}", "guard_passed": cand[3],
+                              "size": cand[2]["size"], "macs_fraction": cand[2]["size"]["macs"] / base_size["macs"],
+                              "params_fraction": cand[2]["size"]["params"] / base_size["params"],
+                              "note": ("best worst-group validation accuracy among the models at the budget that the "
+                                       "guard accepts" if cand[3] else
+                                       "no model at the budget passed the guard (every group within "
+                                       f"{cfg.max_group_drop} accuracy of the input model, macro-F1 within "
+                                       f"{cfg.max_f1_drop}); the output is the best one anyway, flagged; every "
+                                       "round's checkpoint is under rounds/")}
+        if "control" in selected:
+            pa = predict(selected["candidate"][1].to(dev), val_ds, dev, cfg.batch_size)
+            pb = predict(selected["control"][1].to(dev), val_ds, dev, cfg.batch_size)
+            comparison = paired_comparison(pa, pb, spec.groups, spec.num_classes, cfg.bootstrap, cfg.seed)
+            record["comparison"] = {"split": "val", "candidate_minus_control": comparison,
+                                    "verdict": verdict(cfg.criterion, cfg.control, comparison)}
+        else:
+            record["comparison"] = {"verdict": "no control was run: no fairness claim about the criterion is made"}
+        staged = scratch / "final"
+        history = {"stage": "prune", "kind": "budget", "criterion": cfg.criterion, "control": cfg.control,
+                   "budget": record["budget"], "source": str(src), "source_sha256": record["input"]["sha256"],
+                   "manifest": manifest.source, "selected": cand[0]}
+        out_spec = replace(spec, sparsity=None).with_history(history)
+        save_checkpoint(cand[1], out_spec, staged)
+        if "control" in selected:
+            ctrl = selected["control"]
+            save_checkpoint(ctrl[1], replace(spec, sparsity=None).with_history({**history, "run": "control",
+                                                                                 "selected": ctrl[0]}),
+                            staged / "control")
+            record["runs"]["control"]["model"] = "control"
+        if cfg.keep_rounds:
+            for run in runs:
+                for name, m, _p in run.candidates:
+                    save_checkpoint(m, out_spec, staged / "rounds" / f"{run.name}-{name}")
+        record["seconds"] = time.perf_counter() - t_start
+        write_json(staged / PRUNE_FILE, record)
+        with atomic_dir(out) as tmp:
+            for f in staged.iterdir():
+                shutil.move(str(f), tmp / f.name)
+    return BudgetResult(out_dir=out, record=record)
+
+
+def _evaluate_plain(model: nn.Module, val_ds: Any, spec: ModelSpec, dev: torch.device, batch_size: int,
+                    progress: Progress) -> MetricsReport:
+    from fairdeploy.training.loop import evaluate_model
+
+    return evaluate_model(model, val_ds, spec, dev, batch_size, progress=progress)

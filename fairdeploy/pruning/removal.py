@@ -1,0 +1,108 @@
+"""Score, then remove: Torch-Pruning's pruner (global ranking, round_to, head ignored) driven by a criterion's
+scores, to a channel ratio or down to a MAC / parameter budget."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from fairdeploy.errors import FairdeployError
+from fairdeploy.pruning.criteria import TableImportance
+from fairdeploy.pruning.flops import ModelSize, model_size
+
+BUDGET_METRICS = ("macs", "params")
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What one removal did: the channel ratio used, the size after, and {root layer: removed channel indices
+    (positions in the layer before this removal)}."""
+
+    ratio: float
+    size: ModelSize
+    removed: dict[str, list[int]]
+
+    @property
+    def channels_removed(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+
+def _pruner(model: nn.Module, table: Mapping[str, torch.Tensor], ratio: float, head: str, image_size: int,
+            round_to: int, max_layer_ratio: float, device: torch.device | str) -> tp.pruner.BasePruner:
+    modules = dict(model.named_modules())
+    if head not in modules:
+        raise FairdeployError(f"classifier head {head!r} not found in the model")
+    names = {m: n for n, m in model.named_modules()}
+    example = torch.zeros(1, 3, image_size, image_size, device=device)
+    return tp.pruner.BasePruner(
+        model, example, importance=TableImportance(table, names), global_pruning=True, pruning_ratio=ratio,
+        max_pruning_ratio=max_layer_ratio, ignored_layers=[modules[head]], round_to=round_to if round_to > 1 else None,
+    )
+
+
+def remove_channels(model: nn.Module, table: Mapping[str, torch.Tensor], ratio: float, head: str, image_size: int,
+                    round_to: int = 8, max_layer_ratio: float = 0.9,
+                    device: torch.device | str = "cpu") -> Removal:
+    """Remove (in place) the globally lowest-scored `ratio` of the prunable channels, as Torch-Pruning's global
+    pruner selects them (each layer keeps a multiple of `round_to` and at least 1 - max_layer_ratio of its
+    channels); `table` maps each coupled group's root layer name to one score per channel."""
+    if not 0.0 <= ratio < 1.0:
+        raise FairdeployError(f"channel ratio must be in [0, 1), got {ratio}")
+    was_training = model.training
+    model.eval()
+    removed: dict[str, list[int]] = {}
+    if ratio > 0:
+        pruner = _pruner(model, table, ratio, head, image_size, round_to, max_layer_ratio, device)
+        with torch.no_grad():
+            for group in pruner.step(interactive=True):
+                root = group[0].dep.target.module
+                name = pruner.DG._module2name[root]
+                removed[name] = sorted(int(i) for i in group[0].idxs)
+                group.prune()
+    model.train(was_training)
+    return Removal(ratio=ratio, size=model_size(model, image_size, device), removed=removed)
+
+
+def budget_value(size: ModelSize, metric: str) -> int:
+    return size.macs if metric == "macs" else size.params
+
+
+def remove_to_budget(model: nn.Module, table: Mapping[str, torch.Tensor], target: float, metric: str, head: str,
+                     image_size: int, round_to: int = 8, max_layer_ratio: float = 0.9,
+                     device: torch.device | str = "cpu", iterations: int = 14) -> Removal:
+    """Remove the fewest channels (by the same global ranking) that bring `metric` (macs or params) to at most
+    `target` (an absolute count): bisection on the channel ratio over copies of the model, then the removal
+    on `model` itself. Fails clearly when even the largest allowed ratio stays above the budget."""
+    if metric not in BUDGET_METRICS:
+        raise FairdeployError(f"unknown budget metric {metric!r}; choose one of {', '.join(BUDGET_METRICS)}")
+    now = model_size(model, image_size, device)
+    if budget_value(now, metric) <= target:
+        return Removal(ratio=0.0, size=now, removed={})
+
+    def trial(r: float) -> int:
+        trial_model = copy.deepcopy(model)
+        return budget_value(remove_channels(trial_model, table, r, head, image_size, round_to, max_layer_ratio,
+                                            device).size, metric)
+
+    lo, hi = 0.0, max_layer_ratio
+    if trial(hi) > target:
+        raise FairdeployError(
+            f"the {metric} budget {target:,.0f} cannot be reached by channel removal (at most {max_layer_ratio:.0%} "
+            f"of each layer's channels); ask for a larger budget or more rounds"
+        )
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if trial(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    result = remove_channels(model, table, hi, head, image_size, round_to, max_layer_ratio, device)
+    if budget_value(result.size, metric) > target:  # cannot happen unless the removal is not deterministic
+        raise FairdeployError(f"channel removal missed the {metric} budget: {budget_value(result.size, metric):,} "
+                              f"> {target:,.0f}")
+    return result
