@@ -298,6 +298,7 @@ def compress_checkpoint(
     OUT/model.* (the selected candidate), OUT/control/model.* (the control's selected model), OUT/rounds/* and
     OUT/prune.json. Nothing is written unless the run succeeds."""
     cfg.validate()
+    cfg = replace(cfg, finetune=replace(cfg.finetune, seed=cfg.seed))  # one seed: scores, data order, fine-tuning
     t_start = time.perf_counter()
     dev = resolve_device(device)
     src = resolve_checkpoint(model_dir)
@@ -399,7 +400,7 @@ def compress_checkpoint(
                     save_checkpoint(m, out_spec, staged / "rounds" / f"{run.name}-{name}")
         record["seconds"] = time.perf_counter() - t_start
         write_json(staged / PRUNE_FILE, record)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, owner=PRUNE_FILE) as tmp:
             for f in staged.iterdir():
                 shutil.move(str(f), tmp / f.name)
     return BudgetResult(out_dir=out, record=record)

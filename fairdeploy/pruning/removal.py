@@ -4,6 +4,7 @@ scores, to a channel ratio or down to a MAC / parameter budget."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,6 +33,30 @@ class Removal:
         return sum(len(v) for v in self.removed.values())
 
 
+def protected(table: Mapping[str, torch.Tensor], round_to: int, max_layer_ratio: float) -> dict[str, torch.Tensor]:
+    """The table with each layer's best channels set to +inf so that the layer keeps at least
+    (1 - max_layer_ratio) of them, rounded up to a multiple of round_to. Torch-Pruning's pruner skips a group
+    whose removal would empty a layer (it does not cap it), so without this a global ratio that reaches every
+    channel of one layer would prune *less*, and the budget search would not be monotone."""
+    out = {}
+    step = max(round_to, 1)
+    for name, scores in table.items():
+        n = len(scores)
+        keep = min(n, max(step, step * math.ceil((1 - max_layer_ratio) * n / step)))
+        s = scores.to(torch.float64).clone()
+        if keep > 0:
+            s[torch.argsort(s, descending=True, stable=True)[:keep]] = math.inf
+        out[name] = s
+    return out
+
+
+def removable_fraction(table: Mapping[str, torch.Tensor]) -> float:
+    """Share of the scored channels that a protected table lets the pruner remove."""
+    total = sum(len(s) for s in table.values())
+    finite = sum(int(torch.isfinite(s).sum()) for s in table.values())
+    return finite / max(total, 1)
+
+
 def _pruner(model: nn.Module, table: Mapping[str, torch.Tensor], ratio: float, head: str, image_size: int,
             round_to: int, max_layer_ratio: float, device: torch.device | str) -> tp.pruner.BasePruner:
     modules = dict(model.named_modules())
@@ -57,7 +82,7 @@ def remove_channels(model: nn.Module, table: Mapping[str, torch.Tensor], ratio: 
     model.eval()
     removed: dict[str, list[int]] = {}
     if ratio > 0:
-        pruner = _pruner(model, table, ratio, head, image_size, round_to, max_layer_ratio, device)
+        pruner = _pruner(model, protected(table, round_to, max_layer_ratio), ratio, head, image_size, round_to, max_layer_ratio, device)
         with torch.no_grad():
             for group in pruner.step(interactive=True):
                 root = group[0].dep.target.module
@@ -89,7 +114,7 @@ def remove_to_budget(model: nn.Module, table: Mapping[str, torch.Tensor], target
         return budget_value(remove_channels(trial_model, table, r, head, image_size, round_to, max_layer_ratio,
                                             device).size, metric)
 
-    lo, hi = 0.0, max_layer_ratio
+    lo, hi = 0.0, removable_fraction(protected(table, round_to, max_layer_ratio)) * 0.999
     if trial(hi) > target:
         raise FairdeployError(
             f"the {metric} budget {target:,.0f} cannot be reached by channel removal (at most {max_layer_ratio:.0%} "
