@@ -21,6 +21,7 @@ Datasets:
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 import math
 import statistics
 import sys
@@ -147,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from fairdeploy.data.manifest import read_manifest
     from fairdeploy.pruning.budget import BudgetConfig, compress_checkpoint
-    from fairdeploy.training.loop import FitConfig
-
     dev = common.resolve(args.device)
     info = common.machine(dev)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fair-compression-"))
@@ -172,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 for ci, criterion in enumerate(args.criteria):
                     control = "finetune-only" if bi == 0 and ci == 0 else "none"
                     cfg = BudgetConfig(criterion=criterion, control=control, target=budget, rounds=args.rounds,
-                                       finetune=FitConfig(epochs=args.finetune_epochs, lr=1e-3, distill=0.5,
-                                                          seed=seed),
+                                       finetune=replace(BudgetConfig().finetune, epochs=args.finetune_epochs),
                                        keep_rounds=False, bootstrap=200, seed=seed)
                     out = work / f"{dataset}-s{seed}-b{budget:g}-{criterion}"
                     t0 = time.perf_counter()

@@ -10,15 +10,16 @@ from dataclasses import replace
 import pytest
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.pipeline.config import DEMO_CONFIG, load_pipeline_config
-from fairdeploy.pipeline.run import run_pipeline
+from fairdeploy.models.checkpoint import load_checkpoint
+from fairdeploy.pipeline.config import DEMO_CONFIG, PruneEntry, load_pipeline_config
+from fairdeploy.pipeline.run import _split_options, _trajectory, run_pipeline
+from fairdeploy.pruning.flops import model_size
 from fairdeploy.pipeline.stages import run_stage
 
 TINY = dict(
     synth={"n_images": 300, "image_size": 32},
     model={"epochs": 2, "batch_size": 32},
-    prune={"fairprune": {"steps": 1, "score_samples": 16, "granularity": "channel", "ratio": 0.1},
-           "snnl": {"steps": 1, "batches": 1, "batch_size": 16, "channels_per_round": 8}},
+    prune={"group-taylor": {"rounds": 1, "score_samples": 8, "bootstrap": 50}},
     export={"precisions": ["fp32", "int8"], "calib_size": 48},
     validate={"bootstrap": 20, "latency_batch_sizes": [1, 4], "latency_iterations": 3, "latency_warmup": 1},
 )
@@ -34,10 +35,11 @@ def tiny_run(tmp_path_factory):
 def test_demo_pipeline_runs_every_stage_and_validates_every_artifact(tiny_run):
     cfg, run_dir, result = tiny_run
     ran = [o.name for o in result.outcomes if o.status == "ran"]
-    assert ran[:4] == ["data", "train", "prune fairprune", "prune snnl"]
-    assert {"export vanilla", "validate vanilla", "export snnl", "validate snnl"} <= set(ran)
+    assert ran[:3] == ["data", "train", "prune group-taylor"]
+    assert {"export vanilla", "validate vanilla", "export group-taylor", "validate group-taylor",
+            "export group-taylor-control", "validate group-taylor-control"} <= set(ran)
     names = [s.name for s in result.stages.stages]
-    for model in ("vanilla", "fairprune", "snnl"):
+    for model in ("vanilla", "group-taylor", "group-taylor-control"):
         assert model in names
         assert f"{model}/onnx-fp32" in names and f"{model}/onnx-int8" in names
     # every ONNX stage's metrics come from running that artifact: FP32 ONNX agrees with PyTorch
@@ -45,11 +47,50 @@ def test_demo_pipeline_runs_every_stage_and_validates_every_artifact(tiny_run):
     assert fp32.agreement == 1.0 and fp32.kind == "onnx"
     vj = json.loads((run_dir / "validate-vanilla" / "validation.json").read_text())
     assert vj["reference"]["metrics"] == next(s for s in result.stages.stages if s.name == "vanilla").metrics
-    # the pruning trajectories are in the report's stages file, step 0 = the input model
-    stages_json = json.loads((run_dir / "stages.json").read_text())
-    assert [t["name"] for t in stages_json["trajectories"]] == ["fairprune", "snnl"]
-    assert stages_json["trajectories"][0]["points"][0]["step"] == 0
     assert result.report_html.is_file() and "data:image/png;base64" in result.report_html.read_text()
+
+
+def test_demo_budget_stage_halves_the_macs_and_validates_its_control(tiny_run):
+    cfg, run_dir, result = tiny_run
+    out = run_dir / "prune-group-taylor" / "model"
+    rec = json.loads((out / "prune.json").read_text())
+    assert rec["kind"] == "budget" and rec["criterion"] == "group-taylor" and rec["control"] == "magnitude"
+    assert len(rec["runs"]["candidate"]["rounds"]) == 1  # the TINY override reached BudgetConfig
+    sizes = {}
+    for name, path in [("dense", run_dir / "train" / "best"), ("candidate", out), ("control", out / "control")]:
+        model, spec = load_checkpoint(path)
+        sizes[name] = model_size(model, spec.image_size)
+    assert sizes["candidate"].macs <= 0.5 * sizes["dense"].macs
+    assert sizes["control"].macs <= 0.5 * sizes["dense"].macs
+    # the control is a model of its own (another checkpoint), validated under "<name>-control"
+    assert (out / "control" / "model.safetensors").read_bytes() != (out / "model.safetensors").read_bytes()
+    vj = json.loads((run_dir / "validate-group-taylor-control" / "validation.json").read_text())
+    assert vj["candidates"] and all(c["artifact"]["kind"] == "onnx" for c in vj["candidates"])
+    stage = {s.name: s for s in result.stages.stages}
+    assert stage["group-taylor-control"].metrics == vj["reference"]["metrics"]
+    assert stage["group-taylor"].macs == sizes["candidate"].macs
+    assert stage["group-taylor-control/onnx-int8"].macs == sizes["control"].macs
+    assert stage["vanilla"].macs == sizes["dense"].macs
+    # notes: the verdict line and the achieved MAC fraction; the report says which stage is the control
+    assert f"group-taylor: {rec['comparison']['verdict']}" in result.notes
+    assert any(f"x{rec['selected']['macs_fraction']:.3f} of its MACs" in n for n in result.notes)
+    md = (run_dir / "report.md").read_text()
+    assert "`group-taylor-control` controls `group-taylor`" in md and rec["comparison"]["verdict"] in md
+    # the trajectory is the candidate's rounds after fine-tuning, step 0 = the input model
+    traj = json.loads((run_dir / "stages.json").read_text())["trajectories"]
+    assert [t["name"] for t in traj] == ["group-taylor"]
+    assert [p["step"] for p in traj[0]["points"]] == [0, 1]
+    assert traj[0]["points"][0]["accuracy"] == rec["input"]["val"]["accuracy"]
+    assert traj[0]["points"][1]["eodd"] == rec["runs"]["candidate"]["rounds"][0]["finetuned"]["val"]["fairness"]["eodd"]
+
+
+def test_method_tables_still_parse_and_old_prune_json_still_plots():
+    cfg = _split_options(PruneEntry("snnl", "snnl", {"steps": 1, "channels_per_round": 8, "finetune_epochs": 1}), 3)
+    assert cfg.method == "snnl" and cfg.stop.steps == 1 and cfg.finetune.epochs == 1 and cfg.finetune.seed == 3
+    old = {"steps": [{"step": s, "val": {"accuracy": 0.5 + s / 10, "f1_macro": 0.4, "fairness": {"eodd": 0.2 - s / 20}}}
+                     for s in range(3)]}
+    t = _trajectory("fairprune", old)
+    assert [p["step"] for p in t.points] == [0, 1, 2] and t.points[2]["eodd"] == pytest.approx(0.1)
 
 
 def test_second_run_with_nothing_changed_redoes_no_stage(tiny_run):
@@ -95,6 +136,9 @@ def test_interrupted_stage_runs_again(tmp_path):
         ("[data]\nsynth = {n_imagez = 5}\n", "unknown option 'n_imagez'"),
         ("colour = 1\n[data]\nsynth = {}\n", "unknown key 'colour'"),
         ("[data]\nsynth = {}\n[[prune]]\nname = 'x'\n", "needs a `method`"),
+        ("[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\n", "needs exactly one of target_macs"),
+        ("[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\nspeedup = 2\nroundz = 2\n",
+         "unknown option 'roundz'; valid options: .*rounds.*target_macs"),
         ("[data\n", "not valid TOML"),
     ],
 )
@@ -107,3 +151,4 @@ def test_bad_pipeline_config_is_one_clear_line(tmp_path, text, message):
     proc = subprocess.run([sys.executable, "-m", "fairdeploy", "pipeline", str(p), "--out", str(tmp_path / "run")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and message.split("'")[0] in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

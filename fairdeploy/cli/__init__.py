@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from fairdeploy.cli.app import app
 from fairdeploy.errors import FairdeployError
+
+INTERNAL_ERROR_EXIT = 4
 
 
 def main() -> None:
@@ -35,6 +38,11 @@ def main() -> None:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
-        raise
+        if os.environ.get("FAIRDEPLOY_TRACEBACK"):
+            raise
+        # exit 1 means "a validation gate failed" to CI: an unexpected error gets its own code and one line
+        print_error(f"internal error ({name}: {exc}); nothing was written unless a message above says so. "
+                    f"Rerun with FAIRDEPLOY_TRACEBACK=1 for the traceback and report it.")
+        sys.exit(INTERNAL_ERROR_EXIT)
 
 __all__ = ["app", "main"]

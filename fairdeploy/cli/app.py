@@ -20,6 +20,20 @@ app = typer.Typer(
     add_completion=False,
 )
 
+@app.callback()
+def _global_options(
+    threads: int | None = typer.Option(
+        None, "--threads", min=1,
+        help="Torch CPU threads for this command (default: torch's own choice; on a small shared machine one thread "
+             "is often fastest)."),
+) -> None:
+    """Fair, compact dermatology classifiers: prune for fairness, export, and re-validate on the runtime."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 app.add_typer(data_cmd.data_app, name="data")
 app.command("train")(train_cmd.train)
 app.command("evaluate")(train_cmd.evaluate)

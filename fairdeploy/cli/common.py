@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -111,15 +112,27 @@ class RichProgress:
             console=err_console, transient=True,
         )
         self._tasks: dict[str, int] = {}
+        self._plain = not err_console.is_terminal  # a log file gets one plain line per finished task instead
+        self._start = time.perf_counter()
+        self._done: set[str] = set()
 
     def __enter__(self) -> RichProgress:
+        if self._plain:
+            return self
         self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(*exc)  # type: ignore[arg-type]
+        if not self._plain:
+            self._progress.__exit__(*exc)  # type: ignore[arg-type]
 
     def __call__(self, task: str, completed: int, total: int) -> None:
+        if self._plain:
+            if completed >= total and task not in self._done:
+                self._done.add(task)
+                err_console.print(f"[{time.perf_counter() - self._start:7.1f} s] {task}: {completed}/{total}",
+                                  highlight=False, soft_wrap=True, markup=False)
+            return
         if task not in self._tasks:
             self._tasks[task] = self._progress.add_task(task, total=total)
         self._progress.update(self._tasks[task], completed=completed, total=total)

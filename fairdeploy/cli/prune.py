@@ -78,8 +78,8 @@ GuardOpt = Annotated[bool, _opt("Never select a step that lowers the unprivilege
 PrivilegedOpt = Annotated[str | None, _opt("Privileged group name (default: higher validation accuracy).")]
 FinetuneEpochsOpt = Annotated[int | None, _opt("Fine-tuning epochs after every step or round (0: none; default: "
                                               "0 for FairPrune/SNNL steps, 1 per budget round).", min=0)]
-FinetuneLrOpt = Annotated[float | None, _opt("Fine-tuning learning rate (default: 1e-4 for FairPrune/SNNL steps, "
-                                             "1e-3 for budget rounds).")]
+FinetuneLrOpt = Annotated[float | None, _opt("Fine-tuning learning rate (default: 1e-4 for FairPrune/SNNL steps; "
+                                             "budget rounds use BudgetConfig's recovery fine-tuning default).")]
 BalanceOpt = Annotated[str, _opt("Fine-tuning sampling: none, class, group or group-class.")]
 CriterionOpt = Annotated[str | None, _opt(
     "Budget run: importance criterion magnitude, taylor (fairness-blind), fairprune, snnl or group-taylor "
@@ -223,6 +223,7 @@ def _budget_run(model: Any, data: Any, out: Any, images_root: Any, overwrite: bo
         ft.update(balance=balance, workers=workers)
     fit = replace(base.finetune, batch_size=batch_size, seed=seed, **ft)
     kw = {k: v for k, v in opts.items() if v is not None}
+    kw.setdefault("control", None)  # None: BudgetConfig picks the control that fits the criterion
     cfg = replace(base, metric=metric, target=fraction, finetune=fit, batch_size=batch_size, seed=seed, **kw)
     cfg.validate()
     manifest = read_manifest(data, images_root)

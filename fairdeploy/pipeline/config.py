@@ -19,13 +19,24 @@ DEMO_CONFIG = Path(__file__).with_name("demo.toml")
 TOP_KEYS = ("title", "device", "seed", "data", "model", "prune", "export", "validate")
 
 
+BUDGET_KEYS = ("target_macs", "target_params", "speedup")
+
+
 @dataclass(frozen=True)
 class PruneEntry:
+    """One [[prune]] table: FairPrune / SNNL steps (`method = ...`), or a budget run (`criterion = ...` and one
+    of target_macs / target_params / speedup) that also runs its fairness-blind control."""
+
     name: str
-    method: str
+    method: str  # "fairprune", "snnl", or "budget" for a `criterion = ...` table
     options: dict[str, Any] = field(default_factory=dict)
     finetune_epochs: int = 0  # `finetune_after_epochs`: a separate fine-tuning stage after pruning (0 = none)
     finetune_lr: float = 5e-4  # `finetune_after_lr`
+    criterion: str | None = None  # budget runs only
+
+    @property
+    def is_budget(self) -> bool:
+        return self.criterion is not None
 
 
 @dataclass(frozen=True)
@@ -97,13 +108,26 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     entries = []
     names: set[str] = set()
     for i, e in enumerate(raw.get("prune", [])):
-        if not isinstance(e, dict) or "method" not in e:
-            raise FairdeployError(f"{source}: [[prune]] entry {i + 1} needs a `method` (fairprune or snnl)")
+        if not isinstance(e, dict) or ("method" in e) == ("criterion" in e):
+            raise FairdeployError(f"{source}: [[prune]] entry {i + 1} needs a `method` (fairprune or snnl) or, for a "
+                                  "budget run, a `criterion` (with target_macs, target_params or speedup), not both")
         e = dict(e)
-        name = str(e.pop("name", e["method"]))
-        if name in names or name == "vanilla":
-            raise FairdeployError(f"{source}: [[prune]] name {name!r} is used twice (or is reserved)")
+        criterion = str(e.pop("criterion")) if "criterion" in e else None
+        name = str(e.pop("name", criterion or e["method"]))
+        if name in names or name == "vanilla" or name.endswith("-control"):
+            raise FairdeployError(f"{source}: [[prune]] name {name!r} is used twice (or is reserved: vanilla, "
+                                  "*-control)")
         names.add(name)
+        if criterion is not None:
+            if "finetune_after_epochs" in e or "finetune_after_lr" in e:
+                raise FairdeployError(f"{source}: [[prune]] {name}: a budget run fine-tunes after every round "
+                                      "(finetune_epochs, finetune_lr, ...); finetune_after_* is for method tables")
+            given = [k for k in BUDGET_KEYS if k in e]
+            if len(given) != 1:
+                raise FairdeployError(f"{source}: [[prune]] {name}: a budget run needs exactly one of "
+                                      f"{', '.join(BUDGET_KEYS)} (got {', '.join(given) or 'none'})")
+            entries.append(PruneEntry(name=name, method="budget", options=e, criterion=criterion))
+            continue
         method = str(e.pop("method"))
         ft = int(e.pop("finetune_after_epochs", 0))
         ft_lr = float(e.pop("finetune_after_lr", 5e-4))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,75 @@ def _split_options(entry: PruneEntry, seed: int) -> Any:
     return cfg
 
 
+# Budget-table keys that are BudgetConfig fields set another way (the table's `criterion`, the budget keys,
+# finetune_* and the pipeline's seed).
+_BUDGET_RESERVED = ("criterion", "metric", "target", "finetune", "seed")
+
+
+def _budget_options(entry: PruneEntry, seed: int) -> Any:
+    """Map a budget [[prune]] table onto BudgetConfig: its fields by name, one of target_macs / target_params /
+    speedup, and finetune_<FitConfig field> onto the recovery fine-tuning (BudgetConfig's defaults otherwise)."""
+    from fairdeploy.pipeline.config import BUDGET_KEYS
+    from fairdeploy.pruning.budget import BudgetConfig
+    from fairdeploy.training.loop import FitConfig
+
+    where = f"[[prune]] {entry.name}"
+    cfg_fields = {f.name for f in fields(BudgetConfig)} - set(_BUDGET_RESERVED)
+    fit_fields = {f.name for f in fields(FitConfig)} - {"seed"}
+    top: dict[str, Any] = {}
+    ft: dict[str, Any] = {}
+    budget: dict[str, float] = {}
+    for key, value in entry.options.items():
+        if key in BUDGET_KEYS:
+            budget[key] = value
+        elif key.startswith("finetune_") and key.removeprefix("finetune_") in fit_fields:
+            ft[key.removeprefix("finetune_")] = value
+        elif key in cfg_fields:
+            top[key] = value
+        else:
+            valid = sorted(cfg_fields | set(BUDGET_KEYS)) + ["finetune_<" + "|".join(sorted(fit_fields)) + ">"]
+            raise FairdeployError(f"{where}: unknown option {key!r}; valid options: {', '.join(valid)}")
+    if len(budget) != 1:
+        raise FairdeployError(f"{where}: a budget run needs exactly one of {', '.join(BUDGET_KEYS)} "
+                              f"(got {', '.join(budget) or 'none'})")
+    (key, value), = budget.items()
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise FairdeployError(f"{where}: {key} must be a number, got {value!r}") from None
+    if key == "speedup":
+        if value <= 1.0:
+            raise FairdeployError(f"{where}: speedup must be > 1, got {value}")
+        metric, fraction = "macs", 1.0 / value
+    else:
+        metric, fraction = ("macs" if key == "target_macs" else "params"), value
+    base = BudgetConfig()
+    if ft.get("epochs") == 0:
+        raise FairdeployError(f"{where}: a budget run fine-tunes after every round: finetune_epochs must be >= 1")
+    try:
+        cfg = replace(base, criterion=entry.criterion, metric=metric, target=fraction, seed=seed,
+                      finetune=replace(base.finetune, seed=seed, **ft), **top)
+    except TypeError as exc:  # pragma: no cover - every key was checked above
+        raise FairdeployError(f"{where}: {exc}") from None
+    cfg.validate()
+    return cfg
+
+
 def _trajectory(name: str, prune_json: dict[str, Any]) -> Trajectory:
-    """Validation accuracy, macro-F1 and Eodd of every pruning step (step 0 = the input model)."""
+    """Validation accuracy, macro-F1 and Eodd of every pruning step (step 0 = the input model); for a budget run,
+    of the candidate's rounds after fine-tuning (step = round; step 0 = the input model)."""
+    if prune_json.get("kind") == "budget":
+        def point(step: int, val: dict[str, Any], size: dict[str, Any] | None) -> dict[str, Any]:
+            p = {"step": step, "accuracy": val["accuracy"], "f1_macro": val["f1_macro"],
+                 "eodd": val["fairness"].get("eodd"), "worst_group_accuracy": val["worst_group_accuracy"]}
+            if size:
+                p["macs"] = size["macs"]
+            return p
+
+        points = [point(0, prune_json["input"]["val"], prune_json.get("budget", {}).get("input"))]
+        for r in prune_json["runs"]["candidate"]["rounds"]:
+            points.append(point(r["round"], r["finetuned"]["val"], r["finetuned"].get("size")))
+        return Trajectory(name, tuple(points))
     points = []
     for rec in prune_json.get("steps", []):
         val = rec["val"]
@@ -92,7 +159,8 @@ def run_pipeline(
     # Every section is parsed and checked before anything is written.
     synth_cfg = _synth_config(cfg)
     train_plan = _train_plan(cfg)
-    prune_cfgs = [_split_options(entry, cfg.seed) for entry in cfg.prune]
+    prune_cfgs = [_budget_options(entry, cfg.seed) if entry.is_budget else _split_options(entry, cfg.seed)
+                  for entry in cfg.prune]
     options = _export_options(cfg)
     precisions = options.precisions
     vcfg = _validation_config(cfg)
@@ -134,6 +202,10 @@ def run_pipeline(
     # 3. prune (+ finetune)
     for entry, pcfg in zip(cfg.prune, prune_cfgs):
         stage_dir = run / f"prune-{entry.name}"
+        if entry.is_budget:
+            models += _budget_stage(entry, pcfg, stage_dir, vanilla, vanilla_hash, manifest, data_hash, cfg.device,
+                                    progress, outcomes, trajectories, notes)
+            continue
         outcomes.append(run_stage(
             stage_dir, f"prune {entry.name}",
             {"method": entry.method, "options": entry.options, "source": vanilla_hash, "data": data_hash, "device": cfg.device},
@@ -158,7 +230,7 @@ def run_pipeline(
                     pruned, manifest, ft_dir / "model", ft_cfg, cfg.device, progress)))
             models.append((f"{entry.name}+ft", ft_dir / "model"))
 
-    # 4. export and 5. validate every model
+    # 4. export and 5. validate every model (a budget run's control too, as "<name>-control")
     all_stages: list[StageRecord] = []
     gate_failures: list[str] = []
     for name, ckpt in models:
@@ -192,12 +264,60 @@ def run_pipeline(
         vj = read_json(val_dir / "validation.json")
         gate_failures.extend(f"{name}: {f}" for f in vj.get("failures", []))
         stages = stages_from_validation(vj, str(val_dir / "validation.json"), prefix=name).stages
-        all_stages.extend(stages)
+        size = _size(ckpt)  # every artifact of a model has its architecture: the same MACs and parameters
+        all_stages.extend(replace(s, macs=size.macs, params=size.params) for s in stages)
 
     run_stages = RunStages(tuple(all_stages), tuple(trajectories), vcfg.split, cfg.title, tuple(notes))
     write_stages(run / "stages.json", run_stages)
     paths = build_report(run)
     return PipelineResult(run, tuple(outcomes), run_stages, paths.html, tuple(gate_failures), tuple(notes))
+
+
+def _budget_stage(entry: PruneEntry, bcfg: Any, stage_dir: Path, vanilla: Path, vanilla_hash: str, manifest: Any,
+                  data_hash: str, device: str, progress: Progress, outcomes: list[StageOutcome],
+                  trajectories: list[Trajectory], notes: list[str]) -> list[tuple[str, Path]]:
+    """compress_checkpoint into stage_dir/model; the selected candidate and (unless control = "none") the
+    control's selected checkpoint go on to export and validation, the latter as "<name>-control"."""
+    from fairdeploy.pruning.budget import compress_checkpoint
+
+    has_control = bcfg.control != "none"
+    out = stage_dir / "model"
+    outcomes.append(run_stage(
+        stage_dir, f"prune {entry.name}",
+        {"criterion": entry.criterion, "options": entry.options, "config": bcfg.to_dict(), "source": vanilla_hash,
+         "data": data_hash, "device": device},
+        ["model", "model/prune.json", *(["model/control"] if has_control else [])],
+        lambda: compress_checkpoint(vanilla, manifest, out, bcfg, device, progress)))
+    rec = read_json(out / "prune.json")
+    trajectories.append(_trajectory(entry.name, rec))
+    sel, budget = rec["selected"], rec["budget"]
+    line = (f"{entry.name}: {rec['criterion']} pruning to {budget['metric']} x{budget['fraction']:g} of the input "
+            f"model; selected {sel['model']} keeps x{sel['macs_fraction']:.3f} of its MACs "
+            f"(x{sel['params_fraction']:.3f} of its parameters)")
+    models = [(entry.name, out)]
+    if has_control:
+        ctrl = rec["runs"]["control"]
+        line += (f"; stage {entry.name}-control is its fairness-blind {rec['control']} control (same budget, rounds, "
+                 f"fine-tuning, data order and seed): x{ctrl['selected_size']['macs'] / budget['input']['macs']:.3f} "
+                 "of the MACs")
+        models.append((f"{entry.name}-control", out / "control"))
+    notes.append(line)
+    notes.append(f"{entry.name}: {rec['comparison']['verdict']}")
+    if not sel["guard_passed"]:
+        where = (f"kept under {stage_dir.name}/model/rounds" if bcfg.keep_rounds
+                 else "in prune.json (keep_rounds = true also keeps their checkpoints)")
+        notes.append(f"{entry.name}: no model at the budget passed the guard on validation (every group within "
+                     f"{bcfg.max_group_drop} accuracy of the input model, macro-F1 within {bcfg.max_f1_drop}); the "
+                     f"stage hands on the best one anyway (best worst-group accuracy); every round is {where}")
+    return models
+
+
+def _size(ckpt: Path) -> Any:
+    from fairdeploy.models.checkpoint import load_checkpoint
+    from fairdeploy.pruning.flops import model_size
+
+    model, spec = load_checkpoint(ckpt, "cpu")
+    return model_size(model, spec.image_size)
 
 
 def _synth_config(cfg: PipelineConfig) -> Any:

@@ -32,7 +32,7 @@ def stage_table(run: RunStages) -> tuple[list[str], list[list[str]]]:
             if g not in groups:
                 groups.append(g)
     head = ["stage", "runtime", "precision", "accuracy", "macro-F1", *[f"acc[{g}]" for g in groups],
-            "Eodd", "Eopp0", "Eopp1", "DP", "agreement", "size MB", "p50 ms (b=1)", "gate"]
+            "Eodd", "Eopp0", "Eopp1", "DP", "agreement", "MACs M", "size MB", "p50 ms (b=1)", "gate"]
     rows = []
     for s in run.stages:
         m = s.metrics
@@ -41,10 +41,25 @@ def stage_table(run: RunStages) -> tuple[list[str], list[list[str]]]:
             s.name, s.kind, s.precision, _f(m["overall"]["accuracy"]), _f(m["overall"]["f1_macro"]),
             *[_f(m["groups"].get(g, {}).get("accuracy")) for g in groups],
             *[_f(m["fairness"].get(k)) for k in ("eodd", "eopp0", "eopp1", "dp")],
-            _f(s.agreement), _f(s.size_bytes / 1e6, 2) if s.size_bytes else "",
+            _f(s.agreement), _f(s.macs / 1e6, 1) if s.macs else "", _f(s.size_bytes / 1e6, 2) if s.size_bytes else "",
             _f((s.latency or {}).get("batch1_p50_ms"), 2) if s.latency else "", gate,
         ])
     return head, rows
+
+
+CONTROL_SUFFIX = "-control"
+
+
+def control_legend(run: RunStages) -> str | None:
+    """One sentence saying which stages are fairness-blind controls, when the run has any."""
+    names = {s.name for s in run.stages}
+    pairs = [n for n in names if n.endswith(CONTROL_SUFFIX) and n.removesuffix(CONTROL_SUFFIX) in names]
+    if not pairs:
+        return None
+    shown = ", ".join(f"`{n}` controls `{n.removesuffix(CONTROL_SUFFIX)}`" for n in sorted(pairs))
+    return (f"Stages named `NAME{CONTROL_SUFFIX}` (and their artifacts) are the fairness-blind control of budget run "
+            f"`NAME`: the same budget, rounds, fine-tuning, data order and seed with a blind criterion ({shown}). "
+            "Compare each pair row by row; the notes give the paired comparison on validation.")
 
 
 def _figures(run: RunStages) -> list[tuple[str, str, bytes]]:
@@ -67,6 +82,9 @@ def _markdown(run: RunStages, figs: list[tuple[str, str, bytes]], fig_dir: str) 
              "the same preprocessing.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    legend = control_legend(run)
+    if legend:
+        lines += ["", legend]
     for note in run.notes:
         lines += ["", f"> {note}"]
     for name, title, _ in figs:
@@ -92,6 +110,9 @@ def _html(run: RunStages, figs: list[tuple[str, str, bytes]]) -> str:
         *("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows),
         "</table>",
     ]
+    legend = control_legend(run)
+    if legend:
+        parts += [f"<p>{e(legend).replace('`', '')}</p>"]
     parts += [f"<blockquote>{e(n)}</blockquote>" for n in run.notes]
     for _, title, png in figs:
         b64 = base64.b64encode(png).decode("ascii")
