@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
 # Install fairdeploy into .venv and run the main job on the built-in synthetic demo data:
-# synthesise -> train -> FairPrune + SNNL -> ONNX FP32/FP16/INT8 -> re-validate every artifact -> report.
+# synthesise -> train -> 2x fewer MACs (group-taylor beside its magnitude control) -> ONNX FP32/FP16/INT8 -> re-validate every artifact -> report.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 fairdeploy demo --out "${1:-demo-run}"

@@ -109,8 +109,9 @@ def _budget_options(entry: PruneEntry, seed: int) -> Any:
     if ft.get("epochs") == 0:
         raise FairdeployError(f"{where}: a budget run fine-tunes after every round: finetune_epochs must be >= 1")
     try:
+        # control None: BudgetConfig picks the criterion's blind twin (fine-tuning alone for a blind criterion)
         cfg = replace(base, criterion=entry.criterion, metric=metric, target=fraction, seed=seed,
-                      finetune=replace(base.finetune, seed=seed, **ft), **top)
+                      finetune=replace(base.finetune, seed=seed, **ft), **{"control": None, **top})
     except TypeError as exc:  # pragma: no cover - every key was checked above
         raise FairdeployError(f"{where}: {exc}") from None
     cfg.validate()
@@ -297,9 +298,10 @@ def _budget_stage(entry: PruneEntry, bcfg: Any, stage_dir: Path, vanilla: Path, 
     models = [(entry.name, out)]
     if has_control:
         ctrl = rec["runs"]["control"]
-        line += (f"; stage {entry.name}-control is its fairness-blind {rec['control']} control (same budget, rounds, "
-                 f"fine-tuning, data order and seed): x{ctrl['selected_size']['macs'] / budget['input']['macs']:.3f} "
-                 "of the MACs")
+        what = ("fine-tuning alone (no pruning)" if rec["control"] == "finetune-only"
+                else f"the fairness-blind {rec['control']} criterion at the same budget")
+        line += (f"; stage {entry.name}-control is its control: {what}, with the same rounds, fine-tuning, data order "
+                 f"and seed; x{ctrl['selected_size']['macs'] / budget['input']['macs']:.3f} of the MACs")
         models.append((f"{entry.name}-control", out / "control"))
     notes.append(line)
     notes.append(f"{entry.name}: {rec['comparison']['verdict']}")

@@ -58,7 +58,8 @@ def control_legend(run: RunStages) -> str | None:
         return None
     shown = ", ".join(f"`{n}` controls `{n.removesuffix(CONTROL_SUFFIX)}`" for n in sorted(pairs))
     return (f"Stages named `NAME{CONTROL_SUFFIX}` (and their artifacts) are the fairness-blind control of budget run "
-            f"`NAME`: the same budget, rounds, fine-tuning, data order and seed with a blind criterion ({shown}). "
+            f"`NAME`: a blind criterion at the same budget (or fine-tuning alone), with the same rounds, fine-tuning, "
+            f"data order and seed ({shown}). "
             "Compare each pair row by row; the notes give the paired comparison on validation.")
 
 
