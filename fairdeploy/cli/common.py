@@ -29,6 +29,11 @@ DataOpt = Annotated[Path, typer.Option("--data", "-d", help="Manifest CSV (image
 ImagesRootOpt = Annotated[
     Path | None, typer.Option("--images-root", help="Folder the manifest's image paths are relative to (default: the manifest's folder).")
 ]
+AllowOutsideRootOpt = Annotated[
+    bool,
+    typer.Option("--allow-outside-root", help="Read manifest image paths that leave the images root ('../', absolute "
+                                              "paths, symlinks pointing outside); refused by default."),
+]
 SplitOpt = Annotated[str, typer.Option("--split", help="Manifest split: train, val or test.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]

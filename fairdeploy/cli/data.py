@@ -7,9 +7,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from fairdeploy.cli.common import OUT_POLICIES, DataOpt, ImagesRootOpt, OverwriteOpt, SeedOpt, console
+from fairdeploy.cli.common import (
+    OUT_POLICIES,
+    AllowOutsideRootOpt,
+    DataOpt,
+    ImagesRootOpt,
+    OverwriteOpt,
+    SeedOpt,
+    console,
+)
 from fairdeploy.data.adapters import (
     ATTRIBUTES,
     FITZPATRICK_LABEL_COLUMNS,
@@ -173,23 +182,39 @@ def inspect_cmd(
     images_root: ImagesRootOpt = None,
     check_images: CheckImagesOpt = True,
     out: ReportOutOpt = None,
+    allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Support per split x class x group, missing and unreadable images; exit 2 when any image is bad."""
+    """Support per split x class x group, duplicate and leaking images, missing and unreadable images; exit 2
+    when any image is bad."""
     if out is None:
-        _inspect(data, images_root, check_images, None)
+        _inspect(data, images_root, check_images, None, allow_outside_root)
         return
     with claim_output(out, OUT_POLICIES["data inspect"], overwrite=overwrite,
                       inputs={"--data": data, "--images-root": images_root}):
-        _inspect(data, images_root, check_images, out)
+        _inspect(data, images_root, check_images, out, allow_outside_root)
 
 
-def _inspect(data: Path, images_root: Path | None, check_images: bool, out: Path | None) -> None:
-    report = inspect_manifest(read_manifest(data, images_root), check_images=check_images)
+def _inspect(data: Path, images_root: Path | None, check_images: bool, out: Path | None,
+             allow_outside_root: bool = False) -> None:
+    import warnings
+
+    from fairdeploy.data.manifest import ManifestWarning
+
+    with warnings.catch_warnings():  # the report below lists every duplicate, not just one example
+        warnings.simplefilter("ignore", ManifestWarning)
+        manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
+    report = inspect_manifest(manifest, check_images=check_images)
     _print_support(report.support, title=f"support: {data.name}")
     for split, groups in report.groups_per_split:
         console.print(f"{split}: groups {', '.join(groups)}", highlight=False, soft_wrap=True)
     _print_list("classes absent from a group in a split", [f"{s} / {c} / {g}" for s, c, g in report.absent])
+    dups = report.duplicates
+    for title, items in (("duplicate rows", dups.rows), ("images in more than one split (leakage)", dups.cross_split),
+                         ("images with more than one label", dups.labels),
+                         ("images with more than one group", dups.groups)):
+        if items:
+            _print_list(f"[yellow]{title}[/yellow]", [f"{escape(i)}: {escape(d)}" for i, d in items])
     _print_list("missing images", list(report.missing))
     if report.images_checked:
         _print_list("unreadable images", [f"{p}: {e}" for p, e in report.unreadable])

@@ -9,6 +9,7 @@ import typer
 
 from fairdeploy.cli.common import (
     OUT_POLICIES,
+    AllowOutsideRootOpt,
     ImagesRootOpt,
     ModelOpt,
     OutDirOpt,
@@ -107,6 +108,7 @@ def export(
     gpu_fallback: FallbackOpt = None,
     trt_implicit_int8: ImplicitOpt = None,
     images_root: ImagesRootOpt = None,
+    allow_outside_root: AllowOutsideRootOpt = False,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -129,7 +131,8 @@ def export(
     with claim_output(out, OUT_POLICIES["export"], overwrite=overwrite, inputs=inputs), RichProgress() as progress:
         result = run_export(model, out, options, data=data, calib_data=calib_data, images_root=images_root,
                             check_split=check_split, calib_seed=calib_seed, seed=seed,
-                            recipe_dirs=[recipes_dir] if recipes_dir is not None else None, progress=progress)
+                            recipe_dirs=[recipes_dir] if recipes_dir is not None else None, progress=progress,
+                            allow_outside_root=allow_outside_root)
     summary = result.summary
     check = summary["check_data"]
     console.print(f"{summary['checkpoint']['arch']} checked on {check['source']} (n={check['n']}) against PyTorch:",

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fairdeploy.cli.common import (
-    OUT_POLICIES, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, OverwriteOpt, RichProgress,
+    OUT_POLICIES, AllowOutsideRootOpt, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, OverwriteOpt, RichProgress,
     SeedOpt, SplitOpt, WorkersOpt, console,
 )
 from fairdeploy.cli.tables import fairness_table, metrics_table
@@ -35,13 +35,14 @@ def train(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     images_root: ImagesRootOpt = None,
+    allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a torchvision classifier; the best epoch on validation is saved to OUT/best."""
     from fairdeploy.training.loop import FitConfig
     from fairdeploy.training.train import train_model
 
-    manifest = read_manifest(data, images_root)
+    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     balance=balance, select=select, amp=amp, workers=workers, seed=seed)
     with claim_output(out, OUT_POLICIES["train"], overwrite=overwrite, resume=resume,
@@ -68,6 +69,7 @@ def evaluate(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     images_root: ImagesRootOpt = None,
+    allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Per-group accuracy, macro P/R/F1 and fairness gaps of a checkpoint on one split."""
@@ -79,7 +81,7 @@ def evaluate(
         out, OUT_POLICIES["evaluate"], overwrite=overwrite,
         inputs={"--model": model, "--data": data, "--images-root": images_root})
     with claim:
-        manifest = read_manifest(data, images_root)
+        manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
         with RichProgress() as progress:
             report = evaluate_checkpoint(model, manifest, split, device, batch_size, workers, bootstrap, seed,
                                          progress)

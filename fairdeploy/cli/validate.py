@@ -7,11 +7,12 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from fairdeploy.cli.common import (
-    OUT_POLICIES, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, OutDirOpt, OverwriteOpt, RichProgress, SeedOpt,
-    SplitOpt, WorkersOpt, console,
+    OUT_POLICIES, AllowOutsideRootOpt, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, OutDirOpt, OverwriteOpt,
+    RichProgress, SeedOpt, SplitOpt, WorkersOpt, console,
 )
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import EXIT_GATE_FAILED
@@ -92,6 +93,7 @@ def validate(
     min_group_agreement: Annotated[float | None, typer.Option(help="Smallest allowed top-1 agreement in each group (off by default).")] = None,
     backend: Annotated[str, typer.Option(help=f"Runtime for the candidates: {', '.join(BACKENDS)}.")] = "auto",
     allow_fallback: Annotated[bool, typer.Option("--allow-fallback", help="Accept ONNX Runtime falling back to another provider (recorded in validation.json).")] = False,
+    allow_other_source: Annotated[bool, typer.Option("--allow-other-source", help="Let a candidate exported from another model than the reference pass the gate (by default it fails).")] = False,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the gaps' confidence intervals (0 = none).")] = 1000,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure p50/p95 latency and throughput.")] = True,
     latency_batch: Annotated[int, typer.Option(min=1, help="The larger batch size timed besides batch 1.")] = 8,
@@ -102,21 +104,24 @@ def validate(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     images_root: ImagesRootOpt = None,
+    allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Re-validate per-group accuracy and fairness of runtime artifacts against their PyTorch reference.
 
-    Exit 0 when every tolerance holds, 1 when one fails (each named), 2 on bad input.
+    Exit 0 when every tolerance holds, 1 when one fails (each named), when a candidate comes from another model
+    (unless --allow-other-source) or when the fairness figures are degenerate (one predicted class, one group);
+    2 on bad input.
     """
     from fairdeploy.validation import VALIDATION_FILE, LatencyConfig, Tolerances, ValidationConfig
     from fairdeploy.validation import validate as run_validation
 
-    manifest = read_manifest(data, images_root)
+    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     tolerances = Tolerances(max_eodd_drift, max_accuracy_drop, max_group_accuracy_drop, min_agreement,
                             min_group_agreement)
     lat = LatencyConfig(tuple(sorted({1, latency_batch})), latency_warmup, latency_iterations) if latency else None
     cfg = ValidationConfig(split=split, batch_size=batch_size, workers=workers, bootstrap=bootstrap, seed=seed,
-                           tolerances=tolerances, latency=lat)
+                           tolerances=tolerances, latency=lat, allow_other_source=allow_other_source)
     inputs = {"--reference": reference, "--candidate": list(candidate), "--data": data, "--images-root": images_root}
     with claim_output(out, OUT_POLICIES["validate"], overwrite=overwrite, inputs=inputs):
         with RichProgress() as progress:
@@ -126,13 +131,18 @@ def validate(
         write_json(path, d)
     console.print(comparison_table(d))
     for line in d["failures"]:
-        console.print(f"[bold red]FAIL[/bold red] {line}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]FAIL[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
     for cand in d["candidates"]:
         if cand["runtime"].get("fallback"):
             console.print(f"[yellow]note[/yellow] {cand['label']}: ONNX Runtime fell back "
                           f"(missing {', '.join(cand['runtime']['providers_missing'])})", highlight=False)
+    for reason in d["degenerate"]:
+        console.print(f"[yellow]degenerate[/yellow] {escape(reason)}", highlight=False, soft_wrap=True)
     console.print(f"validation: {path}", highlight=False, soft_wrap=True)
     if not result.passed:
-        console.print(f"[bold red]gate failed[/bold red]: {len(d['failures'])} tolerance(s) exceeded")
+        why = f"{len(d['failures'])} failure(s)"
+        if d["degenerate"]:
+            why += "; the fairness figures are degenerate (" + "; ".join(d["degenerate"]) + ")"
+        console.print(f"[bold red]gate failed[/bold red]: {escape(why)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_GATE_FAILED)
     console.print("[bold green]gate passed[/bold green]: every tolerance holds")

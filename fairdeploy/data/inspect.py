@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from fairdeploy.data.manifest import SPLITS, Manifest, Record
+from fairdeploy.data.manifest import SPLITS, Duplicates, Manifest, Record, find_duplicates
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class InspectionReport:
     missing: tuple[str, ...]  # image paths that do not exist
     unreadable: tuple[tuple[str, str], ...]  # (image path, error)
     images_checked: bool
+    duplicates: Duplicates = field(default_factory=Duplicates)  # duplicate rows, images in two splits / with two labels or groups
 
     @property
     def ok(self) -> bool:
@@ -62,6 +63,7 @@ class InspectionReport:
             "absent": [{"split": s, "class": c, "group": g} for s, c, g in self.absent],
             "missing": list(self.missing),
             "unreadable": [{"path": p, "error": e} for p, e in self.unreadable],
+            "duplicates": self.duplicates.to_dict(),
         }
 
 
@@ -122,6 +124,7 @@ def inspect_manifest(manifest: Manifest, check_images: bool = True) -> Inspectio
         missing=tuple(missing),
         unreadable=tuple(unreadable),
         images_checked=check_images,
+        duplicates=find_duplicates(records),
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +61,90 @@ class Manifest:
         return self.root / record.image
 
 
-def read_manifest(path: str | os.PathLike[str], images_root: str | os.PathLike[str] | None = None) -> Manifest:
-    """Read and validate a manifest CSV. Image paths are relative to `images_root` (default: its folder)."""
+class ManifestWarning(UserWarning):
+    """A manifest that reads but leaks between splits or repeats itself (duplicate rows, conflicting labels)."""
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Images that appear more than once (keyed by their path under the root, normalised).
+
+    Each field: (image, description) per offending image; `rows` counts the redundant copies of a row.
+    """
+
+    rows: tuple[tuple[str, str], ...] = ()  # the same (image, label, group, split) row more than once
+    cross_split: tuple[tuple[str, str], ...] = ()  # one image in two or more splits (leakage)
+    labels: tuple[tuple[str, str], ...] = ()  # one image with two or more labels
+    groups: tuple[tuple[str, str], ...] = ()  # one image with two or more groups
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.cross_split or self.labels or self.groups)
+
+    def lines(self) -> list[str]:
+        """One line per kind found: the count and one example."""
+        out = []
+        for title, items in (("duplicate row(s)", self.rows), ("image(s) in more than one split", self.cross_split),
+                             ("image(s) with more than one label", self.labels),
+                             ("image(s) with more than one group", self.groups)):
+            if items:
+                image, what = items[0]
+                out.append(f"{len(items)} {title}, e.g. {image} ({what})")
+        return out
+
+    def to_dict(self) -> dict[str, list[dict[str, str]]]:
+        return {k: [{"image": i, "detail": d} for i, d in getattr(self, k)]
+                for k in ("rows", "cross_split", "labels", "groups")}
+
+
+def _image_key(image: str) -> str:
+    return os.path.normpath(image)
+
+
+def find_duplicates(records: Sequence[Record]) -> Duplicates:
+    """Duplicate rows, images in two splits, images with two labels or two groups (path-normalised)."""
+    by_image: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_image[_image_key(r.image)].append(r)
+    rows, cross, labels, groups = [], [], [], []
+    for image, rs in by_image.items():
+        if len(rs) < 2:
+            continue
+        seen: dict[tuple[str, str, str], int] = {}
+        for r in rs:
+            key = (r.label, r.group, r.split)
+            seen[key] = seen.get(key, 0) + 1
+        rows += [(image, f"{n} times as {lab}/{grp}/{spl}") for (lab, grp, spl), n in seen.items() if n > 1]
+        for kind, out in (("split", cross), ("label", labels), ("group", groups)):
+            values = sorted({getattr(r, kind) for r in rs})
+            if len(values) > 1:
+                out.append((image, f"{kind}s {', '.join(values)}"))
+    return Duplicates(tuple(rows), tuple(cross), tuple(labels), tuple(groups))
+
+
+def _outside_root(root: Path, image: str) -> str | None:
+    """Why `image` leaves `root` (absolute, '..' or a symlink pointing outside), or None when it stays inside."""
+    target = root / image
+    if os.path.isabs(image) and not _inside(Path(os.path.normpath(target)), Path(os.path.normpath(root.absolute()))):
+        return "an absolute path outside the images root"
+    if not _inside(Path(os.path.normpath(root.absolute() / image)), Path(os.path.normpath(root.absolute()))):
+        return "'..' leaves the images root"
+    if not _inside(target.resolve(), root.resolve()):
+        return "a symlink leads outside the images root"
+    return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def read_manifest(path: str | os.PathLike[str], images_root: str | os.PathLike[str] | None = None,
+                  allow_outside_root: bool = False) -> Manifest:
+    """Read and validate a manifest CSV. Image paths are relative to `images_root` (default: its folder).
+
+    An image path that leaves the images root ('../', an absolute path elsewhere, a symlink pointing outside)
+    is refused unless `allow_outside_root`. Duplicate rows, an image in two splits and an image with two labels
+    (or groups) are read, with a ManifestWarning giving the counts and an example.
+    """
     p = Path(path)
     if not p.is_file():
         raise FairdeployError(f"manifest {p} not found")
@@ -75,7 +159,7 @@ def read_manifest(path: str | os.PathLike[str], images_root: str | os.PathLike[s
                     f"a manifest needs {', '.join(REQUIRED_COLUMNS)} (found: {', '.join(header) or 'none'})"
                 )
             extra_cols = tuple(c for c in header if c not in REQUIRED_COLUMNS)
-            records = []
+            records, lines = [], []
             for line, row in enumerate(reader, start=2):
                 for col in REQUIRED_COLUMNS:
                     if row.get(col) is None or not row[col].strip():
@@ -94,6 +178,7 @@ def read_manifest(path: str | os.PathLike[str], images_root: str | os.PathLike[s
                         extra=tuple((c, row.get(c) or "") for c in extra_cols),
                     )
                 )
+                lines.append(line)
     except UnicodeDecodeError as exc:
         raise FairdeployError(f"{p}: not a UTF-8 CSV file") from exc
     except csv.Error as exc:
@@ -101,6 +186,17 @@ def read_manifest(path: str | os.PathLike[str], images_root: str | os.PathLike[s
     if not records:
         raise FairdeployError(f"{p}: the manifest has no rows")
     root = Path(images_root) if images_root is not None else p.parent
+    if not allow_outside_root:
+        for line, record in zip(lines, records):
+            why = _outside_root(root, record.image)
+            if why is not None:
+                raise FairdeployError(
+                    f"{p}: row {line}: image {record.image!r} is {why} ({root}); "
+                    "give --images-root or --allow-outside-root"
+                )
+    dups = find_duplicates(records)
+    if dups:
+        warnings.warn(f"{p}: " + "; ".join(dups.lines()), ManifestWarning, stacklevel=2)
     return Manifest(records=tuple(records), root=root, source=str(p), extra_columns=extra_cols)
 
 

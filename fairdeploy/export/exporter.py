@@ -166,6 +166,7 @@ def run_export(
     recipe_dirs: list[Path] | None = None,
     progress: Progress = no_progress,
     trt_module: Any | None = None,
+    allow_outside_root: bool = False,
 ) -> ExportResult:
     """Export a checkpoint to out_dir: model.fp32.onnx (+ fp16 / int8), calibration.json, export.json,
     and with options.trt.enabled the engines and their sidecars.
@@ -179,13 +180,15 @@ def run_export(
     ckpt = resolve_checkpoint(checkpoint)
     spec = read_spec(ckpt)  # the calibration size is checked against the data before any model is loaded
     ckpt_sha = checkpoint_hash(ckpt)
-    check_manifest = read_manifest(data, images_root) if data is not None else None
+    check_manifest = (read_manifest(data, images_root, allow_outside_root=allow_outside_root)
+                      if data is not None else None)
     cal: CalibrationSet | None = None
     if "int8" in options.precisions:
         source = calib_data if calib_data is not None else data
         if source is None:
             raise FairdeployError("--precision int8 needs a calibration manifest: give --calib-data MANIFEST (or --data)")
-        cal_manifest = read_manifest(source, images_root) if source != data or check_manifest is None else check_manifest
+        cal_manifest = (read_manifest(source, images_root, allow_outside_root=allow_outside_root)
+                        if source != data or check_manifest is None else check_manifest)
         recipe = load_recipe(options.calib_recipe, recipe_dirs, size=options.calib_size, method=options.calib_method,
                              split=options.calib_split, seed=calib_seed)
         cal = draw_calibration_set(cal_manifest, spec, recipe)

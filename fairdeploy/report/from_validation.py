@@ -52,5 +52,8 @@ def stages_from_validation(d: dict[str, Any], source: str = "validation.json", p
             stages.append(_stage(c, label, c))
     except (KeyError, TypeError) as exc:
         raise FairdeployError(f"{source}: not a fairdeploy validation file (missing {exc})") from exc
+    notes = tuple(f"Fairness figures are degenerate, the gate does not pass on them: {reason}"
+                  for reason in d.get("degenerate", ()))
     return RunStages(tuple(stages), split=d.get("config", {}).get("split", "test"),
-                     title=f"fairdeploy validation report ({'passed' if d.get('passed') else 'FAILED'})")
+                     title=f"fairdeploy validation report ({'passed' if d.get('passed') else 'FAILED'})",
+                     notes=notes)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import html
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fairdeploy.io import atomic_dir, atomic_path
@@ -77,19 +78,45 @@ def _figures(run: RunStages) -> list[tuple[str, str, bytes]]:
     return [(n, t, b) for n, t, b in figs if b is not None]
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~#!])")
+
+
+def md_escape(text: str) -> str:
+    """Text from the user (stage and group names, candidate labels) as inert markdown: HTML special characters
+    become entities, markdown punctuation is backslash-escaped (a table's `|` too), line breaks become spaces."""
+    text = html.escape(" ".join(str(text).splitlines()), quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def _code_span(text: str) -> str:
+    """A name shown inside `backticks`: HTML is not interpreted there; only a backtick or line break could end it."""
+    return " ".join(str(text).splitlines()).replace("`", "'")
+
+
+def _escaped(run: RunStages, esc) -> RunStages:  # type: ignore[no-untyped-def]
+    """The run with every user-given name (stage, reference, groups, gate failures) passed through `esc`."""
+    def stage(s: StageRecord) -> StageRecord:
+        metrics = {**s.metrics, "groups": {esc(g): v for g, v in s.metrics.get("groups", {}).items()}}
+        return replace(s, name=esc(s.name), reference=None if s.reference is None else esc(s.reference),
+                       metrics=metrics, gate_failures=tuple(esc(f) for f in s.gate_failures))
+
+    return replace(run, stages=tuple(stage(s) for s in run.stages))
+
+
 def _markdown(run: RunStages, figs: list[tuple[str, str, bytes]], fig_dir: str) -> str:
-    head, rows = stage_table(run)
-    lines = [f"# {run.title}", "", f"Metrics on the `{run.split}` split; every stage runs the same images through "
-             "the same preprocessing.", ""]
+    head, rows = stage_table(_escaped(run, md_escape))
+    intro = (f"Metrics on the `{_code_span(run.split)}` split; every stage runs the same images through the same "
+             "preprocessing.")
+    lines = [f"# {md_escape(run.title)}", "", intro, ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    legend = control_legend(run)
+    legend = control_legend(_escaped(run, _code_span))
     if legend:
         lines += ["", legend]
     for note in run.notes:
-        lines += ["", f"> {note}"]
+        lines += ["", f"> {md_escape(note)}"]
     for name, title, _ in figs:
-        lines += ["", f"## {title}", "", f"![{title}]({fig_dir}/{name})"]
+        lines += ["", f"## {md_escape(title)}", "", f"![{md_escape(title)}]({fig_dir}/{name})"]
     lines += ["", "## Metric definitions", ""]
     lines += [f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()]
     return "\n".join(lines) + "\n"

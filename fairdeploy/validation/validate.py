@@ -46,7 +46,9 @@ VALIDATION_DEFINITIONS = {
     "size_bytes": "artifact size on disk: the weights file of a checkpoint, the .onnx (+ external data), "
     "the engine",
     "source_matches_reference": "the artifact's recorded source checkpoint SHA-256 equals the reference's "
-    "weights hash (None when either is unknown)",
+    "weights hash (None when either is unknown); False fails the gate unless config.allow_other_source",
+    "degenerate": "reasons the fairness figures cannot be trusted (a runner that predicts a single class, a "
+    "split with one group): the gate refuses to pass on them",
     "checks": "each enabled tolerance applied overall and per reference group; passed = within tolerance",
     "intervals": "metrics.intervals: percentile bootstrap CIs resampling within each group (compute_metrics)",
     "metrics": METRIC_DEFINITIONS,
@@ -64,6 +66,7 @@ class ValidationConfig:
     seed: int = 0
     tolerances: Tolerances = field(default_factory=Tolerances)
     latency: LatencyConfig | None = field(default_factory=LatencyConfig)
+    allow_other_source: bool = False  # a candidate exported from another model than the reference may pass
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -80,6 +83,7 @@ class ValidationConfig:
             "batch_size": self.batch_size,
             "bootstrap": self.bootstrap,
             "seed": self.seed,
+            "allow_other_source": self.allow_other_source,
             "latency": None if self.latency is None else {
                 "batch_sizes": list(self.latency.batch_sizes),
                 "warmup": self.latency.warmup,
@@ -122,23 +126,41 @@ class CandidateResult:
     confusion_delta: dict[str, list[list[int]]]
     logit_diff: dict[str, Any]
     checks: tuple[CheckResult, ...]
+    other_source_allowed: bool = False
+    reference_sha256: str | None = None
+    degenerate: tuple[str, ...] = ()  # why this candidate's fairness figures (or the reference's) are degenerate
 
     @property
     def label(self) -> str:
         return self.run.label
 
     @property
+    def source_refused(self) -> bool:
+        """Exported from a different model than the reference, and the user did not allow it."""
+        return self.source_matches_reference is False and not self.other_source_allowed
+
+    @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed for c in self.checks) and not self.source_refused and not self.degenerate
 
     def failures(self) -> list[str]:
-        """One line per failing check, naming the candidate, the metric and the group."""
-        return [f"{self.label}: {c.describe()}" for c in self.checks if not c.passed]
+        """One line per failing check, naming the candidate, the metric and the group; then a different
+        source model and degenerate fairness figures, each naming the candidate."""
+        lines = [f"{self.label}: {c.describe()}" for c in self.checks if not c.passed]
+        if self.source_refused:
+            src, ref = self.run.artifact.source_sha256 or "?", self.reference_sha256 or "?"
+            lines.append(f"{self.label}: exported from a different model than the reference (source weights "
+                         f"sha256 {src[:12]}, reference {ref[:12]}); pass --allow-other-source if this is on purpose")
+        if self.degenerate:
+            lines.append(f"{self.label}: fairness figures are degenerate ({'; '.join(self.degenerate)}); "
+                         "the gate does not pass on them")
+        return lines
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.run.to_dict(),
             "source_matches_reference": self.source_matches_reference,
+            "degenerate": list(self.degenerate),
             "deltas": self.deltas,
             "agreement": self.agreement,
             "flips": self.flips,
@@ -161,10 +183,11 @@ class ValidationResult:
     options: dict[str, Any]
     fingerprint: dict[str, Any]
     created_utc: str
+    degenerate: tuple[str, ...] = ()  # "<who>: <reason>" for the split, the reference and each candidate
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.candidates)
+        return all(c.passed for c in self.candidates) and not self.degenerate
 
     def failures(self) -> list[str]:
         return [line for c in self.candidates for line in c.failures()]
@@ -178,7 +201,8 @@ class ValidationResult:
     def to_dict(self) -> dict[str, Any]:
         """validation.json (schema_version 1). Layout, top level:
 
-        - passed (bool: the gate), failures (one line per failing check: "<candidate>: <check>")
+        - passed (bool: the gate), failures (one line per failing check: "<candidate>: <check>"),
+          degenerate (why the fairness figures are degenerate: "<split|reference|candidate>: <reason>")
         - data: manifest, manifest_sha256, split, n, group_counts, class_counts
         - config: split, batch_size, bootstrap, seed, latency {batch_sizes, warmup, iterations} | null,
           backend, device, allow_fallback;  tolerances: the Tolerances fields (null = check off)
@@ -187,7 +211,7 @@ class ValidationResult:
           providers_*), input_spec {name, shape, dtype}, metrics (MetricsReport.to_dict, with
           intervals when bootstrap > 0), latency [LatencyStats per batch size]
         - candidates: list, in the order given; each has the reference's keys plus
-          source_matches_reference, deltas {overall, groups, summary, fairness}, agreement
+          source_matches_reference, degenerate (reasons), deltas {overall, groups, summary, fairness}, agreement
           {overall, groups}, flips {group: {n, changed, broken, fixed, transitions [{from, to, count}]}},
           confusion_delta {group: K x K}, logit_diff {max_abs, mean_abs, groups}, checks [CheckResult
           + message], passed, failures
@@ -200,6 +224,7 @@ class ValidationResult:
             "created_utc": self.created_utc,
             "passed": self.passed,
             "failures": self.failures(),
+            "degenerate": list(self.degenerate),
             "data": self.data,
             "config": {**self.config.to_dict(), **self.options},
             "tolerances": self.config.tolerances.to_dict(),
@@ -283,6 +308,18 @@ def confusion_deltas(reference: MetricsReport, candidate: MetricsReport) -> dict
         g: (np.asarray(candidate.group(g).confusion) - np.asarray(m.confusion)).astype(int).tolist()
         for g, m in reference.groups
     }
+
+
+def single_class(pred: np.ndarray, classes: Sequence[str]) -> str | None:
+    """'predicts a single class (c)' when every prediction is the same class (fairness gaps are then 0)."""
+    values = np.unique(pred)
+    return f"predicts a single class ({classes[int(values[0])]})" if len(values) == 1 and len(classes) > 1 else None
+
+
+def single_group(groups: np.ndarray) -> str | None:
+    """'only one group in the split (g)' when there is nothing to compare a group with."""
+    values = np.unique(groups)
+    return f"only one group in the split ({values[0]})" if len(values) == 1 else None
 
 
 # ---- the library call ----
@@ -467,9 +504,15 @@ def validate(
 
     ref_report = report(preds[0])
     ref_out = RunOutput("reference", ref_info, runtimes[0], specs[0], ref_report, latency[0])
+    split_reason = single_group(group_names)
+    ref_reason = single_class(preds[0], ref_info.classes)
+    shared = [r for r in (split_reason, ref_reason and f"the reference {ref_reason}") if r]
+    degenerate = [f"split {config.split!r}: {split_reason}"] if split_reason else []
+    degenerate += [f"reference: {ref_reason}"] if ref_reason else []
     results = []
     for i, label in enumerate(labels, start=1):
         cand_report = report(preds[i])
+        own = single_class(preds[i], ref_info.classes)
         agreement = agreement_stats(preds[0], preds[i], group_names, group_order)
         info = runners[i].info
         same_source = (None if info.source_sha256 is None or ref_info.source_sha256 is None
@@ -484,7 +527,11 @@ def validate(
             logit_diff=logit_diff_stats(all_logits[0], all_logits[i], group_names, group_order),
             checks=check_tolerances(ref_report, cand_report, agreement["overall"], agreement["groups"],
                                     config.tolerances),
+            other_source_allowed=config.allow_other_source,
+            reference_sha256=ref_info.source_sha256,
+            degenerate=tuple(shared + ([own] if own else [])),
         ))
+        degenerate += [f"{label}: {own}"] if own else []
     return ValidationResult(
         reference=ref_out,
         candidates=tuple(results),
@@ -493,4 +540,5 @@ def validate(
         options={"backend": backend, "device": str(dev), "allow_fallback": allow_fallback},
         fingerprint=fingerprint,
         created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        degenerate=tuple(degenerate),
     )
