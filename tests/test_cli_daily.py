@@ -45,6 +45,7 @@ def test_progress_prints_one_plain_line_per_finished_task_off_a_terminal(capsys)
         for i in range(1, 4):
             progress("train epoch 1/2", i, 3)
         progress("train epoch 2/2", 1, 3)  # unfinished: no line
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    cap = capsys.readouterr()
+    assert cap.err == ""  # stderr stays for errors
+    lines = [ln for ln in cap.out.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].endswith("train epoch 1/2: 3/3") and " s] " in lines[0]

@@ -117,7 +117,8 @@ class RichProgress:
             console=err_console, transient=True,
         )
         self._tasks: dict[str, int] = {}
-        self._plain = not err_console.is_terminal  # a log file gets one plain line per finished task instead
+        # `cmd > log`: one plain line per finished task on stdout (the log), none on stderr (kept for errors)
+        self._plain = not console.is_terminal
         self._start = time.perf_counter()
         self._done: set[str] = set()
 
@@ -135,7 +136,7 @@ class RichProgress:
         if self._plain:
             if completed >= total and task not in self._done:
                 self._done.add(task)
-                err_console.print(f"[{time.perf_counter() - self._start:7.1f} s] {task}: {completed}/{total}",
+                console.print(f"[{time.perf_counter() - self._start:7.1f} s] {task}: {completed}/{total}",
                                   highlight=False, soft_wrap=True, markup=False)
             return
         if task not in self._tasks:

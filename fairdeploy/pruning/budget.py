@@ -379,8 +379,8 @@ def compress_checkpoint(
                                        "guard accepts" if cand[3] else
                                        "no model at the budget passed the guard (every group within "
                                        f"{cfg.max_group_drop} accuracy of the input model, macro-F1 within "
-                                       f"{cfg.max_f1_drop}); the output is the best one anyway, flagged; every "
-                                       "round's checkpoint is under rounds/")}
+                                       f"{cfg.max_f1_drop}); the output is the best one anyway, flagged"
+                                       + ("; every round's checkpoint is under rounds/" if cfg.keep_rounds else ""))}
         if "control" in selected:
             pa = predict(selected["candidate"][1].to(dev), val_ds, dev, cfg.batch_size)
             pb = predict(selected["control"][1].to(dev), val_ds, dev, cfg.batch_size)
