@@ -21,12 +21,12 @@ Datasets:
 from __future__ import annotations
 
 import csv
-from dataclasses import replace
 import math
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,8 @@ def utkface_manifest(work: Path, n: int, seed: int) -> Path:
     from fairdeploy.data.manifest import Record, write_manifest
     from fairdeploy.data.splits import assign_splits
 
-    rows = list(csv.DictReader(open(UTKFACE / "metadata.csv", newline="")))
+    with open(UTKFACE / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     rows.sort(key=lambda r: r["image"])
     import random
 
@@ -121,8 +122,8 @@ def onnx_latency_ms(ckpt: Path, work: Path, repeats: int = 30) -> float:
 
 def test_metrics(ckpt: Path, manifest: Path, root: Path | None) -> dict[str, Any]:
     from fairdeploy.data.manifest import read_manifest
-    from fairdeploy.pruning.flops import model_size
     from fairdeploy.models.checkpoint import load_checkpoint
+    from fairdeploy.pruning.flops import model_size
     from fairdeploy.training.train import evaluate_checkpoint
 
     rep = evaluate_checkpoint(ckpt, read_manifest(manifest, root), "test", device="cpu", bootstrap=0)

@@ -71,8 +71,8 @@ def test_loss_gradients_equal_the_mean_of_per_sample_gradients(one_thread) -> No
         F.cross_entropy(m(x[None]), y[None]).backward()
         for k, p in m.named_parameters():
             total[k] += p.grad / len(ds)
-    for k in total:
-        assert torch.allclose(got[k], total[k], atol=1e-6), k
+    for k, expected in total.items():
+        assert torch.allclose(got[k], expected, atol=1e-6), k
 
 
 def test_taylor_and_magnitude_scores_match_brute_force_sums(one_thread) -> None:

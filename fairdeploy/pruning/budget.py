@@ -27,7 +27,13 @@ from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_dir, sha256_file, write_json
 from fairdeploy.metrics import METRIC_DEFINITIONS, MetricsReport, compute_metrics
-from fairdeploy.models.checkpoint import WEIGHTS_FILE, ModelSpec, load_checkpoint, resolve_checkpoint, save_checkpoint
+from fairdeploy.models.checkpoint import (
+    WEIGHTS_FILE,
+    ModelSpec,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from fairdeploy.models.registry import classifier_head_name
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.criteria import BLIND, CRITERIA, ScoreData, prepare_importance
@@ -35,10 +41,10 @@ from fairdeploy.pruning.finetune import finetune_model
 from fairdeploy.pruning.flops import model_size
 from fairdeploy.pruning.removal import BUDGET_METRICS, budget_value, remove_to_budget
 from fairdeploy.pruning.roles import decide_roles
-from fairdeploy.pruning.selection import Guard
 from fairdeploy.pruning.scoresets import balanced_batch_order, group_score_sets, stratified_sample
+from fairdeploy.pruning.selection import Guard
 from fairdeploy.pruning.structured import dependency_graph
-from fairdeploy.training.loop import FitConfig
+from fairdeploy.training.loop import FitConfig, evaluate_model
 from fairdeploy.training.predict import Predictions, predict
 from fairdeploy.training.train import spec_datasets
 
@@ -231,8 +237,6 @@ class _Run:
 
 
 def _evaluate(model: nn.Module, ctx: _Ctx) -> MetricsReport:
-    from fairdeploy.training.loop import evaluate_model
-
     return evaluate_model(model, ctx.val_ds, ctx.spec, ctx.device, ctx.cfg.batch_size, progress=ctx.progress)
 
 
@@ -286,7 +290,7 @@ def _select(run: _Run, budget_value_max: float, metric: str) -> tuple[str, nn.Mo
         raise FairdeployError("no model of the run meets the budget")
     ok = [c for c in within if c[2]["eligible"]]
     pool = ok or within
-    key = lambda c: (c[2]["val"]["worst_group_accuracy"], c[2]["val"]["f1_macro"])  # noqa: E731
+    key = lambda c: (c[2]["val"]["worst_group_accuracy"], c[2]["val"]["f1_macro"])
     name, model, point = max(pool, key=key)
     return name, model, point, bool(ok)
 
@@ -317,7 +321,7 @@ def compress_checkpoint(
     enc = Encoding(spec.classes, spec.groups)
     train_ds, val_ds = spec_datasets(manifest, spec)
     score_ds = split_dataset(manifest, "train", enc, eval_transform(spec.image_size, spec.mean, spec.std))
-    base_report = _evaluate_plain(teacher, val_ds, spec, dev, cfg.batch_size, progress)
+    base_report = evaluate_model(teacher, val_ds, spec, dev, cfg.batch_size, progress=progress)
     roles = decide_roles(base_report, cfg.privileged)
     present = sorted(set(score_ds.groups))
     if len(present) < 2:
@@ -412,9 +416,3 @@ def compress_checkpoint(
                 shutil.move(str(f), tmp / f.name)
     return BudgetResult(out_dir=out, record=record)
 
-
-def _evaluate_plain(model: nn.Module, val_ds: Any, spec: ModelSpec, dev: torch.device, batch_size: int,
-                    progress: Progress) -> MetricsReport:
-    from fairdeploy.training.loop import evaluate_model
-
-    return evaluate_model(model, val_ds, spec, dev, batch_size, progress=progress)
