@@ -82,19 +82,22 @@ def test_fp32_onnx_matches_pytorch(arch: str, pruned: bool, tmp_path: Path) -> N
     ckpt = save_checkpoint(model, spec, tmp_path / "ckpt")
     assert bool(read_spec(ckpt).module_shapes) is pruned  # the checkpoint really holds pruned shapes
 
-    result = export_onnx(ckpt, tmp_path / "out" / "model.fp32.onnx", batch_sizes=(1, 8))
-    assert result.max_abs_logit_diff < 1e-4 and result.top1_agreement == 1.0
-
     # Independent oracle: fresh inputs, ONNX Runtime at batch 1 and 8 against the in-memory PyTorch model.
     x = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(123))
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(ref).max() > 0.2 and ref.std(0).max() > 0.05  # logits are not trivially small or constant
+    # float32 rounding (BN folded into the convs, other kernels) grows with the logits' size: 1e-4, or 2e-5 of the
+    # largest logit when that is bigger (MobileNet's logits reach ~10 here; Intel and AMD kernels differ by 1.8e-4)
+    tol = max(1e-4, 2e-5 * float(np.abs(ref).max()))
+
+    result = export_onnx(ckpt, tmp_path / "out" / "model.fp32.onnx", batch_sizes=(1, 8))
+    assert result.max_abs_logit_diff < tol and result.top1_agreement == 1.0
     sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     one = np.concatenate([sess.run(["logits"], {"input": x[i : i + 1].numpy()})[0] for i in range(8)])
     eight = sess.run(["logits"], {"input": x.numpy()})[0]
-    assert np.abs(one - ref).max() < 1e-4
-    assert np.abs(eight - ref).max() < 1e-4
+    assert np.abs(one - ref).max() < tol
+    assert np.abs(eight - ref).max() < tol
 
     graph = onnx.load(str(result.path))
     (inp,), (out,) = graph.graph.input, graph.graph.output
