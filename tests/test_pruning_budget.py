@@ -315,3 +315,39 @@ def test_compress_run_meets_budget_with_control_on_the_same_data_order(biased_ch
                                 BudgetConfig(**{**cfg.__dict__, "seed": 1, "control": "none", "keep_rounds": False}),
                                 "cpu")
     assert other.record["runs"]["candidate"]["rounds"][0]["finetune"]["data_order"] != cand[0]["finetune"]["data_order"]
+
+
+def test_verdict_does_not_call_levelling_down_a_win() -> None:
+    from fairdeploy.pruning.budget import verdict
+
+    def diff(d: float, lo: float, hi: float) -> dict[str, object]:
+        return {"difference": d, "ci95": [lo, hi]}
+
+    levelled = {"worst_group_accuracy": diff(-0.05, -0.2, 0.1), "eodd": diff(-0.08, -0.13, -0.02),
+                "f1_macro": diff(-0.3, -0.4, -0.2)}
+    text = verdict("group-taylor", "magnitude", levelled)
+    assert "beat" not in text and "levelling down" in text and "lower macro-F1" in text
+    fair = {"worst_group_accuracy": diff(0.01, -0.02, 0.04), "eodd": diff(-0.08, -0.13, -0.02),
+            "f1_macro": diff(0.0, -0.01, 0.01)}
+    assert verdict("group-taylor", "magnitude", fair).startswith("group-taylor beat the magnitude control")
+
+
+def test_selection_without_an_eligible_model_prefers_the_closest_to_passing() -> None:
+    from fairdeploy.pruning.budget import BudgetConfig, _point, _Run, _select
+    from fairdeploy.metrics import compute_metrics
+
+    def report(dark: int, light: int):  # 10 images per group, 2 classes; `dark`/`light` of them right
+        y = np.array([0, 1] * 10)
+        g = np.array(["dark"] * 10 + ["light"] * 10)
+        p = y.copy()
+        p[dark:10] = 1 - p[dark:10]
+        p[10 + light:] = 1 - p[10 + light:]
+        return compute_metrics(y, p, g, 2, group_order=["dark", "light"])
+
+    cfg, base = BudgetConfig(), report(6, 10)
+    size = {"macs": 1, "params": 1, "nonzero_params": 1}
+    levelled = _point(report(6, 5), size, base, cfg)  # worst group 0.5 (light fell by half)
+    close = _point(report(5, 10), size, base, cfg)  # worst group 0.5 (dark lost one image)
+    assert not levelled["eligible"] and not close["eligible"]
+    run = _Run("candidate", "group-taylor", candidates=[("r1-pruned", None, levelled), ("r1-finetuned", None, close)])
+    assert _select(run, 10, "macs")[0] == "r1-finetuned"

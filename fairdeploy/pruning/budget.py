@@ -147,7 +147,9 @@ def _point(report: MetricsReport, size: dict[str, int], base: MetricsReport, cfg
                if -d > cfg.max_group_drop + 1e-12]
     if f1_drop > cfg.max_f1_drop + 1e-12:
         reasons.append(f"macro-F1 fell {f1_drop:.4f} (> {cfg.max_f1_drop})")
+    shortfall = sum(max(0.0, -d - cfg.max_group_drop) for d in delta.values()) + max(0.0, f1_drop - cfg.max_f1_drop)
     return {
+        "shortfall": shortfall,  # how far from passing the guard: summed accuracy/F1 losses beyond the tolerances
         "val": {"accuracy": report.overall_accuracy, "f1_macro": report.overall_f1_macro, "group_accuracy": acc,
                 "worst_group_accuracy": min(acc.values()), "group_n": {g: m.n for g, m in report.groups},
                 "fairness": dict(report.fairness)},
@@ -187,13 +189,18 @@ def paired_comparison(a: Predictions, b: Predictions, group_names: tuple[str, ..
 
 def verdict(criterion: str, control: str, comparison: dict[str, Any]) -> str:
     """One line: did the criterion beat the control (a 95 % interval of the difference that excludes 0)?"""
-    wga, eodd = comparison["worst_group_accuracy"], comparison["eodd"]
-    better = []
+    wga, eodd, f1 = comparison["worst_group_accuracy"], comparison["eodd"], comparison["f1_macro"]
+    better, worse = [], []
     if wga["ci95"][0] > 0:
         better.append(f"higher worst-group accuracy ({wga['difference']:+.4f})")
     if eodd["ci95"][1] < 0:
-        better.append(f"lower Eodd ({eodd['difference']:+.4f})")
-    worse = []
+        if wga["difference"] < 0:  # a smaller gap bought with a worse worst group is levelling down, not a win
+            worse.append(f"lower Eodd ({eodd['difference']:+.4f}) only by levelling down (worst-group accuracy "
+                         f"{wga['difference']:+.4f})")
+        else:
+            better.append(f"lower Eodd ({eodd['difference']:+.4f})")
+    if f1["ci95"][1] < 0:
+        worse.append(f"lower macro-F1 ({f1['difference']:+.4f})")
     if wga["ci95"][1] < 0:
         worse.append(f"lower worst-group accuracy ({wga['difference']:+.4f})")
     if eodd["ci95"][0] > 0:
@@ -202,6 +209,8 @@ def verdict(criterion: str, control: str, comparison: dict[str, Any]) -> str:
           f"Eodd {eodd['difference']:+.4f} [{eodd['ci95'][0]:+.4f}, {eodd['ci95'][1]:+.4f}]")
     if better and not worse:
         return f"{criterion} beat the {control} control on validation: {', '.join(better)}; {ci}"
+    if better and worse:
+        return f"{criterion} vs the {control} control on validation: mixed, {', '.join(better)} but {', '.join(worse)}; {ci}"
     if worse and not better:
         return f"{criterion} did worse than the {control} control on validation: {', '.join(worse)}; {ci}"
     return f"{criterion} vs the {control} control: no difference shown on validation (95 % intervals include 0); {ci}"
@@ -283,15 +292,16 @@ def _run(run: _Run, model: nn.Module, ctx: _Ctx) -> _Run:
 
 
 def _select(run: _Run, budget_value_max: float, metric: str) -> tuple[str, nn.Module, dict[str, Any], bool]:
-    """Among the run's models that meet the budget, the best worst-group validation accuracy the guard accepts
-    (else the best one at all, flagged)."""
+    """Among the run's models that meet the budget, the best worst-group validation accuracy the guard accepts;
+    when none passes, the one closest to passing (smallest summed shortfall beyond the tolerances), flagged."""
     within = [(n, m, p) for n, m, p in run.candidates if p["size"][metric] <= budget_value_max]
     if not within:
         raise FairdeployError("no model of the run meets the budget")
     ok = [c for c in within if c[2]["eligible"]]
-    pool = ok or within
-    key = lambda c: (c[2]["val"]["worst_group_accuracy"], c[2]["val"]["f1_macro"])
-    name, model, point = max(pool, key=key)
+    if ok:
+        name, model, point = max(ok, key=lambda c: (c[2]["val"]["worst_group_accuracy"], c[2]["val"]["f1_macro"]))
+    else:  # closest to passing: the smallest total shortfall, so a levelled-down model is not preferred
+        name, model, point = min(within, key=lambda c: (c[2]["shortfall"], -c[2]["val"]["worst_group_accuracy"]))
     return name, model, point, bool(ok)
 
 
