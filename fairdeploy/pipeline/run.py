@@ -310,7 +310,8 @@ def _budget_stage(entry: PruneEntry, bcfg: Any, stage_dir: Path, vanilla: Path, 
                  else "in prune.json (keep_rounds = true also keeps their checkpoints)")
         notes.append(f"{entry.name}: no model at the budget passed the guard on validation (every group within "
                      f"{bcfg.max_group_drop} accuracy of the input model, macro-F1 within {bcfg.max_f1_drop}); the "
-                     f"stage hands on the best one anyway (best worst-group accuracy); every round is {where}")
+                     f"stage hands on the one closest to passing (smallest shortfall beyond the tolerances), "
+                     f"flagged; every round is {where}")
     return models
 
 
