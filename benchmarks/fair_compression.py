@@ -121,13 +121,18 @@ def onnx_latency_ms(ckpt: Path, work: Path, repeats: int = 30) -> float:
 
 
 def test_metrics(ckpt: Path, manifest: Path, root: Path | None) -> dict[str, Any]:
+    import torch
+
+    from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
     from fairdeploy.data.manifest import read_manifest
     from fairdeploy.models.checkpoint import load_checkpoint
     from fairdeploy.pruning.flops import model_size
-    from fairdeploy.training.train import evaluate_checkpoint
+    from fairdeploy.training.loop import evaluate_model
 
-    rep = evaluate_checkpoint(ckpt, read_manifest(manifest, root), "test", device="cpu", bootstrap=0)
-    model, spec = load_checkpoint(ckpt, "cpu")
+    model, spec = load_checkpoint(ckpt, "cpu")  # once: metrics and MACs from the same loaded model
+    test = split_dataset(read_manifest(manifest, root), "test", Encoding(spec.classes, spec.groups),
+                         eval_transform(spec.image_size, spec.mean, spec.std))
+    rep = evaluate_model(model, test, spec, torch.device("cpu"))
     acc = {g: m.accuracy for g, m in rep.groups}
     return {"worst_group_accuracy": min(acc.values()), "eodd": rep.gap("eodd"), "f1_macro": rep.overall_f1_macro,
             "accuracy": rep.overall_accuracy, "group_accuracy": acc, "group_n": {g: m.n for g, m in rep.groups},

@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.pruning.criteria import ScoreData, fair_share_order, loss_gradients, prepare_importance
+from fairdeploy.pruning.criteria import ScoreData, fair_share_order, prepare_importance
+from fairdeploy.pruning.curvature import group_gradient
 from fairdeploy.pruning.removal import remove_channels, remove_to_budget
 from fairdeploy.pruning.structured import dependency_graph, zero_channels
 
@@ -61,16 +62,18 @@ def _mean_norm(v: torch.Tensor) -> torch.Tensor:
     return v / v.abs().mean()
 
 
-def test_loss_gradients_equal_the_mean_of_per_sample_gradients(one_thread) -> None:
+def test_score_gradients_equal_the_mean_of_per_sample_gradients(one_thread) -> None:
+    """The gradients the Taylor criteria read (curvature.group_gradient, every conv/linear weight)."""
     m, _ = _tiny()
     ds = _data()
-    got = loss_gradients(m, ds, torch.device("cpu"), batch_size=5)
-    total = {k: torch.zeros_like(p) for k, p in m.named_parameters()}
+    got = group_gradient(m, ds, torch.device("cpu"), batch_size=5)
+    total = {k: torch.zeros_like(p) for k, p in m.named_parameters() if k.endswith(".weight")}
     for x, y, _g in ds:  # brute force: one backward per sample
         m.zero_grad()
         F.cross_entropy(m(x[None]), y[None]).backward()
         for k, p in m.named_parameters():
-            total[k] += p.grad / len(ds)
+            if k in total:
+                total[k] += p.grad / len(ds)
     for k, expected in total.items():
         assert torch.allclose(got[k], expected, atol=1e-6), k
 
@@ -79,7 +82,7 @@ def test_taylor_and_magnitude_scores_match_brute_force_sums(one_thread) -> None:
     m, dg = _tiny()
     ds = _data()
     table, _ = prepare_importance("taylor", m, dg, [m.fc], _score_data(ds), torch.device("cpu"))
-    grads = loss_gradients(m, ds, torch.device("cpu"), batch_size=24)
+    grads = group_gradient(m, ds, torch.device("cpu"), batch_size=24)
     w1, g1 = m.conv1.weight.detach(), grads["conv1.weight"]
     w2, g2 = m.conv2.weight.detach(), grads["conv2.weight"]
     # conv1's channel c: its output row in conv1 and its input column in conv2, averaged, then mean-normalised
@@ -333,8 +336,8 @@ def test_verdict_does_not_call_levelling_down_a_win() -> None:
 
 
 def test_selection_without_an_eligible_model_prefers_the_closest_to_passing() -> None:
-    from fairdeploy.pruning.budget import BudgetConfig, _point, _Run, _select
     from fairdeploy.metrics import compute_metrics
+    from fairdeploy.pruning.budget import BudgetConfig, _point, _Run, _select
 
     def report(dark: int, light: int):  # 10 images per group, 2 classes; `dark`/`light` of them right
         y = np.array([0, 1] * 10)

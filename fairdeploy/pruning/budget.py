@@ -41,6 +41,7 @@ from fairdeploy.pruning.finetune import finetune_model
 from fairdeploy.pruning.flops import model_size
 from fairdeploy.pruning.removal import BUDGET_METRICS, budget_value, remove_to_budget
 from fairdeploy.pruning.roles import decide_roles
+from fairdeploy.pruning.run import PRUNE_FILE
 from fairdeploy.pruning.scoresets import balanced_batch_order, group_score_sets, stratified_sample
 from fairdeploy.pruning.selection import Guard
 from fairdeploy.pruning.structured import dependency_graph
@@ -49,7 +50,6 @@ from fairdeploy.training.predict import Predictions, predict
 from fairdeploy.training.train import spec_datasets
 
 CONTROLS = ("magnitude", "taylor", "finetune-only", "none")
-PRUNE_FILE = "prune.json"
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,6 @@ class _Ctx:
     val_ds: Any
     scores: ScoreData
     base_report: MetricsReport
-    base_size: dict[str, int]
     head: str
     device: torch.device
     cfg: BudgetConfig
@@ -239,9 +238,6 @@ class _Run:
     name: str
     criterion: str  # a criterion, or "finetune-only"
     rounds: list[dict[str, Any]] = field(default_factory=list)
-    final: nn.Module | None = None
-    final_stage: str = ""
-    final_report: MetricsReport | None = None
     candidates: list[tuple[str, nn.Module, dict[str, Any]]] = field(default_factory=list)
 
 
@@ -286,8 +282,6 @@ def _run(run: _Run, model: nn.Module, ctx: _Ctx) -> _Run:
         run.candidates.append((f"r{r}-finetuned", copy.deepcopy(model).cpu(), entry["finetuned"]))
         ctx.progress(f"{run.name}: round {r}/{cfg.rounds} worst-group {entry['finetuned']['val']['worst_group_accuracy']:.4f}",
                      r, cfg.rounds)
-        if r == cfg.rounds:
-            run.final_report = report
     return run
 
 
@@ -352,7 +346,7 @@ def compress_checkpoint(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch.", dir=out.parent) as scratch_name:
         scratch = Path(scratch_name)
         ctx = _Ctx(spec=spec, teacher=teacher, train_ds=train_ds, val_ds=val_ds, scores=scores,
-                   base_report=base_report, base_size=base_size, head=head, device=dev, cfg=cfg, scratch=scratch,
+                   base_report=base_report, head=head, device=dev, cfg=cfg, scratch=scratch,
                    progress=progress)
         runs = [_run(_Run("candidate", cfg.criterion), copy.deepcopy(teacher), ctx)]
         if cfg.control != "none":

@@ -15,13 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.utils.data import Dataset
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.pruning.batches import iter_batches
+from fairdeploy.pruning.curvature import group_gradient
+from fairdeploy.pruning.structured import channel_groups, group_channel_scores
 
 CRITERIA = {
     "magnitude": "fairness-blind: L2 norm of every weight a channel's removal deletes (Torch-Pruning "
@@ -67,25 +67,9 @@ class TableImportance(tp.importance.Importance):
 
 # ---- gradients on score sets -------------------------------------------------------------------------------
 
-def loss_gradients(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Gradient of the mean cross-entropy over `data` (eval mode: BatchNorm statistics untouched), per parameter
-    name, on the CPU."""
-    was_training = model.training
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    n = len(data)
-    if n == 0:
-        raise FairdeployError("empty score set: no samples to compute gradients from")
-    with torch.enable_grad():
-        for x, y, _g in iter_batches(data, batch_size, device):
-            (F.cross_entropy(model(x).float(), y, reduction="sum") / n).backward()
-    grads = {k: p.grad.detach().cpu().clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return grads
-
-
 def _with_grads(model: nn.Module, grads: Mapping[str, torch.Tensor], fn: Callable[[], object]) -> object:
+    """Run `fn` with `grads` ({parameter name: gradient}, e.g. curvature.group_gradient's) as the parameters'
+    .grad (Torch-Pruning's Taylor importance reads them there); other parameters get none."""
     params = dict(model.named_parameters())
     for k, p in params.items():
         p.grad = grads[k].to(p.device) if k in grads else None
@@ -147,10 +131,6 @@ class ScoreData:
     info: dict[str, object] = field(default_factory=dict)
 
 
-def prunable_groups(dg: tp.DependencyGraph, model: nn.Module, ignored: Sequence[nn.Module]) -> list:
-    return list(dg.get_all_groups(ignored_layers=list(ignored), root_module_types=(nn.Conv2d, nn.Linear)))
-
-
 def prepare_importance(criterion: str, model: nn.Module, dg: tp.DependencyGraph, ignored: Sequence[nn.Module],
                        data: ScoreData, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Score every prunable coupled group of `model` with `criterion`; returns {root layer name: scores} and
@@ -158,27 +138,27 @@ def prepare_importance(criterion: str, model: nn.Module, dg: tp.DependencyGraph,
     if criterion not in CRITERIA:
         raise FairdeployError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     names = {m: n for n, m in model.named_modules()}
-    groups = prunable_groups(dg, model, ignored)
+    groups = channel_groups(dg, model, ignored=[names[m] for m in ignored])
     notes: dict[str, object] = {}
 
     def each(imp: tp.importance.Importance) -> dict[str, torch.Tensor]:
         out = {}
         for g in groups:
-            s = imp(g)
+            s = imp(g.group)
             if s is not None:
-                out[names[root_module(g)]] = s.detach().to("cpu", torch.float64)
+                out[g.root] = s.detach().to("cpu", torch.float64)
         return out
 
     magnitude = tp.importance.GroupMagnitudeImportance(p=2)
     if criterion == "magnitude":
         return each(magnitude), notes
     if criterion == "taylor":
-        grads = loss_gradients(model, data.blind, device, data.batch_size)
+        grads = group_gradient(model, data.blind, device, batch_size=data.batch_size)
         return _with_grads(model, grads, lambda: each(tp.importance.GroupTaylorImportance())), notes  # type: ignore[return-value]
     if criterion == "group-taylor":
         per_group = {}
         for gname, ds in data.per_group.items():
-            grads = loss_gradients(model, ds, device, data.batch_size)
+            grads = group_gradient(model, ds, device, batch_size=data.batch_size)
             per_group[gname] = _with_grads(model, grads, lambda: each(tp.importance.GroupTaylorImportance()))
         keys = list(next(iter(per_group.values())))
         sizes = [len(per_group[next(iter(per_group))][k]) for k in keys]
@@ -193,7 +173,6 @@ def prepare_importance(criterion: str, model: nn.Module, dg: tp.DependencyGraph,
     if criterion == "fairprune":
         from fairdeploy.pruning.curvature import group_curvature
         from fairdeploy.pruning.saliency import fairprune_saliency
-        from fairdeploy.pruning.structured import group_channel_scores
 
         layers = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Linear))]
         h = {role: group_curvature(model, data.per_group[gname], data.curvature, device, layers=layers,
@@ -201,7 +180,7 @@ def prepare_importance(criterion: str, model: nn.Module, dg: tp.DependencyGraph,
              for role, gname in (("u", data.unprivileged), ("p", data.privileged))}
         modules = dict(model.named_modules())
         sal = fairprune_saliency({f"{n}.weight": modules[n].weight for n in layers}, h["u"], h["p"], data.beta)
-        out = {names[root_module(g)]: mean_normalised(group_channel_scores(dg, g, sal)) for g in groups}
+        out = {g.root: mean_normalised(group_channel_scores(dg, g.group, sal)) for g in groups}
         notes["unprivileged"], notes["privileged"] = data.unprivileged, data.privileged
         return out, notes
     # snnl
@@ -209,8 +188,8 @@ def prepare_importance(criterion: str, model: nn.Module, dg: tp.DependencyGraph,
 
     if data.snnl_batches is None:
         raise FairdeployError("the snnl criterion needs group-balanced batches with at least two groups")
-    roots = {names[root_module(g)]: g for g in groups}
-    conv_roots = [n for n, g in roots.items() if isinstance(root_module(g), nn.Conv2d)]
+    roots = [g.root for g in groups]
+    conv_roots = [g.root for g in groups if isinstance(root_module(g.group), nn.Conv2d)]
     snnl = snnl_channel_scores(model, conv_roots, data.snnl_batches, device, data.temperature, False,
                                data.snnl_batch_size)
     mags = each(magnitude)
