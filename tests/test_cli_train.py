@@ -41,9 +41,42 @@ def test_evaluate_writes_metrics_json(trained_checkpoint, synth_manifest, tmp_pa
     d = json.loads(out.read_text())
     assert set(d["groups"]) == {"dark", "light"}
     assert d["groups"]["dark"]["n"] + d["groups"]["light"]["n"] == d["n"]
-    assert 0 <= d["fairness"]["eodd"] <= 1
+    assert d["fairness"]["eodd"] == pytest.approx(_eodd_by_hand(trained_checkpoint, synth_manifest), abs=1e-6)
     assert "eodd" in d["intervals"]
     assert "dark" in proc.stdout and "eodd" in proc.stdout
+
+
+def _eodd_by_hand(model_dir: Path, manifest_path: Path) -> float:
+    """Oracle: run the model on the test split with plain torch, build each group's confusion matrix with
+    scikit-learn, and take Eodd = sum_k |dTPR_k + dFPR_k| / (2K) between the two groups."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import confusion_matrix
+
+    from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
+    from fairdeploy.data.manifest import read_manifest
+    from fairdeploy.models import load_checkpoint
+
+    model, spec = load_checkpoint(model_dir)
+    ds = split_dataset(read_manifest(manifest_path), "test", Encoding(spec.classes, spec.groups),
+                       eval_transform(spec.image_size, spec.mean, spec.std))
+    ys, ps, gs = [], [], []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            x, y, g = ds[i][:3]
+            ps.append(int(model(x[None]).argmax(1)))
+            ys.append(int(y))
+            gs.append(int(g))
+    ys, ps, gs = map(np.array, (ys, ps, gs))
+    k = len(spec.classes)
+    rates = []
+    for g in sorted(set(gs.tolist())):
+        cm = confusion_matrix(ys[gs == g], ps[gs == g], labels=list(range(k)))
+        tp = np.diag(cm)
+        pos, predpos, n = cm.sum(1), cm.sum(0), cm.sum()
+        rates.append((tp / np.maximum(pos, 1), (predpos - tp) / np.maximum(n - pos, 1)))
+    (tpr_a, fpr_a), (tpr_b, fpr_b) = rates
+    return float(np.abs((tpr_a - tpr_b) + (fpr_a - fpr_b)).sum() / (2 * k))
 
 
 def _rewrite(src: Path, dst: Path, edit) -> Path:

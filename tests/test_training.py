@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
 from fairdeploy.data.manifest import read_manifest
+from fairdeploy.errors import FairdeployError
 from fairdeploy.metrics import compute_metrics
 from fairdeploy.models import load_checkpoint
 from fairdeploy.training.loop import FitConfig
@@ -98,3 +100,19 @@ def test_group_balanced_sampling_draws_groups_equally(synth_manifest):
     cells = {(g, y) for g, y in zip(ds.groups, ds.labels)}
     masses = [w2[(groups == g) & (np.array(ds.labels) == y)].sum() for g, y in cells]
     assert max(masses) == pytest.approx(min(masses))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=0), "batch size must be >= 1, got 0"),
+        (dict(epochs=0), "epochs must be >= 1, got 0"),
+        (dict(lr=0.0), "lr must be > 0"),
+        (dict(optimizer="adam"), "unknown optimizer 'adam'; choose one of adamw, sgd"),
+        (dict(select="auc"), "unknown selection metric 'auc'"),
+    ],
+)
+def test_fit_config_rejects_bad_values_by_name(kwargs, message):
+    with pytest.raises(FairdeployError, match=re.escape(message)):
+        FitConfig(**kwargs).validate()
+    FitConfig().validate()  # the defaults are valid
