@@ -121,12 +121,3 @@ def check_sidecar(
                 f"{source}: {p.name} does not match its sidecar (sha256 {digest[:12]}..., sidecar says "
                 f"{sidecar.engine_sha256[:12]}...); {rebuild}"
             )
-
-
-def check_sidecar_labels(sidecar: EngineSidecar, classes: tuple[str, ...], groups: tuple[str, ...],
-                         source: str = "engine") -> None:
-    """The engine's classes and groups must be the ones the caller expects (e.g. the ONNX metadata's)."""
-    if tuple(sidecar.classes) != tuple(classes):
-        raise FairdeployError(f"{source}: engine classes {list(sidecar.classes)} differ from {list(classes)}")
-    if tuple(sidecar.groups) != tuple(groups):
-        raise FairdeployError(f"{source}: engine groups {list(sidecar.groups)} differ from {list(groups)}")

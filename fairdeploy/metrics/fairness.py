@@ -111,39 +111,6 @@ class MetricsReport:
             "definitions": METRIC_DEFINITIONS,
         }
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MetricsReport:
-        groups = tuple(
-            (
-                g,
-                GroupMetrics(
-                    n=int(m["n"]),
-                    accuracy=float(m["accuracy"]),
-                    precision_macro=float(m["precision_macro"]),
-                    recall_macro=float(m["recall_macro"]),
-                    f1_macro=float(m["f1_macro"]),
-                    tpr=tuple(m["tpr"]),
-                    tnr=tuple(m["tnr"]),
-                    fpr=tuple(m["fpr"]),
-                    positive_rate=tuple(m["positive_rate"]),
-                    confusion=tuple(tuple(r) for r in m["confusion"]),
-                ),
-            )
-            for g, m in d["groups"].items()
-        )
-        return cls(
-            n=int(d["n"]),
-            num_classes=int(d["num_classes"]),
-            class_names=tuple(d["class_names"]),
-            overall_accuracy=float(d["overall"]["accuracy"]),
-            overall_f1_macro=float(d["overall"]["f1_macro"]),
-            groups=groups,
-            fairness=tuple(d["fairness"].items()),
-            worst_pair=tuple((k, tuple(v) if v else None) for k, v in d["worst_pair"].items()),
-            undefined_cells=int(d["undefined_cells"]),
-            intervals=tuple((k, tuple(v)) for k, v in d.get("intervals", {}).items()),
-        )
-
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num/den elementwise with 0/0 (or x/0) = 0, the published convention."""
