@@ -30,7 +30,8 @@ ProfileOpt = Annotated[
 ]
 ProfilesDirOpt = Annotated[
     Path | None,
-    typer.Option("--profiles-dir", envvar="FAIRDEPLOY_PROFILES", help="Folder of profile TOML files (default ./export)."),
+    typer.Option("--profiles-dir", envvar="FAIRDEPLOY_PROFILES",
+                 help="Folder of profile TOML files, searched before ./export and the built-in profiles."),
 ]
 CheckDataOpt = Annotated[
     Path | None,
@@ -48,7 +49,8 @@ CalibRecipeOpt = Annotated[
 ]
 CalibRecipesDirOpt = Annotated[
     Path | None,
-    typer.Option("--recipes-dir", envvar="FAIRDEPLOY_CALIBRATION", help="Folder of calibration recipes (default ./calibration)."),
+    typer.Option("--recipes-dir", envvar="FAIRDEPLOY_CALIBRATION",
+                 help="Folder of calibration recipes, searched before ./calibration and the built-in recipes."),
 ]
 CalibSeedOpt = Annotated[int | None, typer.Option("--calib-seed", help="Seed of the calibration draw (default: the recipe's).")]
 OpsetOpt = Annotated[int | None, typer.Option("--opset", help="ONNX opset, 17..20 (default 17).")]
@@ -113,8 +115,9 @@ def export(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32 + fp16/int8), check it against PyTorch, optionally build engines."""
+    from fairdeploy.export.calibration import default_recipe_dirs
     from fairdeploy.export.exporter import run_export
-    from fairdeploy.export.profiles import parse_precisions, resolve_options
+    from fairdeploy.export.profiles import default_profile_dirs, parse_precisions, resolve_options
 
     flags = {
         "precision": parse_precisions(precision) if precision else None, "trt": trt, "opset": opset,
@@ -124,14 +127,14 @@ def export(
         "sparse_weights": sparse_weights, "dla_core": dla_core, "gpu_fallback": gpu_fallback,
         "implicit_int8": trt_implicit_int8,
     }
-    options = resolve_options(profile, flags, [profiles_dir] if profiles_dir is not None else None)
+    options = resolve_options(profile, flags, default_profile_dirs(profiles_dir))
     inputs = {"--model": model, "--data": data, "--calib-data": calib_data, "--images-root": images_root,
               "--profile": Path(profile) if profile and profile.endswith(".toml") else None,
               "--profiles-dir": profiles_dir, "--recipes-dir": recipes_dir}
     with claim_output(out, OUT_POLICIES["export"], overwrite=overwrite, inputs=inputs), RichProgress() as progress:
         result = run_export(model, out, options, data=data, calib_data=calib_data, images_root=images_root,
                             check_split=check_split, calib_seed=calib_seed, seed=seed,
-                            recipe_dirs=[recipes_dir] if recipes_dir is not None else None, progress=progress,
+                            recipe_dirs=default_recipe_dirs(recipes_dir), progress=progress,
                             allow_outside_root=allow_outside_root)
     summary = result.summary
     check = summary["check_data"]

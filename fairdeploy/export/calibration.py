@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,14 +19,17 @@ from fairdeploy.data.manifest import SPLITS, Manifest
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import sha256_bytes, sha256_file, write_json
 from fairdeploy.models.checkpoint import ModelSpec
+from fairdeploy.resources import CALIBRATION, find_toml, search_folders
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - python 3.10
     import tomli as tomllib
 
+if TYPE_CHECKING:  # a pathlib.Path is one too
+    from importlib.resources.abc import Traversable
+
 CALIB_METHODS = ("minmax", "entropy", "percentile")
-RECIPE_FOLDER = "calibration"
 DEFAULT_RECIPE = "default"
 
 
@@ -66,28 +69,12 @@ class CalibrationRecipe:
         return asdict(self)
 
 
-def default_recipe_dirs() -> list[Path]:
-    """Where recipe names are looked up: ./calibration, then the source checkout's calibration/."""
-    return [Path.cwd() / RECIPE_FOLDER, Path(__file__).resolve().parents[2] / RECIPE_FOLDER]
+def default_recipe_dirs(explicit: Path | None = None) -> list[Traversable]:
+    """Where recipe names are looked up (see fairdeploy.resources): `explicit`, ./calibration, the package's."""
+    return search_folders(CALIBRATION, explicit)
 
 
-def _resolve_toml(name: str | os.PathLike[str], dirs: Sequence[Path], what: str) -> Path:
-    p = Path(name)
-    if p.suffix == ".toml" or p.parent != Path("."):
-        if not p.is_file():
-            raise FairdeployError(f"{what} file {p} not found")
-        return p
-    for d in dirs:
-        if (d / f"{p.name}.toml").is_file():
-            return d / f"{p.name}.toml"
-    known = sorted({f.stem for d in dirs if d.is_dir() for f in d.glob("*.toml")})
-    raise FairdeployError(
-        f"unknown {what} {str(name)!r}; choose one of {', '.join(known) or '(none found)'} "
-        f"(searched {', '.join(str(d) for d in dirs)}) or give a .toml path"
-    )
-
-
-def read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Traversable) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -108,11 +95,11 @@ def recipe_from_table(table: dict[str, Any], source: str) -> CalibrationRecipe:
     return CalibrationRecipe(**table, source=source).validate()
 
 
-def load_recipe(name: str | os.PathLike[str] | None = None, dirs: Sequence[Path] | None = None,
+def load_recipe(name: str | os.PathLike[str] | None = None, dirs: Sequence[Traversable] | None = None,
                 **overrides: Any) -> CalibrationRecipe:
     """Load a recipe by name (from `dirs`) or path; keyword overrides that are not None win."""
-    path = _resolve_toml(name or DEFAULT_RECIPE, list(dirs) if dirs is not None else default_recipe_dirs(),
-                         "calibration recipe")
+    path = find_toml(name or DEFAULT_RECIPE, list(dirs) if dirs is not None else default_recipe_dirs(),
+                     "calibration recipe")
     data = read_toml(path)
     recipe = recipe_from_table(data.get("calibration", {}), str(path))
     changes = {k: v for k, v in overrides.items() if v is not None}

@@ -1,4 +1,5 @@
-"""Export options: target profiles (TOML in the top-level export/ folder) merged with command-line flags."""
+"""Export options: target profiles (TOML: ./export, else the package's; see fairdeploy.resources) merged with
+command-line flags."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.calibration import CALIB_METHODS, _resolve_toml, read_toml
+from fairdeploy.export.calibration import CALIB_METHODS, read_toml
 from fairdeploy.export.metadata import PRECISIONS
 from fairdeploy.export.onnx_export import DEFAULT_OPSET, check_opset
+from fairdeploy.resources import PROFILES, find_toml, search_folders, toml_names
 
-PROFILE_FOLDER = "export"
+if TYPE_CHECKING:  # a pathlib.Path is one too
+    from importlib.resources.abc import Traversable
+
 MIB = 1 << 20
 
 
@@ -142,19 +146,19 @@ FLAG_NAMES = tuple(name for section in _SECTIONS.values() for name in section.va
 _TRT_FIELDS = {f.name for f in fields(TrtOptions)}
 
 
-def default_profile_dirs() -> list[Path]:
-    """Where profile names are looked up: ./export, then the source checkout's export/."""
-    return [Path.cwd() / PROFILE_FOLDER, Path(__file__).resolve().parents[2] / PROFILE_FOLDER]
+def default_profile_dirs(explicit: Path | None = None) -> list[Traversable]:
+    """Where profile names are looked up (see fairdeploy.resources): `explicit`, ./export, the package's."""
+    return search_folders(PROFILES, explicit)
 
 
-def list_profiles(dirs: Sequence[Path] | None = None) -> list[str]:
-    dirs = list(dirs) if dirs is not None else default_profile_dirs()
-    return sorted({f.stem for d in dirs if d.is_dir() for f in d.glob("*.toml")})
+def list_profiles(dirs: Sequence[Traversable] | None = None) -> list[str]:
+    return toml_names(list(dirs) if dirs is not None else default_profile_dirs())
 
 
-def load_profile(name: str | os.PathLike[str], dirs: Sequence[Path] | None = None) -> tuple[Path, dict[str, Any]]:
+def load_profile(name: str | os.PathLike[str], dirs: Sequence[Traversable] | None = None
+                 ) -> tuple[Traversable, dict[str, Any]]:
     """A profile by name or path, flattened to option names; unknown sections or keys are errors."""
-    path = _resolve_toml(name, list(dirs) if dirs is not None else default_profile_dirs(), "profile")
+    path = find_toml(name, list(dirs) if dirs is not None else default_profile_dirs(), "profile")
     data = read_toml(path)
     flat: dict[str, Any] = {}
     for section, table in data.items():
@@ -229,7 +233,7 @@ def merge_options(profile: Mapping[str, Any] | None, flags: Mapping[str, Any], p
 
 
 def resolve_options(profile: str | os.PathLike[str] | None, flags: Mapping[str, Any],
-                    dirs: Sequence[Path] | None = None) -> ExportOptions:
+                    dirs: Sequence[Traversable] | None = None) -> ExportOptions:
     """Load `profile` (name or path; None = no profile) and merge the flags over it."""
     if profile is None:
         return merge_options(None, flags)
