@@ -145,12 +145,12 @@ def test_interrupted_stage_runs_again(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("[data]\nsynth = {}\nmanifest = 'x.csv'\n", "exactly one of"),
-        ("[data]\nsynth = {n_imagez = 5}\n", "unknown option 'n_imagez'"),
-        ("colour = 1\n[data]\nsynth = {}\n", "unknown key 'colour'"),
-        ("[data]\nsynth = {}\n[[prune]]\nname = 'x'\n", "needs a `method`"),
-        ("[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\n", "needs exactly one of target_macs"),
-        ("[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\nspeedup = 2\nroundz = 2\n",
+        ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\nmanifest = 'x.csv'\n", "exactly one of"),
+        ("[model]\narch = 'resnet18'\n[data]\nsynth = {n_imagez = 5}\n", "unknown option 'n_imagez'"),
+        ("colour = 1\n[model]\narch = 'resnet18'\n[data]\nsynth = {}\n", "unknown key 'colour'"),
+        ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\nname = 'x'\n", "needs a `method`"),
+        ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\n", "needs exactly one of target_macs"),
+        ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\nspeedup = 2\nroundz = 2\n",
          "unknown option 'roundz'; valid options: .*rounds.*target_macs"),
         ("[data\n", "not valid TOML"),
     ],

@@ -75,6 +75,9 @@ def _print_prepare_report(report: dict[str, Any]) -> None:
         console.print(f"  dropped {n}: {reason}", highlight=False, soft_wrap=True)
     for reason, n in report["recoded"].items():
         console.print(f"  recoded {n}: {reason}", highlight=False, soft_wrap=True)
+    if report.get("metadata_without_ground_truth"):
+        console.print(f"  not in the ground truth: {report['metadata_without_ground_truth']} of "
+                      f"{report['metadata_rows']} metadata rows (left out)", highlight=False, soft_wrap=True)
     line = f"groups by {report['group_by']}; labels from {report['label_column']}"
     console.print(line, highlight=False, soft_wrap=True)
     console.print(f"splits {report['splits']}", highlight=False, soft_wrap=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ DROP_MISSING_SEX = "sex blank or unknown"
 DROP_MISSING_AGE = "age blank"
 DROP_MISSING_GROUP = "group blank"
 DROP_NOT_IN_METADATA = "image not in the metadata CSV"
+
+
+class AdapterWarning(UserWarning):
+    """A dataset's tables read, but part of them was left out silently otherwise (e.g. metadata rows without a
+    ground-truth row)."""
 
 
 @dataclass(frozen=True)
@@ -291,7 +297,10 @@ def from_isic2019(
 ) -> AdapterResult:
     """ISIC 2019: one-hot ground truth joined on `image` with the metadata; group by sex or age band.
 
-    A ground-truth row without a metadata row is dropped and counted; `lesion_id` is kept as an extra column.
+    A ground-truth row without a metadata row is dropped and counted; metadata rows without a ground-truth row
+    are counted (report key `metadata_without_ground_truth`) and warned about (AdapterWarning), since a
+    ground-truth table covering part of the metadata silently shrinks the dataset. `lesion_id` is kept as an
+    extra column.
     """
     _choice(attribute, ATTRIBUTES, "attribute")
     threshold = _check_threshold(age_threshold)
@@ -354,6 +363,13 @@ def from_isic2019(
             )
         )
         lines.append(line)
+    gt_images = {row.get("image", "") for _, row in gt_rows}
+    uncovered = [image for image in meta if image not in gt_images]
+    if uncovered:
+        warnings.warn(
+            f"{gt_path}: the ground truth covers {len(meta) - len(uncovered)} of the {len(meta)} rows of "
+            f"{meta_path}; {len(uncovered)} metadata rows have no ground-truth row and are left out "
+            f"(e.g. {uncovered[0]!r})", AdapterWarning, stacklevel=2)
     return _result(
         records,
         lines,
@@ -363,6 +379,8 @@ def from_isic2019(
         format="isic2019",
         ground_truth=str(gt_path),
         metadata=str(meta_path),
+        metadata_rows=len(meta),
+        metadata_without_ground_truth=len(uncovered),
         label_column="one-hot " + "/".join(ISIC2019_CLASSES),
         group_by=_attribute_description(attribute, "sex", "age_approx", threshold),
     )

@@ -149,7 +149,7 @@ def read_manifest(path: str | os.PathLike[str], images_root: str | os.PathLike[s
     if not p.is_file():
         raise FairdeployError(f"manifest {p} not found")
     try:
-        with open(p, newline="", encoding="utf-8") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the first column's name
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in REQUIRED_COLUMNS if c not in header]

@@ -10,7 +10,13 @@ from typing import Any
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError, MissingDependencyError
 from fairdeploy.io import read_json
-from fairdeploy.pipeline.config import PipelineConfig, PruneEntry, dataclass_from_options
+from fairdeploy.pipeline.config import (
+    PipelineConfig,
+    PruneEntry,
+    check_option_types,
+    check_type,
+    dataclass_from_options,
+)
 from fairdeploy.pipeline.stages import StageOutcome, hash_path, run_stage
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.report.from_validation import stages_from_validation
@@ -56,9 +62,11 @@ def _split_options(entry: PruneEntry, seed: int) -> Any:
                                                                                 "finetune_epochs", "finetune_lr"})
                 raise FairdeployError(f"{where}: unknown option {key!r}; valid options: {', '.join(valid)}")
     finetune = dataclass_from_options(FitConfig, {"seed": seed, **ft}, f"{where} finetune_*") if ft else None
-    kwargs = {"fairprune" if entry.method == "fairprune" else "snnl": method_cls(**buckets[method_cls])}
-    cfg = PruneConfig(method=entry.method, stop=StopRule(**buckets[StopRule]), guard=Guard(**buckets[Guard]),
-                      finetune=finetune, **kwargs, **top)
+    kwargs = {"fairprune" if entry.method == "fairprune" else "snnl":
+              dataclass_from_options(method_cls, buckets[method_cls], where)}
+    cfg = PruneConfig(method=entry.method, stop=dataclass_from_options(StopRule, buckets[StopRule], where),
+                      guard=dataclass_from_options(Guard, buckets[Guard], where), finetune=finetune,
+                      **kwargs, **check_option_types(PruneConfig, top, where))
     cfg.validate()
     return cfg
 
@@ -95,10 +103,9 @@ def _budget_options(entry: PruneEntry, seed: int) -> Any:
         raise FairdeployError(f"{where}: a budget run needs exactly one of {', '.join(BUDGET_KEYS)} "
                               f"(got {', '.join(budget) or 'none'})")
     (key, value), = budget.items()
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise FairdeployError(f"{where}: {key} must be a number, got {value!r}") from None
+    value = check_type(value, float, f"{where} {key}")
+    top = check_option_types(BudgetConfig, top, where)
+    ft = check_option_types(FitConfig, ft, f"{where} finetune_*")
     if key == "speedup":
         if value <= 1.0:
             raise FairdeployError(f"{where}: speedup must be > 1, got {value}")
@@ -329,8 +336,6 @@ def _synth_config(cfg: PipelineConfig) -> Any:
     from fairdeploy.data.synth import SynthConfig
 
     synth = dict(cfg.synth)
-    if "fractions" in synth:
-        synth["fractions"] = tuple(synth["fractions"])
     synth_cfg = dataclass_from_options(SynthConfig, {"seed": cfg.seed, **synth}, f"{cfg.source}: [data] synth")
     synth_cfg.validate()
     return synth_cfg
@@ -378,9 +383,7 @@ def _validation_config(cfg: PipelineConfig) -> Any:
     tol_keys = {f.name for f in fields(Tolerances)}
     tolerances = dataclass_from_options(Tolerances, {k: val.pop(k) for k in list(val) if k in tol_keys}, where)
     lat = {k.removeprefix("latency_"): val.pop(k) for k in list(val) if k.startswith("latency_")}
-    if "batch_sizes" in lat:
-        lat["batch_sizes"] = tuple(lat["batch_sizes"])
-    latency = dataclass_from_options(LatencyConfig, lat, where) if val.pop("latency", True) else None
+    latency = dataclass_from_options(LatencyConfig, lat, f"{where} latency_*:") if val.pop("latency", True) else None
     vcfg = dataclass_from_options(ValidationConfig, {**val, "tolerances": tolerances, "latency": latency,
                                                      "seed": cfg.seed}, where)
     vcfg.validate()
