@@ -2,67 +2,104 @@
 #
 # fairdeploy images: export, engine building and re-validation on the machine that runs the model.
 #
-#   Workstation / server GPU (x86_64, TensorRT 10.x from NGC):
+#   Workstation / server GPU (x86_64, CUDA 12.8, TensorRT 10.8 from the NGC PyTorch container):
 #     docker build -t fairdeploy .
 #     docker run --rm --gpus all -v "$PWD:/work" fairdeploy export --model /work/run/best \
 #         --out /work/export --profile workstation-int8 --data /work/data/manifest.csv
 #
-#   Jetson Orin (JetPack 6.x = L4T r36, TensorRT 10.3), built on the device or with buildx for arm64:
+#   Jetson Orin (JetPack 6.1/6.2 = L4T r36.4, CUDA 12.6, TensorRT 10.3), built on the device or with buildx:
 #     docker build --target jetson -t fairdeploy:jetson .
 #     docker run --rm --runtime nvidia -v "$PWD:/work" fairdeploy:jetson export ... --profile jetson-orin-nano-fp16
 #
-# Engines are tied to the TensorRT version and GPU they were built with: build them inside the image
-# that will run them (the sidecar JSON beside each engine records both and is checked on load).
-# Base images: TRT_IMAGE is NVIDIA's NGC TensorRT container (tags are YY.MM-py3; 24.08 and later ship
-# TensorRT 10.x); JETSON_IMAGE is NGC's l4t-jetpack for JetPack 6 (r36.x), which ships TensorRT 10.3
-# and its Python bindings as Debian packages.
+# Engines are tied to the TensorRT version and GPU they were built with: build them inside the image that will
+# run them (the sidecar JSON beside each engine records both and is checked on load). The export profiles and
+# calibration recipes are package data of fairdeploy: a ./export or ./calibration folder in the working directory
+# (/work above) overrides them by name (see fairdeploy/resources/__init__.py).
+#
+# What each image installs, and what it must not:
+# * torch, torchvision and tensorrt come from the base image (the CUDA build that matches the base's driver stack
+#   and TensorRT); pip is given constraints pinning them (docker/base_requirements.py), so nothing reinstalls or
+#   upgrades them. fairdeploy itself is installed with --no-deps; its other requirements are read from its own
+#   metadata (pyproject.toml), minus the ones the base provides.
+# * Workstation: onnxruntime-gpu ONLY. `onnxruntime` and `onnxruntime-gpu` install the same `onnxruntime` module;
+#   with both present the CPU package's files hide the CUDA provider, so the CPU package is left out.
 
-ARG TRT_IMAGE=nvcr.io/nvidia/tensorrt:25.01-py3
+ARG PYTORCH_IMAGE=nvcr.io/nvidia/pytorch:25.01-py3
 ARG JETSON_IMAGE=nvcr.io/nvidia/l4t-jetpack:r36.4.0
 
 # ---------------------------------------------------------------------------------------------------
-# Jetson (L4T): TensorRT comes from JetPack's apt packages, not from PyPI (PyPI's tensorrt wheels do
-# not target Tegra), so the virtual environment sees the system site-packages and installs only the
-# CUDA Python bindings on top. PyTorch from PyPI is CPU-only on aarch64: that is enough for export
-# (it runs on the CPU); GPU identity for engine sidecars then comes from cuda-python.
+# Jetson (L4T r36.x = JetPack 6.x: CUDA 12.6, cuDNN 9.3, TensorRT 10.3, Ubuntu 22.04, Python 3.10).
+# TensorRT and its Python bindings come from JetPack's Debian packages (PyPI's tensorrt wheels do not target
+# Tegra), so the venv sees the system site-packages. PyPI's aarch64 torch is built without CUDA for Tegra and
+# cannot use the Orin GPU: torch is NVIDIA's JetPack 6 wheel ("Installing PyTorch for Jetson Platform",
+# docs.nvidia.com/deeplearning/frameworks/install-pytorch-jetson-platform/; the v61 wheel below is the one
+# NVIDIA's Torch-TensorRT build for JetPack 6.1 installs). JetPack's TensorRT/torch Python builds are for
+# numpy 1.x: numpy<2. No `import tensorrt` (or torch) while building: libnvinfer needs the GPU driver, which
+# only the nvidia runtime provides when the container runs.
 FROM ${JETSON_IMAGE} AS jetson
+
+ARG JETSON_TORCH_WHEEL=https://developer.download.nvidia.com/compute/redist/jp/v61/pytorch/torch-2.5.0a0+872d972e41.nv24.08.17622132-cp310-cp310-linux_aarch64.whl
+# torchvision: NVIDIA ships no JetPack wheel; PyPI's 0.20 (the release for torch 2.5) without its dependencies,
+# so it cannot pull PyPI's torch. fairdeploy uses its model definitions only (its compiled ops may warn).
+ARG TORCHVISION_VERSION=0.20.0
+# NVIDIA's torch >= 24.06 wheels need cuSPARSELt, which JetPack 6 does not ship (archive and steps from
+# pytorch.org/TensorRT/getting_started/jetpack.html, "Ensure libcusparseLt.so exists").
+ARG CUSPARSELT_URL=https://developer.download.nvidia.com/compute/cusparselt/redist/libcusparse_lt/linux-sbsa/libcusparse_lt-linux-sbsa-0.5.2.1-archive.tar.xz
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PATH=/opt/venv/bin:$PATH \
-    FAIRDEPLOY_PROFILES=/opt/fairdeploy/export \
-    FAIRDEPLOY_CALIBRATION=/opt/fairdeploy/calibration
+    PATH=/opt/venv/bin:$PATH
 
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3-venv python3-pip \
+    && apt-get install -y --no-install-recommends python3-venv python3-pip libopenblas0 curl ca-certificates xz-utils \
     && rm -rf /var/lib/apt/lists/* \
+    && curl -fsSLo /tmp/cusparselt.tar.xz "${CUSPARSELT_URL}" \
+    && mkdir /tmp/cusparselt && tar -xf /tmp/cusparselt.tar.xz -C /tmp/cusparselt --strip-components=1 \
+    && cp -a /tmp/cusparselt/include/* /usr/local/cuda/include/ \
+    && cp -a /tmp/cusparselt/lib/* /usr/local/cuda/lib64/ \
+    && rm -rf /tmp/cusparselt /tmp/cusparselt.tar.xz \
     && python3 -m venv --system-site-packages /opt/venv
 
+# The torch wheel is pinned by its URL (hadolint reads it as an unpinned name).
+# hadolint ignore=DL3013
+RUN python -m pip install "numpy>=1.24,<2" "${JETSON_TORCH_WHEEL}" \
+    && python -m pip install --no-deps "torchvision==${TORCHVISION_VERSION}"
+
 WORKDIR /opt/fairdeploy
+COPY docker/base_requirements.py /tmp/base_requirements.py
 COPY pyproject.toml README.md ./
 COPY fairdeploy ./fairdeploy
-COPY export ./export
-COPY calibration ./calibration
-RUN python -m pip install . "cuda-python>=12.0,<13" \
-    && python -c "import tensorrt, fairdeploy; print('TensorRT', tensorrt.__version__)"
+# fairdeploy without dependencies, then its requirements minus torch/torchvision (installed above), with
+# torch, torchvision, numpy and (when pip can see it) JetPack's tensorrt pinned; cuda-python 12.x for CUDA 12.6.
+RUN python -m pip install --no-deps . \
+    && python /tmp/base_requirements.py /tmp/requirements.txt /tmp/constraints.txt \
+        --provided torch torchvision numpy --pin tensorrt \
+    && python -m pip install -r /tmp/requirements.txt -c /tmp/constraints.txt "cuda-python>=12.0,<13" \
+    && fairdeploy --help > /dev/null
 
 WORKDIR /work
 ENTRYPOINT ["fairdeploy"]
 CMD ["--help"]
 
 # ---------------------------------------------------------------------------------------------------
-# Workstation (default target): NGC TensorRT container, fairdeploy with its TensorRT and GPU extras
-# (tensorrt and cuda-python; onnxruntime-gpu for CUDA-provider validation).
-FROM ${TRT_IMAGE} AS workstation
+# Workstation (default target): NGC PyTorch 25.01 = CUDA 12.8, cuDNN 9.7, torch 2.6.0a0 (nv25.1), TensorRT 10.8,
+# Python 3.12, Ubuntu 24.04 (NVIDIA's framework release matrix, e.g. docs.nvidia.com/deeplearning/
+# triton-inference-server/user-guide/docs/introduction/compatibility.html, row 25.01). torch is the base's CUDA
+# 12.8 build and TensorRT the base's; nothing here reinstalls either.
+# onnxruntime-gpu: PyPI's 1.19-1.22 wheels are built for CUDA 12.x + cuDNN 9.x ("Starting with version 1.19,
+# CUDA 12.x becomes the default", onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html); later
+# lines move to CUDA 13. Change ORT_GPU_VERSION together with PYTORCH_IMAGE (a CUDA 13 base takes a CUDA 13
+# onnxruntime-gpu and cuda-python 13).
+FROM ${PYTORCH_IMAGE} AS workstation
+
+ARG ORT_GPU_VERSION=1.22.0
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PATH=/opt/venv/bin:$PATH \
-    FAIRDEPLOY_PROFILES=/opt/fairdeploy/export \
-    FAIRDEPLOY_CALIBRATION=/opt/fairdeploy/calibration
+    PATH=/opt/venv/bin:$PATH
 
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -71,14 +108,17 @@ RUN apt-get update \
     && python3 -m venv --system-site-packages /opt/venv
 
 WORKDIR /opt/fairdeploy
+COPY docker/base_requirements.py /tmp/base_requirements.py
 COPY pyproject.toml README.md ./
 COPY fairdeploy ./fairdeploy
-COPY export ./export
-COPY calibration ./calibration
-# The local project with its extras (hadolint reads ".[trt,gpu]" as an unpinned package name).
-# hadolint ignore=DL3013
-RUN python -m pip install ".[trt,gpu]" \
-    && python -c "import tensorrt, fairdeploy; print('TensorRT', tensorrt.__version__)"
+# fairdeploy without dependencies; its requirements minus torch/torchvision (the base's) and onnxruntime (replaced
+# by onnxruntime-gpu), with the base's torch, torchvision, tensorrt and numpy pinned; cuda-python 12.x for CUDA 12.8.
+RUN python -m pip install --no-deps . \
+    && python /tmp/base_requirements.py /tmp/requirements.txt /tmp/constraints.txt \
+        --provided torch torchvision --replaced onnxruntime --pin tensorrt numpy \
+    && python -m pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
+        "onnxruntime-gpu==${ORT_GPU_VERSION}" "cuda-python>=12.0,<13" \
+    && fairdeploy --help > /dev/null
 
 WORKDIR /work
 ENTRYPOINT ["fairdeploy"]
