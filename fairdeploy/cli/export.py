@@ -44,6 +44,15 @@ CalibDataOpt = Annotated[
 CalibSizeOpt = Annotated[int | None, typer.Option("--calib-size", help="Calibration images, balanced over group x class.")]
 CalibMethodOpt = Annotated[str | None, typer.Option("--calib-method", help="minmax, entropy or percentile.")]
 CalibSplitOpt = Annotated[str | None, typer.Option("--calib-split", help="Manifest split to calibrate on (train or val).")]
+Int8PlacementOpt = Annotated[
+    str | None,
+    typer.Option("--int8-placement", help="Q/DQ placement: tensorrt (NVIDIA's guide) or ort-default (default: the recipe's)."),
+]
+Int8MixedOpt = Annotated[
+    str | None,
+    typer.Option("--int8-mixed", help="off, or group-aware: keep the layers that fail a group in FP32, measured on "
+                 "the val split of --data (default: the recipe's)."),
+]
 CalibRecipeOpt = Annotated[
     str | None, typer.Option("--calib-recipe", help="Recipe name in calibration/ or a .toml path (default: default).")
 ]
@@ -94,6 +103,8 @@ def export(
     calib_size: CalibSizeOpt = None,
     calib_method: CalibMethodOpt = None,
     calib_split: CalibSplitOpt = None,
+    int8_placement: Int8PlacementOpt = None,
+    int8_mixed: Int8MixedOpt = None,
     calib_recipe: CalibRecipeOpt = None,
     recipes_dir: CalibRecipesDirOpt = None,
     calib_seed: CalibSeedOpt = None,
@@ -122,7 +133,8 @@ def export(
     flags = {
         "precision": parse_precisions(precision) if precision else None, "trt": trt, "opset": opset,
         "simplify": simplify, "calib_recipe": calib_recipe, "calib_size": calib_size, "calib_method": calib_method,
-        "calib_split": calib_split, "min_batch": min_batch, "opt_batch": opt_batch, "max_batch": max_batch,
+        "calib_split": calib_split, "int8_placement": int8_placement, "int8_mixed": int8_mixed,
+        "min_batch": min_batch, "opt_batch": opt_batch, "max_batch": max_batch,
         "workspace_mib": workspace_mib, "optimization_level": opt_level, "timing_cache": timing_cache,
         "sparse_weights": sparse_weights, "dla_core": dla_core, "gpu_fallback": gpu_fallback,
         "implicit_int8": trt_implicit_int8,
@@ -154,6 +166,12 @@ def export(
         cells = ", ".join(f"{c['group']}/{c['class']} {c['n']}" for c in cal["counts"])
         console.print(f"calibration: {cal['n']} images ({cal['recipe']['method']}), {cells}; sha256 {cal['sha256'][:16]}",
                       highlight=False, soft_wrap=True)
+        mixed = summary["onnx"].get("int8", {}).get("mixed_precision")
+        if mixed:
+            kept = [k["layer"] for k in mixed["kept_fp32"]]
+            console.print(f"int8 ({cal['recipe']['placement']} Q/DQ placement), group-aware mixed precision on "
+                          f"{mixed['data']}: {len(kept)} layer(s) kept in FP32{': ' + ', '.join(kept) if kept else ''}",
+                          highlight=False, soft_wrap=True)
     for p, path in result.engines.items():
         console.print(f"engine {p}: {path}", highlight=False, soft_wrap=True)
     console.print(f"wrote {result.out_dir}", highlight=False, soft_wrap=True)

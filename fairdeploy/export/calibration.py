@@ -17,6 +17,8 @@ import numpy as np
 from fairdeploy.data.loading import eval_transform
 from fairdeploy.data.manifest import SPLITS, Manifest
 from fairdeploy.errors import FairdeployError
+from fairdeploy.export.mixed_precision import DEFAULT_MIXED_PRECISION, check_mixed_precision
+from fairdeploy.export.qdq_placement import DEFAULT_PLACEMENT, check_placement
 from fairdeploy.io import sha256_bytes, sha256_file, write_json
 from fairdeploy.models.checkpoint import ModelSpec
 from fairdeploy.resources import CALIBRATION, find_toml, search_folders
@@ -43,6 +45,8 @@ class CalibrationRecipe:
     percentile: float = 99.99
     seed: int = 0
     batch_size: int = 16
+    placement: str = DEFAULT_PLACEMENT  # where Q/DQ pairs go: qdq_placement.PLACEMENTS
+    mixed_precision: str = DEFAULT_MIXED_PRECISION  # layers kept FP32: mixed_precision.MIXED_PRECISION_MODES
     source: str = "<built-in defaults>"
     # Set by load_recipe when the size comes from the recipe file (no --calib-size / profile size): a size the
     # data cannot fill is lowered to the largest balanced set, with a warning. An explicit size is strict.
@@ -63,6 +67,10 @@ class CalibrationRecipe:
             raise FairdeployError(f"{where}: percentile must be in (50, 100], got {self.percentile!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise FairdeployError(f"{where}: batch_size must be a positive integer, got {self.batch_size!r}")
+        check_placement(self.placement, where)
+        check_mixed_precision(self.mixed_precision, where)
+        if self.mixed_precision != "off" and self.placement != "tensorrt":
+            raise FairdeployError(f"{where}: mixed_precision {self.mixed_precision!r} needs placement 'tensorrt'")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from fairdeploy.export.calibration import (
 )
 from fairdeploy.export.check import compare_logits, ort_logits, ort_session
 from fairdeploy.export.fp16 import convert_fp16
-from fairdeploy.export.int8 import qdq_summary, quantize_int8
+from fairdeploy.export.int8 import group_aware_int8, qdq_summary, quantize_int8
 from fairdeploy.export.metadata import (
     CALIBRATION_FILE,
     EXPORT_FILE,
@@ -37,6 +37,7 @@ from fairdeploy.export.metadata import (
     onnx_filename,
     sidecar_filename,
 )
+from fairdeploy.export.mixed_precision import EvalSet
 from fairdeploy.export.onnx_export import export_model_onnx, random_check_inputs
 from fairdeploy.export.profiles import ExportOptions
 from fairdeploy.export.sidecar import EngineSidecar, write_sidecar
@@ -50,6 +51,7 @@ from fairdeploy.models.checkpoint import (
 )
 from fairdeploy.progress import Progress, no_progress
 
+MIXED_PRECISION_SPLIT = "val"  # group-aware mixed precision measures layers here: never the test split
 SELF_CHECK_SAMPLES = 64  # real images run at every check batch size against PyTorch
 CHECK_BATCH = 32
 
@@ -190,8 +192,14 @@ def run_export(
         cal_manifest = (read_manifest(source, images_root, allow_outside_root=allow_outside_root)
                         if source != data or check_manifest is None else check_manifest)
         recipe = load_recipe(options.calib_recipe, recipe_dirs, size=options.calib_size, method=options.calib_method,
-                             split=options.calib_split, seed=calib_seed)
+                             split=options.calib_split, seed=calib_seed, placement=options.int8_placement,
+                             mixed_precision=options.int8_mixed)
         cal = draw_calibration_set(cal_manifest, spec, recipe)
+        if recipe.mixed_precision == "group-aware":
+            mixed_manifest = check_manifest if check_manifest is not None else cal_manifest
+            if not any(r.split == MIXED_PRECISION_SPLIT for r in mixed_manifest.records):
+                raise FairdeployError(f"{mixed_manifest.source}: group-aware mixed precision measures each layer on "
+                                      f"the {MIXED_PRECISION_SPLIT!r} split, which has no images")
     model, spec = load_checkpoint(ckpt, "cpu")
     check = load_check_data(check_manifest, spec, check_split, seed)
     out = _writable_dir(Path(out_dir))  # created only once every input has been checked
@@ -216,11 +224,20 @@ def run_export(
                 extra: dict[str, Any] = {}
             else:
                 assert cal is not None
-                quantize_int8(fp32.path, path, cal)
+                extra = {"placement": cal.recipe.placement}
+                if cal.recipe.mixed_precision == "group-aware":
+                    val = load_check_data(mixed_manifest, spec, MIXED_PRECISION_SPLIT, seed)
+                    assert val.labels is not None and val.groups is not None
+                    model, plan = group_aware_int8(fp32.path, cal, EvalSet(
+                        val.inputs, val.labels, val.groups, tuple(spec.groups), spec.num_classes, val.source))
+                    quantize_int8(fp32.path, path, cal, model=model)
+                    extra["mixed_precision"] = plan.to_dict()
+                else:
+                    quantize_int8(fp32.path, path, cal)
                 write_calibration_json(stage / CALIBRATION_FILE, cal)
                 import onnx
 
-                extra = {"qdq": qdq_summary(onnx.load(str(path))).to_dict(), "calibration_sha256": cal.sha256}
+                extra.update(qdq=qdq_summary(onnx.load(str(path))).to_dict(), calibration_sha256=cal.sha256)
             onnx_info[precision] = {"path": path.name, "precision": precision, "sha256": sha256_file(path), **extra,
                                     **_evaluate(path, check, torch_ref, fp32_logits, spec)}
             progress("export ONNX", i + 2, steps)

@@ -9,19 +9,26 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.calibration import CalibrationSet, reader_class
 from fairdeploy.export.metadata import metadata_of_model, set_onnx_metadata
+from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan, plan_group_aware, with_fp32_layers
+from fairdeploy.export.qdq_placement import (
+    DEFAULT_PLACEMENT,
+    adds_fused_into,
+    check_placement,
+    ort_settings,
+    place_qdq,
+)
 from fairdeploy.io import atomic_path
-
-# Inputs of these ops get Q/DQ: the convolutions and matrix products (weights per channel) and the
-# residual additions, which is where TensorRT's explicit-quantization fusions look for them.
-DEFAULT_OP_TYPES = ("Conv", "Gemm", "MatMul", "Add")
+from fairdeploy.validation.tolerances import Tolerances
 
 
 @dataclass(frozen=True)
@@ -99,29 +106,54 @@ def _quiet():
         root.setLevel(level)
 
 
-def quantize_int8(
-    fp32_path: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    cal: CalibrationSet,
-    op_types: tuple[str, ...] = DEFAULT_OP_TYPES,
-) -> Path:
-    """Write a Q/DQ INT8 ONNX calibrated on `cal` (method, percentile and batch size from its recipe).
+def array_reader(batches: Sequence[np.ndarray]):
+    """An onnxruntime CalibrationDataReader over in-memory float32 batches (N, 3, H, W)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    Activations and weights are signed int8 and symmetric, so every zero point is 0; weights are
-    quantized per output channel; biases stay float (TensorRT folds them). The result runs on ONNX
-    Runtime's CPU provider and is what TensorRT 10.x and 11.x accept as explicit quantization.
-    """
+    from fairdeploy.export.metadata import INPUT_NAME
+
+    class ArrayReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches_read = 0
+            self.rewind()
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._it, None)
+            if batch is None:
+                return None
+            self.batches_read += 1
+            return {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+
+        def rewind(self) -> None:
+            self._it = iter(batches)
+
+    return ArrayReader()
+
+
+def quantize_qdq(
+    fp32_path: str | os.PathLike[str],
+    reader: Any,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    placement: str = DEFAULT_PLACEMENT,
+    keep_fp32: Collection[str] = (),
+):
+    """The Q/DQ onnx.ModelProto of an FP32 ONNX file, calibrated on `reader`'s batches (no metadata change).
+
+    Activations and weights are signed int8 and symmetric (every zero point 0); weights per output channel;
+    biases stay float (TensorRT folds them). `placement` decides where the Q/DQ pairs go (qdq_placement);
+    `keep_fp32` names weighted layers left in FP32 (ORT's nodes_to_exclude, then the placement pass)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    src, out = Path(fp32_path), Path(out_path)
-    meta = metadata_of_model(onnx.load(str(src), load_external_data=False), str(src))
-    if meta.precision != "fp32":
-        raise FairdeployError(f"{src}: INT8 quantization needs the fp32 export, this one is {meta.precision}")
-    recipe = cal.recipe
-    reader = reader_class()(cal, recipe.batch_size)
-    with tempfile.TemporaryDirectory(prefix=".int8.", dir=out.parent if out.parent.is_dir() else None) as work:
+    check_placement(placement)
+    if keep_fp32 and placement != "tensorrt":
+        raise FairdeployError(f"layers kept in FP32 need the 'tensorrt' Q/DQ placement, not {placement!r}")
+    src = Path(fp32_path)
+    op_types, extra = ort_settings(placement)
+    extra["CalibPercentile"] = float(percentile)
+    with tempfile.TemporaryDirectory(prefix=".int8.") as work:
         pre = Path(work) / "pre.onnx"
         raw = Path(work) / "qdq.onnx"
         with _quiet():
@@ -129,27 +161,75 @@ def quantize_int8(
                 # Shape inference only: ORT's graph optimisations could fuse ops into contrib ops TensorRT lacks.
                 quant_pre_process(str(src), str(pre), skip_optimization=True, skip_onnx_shape=False,
                                   skip_symbolic_shape=False)
+                fp32_model = onnx.load(str(pre))
+                exclude = [*keep_fp32, *adds_fused_into(fp32_model, keep_fp32)] if keep_fp32 else []
                 quantize_static(
-                    str(pre), str(raw), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
+                    str(pre), str(raw), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                     per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=_calibrate_method(recipe.method),
-                    extra_options={
-                        "ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                        "CalibPercentile": float(recipe.percentile),
-                    },
+                    weight_type=QuantType.QInt8, calibrate_method=_calibrate_method(method),
+                    nodes_to_exclude=exclude, extra_options=extra,
                 )
             except FairdeployError:
                 raise
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise FairdeployError(f"INT8 quantization of {src.name} failed: {first}") from exc
-        if reader.batches_read == 0:
+        if getattr(reader, "batches_read", 1) == 0:
             raise FairdeployError("INT8 quantization read no calibration batch")
         model = onnx.load(str(raw))
-    set_onnx_metadata(model, dataclasses.replace(meta, precision="int8", calibration_sha256=cal.sha256))
+    if placement == "tensorrt":
+        model = place_qdq(model, fp32_model, keep_fp32)
+    return model
+
+
+def check_symmetric(model, name: str) -> QdqSummary:
     summary = qdq_summary(model)
     if summary.quantize_nodes == 0 or not summary.symmetric:
-        raise FairdeployError(f"{out.name}: quantization produced no symmetric Q/DQ graph ({summary.to_dict()})")
+        raise FairdeployError(f"{name}: quantization produced no symmetric Q/DQ graph ({summary.to_dict()})")
+    return summary
+
+
+def quantize_int8(
+    fp32_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    cal: CalibrationSet,
+    keep_fp32: Collection[str] = (),
+    model: Any | None = None,
+) -> Path:
+    """Write a Q/DQ INT8 ONNX calibrated on `cal` (method, percentile, batch size and Q/DQ placement from its
+    recipe), with the layers in `keep_fp32` left in FP32. `model`: an already quantized ModelProto of this
+    FP32 file to write instead (mixed precision builds it from the calibrated all-INT8 graph).
+
+    The result runs on ONNX Runtime's CPU provider and is what TensorRT 10.x and 11.x accept as explicit
+    quantization.
+    """
+    import onnx
+
+    src, out = Path(fp32_path), Path(out_path)
+    meta = metadata_of_model(onnx.load(str(src), load_external_data=False), str(src))
+    if meta.precision != "fp32":
+        raise FairdeployError(f"{src}: INT8 quantization needs the fp32 export, this one is {meta.precision}")
+    if model is None:
+        recipe = cal.recipe
+        model = quantize_qdq(src, reader_class()(cal, recipe.batch_size), recipe.method, recipe.percentile,
+                             recipe.placement, keep_fp32)
+    set_onnx_metadata(model, dataclasses.replace(meta, precision="int8", calibration_sha256=cal.sha256))
+    check_symmetric(model, out.name)
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
     return out
+
+
+def group_aware_int8(fp32_path: str | os.PathLike[str], cal: CalibrationSet, data: EvalSet,
+                     tolerances: Tolerances | None = None, threads: int = 0) -> tuple[Any, MixedPrecisionPlan]:
+    """The INT8 graph of `fp32_path` (TensorRT placement, calibrated on `cal`) with the layers that group-aware
+    mixed precision keeps in FP32 (mixed_precision.plan_group_aware on `data`), and the plan."""
+    import onnx
+
+    recipe = cal.recipe
+    if recipe.placement != "tensorrt":
+        raise FairdeployError(f"group-aware mixed precision needs the 'tensorrt' Q/DQ placement, not {recipe.placement!r}")
+    full = quantize_qdq(fp32_path, reader_class()(cal, recipe.batch_size), recipe.method, recipe.percentile)
+    fp32 = onnx.load(str(fp32_path))
+    plan = plan_group_aware(full, fp32, data, tolerances, threads)
+    return with_fp32_layers(full, fp32, plan.kept_fp32), plan

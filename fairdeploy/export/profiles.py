@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.calibration import CALIB_METHODS, read_toml
 from fairdeploy.export.metadata import PRECISIONS
+from fairdeploy.export.mixed_precision import check_mixed_precision
 from fairdeploy.export.onnx_export import DEFAULT_OPSET, check_opset
+from fairdeploy.export.qdq_placement import check_placement
 from fairdeploy.resources import PROFILES, find_toml, search_folders, toml_names
 
 if TYPE_CHECKING:  # a pathlib.Path is one too
@@ -78,6 +80,8 @@ class ExportOptions:
     calib_size: int | None = None  # None = the recipe's
     calib_method: str | None = None
     calib_split: str | None = None
+    int8_placement: str | None = None  # Q/DQ placement (qdq_placement.PLACEMENTS); None = the recipe's
+    int8_mixed: str | None = None  # mixed precision (mixed_precision.MIXED_PRECISION_MODES); None = the recipe's
     trt: TrtOptions = field(default_factory=TrtOptions)
     profile: str | None = None  # the profile file applied, if any
     description: str = ""
@@ -105,6 +109,10 @@ class ExportOptions:
             raise FairdeployError(
                 f"{where}: calibration method {self.calib_method!r} is not one of {', '.join(CALIB_METHODS)}"
             )
+        if self.int8_placement is not None:
+            check_placement(self.int8_placement, where)
+        if self.int8_mixed is not None:
+            check_mixed_precision(self.int8_mixed, where)
         if self.calib_size is not None and self.calib_size < 1:
             raise FairdeployError(f"{where}: calibration size must be positive, got {self.calib_size}")
         self.trt.validate(where)
@@ -136,7 +144,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "export": {"precision": "precision", "opset": "opset", "simplify": "simplify",
                "check_batch_sizes": "check_batch_sizes", "fp32_atol": "fp32_atol"},
     "calibration": {"recipe": "calib_recipe", "size": "calib_size", "method": "calib_method",
-                    "split": "calib_split"},
+                    "split": "calib_split", "placement": "int8_placement", "mixed_precision": "int8_mixed"},
     "tensorrt": {"enabled": "trt", "min_batch": "min_batch", "opt_batch": "opt_batch", "max_batch": "max_batch",
                  "workspace_mib": "workspace_mib", "optimization_level": "optimization_level",
                  "timing_cache": "timing_cache", "sparse_weights": "sparse_weights", "dla_core": "dla_core",

@@ -1,0 +1,210 @@
+"""Where Q/DQ pairs sit in an INT8 ONNX graph: TensorRT's placement, as a pass over ONNX Runtime's Q/DQ output.
+
+ONNX Runtime's `quantize_static` (QDQ format) quantizes the inputs *and outputs* of every quantized op, and a
+quantized tensor's DequantizeLinear feeds *every* consumer of that tensor, quantized or not. NVIDIA's
+explicit-quantization guide places Q/DQ differently, and TensorRT fuses better with its placement:
+
+* on the inputs of weighted ops (Conv, Gemm, MatMul): the activation input and the weight (per channel);
+* on a residual Add, only on the shortcut input, so the Add fuses into the convolution that produces the
+  other input (which stays float between that conv and the Add);
+* nowhere else: no Q/DQ on the input of HardSwish, HardSigmoid, Mul, ... (ops TensorRT runs in higher
+  precision) and none on a conv output whose consumers are all such ops.
+
+`place_qdq` takes ORT's graph (quantized with `ort_settings(placement)`) and rewires every consumer that
+should read the float tensor back to the tensor before the Q/DQ pair, then drops the pairs nobody reads.
+The same pass leaves chosen weighted layers in FP32 (mixed precision): their inputs are rewired to the float
+tensor and their weights replaced by the FP32 model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from fairdeploy.errors import FairdeployError
+
+PLACEMENTS = ("tensorrt", "ort-default")
+DEFAULT_PLACEMENT = "tensorrt"
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+# The op types handed to ORT: the weighted ops and Add (whose inputs ORT calibrates, so a shortcut has a scale).
+QUANTIZED_OP_TYPES = (*WEIGHTED_OPS, "Add")
+
+
+def check_placement(placement: str, where: str = "INT8 options") -> str:
+    if placement not in PLACEMENTS:
+        raise FairdeployError(f"{where}: Q/DQ placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    return placement
+
+
+def ort_settings(placement: str) -> tuple[list[str], dict[str, Any]]:
+    """(op_types_to_quantize, extra_options) for onnxruntime.quantization.quantize_static.
+
+    Both placements: signed symmetric INT8 (zero point 0, as TensorRT requires), per-channel weights,
+    float biases. "tensorrt" also keeps ORT from quantizing the outputs of the quantized ops; place_qdq then
+    removes what TensorRT does not want. "ort-default" is ORT's own placement, unchanged."""
+    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+    if check_placement(placement) == "tensorrt":
+        extra["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OP_TYPES)
+    return list(QUANTIZED_OP_TYPES), extra
+
+
+@dataclass(frozen=True)
+class ResidualAdd:
+    """A residual Add: `fused` is the input TensorRT fuses the Add into (a weighted op's output read only by
+    this Add, the deeper one when both are), `shortcut` the other input (the one that gets Q/DQ)."""
+
+    node: str
+    fused_input: int  # index into the Add's inputs
+    fused_into: str  # the weighted node producing that input
+    shortcut_input: int
+
+
+class _Graph:
+    """Producer / consumer maps of a graph, with activation Q/DQ pairs seen through (DQ output -> float)."""
+
+    def __init__(self, model: Any):
+        g = model.graph
+        self.model = model
+        self.inits = {i.name: i for i in g.initializer}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list[tuple[Any, int]]] = {}
+        for n in g.node:
+            for i, name in enumerate(n.input):
+                self.consumers.setdefault(name, []).append((n, i))
+        self.outputs = {o.name for o in g.output}
+
+    def float_source(self, tensor: str) -> str:
+        """The tensor before an activation Q -> DQ pair (itself when it is not a DQ output)."""
+        dq = self.producer.get(tensor)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q = self.producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                return q.input[0]
+        return tensor
+
+    def is_activation_dq(self, tensor: str) -> bool:
+        return self.float_source(tensor) != tensor
+
+    def is_constant(self, tensor: str) -> bool:
+        if tensor in self.inits:
+            return True
+        p = self.producer.get(tensor)
+        if p is None:
+            return False
+        if p.op_type == "Constant":
+            return True
+        return p.op_type == "DequantizeLinear" and p.input[0] in self.inits  # a quantized weight
+
+    def float_consumers(self, tensor: str) -> list[tuple[Any, int]]:
+        """Consumers of `tensor` directly or through its activation Q/DQ pair(s)."""
+        out = list(self.consumers.get(tensor, []))
+        for q, _ in self.consumers.get(tensor, []):
+            if q.op_type != "QuantizeLinear":
+                continue
+            for dq, _ in self.consumers.get(q.output[0], []):
+                if dq.op_type == "DequantizeLinear":
+                    out.extend(self.consumers.get(dq.output[0], []))
+        return [(n, i) for n, i in out if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+
+    def depths(self) -> dict[str, int]:
+        """Longest path (in non-Q/DQ nodes) from a graph input to each node, by node name."""
+        depth: dict[str, int] = {}
+        for n in self.model.graph.node:  # ONNX nodes are topologically sorted
+            d = 0
+            for name in n.input:
+                p = self.producer.get(name)
+                if p is not None:
+                    d = max(d, depth.get(p.name, 0))
+            depth[n.name] = d + (0 if n.op_type in ("QuantizeLinear", "DequantizeLinear") else 1)
+        return depth
+
+
+def weighted_nodes(model: Any) -> list[str]:
+    """Names of the weighted ops whose second input is a constant (a weight), in graph order."""
+    g = _Graph(model)
+    return [n.name for n in model.graph.node
+            if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and g.is_constant(n.input[1])]
+
+
+def residual_adds(model: Any) -> list[ResidualAdd]:
+    """Every Add of two activations of which at least one is a weighted op's output read only by the Add."""
+    g = _Graph(model)
+    weighted = set(weighted_nodes(model))
+    depth = g.depths()
+    found = []
+    for n in model.graph.node:
+        if n.op_type != "Add" or len(n.input) != 2 or any(g.is_constant(t) for t in n.input):
+            continue
+        candidates = []
+        for i, t in enumerate(n.input):
+            src = g.float_source(t)
+            p = g.producer.get(src)
+            if p is None or p.name not in weighted or src in g.outputs:
+                continue
+            if [c.name for c, _ in g.float_consumers(src)] == [n.name]:
+                candidates.append((depth[p.name], -i, i, p.name))
+        if candidates:
+            _, _, fused, into = max(candidates)
+            found.append(ResidualAdd(node=n.name, fused_input=fused, fused_into=into, shortcut_input=1 - fused))
+    return found
+
+
+def adds_fused_into(model: Any, layers: Collection[str]) -> list[str]:
+    """The residual Adds that fuse into one of `layers` (they follow their conv's precision)."""
+    wanted = set(layers)
+    return [a.node for a in residual_adds(model) if a.fused_into in wanted]
+
+
+def place_qdq(model: Any, fp32_model: Any, keep_fp32: Collection[str] = ()) -> Any:
+    """TensorRT's Q/DQ placement on ORT's Q/DQ `model` (modified in place and returned).
+
+    Kept: the Q/DQ of each weighted op's activation inputs and weight, and of each residual Add's shortcut
+    input; every other consumer of a Q/DQ pair is rewired to the float tensor. Layers named in `keep_fp32`
+    (weighted nodes) become FP32: float activation input, the FP32 model's weight, and their residual Add
+    unquantized. Q/DQ nodes and initializers nobody reads any more are removed."""
+    g = _Graph(model)
+    weighted = weighted_nodes(model)
+    unknown = sorted(set(keep_fp32) - set(weighted))
+    if unknown:
+        raise FairdeployError(f"cannot keep {unknown[0]!r} in FP32: not a weighted layer of the graph "
+                              f"(weighted layers: {', '.join(weighted[:5])}{', ...' if len(weighted) > 5 else ''})")
+    int8 = set(weighted) - set(keep_fp32)
+    shortcut = {(a.node, a.shortcut_input) for a in residual_adds(model) if a.fused_into in int8}
+    fp32_nodes = {n.name: n for n in fp32_model.graph.node}
+    fp32_inits = {i.name: i for i in fp32_model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, t in enumerate(n.input):
+            if g.is_activation_dq(t):
+                keep = (n.name in int8 and not g.is_constant(t)) or (n.name, i) in shortcut
+                if not keep:
+                    n.input[i] = g.float_source(t)
+            elif n.name in keep_fp32 and i > 0 and g.is_constant(t) and t not in g.inits:
+                original = fp32_nodes.get(n.name)
+                if original is None or len(original.input) <= i or original.input[i] not in fp32_inits:
+                    raise FairdeployError(f"{n.name}: its FP32 weight is not in the FP32 model")
+                name = original.input[i]
+                if name not in g.inits:
+                    model.graph.initializer.append(fp32_inits[name])
+                    g.inits[name] = fp32_inits[name]
+                n.input[i] = name
+    _drop_unread(model)
+    return model
+
+
+def _drop_unread(model: Any) -> None:
+    """Remove Q/DQ/Constant nodes whose outputs nobody reads, then initializers nobody reads."""
+    g = model.graph
+    while True:
+        read = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    read = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+    for init in [i for i in g.initializer if i.name not in read]:
+        g.initializer.remove(init)
