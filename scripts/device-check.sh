@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The device check: on a machine with a CUDA GPU, run the GPU-marked tests and the GPU benchmarks (curvature at
+# 224 px batch 64/128, training and fine-tuning speed, ONNX Runtime's CUDA provider and TensorRT when present),
+# each part time-boxed with `timeout`, and write one JSON summary, in under 8 minutes:
+#
+#   scripts/device-check.sh                 # summary: $OUT/device-check.json if OUT is set, else runs/device-check/
+#   scripts/device-check.sh --parts tests curvature --budget-s 300
+#
+# It installs nothing and creates no venv: it uses $PYTHON, else .venv/bin/python, else python3 -- the first that
+# imports torch -- and runs fairdeploy from this checkout (PYTHONPATH). Where fairdeploy's other requirements are
+# missing (the probe lists them in the summary), give a folder of wheels: FAIRDEPLOY_WHEELHOUSE=DIR installs them
+# from there with pip --no-index (no internet needed). Without a CUDA device it writes the summary with the
+# reason and exits 3 at once; 1 when a part failed or timed out; 0 when every part passed (or was absent).
+# See scripts/device_check.py for the parts.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+pick_python() {
+  local candidate
+  for candidate in "${PYTHON:-}" .venv/bin/python python3 python; do
+    [ -n "$candidate" ] || continue
+    command -v "$candidate" >/dev/null 2>&1 || [ -x "$candidate" ] || continue
+    if "$candidate" -c "import torch" >/dev/null 2>&1; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  # none imports torch: the probe records the failure with this one
+  command -v python3 || command -v python
+}
+
+PY=$(pick_python)
+if [ -z "$PY" ]; then
+  echo "error: no python3 on PATH" >&2
+  exit 2
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ -n "${FAIRDEPLOY_WHEELHOUSE:-}" ]; then
+  # fairdeploy's requirements from a local folder only; torch and what is installed already stay as they are.
+  "$PY" -m pip install -q --no-index --find-links "$FAIRDEPLOY_WHEELHOUSE" --no-build-isolation -e . \
+    || echo "warning: installing from $FAIRDEPLOY_WHEELHOUSE failed; the probe lists what is missing" >&2
+fi
+
+exec "$PY" scripts/device_check.py "$@"

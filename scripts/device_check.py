@@ -1,0 +1,344 @@
+"""The device check behind scripts/device-check.sh: on a machine with a CUDA GPU, run the GPU-marked tests and the
+GPU benchmarks, each part in its own process under coreutils `timeout`, and write one JSON summary.
+
+Parts, in order (each gets its own time box, cut to what is left of --budget-s; a part that fails or runs out of
+time is recorded, never aborts the rest):
+
+    probe      versions, GPU, ONNX Runtime providers, TensorRT, missing Python modules (always runs)
+    tests      pytest -m gpu (the GPU-marked tests), counts and failures from its JUnit XML
+    curvature  benchmarks/curvature.py --device cuda at 224 px, batch 64 and 128 (train step, curvature, loop)
+    steps      training and distillation fine-tuning speed through fairdeploy.training.loop.fit (224 px)
+    ort_cuda   ONNX Runtime's CUDA provider vs PyTorch CUDA latency; "absent" when the provider is not there
+    tensorrt   an FP16 engine built by run_export and its latency; "absent" when tensorrt is not importable
+
+Without a CUDA device it writes the summary with the reason and exits 3 at once (--allow-cpu runs the parts anyway,
+with --device cpu: a check of this script, not a measurement). Exit 0: every part ok (or absent);
+1: some part failed or timed out. The summary is OUT/device-check.json (OUT: --out-dir, else $OUT, else
+runs/device-check), each part's output in OUT/logs/PART.log. This file imports no torch itself, so a broken torch
+is a recorded failure, not a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ("tests", "curvature", "steps", "ort_cuda", "tensorrt")
+TIME_BOX_S = {"probe": 60, "tests": 150, "curvature": 150, "steps": 110, "ort_cuda": 60, "tensorrt": 120}
+BUDGET_S = 460  # all parts together: under 8 minutes with the probe and the summary
+# import name -> distribution, for every runtime requirement and the test runner
+MODULES = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "PIL": "pillow", "typer": "typer",
+           "rich": "rich", "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxslim": "onnxslim",
+           "safetensors": "safetensors", "torch_pruning": "torch-pruning", "matplotlib": "matplotlib",
+           "pytest": "pytest"}
+EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parts (each runs in a child process: `python scripts/device_check.py --part NAME --result FILE`)
+# ---------------------------------------------------------------------------------------------------------
+
+def part_probe(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib.util
+
+    missing = sorted(dist for mod, dist in MODULES.items() if importlib.util.find_spec(mod) is None)
+    out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "missing": missing}
+    import torch
+
+    out["torch"] = torch.__version__
+    out["torch_cuda"] = torch.version.cuda
+    out["cuda_available"] = bool(torch.cuda.is_available())
+    out["devices"] = [{"name": torch.cuda.get_device_name(i),
+                       "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
+                       "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+                      for i in range(torch.cuda.device_count())] if out["cuda_available"] else []
+    if not out["cuda_available"]:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        out["reason"] = ("torch.cuda.is_available() is False"
+                         + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+                         + ("" if torch.version.cuda else "; this torch is a CPU-only build"))
+    try:
+        import onnxruntime as ort
+
+        out["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
+    except Exception as exc:  # noqa: BLE001 - recorded, not raised
+        out["onnxruntime"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if importlib.util.find_spec("tensorrt") is None:
+        out["tensorrt"] = {"absent": "the tensorrt package is not installed"}
+    else:
+        try:
+            import tensorrt
+
+            out["tensorrt"] = {"version": tensorrt.__version__}
+        except Exception as exc:  # noqa: BLE001
+            out["tensorrt"] = {"absent": f"import tensorrt failed: {type(exc).__name__}: {exc}"}
+    return out
+
+
+def _checkpoint(tmp: Path, arch: str, image_size: int) -> Path:
+    from fairdeploy.models import ModelSpec, create_model, save_checkpoint
+
+    spec = ModelSpec(arch=arch, classes=("a", "b", "c"), groups=("g0", "g1"), image_size=image_size)
+    return save_checkpoint(create_model(arch, 3), spec, tmp / f"{arch}-{image_size}")
+
+
+def _latency(path: Path, backend: str, device: str, batch_sizes: tuple[int, ...], image_size: int) -> list[dict]:
+    import numpy as np
+
+    from fairdeploy.runtime.base import runner_from_artifact
+    from fairdeploy.validation.latency import LatencyConfig, measure_latency
+
+    images = np.random.default_rng(0).standard_normal((8, 3, image_size, image_size)).astype(np.float32)
+    with runner_from_artifact(path, backend=backend, device=device) as runner:
+        stats = measure_latency(runner, images, LatencyConfig(batch_sizes=batch_sizes, warmup=5, iterations=20))
+        described = runner.describe()
+    return [{"backend": backend, "runner": described, **s.to_dict()} for s in stats]
+
+
+def part_steps(args: argparse.Namespace) -> dict[str, Any]:
+    """Samples/s of fit() for training and for distillation fine-tuning (the budget runs' recovery step: student
+    and teacher forward, distillation loss), data loading included, on synthetic images at --image-size."""
+    import copy
+
+    import torch
+
+    from fairdeploy.data.manifest import read_manifest
+    from fairdeploy.data.synth import SynthConfig, generate_synthetic
+    from fairdeploy.device import resolve_device
+    from fairdeploy.models import ModelSpec, create_model
+    from fairdeploy.training.loop import FitConfig, fit
+    from fairdeploy.training.train import spec_datasets
+
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = read_manifest(generate_synthetic(Path(tmp) / "data", SynthConfig(
+            n_images=args.n_images, image_size=args.image_size, seed=0)))
+        spec = ModelSpec(arch="resnet18", classes=tuple(manifest.classes), groups=tuple(manifest.groups),
+                         image_size=args.image_size)
+        train_ds, val_ds = spec_datasets(manifest, spec)
+        torch.manual_seed(0)
+        dense = create_model("resnet18", len(spec.classes)).to(device)
+        results: dict[str, Any] = {"device": str(device), "image_size": args.image_size, "batch_size": args.batch,
+                                   "train_images": len(train_ds), "epochs": args.epochs, "workers": args.workers,
+                                   "note": "samples/s of each epoch's training loop (data loading included); "
+                                           "the first epoch includes warm-up"}
+        for name, teacher, distill in (("train", None, 0.0), ("finetune_distill", copy.deepcopy(dense).eval(), 0.5)):
+            cfg = FitConfig(epochs=args.epochs, batch_size=args.batch, workers=args.workers, distill=distill)
+            start = time.perf_counter()
+            result = fit(copy.deepcopy(dense), spec, train_ds, val_ds, cfg, Path(tmp) / name, device,
+                         teacher=teacher)
+            results[name] = {"samples_per_s": [round(h["train_samples_per_s"], 1) for h in result.history],
+                             "seconds": round(time.perf_counter() - start, 2), "amp": cfg.amp and device.type == "cuda"}
+    return results
+
+
+def part_ort_cuda(args: argparse.Namespace) -> dict[str, Any]:
+    """Latency of the same FP32 ONNX through ONNX Runtime's CUDA provider, and PyTorch CUDA on the checkpoint."""
+    from fairdeploy.export.onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = _checkpoint(Path(tmp), "resnet18", args.image_size)
+        onnx_path = Path(tmp) / "model.fp32.onnx"
+        export_onnx(ckpt, onnx_path)
+        sizes = tuple(args.latency_batches)
+        rows = _latency(onnx_path, args.ort_backend, args.device, sizes, args.image_size)
+        rows += _latency(ckpt, "torch", args.device, sizes, args.image_size)
+    return {"image_size": args.image_size, "latency": rows}
+
+
+def part_tensorrt(args: argparse.Namespace) -> dict[str, Any]:
+    """An FP16 engine through fairdeploy's export (the TensorRT builder) and its latency beside PyTorch CUDA."""
+    from fairdeploy.export.exporter import run_export
+    from fairdeploy.export.profiles import merge_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = _checkpoint(Path(tmp), "resnet18", args.image_size)
+        start = time.perf_counter()
+        result = run_export(ckpt, Path(tmp) / "out", merge_options(None, {"precision": ("fp16",), "trt": True}))
+        build_s = time.perf_counter() - start
+        engine = result.engines["fp16"]
+        sizes = tuple(args.latency_batches)
+        rows = _latency(engine, "auto", "cuda", sizes, args.image_size) + _latency(ckpt, "torch", "cuda", sizes,
+                                                                                   args.image_size)
+    return {"image_size": args.image_size, "export_seconds": round(build_s, 2), "latency": rows}
+
+
+PART_FUNCTIONS = {"probe": part_probe, "steps": part_steps, "ort_cuda": part_ort_cuda, "tensorrt": part_tensorrt}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# orchestration
+# ---------------------------------------------------------------------------------------------------------
+
+def run_boxed(name: str, command: list[str], box_s: float, log: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run `command` under coreutils timeout (TERM at box_s, KILL 10 s later); status ok/failed/timeout."""
+    start = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.run(["timeout", "-k", "10", f"{max(box_s, 1):.0f}", *command], stdout=fh,
+                              stderr=subprocess.STDOUT, cwd=REPO, env=env, check=False)
+    seconds = round(time.perf_counter() - start, 1)
+    status = "ok" if proc.returncode == 0 else "timeout" if proc.returncode in (124, 137) else "failed"
+    out: dict[str, Any] = {"status": status, "exit_code": proc.returncode, "seconds": seconds,
+                           "time_box_s": round(box_s), "log": str(log)}
+    if status != "ok":
+        lines = log.read_text(errors="replace").strip().splitlines()
+        out["log_tail"] = lines[-15:]
+        if status == "timeout":
+            out["reason"] = f"{name} ran past its time box of {box_s:.0f} s"
+    return out
+
+
+def junit_summary(path: Path) -> dict[str, Any]:
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failed, skipped = [], []
+    for case in root.iter("testcase"):
+        test_id = f"{case.get('classname')}::{case.get('name')}"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                failed.append({"test": test_id, "message": (child.get("message") or "")[:300]})
+            elif child.tag == "skipped":
+                skipped.append({"test": test_id, "reason": (child.get("message") or "")[:200]})
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {**counts, "failed": failed, "skipped_tests": skipped}
+
+
+def part_command(python: str, part: str, args: argparse.Namespace, result: Path) -> list[str]:
+    base = [python, str(Path(__file__).resolve()), "--part", part, "--result", str(result),
+            "--device", args.device, "--image-size", str(args.image_size)]
+    if part == "steps":
+        return base + ["--n-images", str(args.n_images), "--epochs", str(args.epochs), "--batch", str(args.batch),
+                       "--workers", str(args.workers)]
+    return base + ["--ort-backend", args.ort_backend, "--latency-batches", *map(str, args.latency_batches)]
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out_dir or os.environ.get("OUT") or REPO / "runs" / "device-check")
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    out = out_dir(args)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "device-check.json"
+    python = sys.executable
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    summary: dict[str, Any] = {"check": "fairdeploy device check", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "python_executable": python, "budget_s": args.budget_s, "status": "running",
+                               "parts": {}}
+
+    def left() -> float:
+        return args.budget_s - (time.perf_counter() - start)
+
+    def finish(status: str, code: int) -> int:
+        summary["status"] = status
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_summary(summary_path, summary)
+        print(f"device check: {status}; summary {summary_path}")
+        return code
+
+    probe_file = out / "probe.json"
+    probe_run = run_boxed("probe", part_command(python, "probe", args, probe_file),
+                          min(TIME_BOX_S["probe"], left()), logs / "probe.log", env)
+    probe = json.loads(probe_file.read_text()) if probe_run["status"] == "ok" else {}
+    summary["probe"] = {**probe_run, **probe}
+    if probe_run["status"] != "ok":
+        summary["cuda"] = {"available": False, "reason": "the probe failed (torch did not import?): see its log"}
+        for part in PARTS:
+            summary["parts"][part] = {"status": "skipped", "reason": "the probe failed"}
+        return finish("failed", EXIT_FAILED)
+    summary["cuda"] = {"available": probe["cuda_available"], "devices": probe["devices"],
+                       **({"reason": probe["reason"]} if "reason" in probe else {})}
+    if not probe["cuda_available"] and not args.allow_cpu:
+        for part in PARTS:
+            summary["parts"][part] = {"status": "skipped", "reason": f"no CUDA device: {probe['reason']}"}
+        return finish("no-cuda", EXIT_NO_CUDA)
+
+    for part in args.parts:
+        box = min(TIME_BOX_S[part], left())
+        if box < 15:
+            summary["parts"][part] = {"status": "skipped", "reason": f"no time left of the {args.budget_s} s budget"}
+            continue
+        if part == "ort_cuda" and "CUDAExecutionProvider" not in probe.get("onnxruntime", {}).get("providers", []):
+            summary["parts"][part] = {"status": "absent", "reason": "onnxruntime has no CUDAExecutionProvider "
+                                      f"here (providers: {probe.get('onnxruntime')}); install onnxruntime-gpu alone"}
+            continue
+        if part == "tensorrt" and "absent" in probe.get("tensorrt", {}):
+            summary["parts"][part] = {"status": "absent", "reason": probe["tensorrt"]["absent"]}
+            continue
+        result_file = out / f"{part}.json"
+        result_file.unlink(missing_ok=True)
+        if part == "tests":
+            junit = out / "gpu-tests.xml"
+            junit.unlink(missing_ok=True)
+            command = [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                       "tests"]
+            record = run_boxed(part, command, box, logs / f"{part}.log", env)
+            if junit.is_file():
+                record["result"] = junit_summary(junit)
+        elif part == "curvature":
+            command = [python, "benchmarks/curvature.py", "--device", args.device, "--sizes", "224",
+                       "--batch-sizes", "64", "128", "--optimizers", "sgd", "adamw", "--out", str(result_file)]
+            record = run_boxed(part, command, box, logs / f"{part}.log", env)
+        else:
+            record = run_boxed(part, part_command(python, part, args, result_file), box, logs / f"{part}.log", env)
+        if part != "tests" and result_file.is_file():
+            record["result"] = json.loads(result_file.read_text())
+        summary["parts"][part] = record
+        write_summary(summary_path, summary)  # what is done so far survives a kill of the whole script
+    bad = [p for p, r in summary["parts"].items() if r["status"] in ("failed", "timeout")]
+    return finish("failed: " + ", ".join(bad) if bad else "ok", EXIT_FAILED if bad else EXIT_OK)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out-dir", default=None, help="where device-check.json goes (default: $OUT, else runs/device-check)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help="all parts together, seconds")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run the parts without CUDA too (a check of this script's plumbing with --device cpu; "
+                        "its numbers are not a device measurement)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--n-images", type=int, default=1200, help="steps: synthetic images (60 %% train)")
+    p.add_argument("--epochs", type=int, default=2, help="steps: epochs of each fit")
+    p.add_argument("--batch", type=int, default=64, help="steps: batch size")
+    p.add_argument("--workers", type=int, default=4, help="steps: data-loading workers")
+    p.add_argument("--ort-backend", default="ort-cuda", help="ort_cuda: the runner backend timed")
+    p.add_argument("--latency-batches", nargs="+", type=int, default=[1, 8, 64])
+    # internal: run one part in this process and write its JSON
+    p.add_argument("--part", choices=sorted(PART_FUNCTIONS), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.part is None:
+        return orchestrate(args)
+    result = PART_FUNCTIONS[args.part](args)
+    write_summary(args.result, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
