@@ -227,9 +227,11 @@ def test_report_markdown_escapes_group_names_and_labels(tmp_path: Path) -> None:
     md = build_report(tmp_path).markdown.read_text()
     assert "<img" not in md and "<script>" not in md
     assert "&lt;img src=x onerror=alert(1)&gt;\\|g" in md and "\\*model\\*" in md
-    table = [ln for ln in md.splitlines() if ln.startswith("|")]
-    cells = [len(re.split(r"(?<!\\)\|", ln)) for ln in table]
-    assert len(set(cells)) == 1, table  # no name adds a column
+    tables = re.findall(r"(?:^\|.*\n)+", md, flags=re.M)  # each run of table lines
+    assert tables
+    for table in tables:
+        cells = [len(re.split(r"(?<!\\)\|", ln)) for ln in table.splitlines()]
+        assert len(set(cells)) == 1, table  # no name adds a column
 
 
 # ---- (e) duplicate rows, an image in two splits or with two labels ----

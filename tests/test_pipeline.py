@@ -108,10 +108,33 @@ def test_method_tables_still_parse_and_old_prune_json_still_plots():
 
 def test_second_run_with_nothing_changed_redoes_no_stage(tiny_run):
     cfg, run_dir, first = tiny_run
-    mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.onnx")}
+    assert first.outcomes[-1].name == "report" and first.outcomes[-1].status == "ran"
+    kept = [*run_dir.rglob("*.onnx"), run_dir / "report.md", run_dir / "report.html", run_dir / "stages.json",
+            *(run_dir / "report_files").iterdir()]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in kept}
     again = run_pipeline(cfg, run_dir)
     assert [o.status for o in again.outcomes] == ["up to date"] * len(first.outcomes)
-    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.onnx")} == mtimes
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in kept} == before  # the report is not re-rendered
+
+
+def test_report_stage_renders_only_when_stages_json_changes(tmp_path):
+    from test_report import _stages
+
+    from fairdeploy.pipeline.run import report_stage
+    from fairdeploy.report import write_stages
+    from fairdeploy.report.stages import RunStages
+
+    write_stages(tmp_path / "stages.json", RunStages(tuple(_stages())))
+    assert report_stage(tmp_path).status == "ran"
+    files = [tmp_path / "report.md", tmp_path / "report.html", *(tmp_path / "report_files").iterdir()]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    assert report_stage(tmp_path).status == "up to date"
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
+    write_stages(tmp_path / "stages.json", RunStages(tuple(_stages()), notes=("a new note",)))
+    assert report_stage(tmp_path).status == "ran"
+    assert "a new note" in (tmp_path / "report.md").read_text()
+    (tmp_path / "report.html").unlink()  # a deleted output is rendered again
+    assert report_stage(tmp_path).status == "ran" and (tmp_path / "report.html").is_file()
 
 
 def test_changing_a_validation_setting_reruns_only_validation(tiny_run):
@@ -120,7 +143,8 @@ def test_changing_a_validation_setting_reruns_only_validation(tiny_run):
     result = run_pipeline(changed, run_dir)
     status = {o.name: o.status for o in result.outcomes}
     assert all(v == "ran" for k, v in status.items() if k.startswith("validate"))
-    assert all(v == "up to date" for k, v in status.items() if not k.startswith("validate"))
+    assert status["report"] == "ran"  # new intervals in stages.json
+    assert all(v == "up to date" for k, v in status.items() if not k.startswith("validate") and k != "report")
 
 
 def test_interrupted_stage_runs_again(tmp_path):

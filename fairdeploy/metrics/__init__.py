@@ -7,12 +7,13 @@ from fairdeploy.metrics.fairness import (
     compute_metrics,
     fate,
 )
-from fairdeploy.metrics.bootstrap import bootstrap_intervals
+from fairdeploy.metrics.bootstrap import bootstrap_difference_intervals, bootstrap_intervals
 
 __all__ = [
     "METRIC_DEFINITIONS",
     "GroupMetrics",
     "MetricsReport",
+    "bootstrap_difference_intervals",
     "bootstrap_intervals",
     "compute_metrics",
     "fate",

@@ -20,7 +20,8 @@ from fairdeploy.pipeline.config import (
 from fairdeploy.pipeline.stages import StageOutcome, hash_path, run_stage
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.report.from_validation import stages_from_validation
-from fairdeploy.report.stages import RunStages, StageRecord, Trajectory, write_stages
+from fairdeploy.report.render import REPORT_FILES
+from fairdeploy.report.stages import STAGES_FILE, RunStages, StageRecord, Trajectory, write_stages
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,6 @@ def run_pipeline(
     from fairdeploy.io import write_json
     from fairdeploy.pruning.finetune import finetune_checkpoint
     from fairdeploy.pruning.run import prune_checkpoint
-    from fairdeploy.report import build_report
     from fairdeploy.training.loop import FitConfig
     from fairdeploy.training.train import train_model
     from fairdeploy.validation.validate import validate
@@ -276,9 +276,47 @@ def run_pipeline(
         all_stages.extend(replace(s, macs=size.macs, params=size.params) for s in stages)
 
     run_stages = RunStages(tuple(all_stages), tuple(trajectories), vcfg.split, cfg.title, tuple(notes))
-    write_stages(run / "stages.json", run_stages)
-    paths = build_report(run)
-    return PipelineResult(run, tuple(outcomes), run_stages, paths.html, tuple(gate_failures), tuple(notes))
+    _write_if_changed(run / STAGES_FILE, run_stages)
+    outcomes.append(report_stage(run))  # 6. report
+    return PipelineResult(run, tuple(outcomes), run_stages, run / "report.html", tuple(gate_failures), tuple(notes))
+
+
+REPORT_RECORD = "report.stage.json"
+
+
+def report_stage(run: Path) -> StageOutcome:
+    """report.md / report.html / report_files from run/stages.json, keyed on that file's content and the report
+    code: a rerun with nothing changed leaves the files as they are (same bytes, same mtimes)."""
+    from fairdeploy.report import build_report
+
+    return run_stage(run, "report", {"stages": hash_path(run / STAGES_FILE), "code": _report_code_hash()},
+                     list(REPORT_FILES), lambda: build_report(run), record=REPORT_RECORD)
+
+
+def _write_if_changed(path: Path, run_stages: RunStages) -> None:
+    """Write stages.json unless it already holds exactly these stages."""
+    import json
+    from dataclasses import asdict
+
+    if path.is_file():
+        try:
+            if read_json(path) == json.loads(json.dumps(asdict(run_stages), default=str)):
+                return
+        except FairdeployError:
+            pass
+    write_stages(path, run_stages)
+
+
+def _report_code_hash() -> str:
+    """Hash of the report package's sources: a new report layout re-renders an unchanged run."""
+    import hashlib
+
+    import fairdeploy.report as report_pkg
+
+    h = hashlib.sha256()
+    for f in sorted(Path(report_pkg.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 def _budget_stage(entry: PruneEntry, bcfg: Any, stage_dir: Path, vanilla: Path, vanilla_hash: str, manifest: Any,

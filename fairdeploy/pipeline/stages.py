@@ -44,14 +44,16 @@ def run_stage(
     inputs: dict[str, Any],
     outputs: Sequence[str],
     run: Callable[[], Any],
+    record: str = STAGE_FILE,
 ) -> StageOutcome:
-    """Run `run()` unless stage_dir/stage.json records the same input hash and all outputs exist.
+    """Run `run()` unless stage_dir/`record` records the same input hash and all outputs exist.
 
-    `outputs` are paths relative to stage_dir. stage.json is written last, so an interrupted stage
-    has none and runs again.
+    `outputs` are paths relative to stage_dir. The record is written last, so an interrupted stage
+    has none and runs again. A stage that shares its folder with others (the report, in the run
+    folder) names its own record.
     """
     key = hash_inputs(inputs)
-    record_path = stage_dir / STAGE_FILE
+    record_path = stage_dir / record
     if record_path.is_file():
         record = read_json(record_path)
         if record.get("inputs_hash") == key and all((stage_dir / o).exists() for o in outputs):

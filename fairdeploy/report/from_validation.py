@@ -20,21 +20,29 @@ def _latency(entries: list[dict[str, Any]]) -> dict[str, float] | None:
     return out or None
 
 
-def _stage(run: dict[str, Any], name: str, candidate: dict[str, Any] | None) -> StageRecord:
+def _stage(run: dict[str, Any], name: str, candidate: dict[str, Any] | None, ref_name: str,
+           size: dict[str, Any] | None) -> StageRecord:
+    """One stage; `size` (the reference checkpoint's params / MACs) applies to the reference and to a candidate
+    exported from it."""
     art = run["artifact"]
+    same_model = candidate is None or candidate.get("source_matches_reference") is True
     return StageRecord(
         name=name,
         kind=_KIND.get(art.get("kind", ""), art.get("kind", "")),
         metrics=run["metrics"],
         precision=art.get("precision", "fp32"),
         artifact=art.get("path", ""),
-        reference=None if candidate is None else "reference",
+        reference=None if candidate is None else ref_name,
         size_bytes=art.get("size_bytes"),
+        params=size.get("params") if size and same_model else None,
+        macs=size.get("macs") if size and same_model else None,
         latency=_latency(run.get("latency", [])),
         agreement=None if candidate is None else candidate["agreement"]["overall"],
         max_abs_logit_diff=None if candidate is None else candidate["logit_diff"]["max_abs"],
         gate_passed=None if candidate is None else bool(candidate["passed"]),
-        gate_failures=() if candidate is None else tuple(candidate.get("failures", ())),
+        gate_failures=() if candidate is None else tuple(  # the stage's name says whose failure it is
+            f.removeprefix(f"{candidate.get('label')}: ") for f in candidate.get("failures", ())),
+        delta_intervals=None if candidate is None else candidate.get("deltas", {}).get("intervals"),
     )
 
 
@@ -42,14 +50,15 @@ def stages_from_validation(d: dict[str, Any], source: str = "validation.json", p
     """Reference first (named `prefix` or 'reference'), then candidates named by their labels."""
     try:
         ref_name = prefix or "reference"
-        stages = [_stage(d["reference"], ref_name, None)]
+        size = d.get("model_size")
+        stages = [_stage(d["reference"], ref_name, None, ref_name, size)]
         for c in d["candidates"]:
             if prefix:  # inside a pipeline: "<model>/<runtime>-<precision>", e.g. "fairprune/onnx-int8"
                 art = c["artifact"]
                 label = f"{prefix}/{_KIND.get(art['kind'], art['kind'])}-{art['precision']}"
             else:
                 label = c["label"]
-            stages.append(_stage(c, label, c))
+            stages.append(_stage(c, label, c, ref_name, size))
     except (KeyError, TypeError) as exc:
         raise FairdeployError(f"{source}: not a fairdeploy validation file (missing {exc})") from exc
     notes = tuple(f"Fairness figures are degenerate, the gate does not pass on them: {reason}"

@@ -1,15 +1,22 @@
-"""Matplotlib figures of a run's stages, returned as PNG bytes (Agg backend, no display needed)."""
+"""Matplotlib figures of a run's stages, returned as PNG bytes (Agg backend, no display needed).
+
+Every figure shows one split: the stages' own split (test by default) or, for pruning trajectories, validation;
+never both on the same axes. Bar axes start at 0; tick labels are wrapped and the figure widens with the bars."""
 
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from fairdeploy.report.stages import StageRecord, Trajectory
+from fairdeploy.report.stages import RunStages, StageRecord, Trajectory
+from fairdeploy.report.summary import FAIRNESS_LABELS, interval, p50_ms, reference_of, worst_group
 
-FAIRNESS_KEYS = ("eopp0", "eopp1", "eodd", "dp")
+FAIRNESS_KEYS = tuple(FAIRNESS_LABELS)
+MAX_WIDTH_IN = 16.0
 
 
 def _plt():
@@ -23,9 +30,43 @@ def _plt():
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     _plt().close(fig)
     return buf.getvalue()
+
+
+def text(name: str) -> str:
+    """A user-given name as literal matplotlib text (a `$` would start mathtext)."""
+    return str(name).replace("$", r"\$")
+
+
+def tick_label(name: str, width: int = 22) -> str:
+    """A stage name on at most three short lines: broken after each '/', then wrapped at `width` characters;
+    a longer one keeps its first two lines and the end of its last, joined by '…'."""
+    parts = str(name).split("/")
+    lines: list[str] = []
+    for k, part in enumerate(parts):
+        wrapped = textwrap.wrap(part, width, break_on_hyphens=True) or [""]
+        if k < len(parts) - 1:
+            wrapped[-1] += "/"
+        lines += wrapped
+    if len(lines) > 3:
+        lines = lines[:2] + ["…" + lines[-1][-(width - 1):]]
+    return text("\n".join(lines))
+
+
+def _width(n_slots: float, per_slot: float = 0.9, base: float = 2.5) -> float:
+    return float(min(MAX_WIDTH_IN, max(6.0, base + per_slot * n_slots)))
+
+
+def _set_stage_ticks(ax, x: np.ndarray, stages: Sequence[StageRecord]) -> None:
+    ax.set_xticks(x, [tick_label(s.name) for s in stages], fontsize=8, rotation=30 if len(stages) > 4 else 0,
+                  ha="right" if len(stages) > 4 else "center")
+
+
+def _latency_label(stages: Sequence[StageRecord]) -> str:
+    batches = {lat[1] for lat in map(p50_ms, stages) if lat}
+    return f"median latency, batch {batches.pop()} (ms)" if len(batches) == 1 else "median latency, smallest batch (ms)"
 
 
 def _groups(stages: Sequence[StageRecord]) -> list[str]:
@@ -36,104 +77,272 @@ def _groups(stages: Sequence[StageRecord]) -> list[str]:
     return list(seen)
 
 
-def group_bars(stages: Sequence[StageRecord], key: str, ylabel: str) -> bytes:
-    """Grouped bars: one cluster per stage, one bar per group (accuracy or macro-F1)."""
+def _yerr(values: list[float], cis: list[tuple[float, float] | None]) -> np.ndarray | None:
+    if not any(cis):
+        return None
+    err = np.zeros((2, len(values)))
+    for i, (v, ci) in enumerate(zip(values, cis)):
+        if ci is not None and not np.isnan(v):
+            err[:, i] = (max(0.0, v - ci[0]), max(0.0, ci[1] - v))
+    return err
+
+
+def group_bars(stages: Sequence[StageRecord], key: str, ylabel: str, split: str = "test") -> bytes:
+    """Grouped bars from 0 to 1: one cluster per stage, one bar per group (with its 95% CI for accuracy)."""
     plt = _plt()
     groups = _groups(stages)
     x = np.arange(len(stages))
     width = 0.8 / max(len(groups), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(stages) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(_width(len(stages), 0.35 * len(groups) + 0.5), 4.0))
     for i, g in enumerate(groups):
-        vals = [s.metrics["groups"].get(g, {}).get(key, np.nan) for s in stages]
-        ax.bar(x + (i - (len(groups) - 1) / 2) * width, vals, width, label=g)
-    ax.set_xticks(x, [s.name for s in stages], rotation=30, ha="right")
-    ax.set_ylabel(ylabel)
-    lo = min((s.metrics["groups"][g][key] for s in stages for g in s.metrics["groups"]), default=0)
-    ax.set_ylim(max(0.0, lo - 0.1), 1.0)
-    ax.legend(title="group", fontsize=8)
+        vals = [float(s.metrics["groups"].get(g, {}).get(key, np.nan)) for s in stages]
+        cis = [interval(s, f"accuracy[{g}]") if key == "accuracy" else None for s in stages]
+        n = next((s.metrics["groups"][g]["n"] for s in stages if g in s.metrics["groups"]), None)
+        ax.bar(x + (i - (len(groups) - 1) / 2) * width, vals, width, yerr=_yerr(vals, cis), capsize=2,
+               label=text(f"{g} (n = {n})"))
+    _set_stage_ticks(ax, x, stages)
+    ax.set_ylabel(f"{ylabel} ({text(split)} split)")
+    ax.set_ylim(0.0, 1.0)
+    ax.legend(title="group", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
+    if key == "accuracy" and any(s.metrics.get("intervals") for s in stages):
+        ax.set_title("error bars: 95% bootstrap interval", fontsize=8)
     return _png(fig)
 
 
-def fairness_lines(stages: Sequence[StageRecord]) -> bytes:
+def fairness_bars(stages: Sequence[StageRecord], split: str = "test") -> bytes:
+    """The four gaps per stage as bars from 0 with their 95% bootstrap intervals."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(stages) + 2), 3.6))
     x = np.arange(len(stages))
-    for key in FAIRNESS_KEYS:
-        vals = [s.metrics["fairness"].get(key) for s in stages]
-        ax.plot(x, [np.nan if v is None else v for v in vals], marker="o", label=key)
-    ax.set_xticks(x, [s.name for s in stages], rotation=30, ha="right")
-    ax.set_ylabel("gap (lower is fairer)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    width = 0.8 / len(FAIRNESS_KEYS)
+    fig, ax = plt.subplots(figsize=(_width(len(stages), 0.35 * len(FAIRNESS_KEYS) + 0.5), 4.0))
+    for i, key in enumerate(FAIRNESS_KEYS):
+        vals = [np.nan if s.metrics["fairness"].get(key) is None else float(s.metrics["fairness"][key]) for s in stages]
+        ax.bar(x + (i - (len(FAIRNESS_KEYS) - 1) / 2) * width, vals, width,
+               yerr=_yerr(vals, [interval(s, key) for s in stages]), capsize=2, label=FAIRNESS_LABELS[key])
+    _set_stage_ticks(ax, x, stages)
+    ax.set_ylabel(f"gap, lower is fairer ({text(split)} split)")
+    ax.set_ylim(bottom=0.0)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("error bars: 95% bootstrap interval", fontsize=8)
     return _png(fig)
 
 
-def tradeoff(stages: Sequence[StageRecord], trajectories: Sequence[Trajectory]) -> bytes:
-    """Accuracy vs Eodd for every stage (points) and every pruning run's steps (lines)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for t in trajectories:
-        pts = [p for p in t.points if p.get("eodd") is not None]
-        if pts:
-            ax.plot([p["eodd"] for p in pts], [p["accuracy"] for p in pts], marker=".", alpha=0.6,
-                    label=f"{t.name} (validation, per step)")
+_LABEL_OFFSETS = ((6, 4), (6, -11), (-14, 4), (-14, -11))
+
+
+def _number_points(ax, xs: Sequence[float], ys: Sequence[float], numbers: Sequence[int]) -> None:
+    """Write each point's number beside it; points at the same place share one label ("1,2,4"), and labels of
+    points at the same height take turns around their points (right-above, right-below, left-above, left-below)
+    so that neighbours do not overprint."""
+    at: dict[tuple[float, float], list[str]] = {}
+    for x, y, n in zip(xs, ys, numbers):
+        at.setdefault((round(float(x), 9), round(float(y), 9)), []).append(str(n))
+    turn: dict[float, int] = {}
+    for (x, y), ns in sorted(at.items()):
+        k = turn.get(y, 0)
+        turn[y] = k + 1
+        ax.annotate(",".join(ns), (x, y), fontsize=8, xytext=_LABEL_OFFSETS[k % len(_LABEL_OFFSETS)],
+                    textcoords="offset points")
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    name: str
+    macs: int | None
+    latency_ms: float | None  # median at batch 1 (or the smallest measured batch)
+    worst_group_accuracy: float
+    status: str  # "pass" | "fail" | "reference"
+
+
+def pareto_points(stages: Sequence[StageRecord]) -> list[ParetoPoint]:
+    """One point per artifact: its MACs, median latency and worst-group accuracy, and its gate status."""
+    out = []
     for s in stages:
-        e = s.metrics["fairness"].get("eodd")
-        if e is None:
-            continue
-        ax.scatter([e], [s.metrics["overall"]["accuracy"]], zorder=3)
-        ax.annotate(s.name, (e, s.metrics["overall"]["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("Eodd (lower is fairer)")
-    ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    if any(t.points for t in trajectories):
-        ax.legend(fontsize=7)
-    return _png(fig)
+        lat = p50_ms(s)
+        status = "reference" if s.gate_passed is None else ("pass" if s.gate_passed else "fail")
+        out.append(ParetoPoint(s.name, s.macs or None, lat[0] if lat else None, worst_group(s).accuracy, status))
+    return out
 
 
-def confusion_deltas(stages: Sequence[StageRecord], reference: StageRecord) -> bytes | None:
-    """Per group, candidate confusion minus reference confusion (rows true, columns predicted)."""
-    others = [s for s in stages if s is not reference]
-    if not others:
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower or equal cost and higher or equal accuracy, one strictly."""
+    front = []
+    for i, (c, a) in enumerate(points):
+        if not any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i):
+            front.append(i)
+    return front
+
+
+_STATUS_STYLE = {"pass": dict(marker="o", s=70, edgecolors="black", linewidths=1.0),
+                 "fail": dict(marker="X", s=70, edgecolors="black", linewidths=0.5),
+                 "reference": dict(marker="s", s=55, edgecolors="black", linewidths=0.5)}
+
+
+def pareto(stages: Sequence[StageRecord], split: str = "test") -> bytes | None:
+    """Worst-group accuracy against MACs and against latency, one numbered point per artifact (the numbers are
+    keyed in the legend); gate pass = circle, fail = cross, reference (no gate) = square; the dashed line joins
+    the points no other beats."""
+    points = pareto_points(stages)
+    axes_spec = [(a, lbl) for a, lbl in (("macs", "MACs per image (millions)"),
+                                          ("latency_ms", _latency_label(stages)))
+                 if any(getattr(p, a) is not None for p in points)]
+    if not axes_spec:
         return None
     plt = _plt()
-    groups = _groups([reference])
-    classes = reference.metrics.get("class_names", [])
-    fig, axes = plt.subplots(len(others), len(groups), figsize=(2.6 * len(groups) + 1, 2.3 * len(others) + 0.5),
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(axes_spec), figsize=(5.0 * len(axes_spec) + 2.5, 4.4), squeeze=False)
+    for ax, (attr, label) in zip(axes[0], axes_spec):
+        shown = [(i, p) for i, p in enumerate(points) if getattr(p, attr) is not None]
+        xs = [getattr(p, attr) / (1e6 if attr == "macs" else 1.0) for _, p in shown]
+        ys = [p.worst_group_accuracy for _, p in shown]
+        for (i, p), xv, yv in zip(shown, xs, ys):
+            ax.scatter([xv], [yv], color=cmap(i % 10), zorder=3, label=text(f"{i + 1}: {p.name} ({p.status})"),
+                       **_STATUS_STYLE[p.status])
+        _number_points(ax, xs, ys, [i + 1 for i, _ in shown])
+        front = sorted(pareto_front(list(zip(xs, ys))), key=lambda k: xs[k])
+        if len(front) > 1:
+            ax.plot([xs[k] for k in front], [ys[k] for k in front], "--", color="grey", lw=1, zorder=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"worst-group accuracy ({text(split)} split)")
+        ax.set_xlim(left=0.0, right=max(xs) * 1.15 if max(xs) > 0 else 1.0)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               title="artifact (gate)", title_fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def tradeoff(stages: Sequence[StageRecord], split: str = "test") -> bytes | None:
+    """Overall accuracy against Eodd, one numbered point per stage, on the stages' split only."""
+    pts = [(i, s) for i, s in enumerate(stages) if s.metrics["fairness"].get("eodd") is not None]
+    if not pts:
+        return None
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(9.0, 4.6))
+    for i, s in pts:
+        e, a = s.metrics["fairness"]["eodd"], s.metrics["overall"]["accuracy"]
+        ci = interval(s, "eodd")
+        ax.errorbar([e], [a], xerr=None if ci is None else [[max(0.0, e - ci[0])], [max(0.0, ci[1] - e)]],
+                    fmt="o", color=cmap(i % 10), capsize=2, label=text(f"{i + 1}: {s.name}"))
+    _number_points(ax, [s.metrics["fairness"]["eodd"] for _, s in pts],
+                   [s.metrics["overall"]["accuracy"] for _, s in pts], [i + 1 for i, _ in pts])
+    ax.set_xlabel("Eodd, lower is fairer (bar: 95% bootstrap interval)")
+    ax.set_ylabel(f"accuracy ({text(split)} split)")
+    ax.set_xlim(left=0.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _png(fig)
+
+
+def trajectories(trajs: Sequence[Trajectory]) -> bytes | None:
+    """Accuracy and Eodd per pruning step of each run, on the validation split (the split pruning selects on)."""
+    runs = [t for t in trajs if any(p.get("eodd") is not None for p in t.points)]
+    if not runs:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11.0, 3.8))
+    for t in runs:
+        pts = [p for p in t.points if p.get("eodd") is not None]
+        steps = [p["step"] for p in pts]
+        a1.plot(steps, [p["accuracy"] for p in pts], marker="o", label=text(t.name))
+        a2.plot(steps, [p["eodd"] for p in pts], marker="o", label=text(t.name))
+    a1.set_ylabel("accuracy (validation split)")
+    a2.set_ylabel("Eodd (validation split)")
+    a2.set_ylim(bottom=0.0)
+    for ax in (a1, a2):
+        ax.set_xlabel("pruning step / round (0 = input model)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+@dataclass(frozen=True)
+class ConfusionPanel:
+    stage: str
+    reference: str
+    group: str
+    delta: np.ndarray  # K x K, stage minus reference (rows true, columns predicted)
+
+
+def confusion_panels(run_stages: RunStages) -> tuple[list[ConfusionPanel], list[str]]:
+    """Per stage and group with samples, its confusion matrix minus its reference's, where it changed. A stage with
+    no change in any group (e.g. an FP32 export) is left out and named in the second list."""
+    panels: list[ConfusionPanel] = []
+    unchanged: list[str] = []
+    for s in run_stages.stages:
+        ref = reference_of(run_stages, s)
+        if ref is None:
+            continue
+        mine = []
+        for g, m in ref.metrics["groups"].items():
+            if int(m.get("n", 1)) == 0 or g not in s.metrics["groups"]:
+                continue
+            delta = np.asarray(s.metrics["groups"][g]["confusion"]) - np.asarray(m["confusion"])
+            if delta.any():
+                mine.append(ConfusionPanel(s.name, ref.name, g, delta))
+        panels += mine
+        if not mine:
+            unchanged.append(s.name)
+    return panels, unchanged
+
+
+def confusion_deltas(panels: Sequence[ConfusionPanel], classes: Sequence[str]) -> bytes | None:
+    """One row of panels per stage (its groups side by side), each panel's colour scale symmetric around 0."""
+    if not panels:
+        return None
+    plt = _plt()
+    rows = list(dict.fromkeys(p.stage for p in panels))
+    cols = max(sum(1 for p in panels if p.stage == r) for r in rows)
+    K = len(classes)
+    side = max(2.4, 0.45 * K + 1.0)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(min(MAX_WIDTH_IN, side * cols + 0.5), side * len(rows) + 0.6),
                              squeeze=False)
-    for i, s in enumerate(others):
-        for j, g in enumerate(groups):
+    short = [c if len(c) <= 10 else c[:9] + "…" for c in classes]
+    for i, r in enumerate(rows):
+        mine = [p for p in panels if p.stage == r]
+        for j in range(cols):
             ax = axes[i][j]
-            ref = np.array(reference.metrics["groups"][g]["confusion"])
-            cand = np.array(s.metrics["groups"].get(g, {}).get("confusion", np.zeros_like(ref)))
-            delta = cand - ref
-            m = max(1, int(np.abs(delta).max()))
-            ax.imshow(delta, cmap="RdBu_r", vmin=-m, vmax=m)
-            for (r, c), v in np.ndenumerate(delta):
-                ax.text(c, r, str(v), ha="center", va="center", fontsize=7)
-            ax.set_xticks(range(len(classes)), classes, fontsize=6, rotation=45)
-            ax.set_yticks(range(len(classes)), classes, fontsize=6)
-            ax.set_title(f"{s.name} | {g}", fontsize=7)
-    fig.suptitle(f"confusion-matrix change vs {reference.name} (rows: true, cols: predicted)", fontsize=8)
+            if j >= len(mine):
+                ax.axis("off")
+                continue
+            p = mine[j]
+            m = max(1, int(np.abs(p.delta).max()))
+            ax.imshow(p.delta, cmap="RdBu_r", vmin=-m, vmax=m)
+            for (rr, cc), v in np.ndenumerate(p.delta):
+                if v:
+                    ax.text(cc, rr, f"{v:+d}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(v) > m / 2 else "black")
+            ax.set_xticks(range(K), [text(c) for c in short], fontsize=7, rotation=45, ha="right")
+            ax.set_yticks(range(K), [text(c) for c in short], fontsize=7)
+            ax.set_title(text(f"{tick_label(p.stage, 28)}\nminus {p.reference} | {p.group}"), fontsize=7)
+    fig.suptitle("confusion-matrix change (rows: true class, columns: predicted; blank cell = no change; "
+                 "groups without change not drawn)", fontsize=8)
     fig.tight_layout()
     return _png(fig)
 
 
 def size_latency(stages: Sequence[StageRecord]) -> bytes | None:
+    """File size and median latency per artifact, bars from 0."""
     sized = [s for s in stages if s.size_bytes or s.latency]
     if not sized:
         return None
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(sized) + 4), 3.6))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(min(MAX_WIDTH_IN, max(10.0, 1.4 * len(sized) + 4)), 4.0))
     x = np.arange(len(sized))
     a1.bar(x, [(s.size_bytes or 0) / 1e6 for s in sized])
-    a1.set_ylabel("artifact size (MB)")
-    a1.set_xticks(x, [s.name for s in sized], rotation=30, ha="right")
-    p50 = [(s.latency or {}).get("batch1_p50_ms", np.nan) for s in sized]
-    a2.bar(x, p50)
-    a2.set_ylabel("latency p50, batch 1 (ms)")
-    a2.set_xticks(x, [s.name for s in sized], rotation=30, ha="right")
+    a1.set_ylabel("artifact file size (MB)")
+    lat = [p50_ms(s) for s in sized]
+    a2.bar(x, [np.nan if v is None else v[0] for v in lat])
+    a2.set_ylabel(_latency_label(sized))
     for ax in (a1, a2):
+        _set_stage_ticks(ax, x, sized)
+        ax.set_ylim(bottom=0.0)
         ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
     return _png(fig)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fairdeploy.io import atomic_dir, atomic_path
 from fairdeploy.metrics import METRIC_DEFINITIONS
-from fairdeploy.report import plots
+from fairdeploy.report import plots, summary
 from fairdeploy.report.stages import RunStages, StageRecord, load_stages
 
 
@@ -65,15 +65,25 @@ def control_legend(run: RunStages) -> str | None:
 
 
 def _figures(run: RunStages) -> list[tuple[str, str, bytes]]:
-    stages = list(run.stages)
+    stages, split = list(run.stages), run.split
+    panels, unchanged = plots.confusion_panels(run)
+    classes = stages[0].metrics.get("class_names", []) if stages else []
+    confusion_title = "Confusion-matrix change per group against each stage's reference"
+    if unchanged:
+        confusion_title += f" (no change, not drawn: {', '.join(unchanged)})"
     figs: list[tuple[str, str, bytes | None]] = [
-        ("accuracy_by_group.png", "Per-group accuracy per stage", plots.group_bars(stages, "accuracy", "accuracy")),
-        ("f1_by_group.png", "Per-group macro-F1 per stage", plots.group_bars(stages, "f1_macro", "macro-F1")),
-        ("fairness.png", "Fairness gaps per stage", plots.fairness_lines(stages)),
-        ("tradeoff.png", "Accuracy vs Eodd across stages and pruning steps", plots.tradeoff(stages, run.trajectories)),
-        ("confusion_delta.png", f"Confusion-matrix change per group against {stages[0].name}",
-         plots.confusion_deltas(stages, stages[0])),
-        ("size_latency.png", "Artifact size and latency per stage", plots.size_latency(stages)),
+        ("pareto.png", f"Worst-group accuracy against MACs and latency, one point per artifact ({split} split)",
+         plots.pareto(stages, split)),
+        ("accuracy_by_group.png", f"Per-group accuracy per stage, with 95% intervals ({split} split)",
+         plots.group_bars(stages, "accuracy", "accuracy", split)),
+        ("fairness.png", f"Fairness gaps per stage, with 95% intervals ({split} split)",
+         plots.fairness_bars(stages, split)),
+        ("f1_by_group.png", f"Per-group macro-F1 per stage ({split} split)",
+         plots.group_bars(stages, "f1_macro", "macro-F1", split)),
+        ("tradeoff.png", f"Accuracy against Eodd per stage ({split} split)", plots.tradeoff(stages, split)),
+        ("trajectory.png", "Pruning steps: accuracy and Eodd (validation split)", plots.trajectories(run.trajectories)),
+        ("confusion_delta.png", confusion_title, plots.confusion_deltas(panels, classes)),
+        ("size_latency.png", "Artifact file size and latency per stage", plots.size_latency(stages)),
     ]
     return [(n, t, b) for n, t, b in figs if b is not None]
 
@@ -103,18 +113,40 @@ def _escaped(run: RunStages, esc) -> RunStages:  # type: ignore[no-untyped-def]
     return replace(run, stages=tuple(stage(s) for s in run.stages))
 
 
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _sections(run: RunStages, esc) -> list[tuple[str, str, tuple[list[str], list[list[str]]]]]:  # type: ignore[no-untyped-def]
+    """The tables after the answer: (title, sentence under it, (head, rows)); names passed through `esc`."""
+    return [
+        ("Artifacts", "Gate, size, latency, the worst group with its size, and Eodd of every stage.",
+         summary.artifact_table(run, esc)),
+        ("Per-group accuracy", "Accuracy of each group with its 95% percentile bootstrap interval (resampling "
+         "within each group); n is the number of images of the group in the split.", summary.group_table(run, esc)),
+        ("Fairness against the reference", "Each gap of a stage minus that of the model it was validated against "
+         "(a pruned model: minus the first stage). The interval of the difference is paired: both models scored on "
+         "the same resamples of the same images. Where it contains 0 the change is not distinguishable from "
+         "resampling noise. A pruned model has no paired interval (its predictions are not kept beside the first "
+         "stage's): there, overlapping intervals of the two gaps are read as not distinguishable.",
+         summary.fairness_table(run, esc)),
+    ]
+
+
 def _markdown(run: RunStages, figs: list[tuple[str, str, bytes]], fig_dir: str) -> str:
     head, rows = stage_table(_escaped(run, md_escape))
     intro = (f"Metrics on the `{_code_span(run.split)}` split; every stage runs the same images through the same "
              "preprocessing.")
-    lines = [f"# {md_escape(run.title)}", "", intro, ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = [f"# {md_escape(run.title)}", "", intro, "", "## Answer", ""]
+    lines += [f"- {line}" for line in summary.headline(run, md_escape)]
+    for note in run.notes:
+        lines += ["", f"> {md_escape(note)}"]
+    for title, sentence, (h, r) in _sections(run, md_escape):
+        lines += ["", f"## {title}", "", sentence, "", *_md_table(h, r)]
+    lines += ["", "## All metrics", "", *_md_table(head, rows)]
     legend = control_legend(_escaped(run, _code_span))
     if legend:
         lines += ["", legend]
-    for note in run.notes:
-        lines += ["", f"> {md_escape(note)}"]
     for name, title, _ in figs:
         lines += ["", f"## {md_escape(title)}", "", f"![{md_escape(title)}]({fig_dir}/{name})"]
     lines += ["", "## Metric definitions", ""]
@@ -122,26 +154,40 @@ def _markdown(run: RunStages, figs: list[tuple[str, str, bytes]], fig_dir: str) 
     return "\n".join(lines) + "\n"
 
 
+def _html_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    e = html.escape
+    return ["<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>",
+            *("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows), "</table>"]
+
+
 def _html(run: RunStages, figs: list[tuple[str, str, bytes]]) -> str:
     head, rows = stage_table(run)
     e = html.escape
+    answer = summary.headline(run)
+    passed = summary.best_passing(run) is not None
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>", GENERATOR,
         f"<title>{e(run.title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style></head><body>",
+        "table{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td{white-space:nowrap}td:last-child{white-space:normal}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+        ".answer{border-left:6px solid;padding:.4em 1em;margin:1em 0}.pass{border-color:#2a7;background:#eef9f2}"
+        ".fail{border-color:#c33;background:#fbeeee}.answer p{margin:.4em 0}</style></head><body>",
         f"<h1>{e(run.title)}</h1>",
         f"<p>Metrics on the <code>{e(run.split)}</code> split; every stage runs the same images through the same "
         "preprocessing.</p>",
-        "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>",
-        *("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows),
-        "</table>",
+        f"<div class='answer {'pass' if passed else 'fail'}'><h2>Answer</h2>",
+        *(f"<p>{'<b>' + e(line) + '</b>' if i == 0 else e(line)}</p>" for i, line in enumerate(answer)),
+        "</div>",
     ]
+    parts += [f"<blockquote>{e(n)}</blockquote>" for n in run.notes]
+    for title, sentence, (h, r) in _sections(run, lambda t: t):
+        parts += [f"<h2>{e(title)}</h2>", f"<p>{e(sentence)}</p>", *_html_table(h, r)]
+    parts += ["<h2>All metrics</h2>", *_html_table(head, rows)]
     legend = control_legend(run)
     if legend:
         parts += [f"<p>{e(legend).replace('`', '')}</p>"]
-    parts += [f"<blockquote>{e(n)}</blockquote>" for n in run.notes]
     for _, title, png in figs:
         b64 = base64.b64encode(png).decode("ascii")
         parts += [f"<h2>{e(title)}</h2>", f"<img alt='{e(title)}' src='data:image/png;base64,{b64}'>"]

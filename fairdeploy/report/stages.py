@@ -31,6 +31,7 @@ class StageRecord:
     max_abs_logit_diff: float | None = None
     gate_passed: bool | None = None
     gate_failures: tuple[str, ...] = ()
+    delta_intervals: dict[str, list[float]] | None = None  # paired CIs of (this - reference), validation deltas
 
 
 @dataclass(frozen=True)

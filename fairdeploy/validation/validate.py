@@ -16,7 +16,12 @@ from fairdeploy.data.loading import Encoding, check_batch, eval_transform, make_
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import sha256_file
-from fairdeploy.metrics import METRIC_DEFINITIONS, MetricsReport, compute_metrics
+from fairdeploy.metrics import (
+    METRIC_DEFINITIONS,
+    MetricsReport,
+    bootstrap_difference_intervals,
+    compute_metrics,
+)
 from fairdeploy.metrics.fairness import FAIRNESS_KEYS
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.runtime.base import ArtifactInfo, Runner, check_logits, runner_from_artifact
@@ -32,7 +37,10 @@ VALIDATION_DEFINITIONS = {
     "drift": "candidate minus reference, on the same images through the same eval_transform preprocessing",
     "deltas": "candidate minus reference of overall accuracy / macro-F1, each group's accuracy and macro "
     "P/R/F1, the avg/diff summaries, and each fairness gap (eopp0, eopp1, eodd, dp); None where a gap "
-    "is undefined (one group)",
+    "is undefined (one group); intervals: paired percentile bootstrap CIs of candidate minus reference "
+    "(both scored on the same within-group resamples; an interval containing 0 = not distinguishable)",
+    "model_size": "params and MACs of one image through the reference checkpoint (None when the reference is "
+    "not a checkpoint); a candidate exported from it (source_matches_reference) has the same",
     "agreement": "share of samples whose top-1 class equals the reference's top-1 class, overall and per group",
     "flips": "per group: samples whose top-1 class changed (changed), of which the reference was right "
     "and the candidate wrong (broken) or the reverse (fixed), and the counts of each reference->candidate "
@@ -184,6 +192,7 @@ class ValidationResult:
     fingerprint: dict[str, Any]
     created_utc: str
     degenerate: tuple[str, ...] = ()  # "<who>: <reason>" for the split, the reference and each candidate
+    model_size: dict[str, int] | None = None  # the reference's params / MACs (flops.ModelSize.to_dict)
 
     @property
     def passed(self) -> bool:
@@ -203,6 +212,7 @@ class ValidationResult:
 
         - passed (bool: the gate), failures (one line per failing check: "<candidate>: <check>"),
           degenerate (why the fairness figures are degenerate: "<split|reference|candidate>: <reason>")
+        - model_size: the reference checkpoint's params, nonzero_params, macs (null when not a checkpoint)
         - data: manifest, manifest_sha256, split, n, group_counts, class_counts
         - config: split, batch_size, bootstrap, seed, latency {batch_sizes, warmup, iterations} | null,
           backend, device, allow_fallback;  tolerances: the Tolerances fields (null = check off)
@@ -211,7 +221,8 @@ class ValidationResult:
           providers_*), input_spec {name, shape, dtype}, metrics (MetricsReport.to_dict, with
           intervals when bootstrap > 0), latency [LatencyStats per batch size]
         - candidates: list, in the order given; each has the reference's keys plus
-          source_matches_reference, degenerate (reasons), deltas {overall, groups, summary, fairness}, agreement
+          source_matches_reference, degenerate (reasons), deltas {overall, groups, summary, fairness,
+          intervals (paired CIs of the differences, when bootstrap > 0 and two groups or more)}, agreement
           {overall, groups}, flips {group: {n, changed, broken, fixed, transitions [{from, to, count}]}},
           confusion_delta {group: K x K}, logit_diff {max_abs, mean_abs, groups}, checks [CheckResult
           + message], passed, failures
@@ -225,6 +236,7 @@ class ValidationResult:
             "passed": self.passed,
             "failures": self.failures(),
             "degenerate": list(self.degenerate),
+            "model_size": self.model_size,
             "data": self.data,
             "config": {**self.config.to_dict(), **self.options},
             "tolerances": self.config.tolerances.to_dict(),
@@ -502,6 +514,13 @@ def validate(
         return compute_metrics(y_true, pred, group_names, K, ref_info.classes, group_order=group_order,
                                bootstrap=config.bootstrap, seed=config.seed)
 
+    def deltas(cand_report: MetricsReport, cand_pred: np.ndarray) -> dict[str, Any]:
+        out = metric_deltas(ref_report, cand_report)
+        if config.bootstrap > 0 and len(group_order) >= 2:
+            out["intervals"] = {k: list(v) for k, v in bootstrap_difference_intervals(
+                y_true, preds[0], cand_pred, group_names, group_order, K, config.bootstrap, config.seed).items()}
+        return out
+
     ref_report = report(preds[0])
     ref_out = RunOutput("reference", ref_info, runtimes[0], specs[0], ref_report, latency[0])
     split_reason = single_group(group_names)
@@ -520,7 +539,7 @@ def validate(
         results.append(CandidateResult(
             run=RunOutput(label, info, runtimes[i], specs[i], cand_report, latency[i]),
             source_matches_reference=same_source,
-            deltas=metric_deltas(ref_report, cand_report),
+            deltas=deltas(cand_report, preds[i]),
             agreement=agreement,
             flips=flip_stats(y_true, preds[0], preds[i], group_names, group_order, ref_info.classes),
             confusion_delta=confusion_deltas(ref_report, cand_report),
@@ -541,4 +560,16 @@ def validate(
         fingerprint=fingerprint,
         created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         degenerate=tuple(degenerate),
+        model_size=_reference_size(reference),
     )
+
+
+def _reference_size(reference: Any) -> dict[str, int] | None:
+    """Params and MACs of the reference checkpoint at its input size (None for a Runner object)."""
+    if not _is_path(reference):
+        return None
+    from fairdeploy.models.checkpoint import load_checkpoint
+    from fairdeploy.pruning.flops import model_size
+
+    model, spec = load_checkpoint(reference, "cpu")
+    return model_size(model, spec.image_size).to_dict()
