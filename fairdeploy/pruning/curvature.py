@@ -9,6 +9,11 @@ Hessian-vector products by double backward of the batch loss (vectorised over th
 
 `group_curvature_loop` computes the same quantities one sample at a time; it is the test oracle.
 BatchNorm and dropout are in eval mode throughout (per-sample gradients are only defined then).
+
+The random targets / probes of batch b come from a generator seeded by (seed, b), so a batch's terms do not
+depend on which process computes it: under torchrun each rank takes every R-th batch, accumulates per-sample
+sums in float64 and the sums and counts are added over ranks with all_reduce (every rank gets the same
+curvature, equal to one process's up to float64 rounding of the order of the batch sums).
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fairdeploy.distributed import all_reduce_sum
 from fairdeploy.errors import FairdeployError
-from fairdeploy.pruning.batches import BatchSource, iter_batches
 from fairdeploy.progress import Progress, no_progress
+from fairdeploy.pruning.batches import BatchSource, iter_batches, rank_batches
 
 ESTIMATORS = ("fisher", "empirical", "hutchinson")
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 25  # per-sample gradient + unfolded input floats held at once (128 MiB fp32)
@@ -66,6 +72,19 @@ def _targets(logits: torch.Tensor, y: torch.Tensor, estimator: str, mc_samples: 
         return y[:, None]
     probs = torch.softmax(logits.detach().double(), dim=1).cpu()
     return torch.multinomial(probs, mc_samples, replacement=True, generator=generator).to(y.device)
+
+
+def batch_generator(seed: int, batch: int) -> torch.Generator:
+    """The generator of batch `batch`'s random draws (targets, probes): independent of the process."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch)
+
+
+def _reduced_mean(acc: dict[str, torch.Tensor], n_seen: int, what: str) -> dict[str, torch.Tensor]:
+    """Sum the per-rank float64 sums and counts over ranks; the float32 mean on the CPU."""
+    n = int(all_reduce_sum(torch.tensor([n_seen], dtype=torch.float64))[0])
+    if n == 0:
+        raise FairdeployError(f"no samples to compute {what} from (empty score set)")
+    return {f"{k}.weight": (all_reduce_sum(a) / n).float().cpu() for k, a in acc.items()}
 
 
 def _rademacher(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -216,16 +235,16 @@ def group_curvature(
     if mc_samples < 1 or probes < 1:
         raise FairdeployError(f"mc_samples and probes must be >= 1, got {mc_samples} and {probes}")
     modules = dict(model.named_modules())
-    gen = torch.Generator().manual_seed(seed)
     model.to(dev)
     n_seen = 0
     acc: dict[str, torch.Tensor] = {
-        n: torch.zeros_like(modules[n].weight, dtype=torch.float32, device=dev) for n in layers
+        n: torch.zeros_like(modules[n].weight, dtype=torch.float64, device=dev) for n in layers
     }
     with _eval_mode(model), torch.enable_grad():
         if estimator == "hutchinson":
             params = [modules[n].weight for n in layers]
-            for x, y, _g in iter_batches(data, batch_size, dev, workers):
+            for b, (x, y, _g) in rank_batches(data, batch_size, dev, workers):
+                gen = batch_generator(seed, b)
                 loss = F.cross_entropy(model(x).float(), y, reduction="sum")
                 grads = torch.autograd.grad(loss, params, create_graph=True)
                 for p in range(probes):
@@ -238,10 +257,10 @@ def group_curvature(
         else:
             cap = _Capture(model, layers)
             try:
-                for x, y, _g in iter_batches(data, batch_size, dev, workers):
+                for b, (x, y, _g) in rank_batches(data, batch_size, dev, workers):
                     cap.clear()
                     logits = model(x).float()
-                    targets = _targets(logits, y, estimator, mc_samples, gen)
+                    targets = _targets(logits, y, estimator, mc_samples, batch_generator(seed, b))
                     outs = [cap.outputs[n] for n in layers]
                     for s in range(targets.shape[1]):
                         loss = F.cross_entropy(logits, targets[:, s], reduction="sum")
@@ -254,9 +273,7 @@ def group_curvature(
             finally:
                 cap.close()
                 cap.clear()
-    if n_seen == 0:
-        raise FairdeployError("no samples to compute curvature from (empty score set)")
-    return {f"{n}.weight": (a / n_seen).cpu() for n, a in acc.items()}
+    return _reduced_mean(acc, n_seen, "curvature")
 
 
 def group_gradient(
@@ -268,23 +285,22 @@ def group_gradient(
     batch_size: int = 64,
     workers: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Mean gradient of the cross-entropy (true labels) over `data` for the weights of `layers` (eval mode)."""
+    """Mean gradient of the cross-entropy (true labels) over `data` for the weights of `layers` (eval mode);
+    under torchrun each rank sums its share of the batches and the sums are added over ranks."""
     dev = torch.device(device)
     layers = _check(model, "empirical", layers)
     modules = dict(model.named_modules())
     params = [modules[n].weight for n in layers]
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(layers, params)}
     n_seen = 0
     model.to(dev)
     with _eval_mode(model), torch.enable_grad():
-        for x, y, _g in iter_batches(data, batch_size, dev, workers):
+        for _b, (x, y, _g) in rank_batches(data, batch_size, dev, workers):
             loss = F.cross_entropy(model(x).float(), y, reduction="sum")
-            for a, g in zip(acc, torch.autograd.grad(loss, params)):
-                a += g.float()
+            for n, g in zip(layers, torch.autograd.grad(loss, params)):
+                acc[n] += g.float()
             n_seen += len(y)
-    if n_seen == 0:
-        raise FairdeployError("no samples to compute the gradient from (empty score set)")
-    return {f"{n}.weight": (a / n_seen).cpu() for n, a in zip(layers, acc)}
+    return _reduced_mean(acc, n_seen, "the gradient")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,12 +329,12 @@ def group_curvature_loop(
     layers = _check(model, estimator, layers)
     modules = dict(model.named_modules())
     params = [modules[n].weight for n in layers]
-    gen = torch.Generator().manual_seed(seed)
     acc = {n: torch.zeros_like(modules[n].weight, dtype=torch.float64) for n in layers}
     n_seen = 0
     model.to(dev)
     with _eval_mode(model), torch.enable_grad():
-        for x, y, _g in iter_batches(data, batch_size, dev):
+        for b, (x, y, _g) in enumerate(iter_batches(data, batch_size, dev)):
+            gen = batch_generator(seed, b)
             if estimator == "hutchinson":
                 vs_all = [[_rademacher(w.shape, gen, dev) for w in params] for _ in range(probes)]
                 for i in range(len(y)):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
+from fairdeploy.distributed import barrier, main_scratch, world
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_dir, sha256_file, write_json
 from fairdeploy.metrics import METRIC_DEFINITIONS
@@ -154,8 +154,7 @@ def prune_checkpoint(
         step_fn = SnnlStep(cfg.snnl, spec.arch, spec.image_size, score_ds, order, bs, dev, progress)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch.", dir=out.parent) as scratch_name:
-        scratch = Path(scratch_name)
+    with main_scratch(out) as scratch:  # under torchrun only rank 0 writes (scratch and output)
         ctx = LoopContext(spec=spec, train_ds=train_ds, val_ds=val_ds, device=dev, unprivileged=roles.unprivileged,
                           stop=cfg.stop, guard=cfg.guard, finetune=cfg.finetune, scratch=scratch,
                           batch_size=cfg.batch_size, workers=cfg.workers, progress=progress)
@@ -200,13 +199,15 @@ def prune_checkpoint(
         if cfg.method == "snnl":  # per-channel scores stay in prune.json, not in model.json
             history_entry["removed"] = [{k: v for k, v in r.items() if k != "scores"} for r in history_entry["removed"]]
         out_spec = replace(spec, sparsity=sparsity).with_history(history_entry)
-        staged = scratch / "final"
-        save_checkpoint(result.model, out_spec, staged)
-        record["seconds"] = time.perf_counter() - t_start
-        write_json(staged / PRUNE_FILE, record)
-        with atomic_dir(out, owner=PRUNE_FILE) as tmp:  # replaces only an earlier prune output
-            for f in staged.iterdir():
-                shutil.move(str(f), tmp / f.name)
+        if world().is_main:
+            staged = scratch / "final"
+            save_checkpoint(result.model, out_spec, staged)
+            record["seconds"] = time.perf_counter() - t_start
+            write_json(staged / PRUNE_FILE, record)
+            with atomic_dir(out, owner=PRUNE_FILE) as tmp:  # replaces only an earlier prune output
+                for f in staged.iterdir():
+                    shutil.move(str(f), tmp / f.name)
+        barrier()
     return PruneResult(out_dir=out, record=record)
 
 

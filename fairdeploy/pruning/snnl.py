@@ -1,19 +1,23 @@
 """Per-channel soft nearest neighbour loss (SNNL) of conv features against the sensitive attribute.
 
 Low SNNL = samples of one group cluster in that channel = the channel encodes the group (prune it first).
+Under torchrun each rank scores every R-th batch; the per-batch scores are gathered and added in batch order
+on every rank, so every rank (and one process) gets bit-identical scores.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fairdeploy.distributed import gather_rows, world
 from fairdeploy.errors import FairdeployError
-from fairdeploy.pruning.batches import BatchSource, iter_batches
 from fairdeploy.progress import Progress, no_progress
+from fairdeploy.pruning.batches import BatchSource, rank_batches
 
 
 def snnl_per_channel(features: torch.Tensor, groups: torch.Tensor, temperature: float = 1.0,
@@ -69,25 +73,42 @@ def snnl_channel_scores(
             captured[name] = out.detach()
 
         handles.append(modules[name].register_forward_hook(hook))
-    sums: dict[str, torch.Tensor] = {}
-    n_batches = 0
+    per_batch: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    numbers: list[int] = []
     was_training = model.training
     model.to(dev).eval()
     total = len(batches) if hasattr(batches, "__len__") else 0
     try:
         with torch.no_grad():
-            for x, _y, g in iter_batches(batches, batch_size, dev):
+            for b, (x, _y, g) in rank_batches(batches, batch_size, dev):
                 captured.clear()
                 model(x)
                 for name in layers:
-                    s = snnl_per_channel(captured[name], g, temperature, compat).cpu()
-                    sums[name] = sums[name] + s if name in sums else s
-                n_batches += 1
-                progress("snnl scores", n_batches, max(total, n_batches))
+                    per_batch[name].append(snnl_per_channel(captured[name], g, temperature, compat).cpu())
+                numbers.append(b)
+                progress("snnl scores", len(numbers), max(total, len(numbers)))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if n_batches == 0:
+    return {name: _batch_mean(per_batch[name], numbers) for name in layers}
+
+
+def _batch_mean(scores: list[torch.Tensor], numbers: list[int]) -> torch.Tensor:
+    """Mean of the per-batch (C,) float64 scores, added in batch order (every rank's batches, gathered)."""
+    if world().active:
+        width = len(scores[0]) if scores else 0
+        local = torch.stack(scores).numpy() if scores else np.zeros((0, width))
+        widths = gather_rows(np.asarray([width], dtype=np.int64))
+        width = max(int(w[0]) for w in widths)
+        if local.shape[1] != width:
+            local = np.zeros((0, width))
+        rows = np.concatenate(gather_rows(local.astype(np.float64)))
+        order = np.argsort(np.concatenate(gather_rows(np.asarray(numbers, dtype=np.int64))), kind="stable")
+        scores = [torch.from_numpy(rows[i].copy()) for i in order]
+    if not scores:
         raise FairdeployError("no batches to compute SNNL scores from")
-    return {name: (v / n_batches).float() for name, v in sums.items()}
+    total = scores[0]
+    for s in scores[1:]:
+        total = total + s
+    return (total / len(scores)).float()

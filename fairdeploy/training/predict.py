@@ -1,4 +1,6 @@
-"""Batched prediction of a PyTorch model over a dataset: logits, labels and group indices."""
+"""Batched prediction of a PyTorch model over a dataset: logits, labels and group indices.
+
+Under torchrun each rank predicts a round-robin share and every rank gets the whole split back, in order."""
 
 from __future__ import annotations
 
@@ -7,8 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from fairdeploy.data.loading import ImageDataset, check_batch, make_loader
+from fairdeploy.distributed import gather_interleaved, shard_indices, world
+from fairdeploy.errors import FairdeployError
 from fairdeploy.progress import Progress, no_progress
 
 
@@ -34,7 +39,11 @@ def predict(
     task: str = "predict",
 ) -> Predictions:
     model.eval()
-    loader = make_loader(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda")
+    share = dataset if not world().active else Subset(dataset, shard_indices(len(dataset)))
+    loader = make_loader(share, batch_size, workers=workers, pin_memory=device.type == "cuda")  # type: ignore[arg-type]
+    if len(share) == 0 and len(dataset) > 0:
+        raise FairdeployError(f"{len(dataset)} image(s) cannot be shared by {world().size} processes: "
+                              "use fewer processes (--nproc-per-node)")
     out_logits, out_y, out_g = [], [], []
     done = 0
     for x, y, g, ok, idx in loader:
@@ -44,9 +53,9 @@ def predict(
         out_y.append(y.numpy())
         out_g.append(g.numpy())
         done += len(idx)
-        progress(task, done, len(dataset))
+        progress(task, done, len(share))
     return Predictions(
-        logits=np.concatenate(out_logits).astype(np.float32),
-        labels=np.concatenate(out_y).astype(np.int64),
-        groups=np.concatenate(out_g).astype(np.int64),
+        logits=gather_interleaved(np.concatenate(out_logits).astype(np.float32)),
+        labels=gather_interleaved(np.concatenate(out_y).astype(np.int64)),
+        groups=gather_interleaved(np.concatenate(out_g).astype(np.int64)),
     )
