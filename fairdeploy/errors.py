@@ -7,6 +7,8 @@ EXIT_OK = 0
 EXIT_GATE_FAILED = 1  # a validation tolerance was exceeded
 EXIT_USER_ERROR = 2  # bad input: file, column, value, option
 EXIT_MISSING_DEPENDENCY = 3  # an optional package (TensorRT, onnxruntime-gpu) is not installed
+EXIT_INTERNAL_ERROR = 4  # an unexpected exception (a bug): one line, the traceback written to a file
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 
 class FairdeployError(Exception):

@@ -36,6 +36,30 @@ def _check_writable_parent(path: Path) -> None:
         raise FairdeployError(f"output directory {parent} is not writable")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_modes(path: Path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes a plain `open` / `mkdir` would: 0666 / 0777
+    less the umask (0644 / 0755 with the usual 022). Temporary files (mkstemp, mkdtemp) and some writers
+    (safetensors) make 0600 files; an artifact is an ordinary file."""
+    mask = _umask()
+    if path.is_dir() and not path.is_symlink():
+        os.chmod(path, 0o777 & ~mask)
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                if not os.path.islink(os.path.join(root, d)):
+                    os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                if not os.path.islink(os.path.join(root, f)):
+                    os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    elif path.exists() and not path.is_symlink():
+        os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary file name beside `path`; rename it to `path` only if the block succeeds."""
@@ -44,9 +68,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; artifacts are ordinary files
     try:
         yield tmp_path
+        set_default_modes(tmp_path)  # mkstemp makes 0600 (and a writer may recreate the file so)
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
@@ -99,9 +123,9 @@ def atomic_dir(path: str | os.PathLike[str], owner: Owner | None = None, overwri
         _may_replace(final, owner, overwrite)
     _check_writable_parent(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
     try:
         yield tmp
+        set_default_modes(tmp)  # mkdtemp makes 0700, safetensors 0600 files
         if final.exists() or final.is_symlink():
             _may_replace(final, owner, overwrite)  # again: it may have appeared while the block ran
             old = final.with_name(f".{final.name}.old")

@@ -16,11 +16,12 @@ def test_unexpected_error_has_its_own_exit_code_and_one_line(run_main, monkeypat
                                str(tmp_path / "o"), "--criterion", "magnitude", "--target-macs", "0.5")
     assert code == 4  # not 1: that code means "a validation gate failed" to CI
     assert "internal error (RuntimeError: boom)" in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) <= 2
-    monkeypatch.setenv("FAIRDEPLOY_TRACEBACK", "1")
-    with pytest.raises(RuntimeError, match="boom"):
-        run_main("prune", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
-                 str(tmp_path / "o"), "--criterion", "magnitude", "--target-macs", "0.5")
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("FAIRDEPLOY_DEBUG", "1")
+    code, _out, err = run_main("prune", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
+                               str(tmp_path / "o"), "--criterion", "magnitude", "--target-macs", "0.5")
+    assert code == 4 and "Traceback (most recent call last)" in err and 'raise RuntimeError("boom")' in err
+    assert err.strip().splitlines()[-1].startswith("error: internal error (RuntimeError: boom)")
 
 
 def test_threads_option_sets_torch_threads(run_main, tmp_path) -> None:
@@ -49,3 +50,208 @@ def test_progress_prints_one_plain_line_per_finished_task_off_a_terminal(capsys)
     assert cap.err == ""  # stderr stays for errors
     lines = [ln for ln in cap.out.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].endswith("train epoch 1/2: 3/3") and " s] " in lines[0]
+
+
+# ---- --quiet / --verbose ----
+
+SYNTH = ("data", "synth", "--n-images", "30", "--image-size", "16")
+
+
+def test_quiet_prints_only_the_final_result_line_and_errors(run_main, tmp_path) -> None:
+    code, out, err = run_main(*SYNTH, "--out", str(tmp_path / "a"))
+    assert code == 0 and len(out.strip().splitlines()) > 1  # without --quiet: the counts, then the result
+    code, out, err = run_main("--quiet", *SYNTH, "--out", str(tmp_path / "b"))
+    assert code == 0 and err == ""
+    assert out.splitlines() == [f"manifest: {tmp_path / 'b' / 'manifest.csv'}"]
+    code, out, err = run_main("-q", *SYNTH, "--out", str(tmp_path / "b" / "manifest.csv"))  # a file: refused
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_verbose_prints_debug_lines_and_the_traceback_of_an_error(run_main, tmp_path) -> None:
+    code, _out, err = run_main("--verbose", *SYNTH, "--out", str(tmp_path / "a"))
+    assert code == 0 and err.startswith("debug: fairdeploy ") and "threads torch default" in err
+    (tmp_path / "b").write_text("x")
+    code, _out, err = run_main("-v", *SYNTH, "--out", str(tmp_path / "b"))
+    assert code == 2 and "Traceback (most recent call last)" in err and "FairdeployError" in err
+    assert err.strip().splitlines()[-1].startswith("error: --out ")
+    code, _out, err = run_main("-q", "-v", *SYNTH, "--out", str(tmp_path / "c"))
+    assert code == 2 and "--quiet and --verbose exclude each other" in err
+
+
+def test_warnings_are_one_line_and_silenced_by_quiet(run_main, tmp_path) -> None:
+    classes = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
+    images = [f"ISIC_{i:07d}" for i in range(12)]
+    (tmp_path / "meta.csv").write_text("image,age_approx,lesion_id,sex\n" + "".join(
+        f"{im},50,,{'female' if i % 2 else 'male'}\n" for i, im in enumerate(images)))
+    (tmp_path / "gt.csv").write_text("image," + ",".join(classes) + "\n" + "".join(
+        f"{im}," + ",".join("1.0" if c == ("NV" if i % 2 else "MEL") else "0.0" for c in classes) + "\n"
+        for i, im in enumerate(images[:10])))
+    args = ("data", "prepare", "--format", "isic2019", "--metadata", str(tmp_path / "meta.csv"), "--ground-truth",
+            str(tmp_path / "gt.csv"), "--train", "0.5", "--val", "0.25", "--test", "0.25")
+    code, out, err = run_main(*args, "--out", str(tmp_path / "m1.csv"))
+    assert code == 0, err
+    assert err.splitlines() == [f"warning: {tmp_path / 'gt.csv'}: the ground truth covers 10 of the 12 rows of "
+                                f"{tmp_path / 'meta.csv'}; 2 metadata rows have no ground-truth row and are left "
+                                "out (e.g. 'ISIC_0000010')"]
+    assert "not in the ground truth: 2 of 12 metadata rows (left out)" in out
+    code, out, err = run_main("--quiet", *args, "--out", str(tmp_path / "m2.csv"))
+    assert code == 0 and err == "" and len(out.splitlines()) == 1
+
+
+# ---- help text is not cut at 80 columns off a terminal ----
+
+def test_help_is_not_cut_when_stdout_is_not_a_terminal() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH", "LINES")}
+    proc = subprocess.run([sys.executable, "-m", "fairdeploy", "prune", "--help"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0
+    assert "--channels-per-round" in proc.stdout and "--allow-outside-root" in proc.stdout
+    assert "…" not in proc.stdout
+
+
+# ---- every option checked before any data or model is loaded ----
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("train", "--arch", "resnet19"), "unknown architecture 'resnet19'; choose one of resnet18"),
+    (("train", "--optimizer", "adam"), "unknown optimizer 'adam'"),
+    (("train", "--balance", "groups"), "unknown balance 'groups'"),
+    (("train", "--image-size", "8"), "--image-size must be at least 16"),
+    (("prune", "--model", "m", "--ratio", "1.5"), "ratio"),
+    (("prune", "--model", "m", "--criterion", "magnitude", "--target-macs", "1.5"), "must keep a fraction in (0, 1) of the macs, got 1.5"),
+    (("finetune", "--model", "m", "--optimizer", "adam"), "unknown optimizer 'adam'"),
+])
+def test_bad_options_are_refused_before_loading_anything(run_main, monkeypatch, tmp_path, args, message) -> None:
+    import time
+
+    import fairdeploy.cli.prune as prune_cli
+    import fairdeploy.cli.train as train_cli
+
+    loaded: list[str] = []
+
+    def recording(path, *a, **k):
+        loaded.append(str(path))
+        raise AssertionError("the manifest was read before the options were checked")
+
+    monkeypatch.setattr(train_cli, "read_manifest", recording)
+    monkeypatch.setattr(prune_cli, "read_manifest", recording)
+    t0 = time.perf_counter()
+    code, out, err = run_main(*args, "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"))
+    elapsed = time.perf_counter() - t0
+    assert code == 2 and message in err and loaded == [] and out == ""
+    assert elapsed < 1.0, elapsed  # torch is already imported here; no data, no model
+    assert not (tmp_path / "o").exists()
+
+
+def test_int8_calibration_budget_is_checked_before_the_model_is_loaded(run_main, monkeypatch, tmp_path) -> None:
+    import fairdeploy.export.exporter as exporter
+    from fairdeploy.data.manifest import read_manifest
+    from fairdeploy.data.synth import SynthConfig, generate_synthetic
+    from fairdeploy.models.checkpoint import ModelSpec, save_checkpoint
+    from fairdeploy.models.registry import create_model
+
+    manifest = generate_synthetic(tmp_path / "d", SynthConfig(n_images=120, image_size=16, seed=1))
+    m = read_manifest(manifest)
+    spec = ModelSpec("resnet18", tuple(m.classes), tuple(m.groups), image_size=16)
+    save_checkpoint(create_model("resnet18", spec.num_classes), spec, tmp_path / "ckpt")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the calibration budget was checked")
+
+    monkeypatch.setattr(exporter, "load_checkpoint", no_load)
+    code, _out, err = run_main("export", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e"),
+                               "--precision", "int8", "--data", str(manifest), "--calib-size", "5000",
+                               "--calib-split", "train")
+    assert code == 2 and "too few train images" in err and "--calib-size" in err
+    assert not (tmp_path / "e").exists()
+
+
+# ---- one epoch numbering; optimizer state only while the run can resume; file modes ----
+
+TRAIN = ("train", "--arch", "resnet18", "--image-size", "16", "--batch-size", "8", "--device", "cpu")
+
+
+def test_epochs_are_numbered_from_1_everywhere_and_optimizer_state_goes_at_the_end(run_main, tmp_path) -> None:
+    import json
+    import re
+
+    from fairdeploy.data.synth import SynthConfig, generate_synthetic
+
+    manifest = generate_synthetic(tmp_path / "d", SynthConfig(n_images=30, image_size=16, seed=1))
+    code, out, err = run_main(*TRAIN, "--epochs", "3", "--data", str(manifest), "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    printed = int(re.search(r"best epoch (\d+):", out).group(1))
+    state = json.loads((tmp_path / "r" / "trainer.json").read_text())
+    spec = json.loads((tmp_path / "r" / "best" / "model.json").read_text())
+    scores = [h["score"] for h in state["history"]]
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3] and state["epoch"] == 3
+    assert printed == state["best_epoch"] == spec["history"][-1]["best_epoch"] == scores.index(max(scores)) + 1
+    assert not (tmp_path / "r" / "last" / "optimizer.safetensors").exists()  # finished: nothing resumes it
+    code, _out, err = run_main(*TRAIN, "--epochs", "1", "--data", str(manifest), "--out", str(tmp_path / "k"),
+                               "--keep-optimizer-state")
+    assert code == 0, err
+    assert (tmp_path / "k" / "last" / "optimizer.safetensors").is_file()
+    code, _out, err = run_main(*TRAIN, "--epochs", "1", "--data", str(manifest), "--out", str(tmp_path / "k"),
+                               "--resume")
+    assert code == 2 and "already finished its 1 epochs" in err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_written_has_the_ordinary_mode(tmp_path, umask) -> None:
+    import os
+
+    from fairdeploy.io import write_json
+    from fairdeploy.models.checkpoint import ModelSpec, save_checkpoint
+    from fairdeploy.models.registry import create_model
+
+    before = os.umask(umask)
+    try:
+        save_checkpoint(create_model("resnet18", 2), ModelSpec("resnet18", ("a", "b")), tmp_path / "ck")
+        write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(before)
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "ck" / "model.safetensors") == 0o666 & ~umask  # safetensors itself writes 0600
+    assert mode(tmp_path / "ck" / "model.json") == 0o666 & ~umask
+    assert mode(tmp_path / "x.json") == 0o666 & ~umask
+    assert mode(tmp_path / "ck") == 0o777 & ~umask
+
+
+# ---- Ctrl-C: what was kept and the exact command that continues (a real process and a real SIGINT) ----
+
+def test_ctrl_c_during_training_says_what_was_kept_and_how_to_resume(tmp_path) -> None:
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fairdeploy.data.synth import SynthConfig, generate_synthetic
+
+    manifest = generate_synthetic(tmp_path / "d", SynthConfig(n_images=30, image_size=16, seed=1))
+    out = tmp_path / "run"
+    args = [*TRAIN, "--epochs", "500", "--data", str(manifest), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fairdeploy", "--threads", "1", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "trainer.json").is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert (out / "trainer.json").is_file(), proc.stderr.read() if proc.poll() is not None else "no epoch"
+        proc.send_signal(signal.SIGINT)
+        _stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("error: interrupted; kept ") and " of 500 epochs: " in lines[0]
+    assert str(out / "last") in lines[0] and str(out / "best") in lines[0]
+    assert lines[1] == "to continue: " + shlex.join(["fairdeploy", "--threads", "1", *args, "--resume"])
+    assert (out / "last" / "optimizer.safetensors").is_file()  # kept: the run can resume

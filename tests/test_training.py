@@ -66,9 +66,9 @@ def test_interrupted_training_resumes_to_the_same_weights(synth_manifest, tmp_pa
         train_model(manifest, "mobilenet_v3_small", tmp_path / "cut", cfg, image_size=32, device="cpu",
                     progress=stop_in_second_epoch)
     state = json.loads((tmp_path / "cut" / "trainer.json").read_text())
-    assert state["epoch"] == 0
+    assert state["epoch"] == 1  # epochs are numbered from 1 everywhere: one epoch done
     resumed = train_model(manifest, "mobilenet_v3_small", tmp_path / "cut", cfg, image_size=32, device="cpu", resume=True)
-    assert [h["epoch"] for h in resumed.history] == [0, 1]
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
     a, _ = load_checkpoint(tmp_path / "full" / "last")
     b, _ = load_checkpoint(tmp_path / "cut" / "last")
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -80,7 +80,7 @@ def test_best_checkpoint_is_the_best_validation_epoch(trained_checkpoint):
     run = trained_checkpoint.parent
     state = json.loads((run / "trainer.json").read_text())
     scores = [h["score"] for h in state["history"]]
-    assert state["best_epoch"] == int(np.argmax(scores))
+    assert state["best_epoch"] == int(np.argmax(scores)) + 1  # numbered from 1
     spec = json.loads((trained_checkpoint / "model.json").read_text())
     assert spec["history"][-1]["stage"] == "train"
     assert spec["history"][-1]["best_epoch"] == state["best_epoch"]

@@ -26,12 +26,32 @@ def _global_options(
         None, "--threads", min=1,
         help="Torch CPU threads for this command (default: torch's own choice; on a small shared machine one thread "
              "is often fastest)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the final result line."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Print debug details, and full tracebacks with errors (also FAIRDEPLOY_DEBUG=1)."),
 ) -> None:
     """Fair, compact dermatology classifiers: prune for fairness, export, and re-validate on the runtime."""
+    from fairdeploy.cli import common
+    from fairdeploy.errors import FairdeployError
+
+    if quiet and verbose:
+        raise FairdeployError("--quiet and --verbose exclude each other: give one")
+    common.output.quiet = quiet
+    common.output.verbose = verbose or common.output.verbose
+    if quiet and common.quiet_capture is not None:
+        common.console.file = common.quiet_capture  # fairdeploy.cli.main prints its last line
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+    if common.output.verbose:
+        import platform
+
+        from fairdeploy import __version__
+
+        common.debug(f"fairdeploy {__version__}, python {platform.python_version()}, threads "
+                     f"{threads if threads is not None else 'torch default'}, stdout "
+                     f"{'a terminal' if common.console.is_terminal else 'plain lines (not a terminal)'}")
 
 
 app.add_typer(data_cmd.data_app, name="data")

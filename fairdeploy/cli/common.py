@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +24,53 @@ def print_error(message: str) -> None:
     from rich.markup import escape
 
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+# ---- how much the command says (global --quiet / --verbose) and what an interrupt leaves ----
+
+@dataclasses.dataclass
+class OutputLevel:
+    """Set once per command by the global options: quiet = errors and the final result line only; verbose =
+    debug lines and full tracebacks (also FAIRDEPLOY_DEBUG=1)."""
+
+    quiet: bool = False
+    verbose: bool = False
+
+
+output = OutputLevel()
+quiet_capture: Any = None  # the buffer fairdeploy.cli.main gives the console under --quiet (last line shown)
+
+
+def debug(message: str) -> None:
+    """A detail shown with --verbose only (stderr, so that stdout stays the command's log)."""
+    if output.verbose:
+        err_console.print(f"debug: {message}", highlight=False, soft_wrap=True, markup=False)
+
+
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    """warnings.showwarning for the CLI: one line `warning: ...` on stderr (none with --quiet; with --verbose
+    the warning's class and where it was raised)."""
+    if output.quiet:
+        return
+    where = f" [{category.__name__} at {filename}:{lineno}]" if output.verbose else ""
+    text = " ".join(str(message).split())
+    err_console.print(f"warning: {text}{where}", highlight=False, soft_wrap=True, markup=False)
+
+
+# What Ctrl-C leaves behind: the running command registers a function that describes what was kept (and sets
+# `resume_option` when a flag continues it); fairdeploy.cli.main prints it with the command to run again.
+@dataclasses.dataclass
+class InterruptNote:
+    kept: Callable[[], str] | None = None
+    resume_option: str | None = None
+
+
+interrupt_note = InterruptNote()
+
+
+def on_interrupt(kept: Callable[[], str], resume_option: str | None = None) -> None:
+    interrupt_note.kept, interrupt_note.resume_option = kept, resume_option
 
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint directory (model.safetensors + model.json).")]

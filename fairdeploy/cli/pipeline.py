@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fairdeploy.cli.common import OUT_POLICIES, OverwriteOpt, RichProgress, console, err_console
+from fairdeploy.cli.common import (
+    OUT_POLICIES,
+    AllowOutsideRootOpt,
+    OverwriteOpt,
+    RichProgress,
+    console,
+    err_console,
+    on_interrupt,
+)
 from fairdeploy.errors import EXIT_GATE_FAILED
 from fairdeploy.io import claim_output
 
@@ -45,17 +53,32 @@ def _print_result(result) -> None:
     console.print(f"report: {result.report_html}")
 
 
+def _kept_stages(out: Path) -> str:
+    """The finished stages an interrupted pipeline keeps (each stage folder's stage.json), for the Ctrl-C message."""
+    done = sorted(d.name for d in out.iterdir() if (d / "stage.json").is_file()) if out.is_dir() else []
+    if not done:
+        return f"no stage had finished; nothing was kept in {out}"
+    return (f"kept the finished stages {', '.join(done)} in {out}; running the same command again skips them "
+            "and continues")
+
+
 def pipeline(
     config: Annotated[Path, typer.Argument(help="Pipeline TOML (see fairdeploy/pipeline/demo.toml).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (stages already done there are skipped).")],
     gate: Annotated[bool, typer.Option(help="Exit 1 when a validation tolerance fails.")] = True,
+    allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Run prepare -> train -> prune -> finetune -> export -> validate -> report; resumes where it stopped."""
+    from dataclasses import replace
+
     from fairdeploy.pipeline.config import load_pipeline_config
     from fairdeploy.pipeline.run import run_pipeline
 
     cfg = load_pipeline_config(config)
+    if allow_outside_root:
+        cfg = replace(cfg, allow_outside_root=True)
+    on_interrupt(lambda: _kept_stages(out))
     with claim_output(out, OUT_POLICIES["pipeline"], overwrite=overwrite, inputs={"CONFIG": config}), \
             RichProgress() as progress:
         result = run_pipeline(cfg, out, progress)

@@ -11,6 +11,8 @@ from fairdeploy.cli.common import (
     OUT_POLICIES, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, OverwriteOpt, RichProgress,
     SeedOpt, WorkersOpt, console, err_console,
 )
+from fairdeploy.cli.common import AllowOutsideRootOpt, on_interrupt
+from fairdeploy.cli.train import describe_kept_run
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import claim_output
@@ -150,6 +152,7 @@ def prune(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     images_root: ImagesRootOpt = None,
+    allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Prune a checkpoint: to a MAC/parameter budget with a criterion and its control (--criterion, --target-macs,
@@ -163,7 +166,7 @@ def prune(
                     rounds=rounds, control=control, distill=distill, group_weight=group_weight,
                     max_group_drop=max_group_drop, keep_rounds=keep_rounds, finetune_epochs=finetune_epochs,
                     finetune_lr=finetune_lr, score_samples=score_samples, round_to=round_to, beta=beta,
-                    temperature=temperature, privileged=privileged)
+                    temperature=temperature, privileged=privileged, allow_outside_root=allow_outside_root)
         return
     finetune_epochs = 0 if finetune_epochs is None else finetune_epochs
     finetune_lr = 1e-4 if finetune_lr is None else finetune_lr
@@ -188,7 +191,7 @@ def prune(
         seed=seed,
     )
     cfg.validate()  # option mistakes are reported before the manifest is read
-    manifest = read_manifest(data, images_root)
+    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     with claim_output(out, OUT_POLICIES["prune"], overwrite=overwrite,
                       inputs={"--model": model, "--data": data, "--images-root": images_root}), RichProgress() as progress:
         result = prune_checkpoint(model, manifest, out, cfg, device, progress)
@@ -210,6 +213,8 @@ def _budget_run(model: Any, data: Any, out: Any, images_root: Any, overwrite: bo
     """`fairdeploy prune --criterion C --target-macs F`: options left unset keep BudgetConfig's defaults."""
     from dataclasses import replace
 
+    allow_outside_root = bool(opts.pop("allow_outside_root", False))
+
     from fairdeploy.pruning.budget import BudgetConfig, budget_from, compress_checkpoint
 
     metric, fraction = budget_from(opts.pop("speedup"), opts.pop("target_macs"), opts.pop("target_params"))
@@ -226,7 +231,7 @@ def _budget_run(model: Any, data: Any, out: Any, images_root: Any, overwrite: bo
     kw.setdefault("control", None)  # None: BudgetConfig picks the control that fits the criterion
     cfg = replace(base, metric=metric, target=fraction, finetune=fit, batch_size=batch_size, seed=seed, **kw)
     cfg.validate()
-    manifest = read_manifest(data, images_root)
+    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     with claim_output(out, OUT_POLICIES["prune"], overwrite=overwrite,
                       inputs={"--model": model, "--data": data, "--images-root": images_root}), RichProgress() as progress:
         result = compress_checkpoint(model, manifest, out, cfg, device, progress)
@@ -284,6 +289,7 @@ def finetune(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     images_root: ImagesRootOpt = None,
+    allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best."""
@@ -293,13 +299,14 @@ def finetune(
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     balance=balance, select=select, amp=amp, workers=workers, seed=seed)
     cfg.validate()
-    manifest = read_manifest(data, images_root)
+    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
+    on_interrupt(lambda: describe_kept_run(out))
     with claim_output(out, OUT_POLICIES["finetune"], overwrite=overwrite,
                       inputs={"--model": model, "--data": data, "--images-root": images_root}), RichProgress() as progress:
         result = finetune_checkpoint(model, manifest, out, cfg, device, progress)
     best = result.fit.history[[h["epoch"] for h in result.fit.history].index(result.fit.best_epoch)]
     console.print(
-        f"best epoch {result.fit.best_epoch + 1}: val accuracy {best['val_accuracy']:.4f}, "
+        f"best epoch {result.fit.best_epoch}: val accuracy {best['val_accuracy']:.4f}, "
         f"macro-F1 {best['val_f1_macro']:.4f}, Eodd {_fmt(best['val_eodd'])}, per group "
         + ", ".join(f"{g} {a:.4f}" for g, a in best["val_group_accuracy"].items()),
         highlight=False, soft_wrap=True,

@@ -11,6 +11,7 @@ from fairdeploy.cli.common import (
     OUT_POLICIES, AllowOutsideRootOpt, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, OverwriteOpt, RichProgress,
     SeedOpt, SplitOpt, WorkersOpt, console,
 )
+from fairdeploy.cli.common import on_interrupt
 from fairdeploy.cli.tables import fairness_table, metrics_table
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.io import claim_output, write_json
@@ -37,25 +38,61 @@ def train(
     images_root: ImagesRootOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
+    keep_optimizer_state: Annotated[bool, typer.Option(
+        "--keep-optimizer-state", help="Keep OUT/last/optimizer.safetensors after the last epoch (by default it is "
+                                       "removed then: it only serves --resume of an unfinished run).")] = False,
 ) -> None:
     """Train a torchvision classifier; the best epoch on validation is saved to OUT/best."""
     from fairdeploy.training.loop import FitConfig
     from fairdeploy.training.train import train_model
 
-    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                     balance=balance, select=select, amp=amp, workers=workers, seed=seed)
+    check_train_options(arch, image_size, balance, cfg)  # before the manifest or any model is loaded
+    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
+    on_interrupt(lambda: describe_kept_run(out), "--resume")
     with claim_output(out, OUT_POLICIES["train"], overwrite=overwrite, resume=resume,
                       inputs={"--data": data, "--weights": weights, "--images-root": images_root}), \
             RichProgress() as progress:
-        result = train_model(manifest, arch, out, cfg, image_size, weights, device, resume, progress)
+        result = train_model(manifest, arch, out, cfg, image_size, weights, device, resume, progress,
+                             keep_optimizer_state=keep_optimizer_state)
     best = result.history[[h["epoch"] for h in result.history].index(result.best_epoch)]
     console.print(
-        f"best epoch {result.best_epoch + 1}: val accuracy {best['val_accuracy']:.4f}, "
+        f"best epoch {result.best_epoch}: val accuracy {best['val_accuracy']:.4f}, "
         f"macro-F1 {best['val_f1_macro']:.4f}, per group "
         + ", ".join(f"{g} {a:.4f}" for g, a in best["val_group_accuracy"].items())
     )
     console.print(f"checkpoint: {result.best_dir}")
+
+
+def check_train_options(arch: str, image_size: int, balance: str, cfg: object) -> None:
+    """Every train option that can be wrong on its own, checked before any data or model is loaded."""
+    from fairdeploy.data.loading import BALANCE_CHOICES
+    from fairdeploy.errors import FairdeployError
+    from fairdeploy.models.registry import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise FairdeployError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if image_size < 16:
+        raise FairdeployError(f"--image-size must be at least 16, got {image_size}")
+    if balance not in BALANCE_CHOICES:
+        raise FairdeployError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_CHOICES)}")
+    cfg.validate()  # type: ignore[attr-defined]
+
+
+def describe_kept_run(out: Path) -> str:
+    """What an interrupted train / finetune left in OUT (from OUT/trainer.json), for the Ctrl-C message."""
+    import json
+
+    try:
+        state = json.loads((out / "trainer.json").read_text())
+    except (OSError, ValueError):
+        return f"no epoch had finished; nothing was kept in {out}"
+    done = int(state["epoch"]) + (0 if state.get("epoch_numbering") == 1 else 1)
+    best = int(state["best_epoch"]) + (0 if state.get("epoch_numbering") == 1 else 1)
+    total = state.get("config", {}).get("epochs", "?")
+    return (f"kept {done} of {total} epochs: {out / 'last'} and the best "
+            f"so far, epoch {best}, in {out / 'best'}")
 
 
 def evaluate(

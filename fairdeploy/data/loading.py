@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,30 @@ class Encoding:
             ) from None
 
 
+# What reading a bad image raises: PIL's OSError / ValueError / SyntaxError, and its decompression-bomb guard
+# (an image of more pixels than Image.MAX_IMAGE_PIXELS: a warning up to twice that, an error beyond; both refused).
+UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image as RGB; a decompression bomb raises (DecompressionBombWarning made an error)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+
+def why_unreadable(path: Path) -> str:
+    """Why `path` cannot be read, in a few words (for the one-line error)."""
+    try:
+        open_rgb(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"a decompression bomb: {exc}"
+    except UNREADABLE_IMAGE:
+        return "not a valid image file"
+    return "decoding failed while loading"
+
+
 class ImageDataset(Dataset):
     """Records of one split as (image tensor, class index, group index, ok flag, index)."""
 
@@ -92,14 +117,13 @@ class ImageDataset(Dataset):
         return self.root / self.records[index].image
 
     def load_image(self, index: int) -> Image.Image:
-        with Image.open(self.path(index)) as im:
-            return im.convert("RGB")
+        return open_rgb(self.path(index))
 
     def __getitem__(self, index: int):
         try:
             x = self.transform(self.load_image(index))
             ok = True
-        except (OSError, ValueError, SyntaxError):
+        except UNREADABLE_IMAGE:
             # Reported by check_batch in the main process (a worker's exception would arrive as a traceback).
             x = torch.zeros(3, 1, 1)
             ok = False
@@ -120,7 +144,7 @@ def collate(batch):
 def check_batch(dataset: ImageDataset, ok: torch.Tensor, idx: torch.Tensor) -> None:
     if not bool(ok.all()):
         bad = int(idx[~ok][0])
-        raise FairdeployError(f"image {dataset.path(bad)} could not be read (not a valid image file)")
+        raise FairdeployError(f"image {dataset.path(bad)} could not be read ({why_unreadable(dataset.path(bad))})")
 
 
 def balanced_weights(dataset: ImageDataset, balance: str) -> torch.Tensor:

@@ -70,7 +70,7 @@ class ModelSpec:
                 image_size=int(d.get("image_size", 224)),
                 mean=tuple(float(x) for x in d.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
                 std=tuple(float(x) for x in d.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
-                module_shapes=dict(d.get("module_shapes", {})),
+                module_shapes=_checked_shapes(d.get("module_shapes", {}), source),
                 sparsity=d.get("sparsity"),
                 history=tuple(d.get("history", ())),
             )
@@ -83,6 +83,27 @@ _SHAPE_ATTRS = {
     nn.BatchNorm2d: ("num_features",),
     nn.Linear: ("in_features", "out_features"),
 }
+_SHAPE_TYPES = {typ.__name__: attrs for typ, attrs in _SHAPE_ATTRS.items()}
+
+
+def _checked_shapes(raw: Any, source: str) -> dict[str, dict[str, Any]]:
+    """module_shapes as written by describe_shapes: {module name: {"type": Conv2d|BatchNorm2d|Linear, sizes}},
+    every size a positive integer; anything else is named (it would otherwise fail deep inside torch)."""
+    if not isinstance(raw, dict):
+        raise FairdeployError(f"{source}: module_shapes must be a table {{module name: {{type, sizes}}}}, got "
+                              f"{type(raw).__name__} {str(raw)[:60]}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, shape in raw.items():
+        where = f"{source}: module_shapes[{name!r}]"
+        if not isinstance(shape, dict) or shape.get("type") not in _SHAPE_TYPES:
+            raise FairdeployError(f"{where} must be a table with type one of {', '.join(_SHAPE_TYPES)}, got "
+                                  f"{str(shape)[:60]}")
+        for attr in _SHAPE_TYPES[shape["type"]]:
+            value = shape.get(attr)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FairdeployError(f"{where}: {attr} must be a positive integer, got {value!r}")
+        out[str(name)] = dict(shape)
+    return out
 
 
 def _shape_of(module: nn.Module) -> dict[str, Any] | None:
@@ -217,6 +238,20 @@ def write_spec(path: str | os.PathLike[str], spec: ModelSpec) -> None:
     spec = replace(spec, module_shapes=old.module_shapes)
     with atomic_path(d / SPEC_FILE) as tmp:
         tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+
+
+def check_resumable(last_dir: str | os.PathLike[str], spec: ModelSpec) -> None:
+    """Raise unless the earlier run's checkpoint in `last_dir` is the same model as `spec` describes (classes,
+    groups, architecture, input size): resuming it with another manifest's classes cannot load its weights."""
+    earlier = read_spec(last_dir)
+    for what, old, new in (("classes", earlier.classes, spec.classes), ("groups", earlier.groups, spec.groups),
+                           ("architecture", earlier.arch, spec.arch), ("image size", earlier.image_size,
+                                                                       spec.image_size)):
+        if old != new:
+            show = (lambda v: ", ".join(v) if isinstance(v, tuple) else str(v))  # noqa: E731
+            raise FairdeployError(f"cannot resume {Path(last_dir).parent}: {what} differ, the earlier run has "
+                                  f"{show(old)}, this run {show(new)} (another manifest?); use a new --out, "
+                                  "or pass --overwrite to start again there")
 
 
 def checkpoint_hash(path: str | os.PathLike[str]) -> str:

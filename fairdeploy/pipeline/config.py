@@ -48,6 +48,7 @@ class PipelineConfig:
     synth: dict[str, Any] | None = None
     manifest: str | None = None
     images_root: str | None = None
+    allow_outside_root: bool = False  # [data] allow_outside_root, or `pipeline --allow-outside-root`
     model: dict[str, Any] = field(default_factory=dict)
     prune: tuple[PruneEntry, ...] = ()
     export: dict[str, Any] = field(default_factory=dict)
@@ -100,7 +101,8 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
         raise FairdeployError(f"{source}: the [model] table is missing; give `arch = \"resnet18\"` (with "
                               "image_size, epochs, ... to train one) or `checkpoint = \"path\"` under [model]")
     data = _table(raw, "data", source)
-    _check_keys(data, {"synth": dict, "manifest": str, "images_root": str}, f"{source}: [data]")
+    _check_keys(data, {"synth": dict, "manifest": str, "images_root": str, "allow_outside_root": bool},
+                f"{source}: [data]")
     synth, manifest = data.get("synth"), data.get("manifest")
     if (synth is None) == (manifest is None):
         raise FairdeployError(f"{source}: [data] needs exactly one of `synth = {{...}}` or `manifest = \"path\"`")
@@ -153,6 +155,7 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
         synth=dict(synth) if synth is not None else None,
         manifest=manifest,
         images_root=images_root,
+        allow_outside_root=bool(data.get("allow_outside_root", False)),
         model=model,
         prune=tuple(entries),
         export=_export_table(raw, source),

@@ -173,7 +173,7 @@ def run_pipeline(
     precisions = options.precisions
     vcfg = _validation_config(cfg)
     if cfg.manifest is not None:
-        read_manifest(cfg.manifest, cfg.images_root)
+        read_manifest(cfg.manifest, cfg.images_root, allow_outside_root=cfg.allow_outside_root)
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def run_pipeline(
         manifest_path, images_root = run / "data" / "manifest.csv", None
     else:
         manifest_path, images_root = Path(cfg.manifest or ""), cfg.images_root
-    manifest = read_manifest(manifest_path, images_root)
+    manifest = read_manifest(manifest_path, images_root, allow_outside_root=cfg.allow_outside_root)
     data_hash = hash_path(manifest_path)
 
     # 2. train (or a given checkpoint)
@@ -249,6 +249,7 @@ def run_pipeline(
         def do_export(ckpt=ckpt, exp_dir=exp_dir):
             try:
                 run_export(ckpt, exp_dir, options, data=manifest_path, images_root=images_root, seed=cfg.seed,
+                           allow_outside_root=cfg.allow_outside_root,
                            progress=progress)
             except MissingDependencyError as exc:
                 if not allow_missing_trt:

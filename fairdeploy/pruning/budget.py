@@ -274,7 +274,7 @@ def _run(run: _Run, model: nn.Module, ctx: _Ctx) -> _Run:
                                     task=f"{run.name} round {r} finetune", teacher=ctx.teacher)
         report = _evaluate(model, ctx)
         entry["finetuned"] = _point(report, size, ctx.base_report, cfg)
-        entry["finetune"] = {"best_epoch": fit.best_epoch + 1, "epochs": len(fit.history),
+        entry["finetune"] = {"best_epoch": fit.best_epoch, "epochs": len(fit.history),
                              "data_order": [h["data_order"] for h in fit.history],
                              "train_samples_per_s": float(np.mean([h["train_samples_per_s"] for h in fit.history]))}
         entry["seconds"] = time.perf_counter() - t0

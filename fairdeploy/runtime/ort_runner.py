@@ -88,6 +88,11 @@ def onnx_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     )
 
 
+def _shape_text(shape: Sequence[int]) -> str:
+    """(-1, 3, 224, 224) -> 'N x 3 x 224 x 224' (a dynamic dimension is N)."""
+    return " x ".join("N" if d < 0 else str(d) for d in shape)
+
+
 class OrtRunner(BaseRunner):
     """An InferenceSession created on activate; the providers in effect are compared with those requested."""
 
@@ -113,6 +118,7 @@ class OrtRunner(BaseRunner):
         self._input_name = ""
         self._output_name = ""
         self._input_dtype: type = np.float32
+        self._shape: tuple[int, ...] = ()
 
     def _provider_list(self) -> list[Any]:
         out: list[Any] = []
@@ -153,13 +159,27 @@ class OrtRunner(BaseRunner):
             raise FairdeployError(f"{self.path}: input {inp.name!r} has type {inp.type}; expected tensor(float)")
         self._input_name = inp.name
         self._input_dtype = _ORT_DTYPES[inp.type]
-        self._session = session
         shape = tuple(d if isinstance(d, int) else -1 for d in inp.shape)
+        size = self.info.image_size
+        if len(shape) == 4 and any(d > 0 and d != want for d, want in zip(shape[1:], (3, size, size))):
+            raise FairdeployError(
+                f"{self.path}: the metadata says the input is 3x{size}x{size} but the graph's input {inp.name!r} "
+                f"has shape {_shape_text(shape)}; the file's metadata does not describe this model (re-export it)")
+        self._session = session
+        self._shape = shape
         return InputSpec(inp.name, shape, np.dtype(self._input_dtype).name)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         x = batch if self._input_dtype is np.float32 else batch.astype(self._input_dtype)
-        return self._session.run([self._output_name], {self._input_name: x})[0]
+        try:
+            return self._session.run([self._output_name], {self._input_name: x})[0]
+        except Exception as exc:  # noqa: BLE001 - ORT's InvalidArgument / Fail have no importable common base
+            if type(exc).__module__.split(".")[0] != "onnxruntime":
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FairdeployError(
+                f"{self.path}: ONNX Runtime cannot run a batch of shape {_shape_text(x.shape)} (the graph's input "
+                f"{self._input_name!r} has shape {_shape_text(self._shape)}): {first}") from exc
 
     def _deactivate(self) -> None:
         self._session = None

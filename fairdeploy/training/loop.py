@@ -20,13 +20,14 @@ from fairdeploy.data.loading import ImageDataset, check_batch, make_loader
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_path, write_json
 from fairdeploy.metrics import MetricsReport, compute_metrics
-from fairdeploy.models.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from fairdeploy.models.checkpoint import ModelSpec, check_resumable, load_checkpoint, save_checkpoint
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.training.predict import predict
 
 SELECT_CHOICES = ("f1_macro", "accuracy", "worst_group_accuracy")
 OPTIMIZERS = ("adamw", "sgd")
 GROUP_WEIGHTS = ("none", "balanced")
+OPTIMIZER_FILE = "optimizer.safetensors"  # in OUT/last while the run can be resumed
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,13 @@ def fit(
     progress: Progress = no_progress,
     task: str = "train",
     teacher: nn.Module | None = None,
+    keep_optimizer_state: bool = False,
 ) -> FitResult:
     """Train `model`; write out_dir/best (best on validation), out_dir/last (+ optimizer) and history.
+
+    Epochs are numbered from 1 everywhere (history, trainer.json, FitResult.best_epoch, what the CLI prints).
+    The optimizer state in out_dir/last is kept while the run can be resumed and removed when it finishes,
+    unless `keep_optimizer_state`.
 
     `after_step` runs after every optimiser step (fine-tuning re-applies pruning masks there).
     With `resume`, continue from out_dir/last when it exists. With `teacher` and `cfg.distill` > 0, the loss
@@ -161,7 +167,7 @@ def fit(
     if teacher is not None:
         teacher.to(device).eval()
     history: list[dict[str, Any]] = []
-    start_epoch, best_score, best_epoch = 0, -math.inf, -1
+    start_epoch, best_score, best_epoch = 0, -math.inf, 0  # best_epoch 0: none yet (epochs count from 1)
     last_dir, best_dir = out_dir / "last", out_dir / "best"
     state_file = out_dir / "trainer.json"
 
@@ -172,11 +178,18 @@ def fit(
                 f"{state_file}: cannot resume, the earlier run used a different configuration "
                 f"(epochs {state.get('config', {}).get('epochs')}, arch {state.get('arch')}); use a new --out"
             )
+        check_resumable(last_dir, spec)  # another manifest's classes: one line, not a state-dict size mismatch
+        state = _one_based(state)
+        if int(state["epoch"]) >= cfg.epochs:
+            raise FairdeployError(f"{out_dir}: the earlier run already finished its {cfg.epochs} epochs; nothing "
+                                  "to resume (use a new --out, or --overwrite to train again there)")
+        if not (last_dir / OPTIMIZER_FILE).is_file():
+            raise FairdeployError(f"{out_dir}: cannot resume, {last_dir / OPTIMIZER_FILE} is missing")
         loaded, _ = load_checkpoint(last_dir, device)
         model.load_state_dict(loaded.state_dict())
         opt = _make_optimizer(model, cfg)
-        _load_optimizer(opt, last_dir / "optimizer.safetensors", state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
+        _load_optimizer(opt, last_dir / OPTIMIZER_FILE, state["optimizer"])
+        start_epoch = int(state["epoch"])  # epochs done (1-based: the last one finished)
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         history = list(state["history"])
 
@@ -219,7 +232,7 @@ def fit(
         report = evaluate_model(model, val_ds, spec, device, cfg.batch_size, cfg.workers)
         score = selection_score(report, cfg.select)
         entry = {
-            "epoch": epoch,
+            "epoch": epoch + 1,
             "lr": lr,
             "train_loss": loss_sum / max(seen, 1),
             "train_samples_per_s": seen / max(train_time, 1e-9),
@@ -232,16 +245,18 @@ def fit(
         }
         history.append(entry)
         if score > best_score:
-            best_score, best_epoch = score, epoch
+            best_score, best_epoch = score, epoch + 1
             save_checkpoint(model, spec, best_dir)
         save_checkpoint(model, spec, last_dir)
-        opt_meta = _save_optimizer(opt, last_dir / "optimizer.safetensors")
+        opt_meta = _save_optimizer(opt, last_dir / OPTIMIZER_FILE)
         write_json(state_file, {
-            "arch": spec.arch, "epoch": epoch, "best_epoch": best_epoch, "best_score": best_score,
+            "arch": spec.arch, "epoch": epoch + 1, "epoch_numbering": 1, "best_epoch": best_epoch, "best_score": best_score,
             "config": asdict(cfg), "history": history, "optimizer": opt_meta, "device": str(device),
         })
-    if best_epoch < 0:
+    if best_epoch < 1:
         raise FairdeployError(f"{out_dir}: no epoch was run (already finished {cfg.epochs} epochs?)")
+    if not keep_optimizer_state:
+        (last_dir / OPTIMIZER_FILE).unlink(missing_ok=True)  # the run is finished: nothing will resume it
     return FitResult(best_epoch=best_epoch, best_score=best_score, history=tuple(history), best_dir=best_dir)
 
 
@@ -263,6 +278,15 @@ def _group_weights(dataset: ImageDataset, mode: str) -> torch.Tensor:
     w = np.zeros(size)
     w[present] = len(groups) / (present.sum() * counts[present])
     return torch.as_tensor(w, dtype=torch.float32)
+
+
+def _one_based(state: dict[str, Any]) -> dict[str, Any]:
+    """trainer.json of a run written before epochs were numbered from 1 (no `epoch_numbering`), renumbered."""
+    if state.get("epoch_numbering") == 1:
+        return state
+    history = [{**h, "epoch": int(h["epoch"]) + 1} for h in state.get("history", [])]
+    return {**state, "epoch": int(state["epoch"]) + 1, "best_epoch": int(state["best_epoch"]) + 1,
+            "history": history, "epoch_numbering": 1}
 
 
 def with_fit_history(spec: ModelSpec, stage: str, cfg: FitConfig, result: FitResult, **extra: Any) -> ModelSpec:

@@ -34,6 +34,7 @@ def train_model(
     device: str = "auto",
     resume: bool = False,
     progress: Progress = no_progress,
+    keep_optimizer_state: bool = False,
 ) -> FitResult:
     """Train `arch` on the manifest's train split, select on val; the best checkpoint is out_dir/best."""
     dev = resolve_device(device)
@@ -52,7 +53,8 @@ def train_model(
                      mean=IMAGENET_MEAN, std=IMAGENET_STD)
     model = create_model(arch, len(classes), weights)
     train_ds, val_ds = spec_datasets(manifest, spec)
-    result = fit(model, spec, train_ds, val_ds, cfg, Path(out_dir), dev, resume=resume, progress=progress)
+    result = fit(model, spec, train_ds, val_ds, cfg, Path(out_dir), dev, resume=resume, progress=progress,
+                 keep_optimizer_state=keep_optimizer_state)
     write_spec(result.best_dir, with_fit_history(spec, "train", cfg, result, manifest=manifest.source,
                                                  weights=str(weights) if weights else None))
     return result
