@@ -230,3 +230,38 @@ def test_export_checks_the_calibration_size_before_loading_the_model(synth_manif
         exporter.run_export(ckpt, tmp_path / "out", merge_options(None, {"precision": ("int8",), "calib_size": 5000}),
                             data=synth_manifest, recipe_dirs=[REPO / "calibration"])
     assert events == ["draw"] and not (tmp_path / "out").exists()
+
+
+def _one_conv_onnx(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 1, 1)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["logits"], name="conv")], "one_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4, 8, 8])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_calibration_methods_set_different_ranges(tmp_path: Path) -> None:
+    """The input's scale under each method, on N(0, 1) images with one outlier pixel of 60: minmax is 60/127 by
+    hand; entropy (KL over 2048 bins, TensorRT's) and percentile (99.9) clip the outlier. onnxruntime's quantize_static
+    alone gives entropy == minmax (its 128/128 default bins leave one candidate threshold)."""
+    from onnx import numpy_helper
+
+    from fairdeploy.export.int8 import array_reader, quantize_qdq
+
+    x = np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    x[0, 0, 0, 0] = 60.0
+    path = _one_conv_onnx(tmp_path / "one.onnx")
+    scale = {}
+    for method in ("minmax", "entropy", "percentile"):
+        model = quantize_qdq(path, array_reader([x[:16], x[16:]]), method, percentile=99.9)
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+        scale[method] = float(inits[q.input[1]])
+    assert scale["minmax"] == pytest.approx(60.0 / 127, rel=1e-6)
+    assert scale["entropy"] < scale["minmax"] / 4 and scale["percentile"] < scale["minmax"] / 4
+    assert scale["entropy"] != pytest.approx(scale["percentile"], rel=1e-3)

@@ -7,6 +7,7 @@ export.json records is recomputed here."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,36 @@ def test_group_aware_needs_tensorrt_placement_and_a_val_split(trained_checkpoint
     with pytest.raises(FairdeployError, match=r"Q/DQ placement 'trt' is not one of tensorrt, ort-default"):
         merge_options(None, {"int8_placement": "trt"})
     assert not (tmp_path / "a").exists()  # refused before anything was written
+
+
+def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    import sys
+
+    from fairdeploy.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fairdeploy", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_flags_choose_placement_and_refuse_unknown_values(trained_checkpoint: Path, synth_manifest: Path,
+                                                              tmp_path: Path, monkeypatch, capsys) -> None:
+    common = ["export", "--model", str(trained_checkpoint), "--precision", "int8", "--data", str(synth_manifest),
+              "--calib-size", "24"]
+    code, _, err = _cli(monkeypatch, capsys, *common, "--out", str(tmp_path / "bad"), "--int8-mixed", "sometimes")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "mixed precision 'sometimes' is not one of off, group-aware" in lines[0]
+    code, _, err = _cli(monkeypatch, capsys, *common, "--out", str(tmp_path / "ort"), "--int8-placement", "ort-default")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "ort" / "export.json").read_text())
+    assert summary["onnx"]["int8"]["placement"] == summary["calibration"]["recipe"]["placement"] == "ort-default"
+    model = onnx.load(str(tmp_path / "ort" / "model.int8.onnx"))
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    assert adds and all(producers.get(t) == "DequantizeLinear" for a in adds for t in a.input)  # ORT: both inputs

@@ -129,6 +129,8 @@ def test_export_json_records_checks_and_versions(exported: Path) -> None:
     assert fp32["self_check"]["max_abs_logit_diff"] < 1e-4 and fp32["self_check"]["batch_sizes"] == [1, 8]
     assert fp32["self_check"]["source"].endswith("manifest.csv:test") and fp32["vs_pytorch"]["top1_agreement"] == 1.0
     assert summary["calibration"]["n"] == 48 and summary["options"]["precisions"] == ["fp32", "fp16", "int8"]
+    assert summary["onnx"]["int8"]["placement"] == summary["calibration"]["recipe"]["placement"] == "tensorrt"
+    assert summary["calibration"]["recipe"]["mixed_precision"] == "off" and "mixed_precision" not in summary["onnx"]["int8"]
     assert summary["versions"]["onnxruntime"] == ort.__version__ and summary["engines"] == {}
     assert sorted(p.name for p in exported.iterdir()) == [
         "calibration.json", "export.json", "model.fp16.onnx", "model.fp32.onnx", "model.int8.onnx"]
