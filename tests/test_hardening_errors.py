@@ -232,3 +232,58 @@ def test_internal_error_exits_4_with_one_line_and_the_traceback_in_a_file(tmp_pa
     assert "Traceback (most recent call last)" in proc.stderr and "RuntimeError: boom" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: internal error (RuntimeError: boom)")
     Path(proc.stderr.split("traceback in ")[1].split(" (")[0]).unlink()
+
+
+# ---- prune, finetune and pipeline take --allow-outside-root like the other commands ----
+
+def _with_an_outside_image(manifest_path: Path, dest: Path) -> Path:
+    """A copy of the manifest whose first test row reads ../outside.png (a real image beside the data folder)."""
+    import shutil
+
+    data = _copy_data(manifest_path, dest / "data")
+    lines = data.read_text().splitlines()
+    row = next(i for i, ln in enumerate(lines) if ln.split(",")[3] == "test")
+    image = lines[row].split(",")[0]
+    shutil.copy(data.parent / image, dest / "outside.png")
+    lines[row] = lines[row].replace(image, "../outside.png", 1)
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+@pytest.mark.parametrize("command", ["prune", "finetune"])
+def test_prune_and_finetune_refuse_paths_outside_the_root_unless_allowed(tiny, tmp_path: Path, run_main,
+                                                                         command: str) -> None:
+    manifest_path, ckpt = tiny
+    data = _with_an_outside_image(manifest_path, tmp_path)
+    extra = (["--method", "fairprune", "--steps", "1", "--score-samples", "4"] if command == "prune"
+             else ["--epochs", "1"])
+    args = [command, "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "out"), "--batch-size", "8",
+            "--device", "cpu", *extra]
+    code, _, err = run_main(*args)
+    line = _one_error_line(err)
+    assert code == 2 and "'../outside.png'" in line and "--allow-outside-root" in line
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_main(*args, "--allow-outside-root")
+    assert code == 0, err
+
+
+def test_pipeline_refuses_paths_outside_the_root_unless_allowed(tiny, tmp_path: Path, run_main,
+                                                                monkeypatch) -> None:
+    import fairdeploy.training.train as train_mod
+
+    manifest_path, _ = tiny
+    data = _with_an_outside_image(manifest_path, tmp_path)
+    config = tmp_path / "p.toml"
+    config.write_text(f'[data]\nmanifest = "{data}"\n[model]\narch = "resnet18"\nimage_size = 16\nepochs = 1\n')
+
+    def stop(*_a, **_k):
+        raise FairdeployError("stopped where training would start")
+
+    monkeypatch.setattr(train_mod, "train_model", stop)
+    code, _, err = run_main("pipeline", str(config), "--out", str(tmp_path / "run"))
+    assert code == 2 and "'../outside.png'" in _one_error_line(err)
+    code, _, err = run_main("pipeline", str(config), "--out", str(tmp_path / "run2"), "--allow-outside-root")
+    assert code == 2 and "stopped where training would start" in _one_error_line(err)  # past every data check
+    config.write_text(config.read_text().replace("[data]\n", "[data]\nallow_outside_root = true\n"))
+    code, _, err = run_main("pipeline", str(config), "--out", str(tmp_path / "run3"))
+    assert code == 2 and "stopped where training would start" in _one_error_line(err)
