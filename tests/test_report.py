@@ -247,10 +247,11 @@ def test_pareto_points_are_the_inputs_and_the_front_is_brute_force(tmp_path):
 
 
 def test_tick_labels_are_short_and_confusion_panels_skip_unchanged_stages(tmp_path):
-    for name in ("group-taylor-control/onnx-int8", "x" * 80, "a/b/c/d/e"):
+    for name in ("group-taylor-control/onnx-int8", "x" * 80, "a/b/c/d/e", "/tmp/run/export-a/model.int8.onnx"):
         lines = plots.tick_label(name).split("\n")
-        assert len(lines) <= 3 and all(len(ln) <= 23 for ln in lines)
-    assert plots.tick_label("group-taylor-control/onnx-int8") == "group-taylor-control/\nonnx-int8"
+        assert len(lines) <= 3 and all(len(ln) <= 16 for ln in lines)
+    assert plots.tick_label("group-taylor-control/onnx-int8") == "group-taylor-\ncontrol/\nonnx-int8"
+    assert plots.tick_label("/tmp/run/export-a/model.int8.onnx") == "…run/\nexport-a/\nmodel.int8.onnx"
     run = load_stages(_validation(tmp_path)[0])
     panels, unchanged = plots.confusion_panels(run)
     assert unchanged == ["model.fp32.onnx", "model.fp16.onnx"]  # identical to the reference: not drawn
@@ -346,3 +347,45 @@ def test_report_html_screenshot_in_headless_chromium(tmp_path):
     green = (np.abs(img[:600] - np.array([0xee, 0xf9, 0xf2])).sum(axis=2) < 6).mean()
     assert green > 0.02
     assert ink[1000:2000].mean() > 0.005  # the tables and the first figures fill the page below
+
+
+def _pipeline_like_stages(models: int) -> list[StageRecord]:
+    """3 stages per model with the long names a budget pipeline gives them."""
+    s = _stages()
+    names = [f"{m}{a}" for m in ("vanilla", "group-taylor", "group-taylor-control", "fairprune+ft-control",
+                                 "group-taylor-second-try", "snnl-control")[:models]
+             for a in ("", "/onnx-fp32", "/onnx-int8")]
+    return [StageRecord(**{**s[i % 3].__dict__, "name": n, "macs": 10_000_000 * (3 - i // 3)})
+            for i, n in enumerate(names)]
+
+
+@pytest.mark.parametrize("models", [3, 6])  # 9 stages: level labels; 18: too wide, upright labels
+@pytest.mark.parametrize("draw", [
+    lambda st: plots.group_bars(st, "accuracy", "accuracy"),
+    lambda st: plots.fairness_bars(st),
+    lambda st: plots.size_latency(st),
+])
+def test_bar_figures_start_at_zero_and_their_tick_labels_do_not_overlap(monkeypatch, draw, models):
+    figs = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figs.append(fig) or b"")
+    draw(_pipeline_like_stages(models))
+    (fig,) = figs
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        assert ax.get_ylim()[0] == 0.0
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        assert len(boxes) == 3 * models
+        for a, b in zip(boxes, boxes[1:]):  # neighbours, left to right
+            assert a.x1 <= b.x0 or a.y1 <= b.y0 or b.y1 <= a.y0, "tick labels overprint"
+    assert fig.get_figwidth() <= plots.MAX_WIDTH_IN
+    plots._plt().close(fig)
+
+
+def test_candidate_paths_are_shown_relative_to_their_shared_folder():
+    from fairdeploy.report.from_validation import short_labels
+
+    assert short_labels(["/r/exp/model.fp32.onnx", "/r/exp/model.int8.onnx"]) == ["model.fp32.onnx", "model.int8.onnx"]
+    assert short_labels(["/r/a/model.onnx", "/r/b/model.onnx"]) == ["a/model.onnx", "b/model.onnx"]  # still unique
+    assert short_labels(["/r/exp/model.onnx"]) == ["model.onnx"]
+    assert short_labels(["my-runner", "/r/model.onnx"]) == ["my-runner", "/r/model.onnx"]  # not all paths: as given

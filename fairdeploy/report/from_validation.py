@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fairdeploy.errors import FairdeployError
@@ -46,18 +47,31 @@ def _stage(run: dict[str, Any], name: str, candidate: dict[str, Any] | None, ref
     )
 
 
+def short_labels(labels: list[str]) -> list[str]:
+    """Candidate labels that are artifact paths, shown relative to the folder they share ("model.int8.onnx",
+    or "export-a/model.onnx" beside "export-b/model.onnx"); labels left as they are when any is not a path."""
+    if not labels or not all(os.sep in label for label in labels):
+        return labels
+    try:
+        common = os.path.commonpath([os.path.dirname(label) for label in labels])
+    except ValueError:  # absolute and relative paths mixed
+        return labels
+    return [os.path.relpath(label, common) if common else label for label in labels]
+
+
 def stages_from_validation(d: dict[str, Any], source: str = "validation.json", prefix: str = "") -> RunStages:
     """Reference first (named `prefix` or 'reference'), then candidates named by their labels."""
     try:
         ref_name = prefix or "reference"
         size = d.get("model_size")
         stages = [_stage(d["reference"], ref_name, None, ref_name, size)]
-        for c in d["candidates"]:
+        shown = short_labels([str(c["label"]) for c in d["candidates"]])
+        for c, short in zip(d["candidates"], shown):
             if prefix:  # inside a pipeline: "<model>/<runtime>-<precision>", e.g. "fairprune/onnx-int8"
                 art = c["artifact"]
                 label = f"{prefix}/{_KIND.get(art['kind'], art['kind'])}-{art['precision']}"
             else:
-                label = c["label"]
+                label = short
             stages.append(_stage(c, label, c, ref_name, size))
     except (KeyError, TypeError) as exc:
         raise FairdeployError(f"{source}: not a fairdeploy validation file (missing {exc})") from exc

@@ -40,9 +40,9 @@ def text(name: str) -> str:
     return str(name).replace("$", r"\$")
 
 
-def tick_label(name: str, width: int = 22) -> str:
+def tick_label(name: str, width: int = 15) -> str:
     """A stage name on at most three short lines: broken after each '/', then wrapped at `width` characters;
-    a longer one keeps its first two lines and the end of its last, joined by '…'."""
+    a longer one keeps its last three lines (the specific end of a path), the first marked with '…'."""
     parts = str(name).split("/")
     lines: list[str] = []
     for k, part in enumerate(parts):
@@ -51,17 +51,23 @@ def tick_label(name: str, width: int = 22) -> str:
             wrapped[-1] += "/"
         lines += wrapped
     if len(lines) > 3:
-        lines = lines[:2] + ["…" + lines[-1][-(width - 1):]]
+        lines = ["…" + lines[-3], *lines[-2:]]
     return text("\n".join(lines))
 
 
-def _width(n_slots: float, per_slot: float = 0.9, base: float = 2.5) -> float:
-    return float(min(MAX_WIDTH_IN, max(6.0, base + per_slot * n_slots)))
+def _stage_layout(stages: Sequence[StageRecord], min_slot_in: float) -> tuple[float, int]:
+    """Figure width (inches) and tick-label rotation for one slot per stage: each slot as wide as its wrapped
+    label (or `min_slot_in` for its bars), labels level; past MAX_WIDTH_IN, the labels stand upright instead."""
+    chars = max((len(line) for s in stages for line in tick_label(s.name).split("\n")), default=1)
+    slot = max(min_slot_in, 0.075 * chars + 0.25)  # ~0.07 in per character at 8 pt
+    width = 2.5 + slot * len(stages)
+    if width <= MAX_WIDTH_IN:
+        return max(6.0, width), 0
+    return MAX_WIDTH_IN, 90
 
 
-def _set_stage_ticks(ax, x: np.ndarray, stages: Sequence[StageRecord]) -> None:
-    ax.set_xticks(x, [tick_label(s.name) for s in stages], fontsize=8, rotation=30 if len(stages) > 4 else 0,
-                  ha="right" if len(stages) > 4 else "center")
+def _set_stage_ticks(ax, x: np.ndarray, stages: Sequence[StageRecord], rotation: int) -> None:
+    ax.set_xticks(x, [tick_label(s.name) for s in stages], fontsize=8, rotation=rotation, ha="center")
 
 
 def _latency_label(stages: Sequence[StageRecord]) -> str:
@@ -93,14 +99,15 @@ def group_bars(stages: Sequence[StageRecord], key: str, ylabel: str, split: str 
     groups = _groups(stages)
     x = np.arange(len(stages))
     width = 0.8 / max(len(groups), 1)
-    fig, ax = plt.subplots(figsize=(_width(len(stages), 0.35 * len(groups) + 0.5), 4.0))
+    width_in, rotation = _stage_layout(stages, 0.25 * len(groups) + 0.3)
+    fig, ax = plt.subplots(figsize=(width_in, 4.0))
     for i, g in enumerate(groups):
         vals = [float(s.metrics["groups"].get(g, {}).get(key, np.nan)) for s in stages]
         cis = [interval(s, f"accuracy[{g}]") if key == "accuracy" else None for s in stages]
         n = next((s.metrics["groups"][g]["n"] for s in stages if g in s.metrics["groups"]), None)
         ax.bar(x + (i - (len(groups) - 1) / 2) * width, vals, width, yerr=_yerr(vals, cis), capsize=2,
                label=text(f"{g} (n = {n})"))
-    _set_stage_ticks(ax, x, stages)
+    _set_stage_ticks(ax, x, stages, rotation)
     ax.set_ylabel(f"{ylabel} ({text(split)} split)")
     ax.set_ylim(0.0, 1.0)
     ax.legend(title="group", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -115,12 +122,13 @@ def fairness_bars(stages: Sequence[StageRecord], split: str = "test") -> bytes:
     plt = _plt()
     x = np.arange(len(stages))
     width = 0.8 / len(FAIRNESS_KEYS)
-    fig, ax = plt.subplots(figsize=(_width(len(stages), 0.35 * len(FAIRNESS_KEYS) + 0.5), 4.0))
+    width_in, rotation = _stage_layout(stages, 0.25 * len(FAIRNESS_KEYS) + 0.3)
+    fig, ax = plt.subplots(figsize=(width_in, 4.0))
     for i, key in enumerate(FAIRNESS_KEYS):
         vals = [np.nan if s.metrics["fairness"].get(key) is None else float(s.metrics["fairness"][key]) for s in stages]
         ax.bar(x + (i - (len(FAIRNESS_KEYS) - 1) / 2) * width, vals, width,
                yerr=_yerr(vals, [interval(s, key) for s in stages]), capsize=2, label=FAIRNESS_LABELS[key])
-    _set_stage_ticks(ax, x, stages)
+    _set_stage_ticks(ax, x, stages, rotation)
     ax.set_ylabel(f"gap, lower is fairer ({text(split)} split)")
     ax.set_ylim(bottom=0.0)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -333,7 +341,8 @@ def size_latency(stages: Sequence[StageRecord]) -> bytes | None:
     if not sized:
         return None
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(min(MAX_WIDTH_IN, max(10.0, 1.4 * len(sized) + 4)), 4.0))
+    width_in, rotation = _stage_layout(sized, 0.6)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(width_in, 7.0))
     x = np.arange(len(sized))
     a1.bar(x, [(s.size_bytes or 0) / 1e6 for s in sized])
     a1.set_ylabel("artifact file size (MB)")
@@ -341,7 +350,7 @@ def size_latency(stages: Sequence[StageRecord]) -> bytes | None:
     a2.bar(x, [np.nan if v is None else v[0] for v in lat])
     a2.set_ylabel(_latency_label(sized))
     for ax in (a1, a2):
-        _set_stage_ticks(ax, x, sized)
+        _set_stage_ticks(ax, x, sized, rotation)
         ax.set_ylim(bottom=0.0)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
