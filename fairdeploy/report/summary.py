@@ -193,9 +193,11 @@ def headline(run: RunStages, esc: Escape = _same) -> list[str]:
     best = best_passing(run)
     assert best is not None
     wg = worst_group(best)
+    tied = sum(1 for s in passing if s is not best and worst_group(s).accuracy == wg.accuracy)
+    how = f" (tied with {tied} other{'s' if tied > 1 else ''}; the smallest file of them)" if tied else ""
     lines = [
         f"{len(passing)} of {len(arts)} artifacts pass every gate. Of these, {esc(best.name)} does best on its "
-        f"worst group: {_size_words(best)}.",
+        f"worst group{how}: {_size_words(best)}.",
         f"Its worst group is {esc(wg.name)} (n = {wg.n}): accuracy {fmt_ci(wg.accuracy, wg.ci)}; overall accuracy "
         f"{best.metrics['overall']['accuracy']:.3f} on {best.metrics.get('n', sum(group_sizes(best).values()))} "
         f"images.",
