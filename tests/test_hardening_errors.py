@@ -147,6 +147,42 @@ def test_onnx_metadata_lying_about_the_input_size_names_file_and_real_shape(tiny
         "the file's metadata does not describe this model (re-export it)")
 
 
+def test_validate_a_lying_onnx_is_one_line_and_writes_nothing(tiny, tmp_path: Path, run_main) -> None:
+    from dataclasses import replace
+
+    import onnx
+
+    from fairdeploy.export.metadata import metadata_of_model, set_onnx_metadata
+    from fairdeploy.export.onnx_export import export_onnx
+
+    manifest_path, ckpt = tiny
+    path = tmp_path / "model.fp32.onnx"
+    export_onnx(ckpt, path)
+    model = onnx.load(str(path))
+    set_onnx_metadata(model, replace(metadata_of_model(model), image_size=24))
+    onnx.save(model, str(path))
+    out = tmp_path / "v"
+    code, _, err = run_main("validate", "--reference", str(ckpt), "--candidate", str(path), "--data",
+                            str(manifest_path), "--out", str(out), "--no-latency", "--bootstrap", "0",
+                            "--device", "cpu", "--allow-other-source")
+    line = _one_error_line(err)
+    # validate compares the metadata with the reference first; OrtRunner checks it against the graph (above)
+    assert code == 2 and line == f"error: candidate {path}: input size 24 does not match the reference's 16"
+    assert not out.exists()
+
+
+def test_inspect_reports_a_decompression_bomb_as_unreadable(tiny, tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    from fairdeploy.data.inspect import image_problem
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (40, 40)).save(tmp_path / "warn.png")  # 1600 px: PIL only warns (up to 2x the limit)
+    Image.new("RGB", (20, 20)).save(tmp_path / "fine.png")
+    assert image_problem(str(tmp_path / "fine.png")) is None
+    assert image_problem(str(tmp_path / "warn.png")).startswith("DecompressionBombWarning: Image size (1600 pixels)")
+
+
 # ---- evaluate --out an existing directory; prune --out whose hidden .old sibling is a file ----
 
 def test_evaluate_out_an_existing_folder_is_one_line(tiny, tmp_path: Path, run_main) -> None:

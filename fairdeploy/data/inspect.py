@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -85,12 +86,14 @@ def _splits_present(records: Sequence[Record]) -> list[str]:
 def image_problem(path: str) -> str | None:
     """None when the file opens, verifies and decodes (JPEGs at 1/8 scale); otherwise the error."""
     try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
-            im.draft("RGB", (1, 1))  # JPEG: decode every block but at the smallest DCT scale
-            im.load()
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused when loading too
+            with Image.open(path) as im:
+                im.verify()
+            with Image.open(path) as im:
+                im.draft("RGB", (1, 1))  # JPEG: decode every block but at the smallest DCT scale
+                im.load()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
         return f"{type(exc).__name__}: {exc}"
     return None
 
