@@ -32,6 +32,7 @@ REL_TOL = 0.15
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[np.ndarray]]]:
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {}
     rng = np.random.default_rng(0)
@@ -48,6 +49,7 @@ def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, li
         path = tmp_path_factory.mktemp(arch) / "model.fp32.onnx"
         export_model_onnx(model.eval(), spec, path, "0" * 64)
         out[arch] = (path, [rng.standard_normal((8, 3, 32, 32)).astype(np.float32) for _ in range(4)])
+    torch.set_num_threads(before)
     return out
 
 
