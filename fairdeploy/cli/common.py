@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -153,6 +154,28 @@ OUT_POLICIES: dict[str, OutputPolicy] = {
     "report": OutputPolicy("report", owned=_report_owns, proof="report.html of an earlier report"),
     "pipeline": OutputPolicy("pipeline", owned=_is_pipeline_run, proof="stages.json or a stage's stage.json"),
 }
+
+
+@contextlib.contextmanager
+def claim_on_main(out: Path, policy: OutputPolicy, **kw: Any) -> Iterator[Path]:
+    """`claim_output` on the process that writes: the only one, or rank 0 of a torchrun job (the other ranks
+    write nothing and claim nothing)."""
+    from fairdeploy.distributed import world
+    from fairdeploy.io import claim_output
+
+    if world().is_main:
+        with claim_output(out, policy, **kw) as claimed:
+            yield claimed
+    else:
+        yield out
+
+
+def progress_on_main() -> contextlib.AbstractContextManager[Any]:
+    """The progress display on the process that reports (rank 0 under torchrun); silence on the others."""
+    from fairdeploy.distributed import world
+    from fairdeploy.progress import no_progress
+
+    return RichProgress() if world().is_main else contextlib.nullcontext(no_progress)
 
 
 class RichProgress:

@@ -8,14 +8,13 @@ import typer
 from rich.table import Table
 
 from fairdeploy.cli.common import (
-    OUT_POLICIES, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, OverwriteOpt, RichProgress,
-    SeedOpt, WorkersOpt, console, err_console,
+    OUT_POLICIES, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, OverwriteOpt, SeedOpt,
+    WorkersOpt, claim_on_main, console, err_console, progress_on_main,
 )
 from fairdeploy.cli.common import AllowOutsideRootOpt, on_interrupt
 from fairdeploy.cli.train import describe_kept_run
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import claim_output
 
 
 def _fmt(v: float | None) -> str:
@@ -157,6 +156,7 @@ def prune(
 ) -> None:
     """Prune a checkpoint: to a MAC/parameter budget with a criterion and its control (--criterion, --target-macs,
     --speedup), or FairPrune / SNNL steps (--method). Writes OUT/model.*, OUT/prune.json (and OUT/control, OUT/rounds)."""
+    from fairdeploy.distributed import distributed_run, world
     from fairdeploy.pruning import FairPruneConfig, Guard, PruneConfig, SnnlConfig, StopRule, prune_checkpoint
     from fairdeploy.training.loop import FitConfig
 
@@ -192,9 +192,14 @@ def prune(
     )
     cfg.validate()  # option mistakes are reported before the manifest is read
     manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
-    with claim_output(out, OUT_POLICIES["prune"], overwrite=overwrite,
-                      inputs={"--model": model, "--data": data, "--images-root": images_root}), RichProgress() as progress:
-        result = prune_checkpoint(model, manifest, out, cfg, device, progress)
+    with distributed_run(device) as rank_device, \
+            claim_on_main(out, OUT_POLICIES["prune"], overwrite=overwrite,
+                          inputs={"--model": model, "--data": data, "--images-root": images_root}), \
+            progress_on_main() as progress:
+        reports = world().is_main
+        result = prune_checkpoint(model, manifest, out, cfg, rank_device, progress)
+    if not reports:
+        return
     rec = result.record
     console.print(f"groups: unprivileged {rec['groups']['unprivileged']}, privileged {rec['groups']['privileged']} "
                   f"({rec['groups']['reason']})", highlight=False, soft_wrap=True)
@@ -215,6 +220,7 @@ def _budget_run(model: Any, data: Any, out: Any, images_root: Any, overwrite: bo
 
     allow_outside_root = bool(opts.pop("allow_outside_root", False))
 
+    from fairdeploy.distributed import distributed_run, world
     from fairdeploy.pruning.budget import BudgetConfig, budget_from, compress_checkpoint
 
     metric, fraction = budget_from(opts.pop("speedup"), opts.pop("target_macs"), opts.pop("target_params"))
@@ -232,9 +238,14 @@ def _budget_run(model: Any, data: Any, out: Any, images_root: Any, overwrite: bo
     cfg = replace(base, metric=metric, target=fraction, finetune=fit, batch_size=batch_size, seed=seed, **kw)
     cfg.validate()
     manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
-    with claim_output(out, OUT_POLICIES["prune"], overwrite=overwrite,
-                      inputs={"--model": model, "--data": data, "--images-root": images_root}), RichProgress() as progress:
-        result = compress_checkpoint(model, manifest, out, cfg, device, progress)
+    with distributed_run(device) as rank_device, \
+            claim_on_main(out, OUT_POLICIES["prune"], overwrite=overwrite,
+                          inputs={"--model": model, "--data": data, "--images-root": images_root}), \
+            progress_on_main() as progress:
+        reports = world().is_main
+        result = compress_checkpoint(model, manifest, out, cfg, rank_device, progress)
+    if not reports:
+        return
     rec = result.record
     console.print(_budget_table(rec))
     sel = rec["selected"]
@@ -293,6 +304,7 @@ def finetune(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best."""
+    from fairdeploy.distributed import distributed_run, world
     from fairdeploy.pruning import finetune_checkpoint
     from fairdeploy.training.loop import FitConfig
 
@@ -301,9 +313,14 @@ def finetune(
     cfg.validate()
     manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     on_interrupt(lambda: describe_kept_run(out))
-    with claim_output(out, OUT_POLICIES["finetune"], overwrite=overwrite,
-                      inputs={"--model": model, "--data": data, "--images-root": images_root}), RichProgress() as progress:
-        result = finetune_checkpoint(model, manifest, out, cfg, device, progress)
+    with distributed_run(device) as rank_device, \
+            claim_on_main(out, OUT_POLICIES["finetune"], overwrite=overwrite,
+                          inputs={"--model": model, "--data": data, "--images-root": images_root}), \
+            progress_on_main() as progress:
+        reports = world().is_main
+        result = finetune_checkpoint(model, manifest, out, cfg, rank_device, progress)
+    if not reports:
+        return
     best = result.fit.history[[h["epoch"] for h in result.fit.history].index(result.fit.best_epoch)]
     console.print(
         f"best epoch {result.fit.best_epoch}: val accuracy {best['val_accuracy']:.4f}, "

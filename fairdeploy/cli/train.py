@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from fairdeploy.cli.common import (
-    OUT_POLICIES, AllowOutsideRootOpt, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, OverwriteOpt, RichProgress,
-    SeedOpt, SplitOpt, WorkersOpt, console,
+    OUT_POLICIES, AllowOutsideRootOpt, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt,
+    OverwriteOpt, RichProgress, SeedOpt, SplitOpt, WorkersOpt, claim_on_main, console, progress_on_main,
 )
 from fairdeploy.cli.common import on_interrupt
 from fairdeploy.cli.tables import fairness_table, metrics_table
@@ -22,7 +22,8 @@ def train(
     out: OutDirOpt,
     arch: Annotated[str, typer.Option("--arch", help="resnet18, resnet50, vgg11_bn, mobilenet_v3_small, efficientnet_b0, ...")] = "resnet18",
     epochs: Annotated[int, typer.Option(min=1)] = 10,
-    batch_size: BatchSizeOpt = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size (under torchrun: the global "
+                                                                          "batch, split evenly over the processes).")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option()] = 1e-4,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
@@ -42,7 +43,10 @@ def train(
         "--keep-optimizer-state", help="Keep OUT/last/optimizer.safetensors after the last epoch (by default it is "
                                        "removed then: it only serves --resume of an unfinished run).")] = False,
 ) -> None:
-    """Train a torchvision classifier; the best epoch on validation is saved to OUT/best."""
+    """Train a torchvision classifier; the best epoch on validation is saved to OUT/best.
+
+    Under `torchrun --nproc-per-node N -m fairdeploy train ...` it trains with DistributedDataParallel."""
+    from fairdeploy.distributed import distributed_run, world
     from fairdeploy.training.loop import FitConfig
     from fairdeploy.training.train import train_model
 
@@ -51,11 +55,15 @@ def train(
     check_train_options(arch, image_size, balance, cfg)  # before the manifest or any model is loaded
     manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     on_interrupt(lambda: describe_kept_run(out), "--resume")
-    with claim_output(out, OUT_POLICIES["train"], overwrite=overwrite, resume=resume,
-                      inputs={"--data": data, "--weights": weights, "--images-root": images_root}), \
-            RichProgress() as progress:
-        result = train_model(manifest, arch, out, cfg, image_size, weights, device, resume, progress,
+    with distributed_run(device) as rank_device, \
+            claim_on_main(out, OUT_POLICIES["train"], overwrite=overwrite, resume=resume,
+                          inputs={"--data": data, "--weights": weights, "--images-root": images_root}), \
+            progress_on_main() as progress:
+        reports = world().is_main
+        result = train_model(manifest, arch, out, cfg, image_size, weights, rank_device, resume, progress,
                              keep_optimizer_state=keep_optimizer_state)
+    if not reports:
+        return
     best = result.history[[h["epoch"] for h in result.history].index(result.best_epoch)]
     console.print(
         f"best epoch {result.best_epoch}: val accuracy {best['val_accuracy']:.4f}, "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -171,9 +170,21 @@ def make_loader(
     generator: torch.Generator | None = None,
     pin_memory: bool = False,
     drop_last: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> DataLoader:
+    """`shard` = (rank, world size): this rank's share of the sequence one process would draw with
+    `generator` (same shuffle / balance), `batch_size` being the per-rank batch (see distributed.ShardSampler)."""
     sampler = None
-    if balance != "none":
+    if shard is not None:
+        from fairdeploy.distributed import ShardSampler
+
+        rank, size = shard
+        weights = balanced_weights(dataset, balance) if balance != "none" else None
+        step = batch_size * size
+        total = len(dataset) // step * step if drop_last else None
+        sampler = ShardSampler(len(dataset), rank, size, shuffle, weights, generator, total)
+        shuffle = False
+    elif balance != "none":
         sampler = WeightedRandomSampler(balanced_weights(dataset, balance), len(dataset), True, generator=generator)
         shuffle = False
     return DataLoader(
@@ -194,7 +205,3 @@ def split_dataset(
     manifest: Manifest, split: str, encoding: Encoding, transform: T.Compose
 ) -> ImageDataset:
     return ImageDataset(manifest.split(split), manifest.root, encoding, transform, manifest.source)
-
-
-def default_workers() -> int:
-    return min(4, max(0, (os.cpu_count() or 1) - 1))

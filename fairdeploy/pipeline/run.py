@@ -199,9 +199,11 @@ def run_pipeline(
         arch, image_size, fit = train_plan
         outcomes.append(run_stage(
             run / "train", "train", {"arch": arch, "image_size": image_size, "fit": fit.__dict__, "data": data_hash,
-                                     "device": cfg.device},
+                                     "device": cfg.device, **_nproc(cfg)},
             ["best"],
-            lambda: train_model(manifest, arch, run / "train", fit, image_size, None, cfg.device, False, progress)))
+            lambda: _launch(cfg, "train", run / "train", manifest, run / "train", fit, arch=arch, image_size=image_size)
+            if cfg.nproc > 1 else
+            train_model(manifest, arch, run / "train", fit, image_size, None, cfg.device, False, progress)))
         vanilla = run / "train" / "best"
     vanilla_hash = hash_path(_weights(vanilla))
     models: list[tuple[str, Path]] = [("vanilla", vanilla)]
@@ -211,15 +213,18 @@ def run_pipeline(
     for entry, pcfg in zip(cfg.prune, prune_cfgs):
         stage_dir = run / f"prune-{entry.name}"
         if entry.is_budget:
-            models += _budget_stage(entry, pcfg, stage_dir, vanilla, vanilla_hash, manifest, data_hash, cfg.device,
+            models += _budget_stage(entry, pcfg, stage_dir, vanilla, vanilla_hash, manifest, data_hash, cfg,
                                     progress, outcomes, trajectories, notes)
             continue
         outcomes.append(run_stage(
             stage_dir, f"prune {entry.name}",
-            {"method": entry.method, "options": entry.options, "source": vanilla_hash, "data": data_hash, "device": cfg.device},
+            {"method": entry.method, "options": entry.options, "source": vanilla_hash, "data": data_hash, "device": cfg.device,
+             **_nproc(cfg)},
             ["model", "model/prune.json"],
-            lambda pcfg=pcfg, stage_dir=stage_dir: prune_checkpoint(vanilla, manifest, stage_dir / "model", pcfg,
-                                                                    cfg.device, progress)))
+            lambda pcfg=pcfg, stage_dir=stage_dir: _launch(cfg, "prune", stage_dir, manifest, stage_dir / "model", pcfg,
+                                                           model=vanilla)
+            if cfg.nproc > 1 else
+            prune_checkpoint(vanilla, manifest, stage_dir / "model", pcfg, cfg.device, progress)))
         pruned = stage_dir / "model"
         prune_record = read_json(pruned / "prune.json")
         trajectories.append(_trajectory(entry.name, prune_record))
@@ -232,10 +237,13 @@ def run_pipeline(
             ft_dir = run / f"finetune-{entry.name}"
             outcomes.append(run_stage(
                 ft_dir, f"finetune {entry.name}",
-                {"epochs": entry.finetune_epochs, "lr": entry.finetune_lr, "source": hash_path(pruned / "model.safetensors"), "data": data_hash},
+                {"epochs": entry.finetune_epochs, "lr": entry.finetune_lr, "source": hash_path(pruned / "model.safetensors"), "data": data_hash,
+                 **_nproc(cfg)},
                 ["model"],
-                lambda pruned=pruned, ft_dir=ft_dir, ft_cfg=ft_cfg: finetune_checkpoint(
-                    pruned, manifest, ft_dir / "model", ft_cfg, cfg.device, progress)))
+                lambda pruned=pruned, ft_dir=ft_dir, ft_cfg=ft_cfg: _launch(
+                    cfg, "finetune", ft_dir, manifest, ft_dir / "model", ft_cfg, model=pruned)
+                if cfg.nproc > 1 else
+                finetune_checkpoint(pruned, manifest, ft_dir / "model", ft_cfg, cfg.device, progress)))
             models.append((f"{entry.name}+ft", ft_dir / "model"))
 
     # 4. export and 5. validate every model (a budget run's control too, as "<name>-control")
@@ -274,7 +282,8 @@ def run_pipeline(
         gate_failures.extend(f"{name}: {f}" for f in vj.get("failures", []))
         stages = stages_from_validation(vj, str(val_dir / "validation.json"), prefix=name).stages
         size = _size(ckpt)  # every artifact of a model has its architecture: the same MACs and parameters
-        all_stages.extend(replace(s, macs=size.macs, params=size.params) for s in stages)
+        guard = _guard_failure(ckpt)  # a budget run's model that failed its pruning guard: no artifact of it passes
+        all_stages.extend(replace(s, macs=size.macs, params=size.params, guard_failure=guard) for s in stages)
 
     run_stages = RunStages(tuple(all_stages), tuple(trajectories), vcfg.split, cfg.title, tuple(notes))
     _write_if_changed(run / STAGES_FILE, run_stages)
@@ -321,7 +330,7 @@ def _report_code_hash() -> str:
 
 
 def _budget_stage(entry: PruneEntry, bcfg: Any, stage_dir: Path, vanilla: Path, vanilla_hash: str, manifest: Any,
-                  data_hash: str, device: str, progress: Progress, outcomes: list[StageOutcome],
+                  data_hash: str, cfg: PipelineConfig, progress: Progress, outcomes: list[StageOutcome],
                   trajectories: list[Trajectory], notes: list[str]) -> list[tuple[str, Path]]:
     """compress_checkpoint into stage_dir/model; the selected candidate and (unless control = "none") the
     control's selected checkpoint go on to export and validation, the latter as "<name>-control"."""
@@ -332,9 +341,10 @@ def _budget_stage(entry: PruneEntry, bcfg: Any, stage_dir: Path, vanilla: Path, 
     outcomes.append(run_stage(
         stage_dir, f"prune {entry.name}",
         {"criterion": entry.criterion, "options": entry.options, "config": bcfg.to_dict(), "source": vanilla_hash,
-         "data": data_hash, "device": device},
+         "data": data_hash, "device": cfg.device, **_nproc(cfg)},
         ["model", "model/prune.json", *(["model/control"] if has_control else [])],
-        lambda: compress_checkpoint(vanilla, manifest, out, bcfg, device, progress)))
+        lambda: _launch(cfg, "budget", stage_dir, manifest, out, bcfg, model=vanilla) if cfg.nproc > 1 else
+        compress_checkpoint(vanilla, manifest, out, bcfg, cfg.device, progress)))
     rec = read_json(out / "prune.json")
     trajectories.append(_trajectory(entry.name, rec))
     sel, budget = rec["selected"], rec["budget"]
@@ -359,6 +369,36 @@ def _budget_stage(entry: PruneEntry, bcfg: Any, stage_dir: Path, vanilla: Path, 
                      f"stage hands on the one closest to passing (smallest shortfall beyond the tolerances), "
                      f"flagged; every round is {where}")
     return models
+
+
+def _nproc(cfg: PipelineConfig) -> dict[str, int]:
+    """The process count in a stage's inputs when it is not 1 (one-process stages keep their earlier hashes)."""
+    return {"nproc": cfg.nproc} if cfg.nproc > 1 else {}
+
+
+def _launch(cfg: PipelineConfig, kind: str, stage_dir: Path, manifest: Any, out: Path, config: Any, **kw: Any) -> None:
+    """A train / prune / budget / finetune stage under torchrun with cfg.nproc processes (fairdeploy.pipeline.launch)."""
+    from fairdeploy.pipeline.launch import run_under_torchrun
+
+    run_under_torchrun(kind, cfg.nproc, stage_dir, manifest=manifest.source, images_root=str(manifest.root),
+                       allow_outside_root=cfg.allow_outside_root, out=out, config=config, device=cfg.device, **kw)
+
+
+def _guard_failure(ckpt: Path) -> str | None:
+    """For the candidate (ckpt/prune.json) or control (ckpt/../prune.json) of a budget run: why its selected model
+    failed the pruning guard on validation; None when it passed or ckpt is no budget run's model."""
+    for rec_path, run_name in ((ckpt / "prune.json", "candidate"), (ckpt.parent / "prune.json", ckpt.name)):
+        if rec_path.is_file():
+            rec = read_json(rec_path)
+            run_rec = rec.get("runs", {}).get(run_name) if rec.get("kind") == "budget" else None
+            if run_rec is not None:
+                if run_rec.get("guard_passed", True):
+                    return None
+                cfg = rec.get("params", {})
+                return (f"pruning guard failed on validation: no model at the budget kept every group within "
+                        f"{cfg.get('max_group_drop', '?')} accuracy of the input model and macro-F1 within "
+                        f"{cfg.get('max_f1_drop', '?')} (the closest one was handed on)")
+    return None
 
 
 def _size(ckpt: Path) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch.utils.data import Subset
 from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
+from fairdeploy.distributed import barrier, main_scratch, world
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_dir, sha256_file, write_json
 from fairdeploy.metrics import METRIC_DEFINITIONS, MetricsReport, compute_metrics
@@ -343,8 +343,7 @@ def compress_checkpoint(
     budget_max = base_size[cfg.metric] * cfg.target
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch.", dir=out.parent) as scratch_name:
-        scratch = Path(scratch_name)
+    with main_scratch(out) as scratch:  # under torchrun only rank 0 writes (scratch and output)
         ctx = _Ctx(spec=spec, teacher=teacher, train_ds=train_ds, val_ds=val_ds, scores=scores,
                    base_report=base_report, head=head, device=dev, cfg=cfg, scratch=scratch,
                    progress=progress)
@@ -397,26 +396,28 @@ def compress_checkpoint(
                                     "verdict": verdict(cfg.criterion, cfg.control, comparison)}
         else:
             record["comparison"] = {"verdict": "no control was run: no fairness claim about the criterion is made"}
-        staged = scratch / "final"
-        history = {"stage": "prune", "kind": "budget", "criterion": cfg.criterion, "control": cfg.control,
-                   "budget": record["budget"], "source": str(src), "source_sha256": record["input"]["sha256"],
-                   "manifest": manifest.source, "selected": cand[0]}
-        out_spec = replace(spec, sparsity=None).with_history(history)
-        save_checkpoint(cand[1], out_spec, staged)
-        if "control" in selected:
-            ctrl = selected["control"]
-            save_checkpoint(ctrl[1], replace(spec, sparsity=None).with_history({**history, "run": "control",
-                                                                                 "selected": ctrl[0]}),
-                            staged / "control")
-            record["runs"]["control"]["model"] = "control"
-        if cfg.keep_rounds:
-            for run in runs:
-                for name, m, _p in run.candidates:
-                    save_checkpoint(m, out_spec, staged / "rounds" / f"{run.name}-{name}")
-        record["seconds"] = time.perf_counter() - t_start
-        write_json(staged / PRUNE_FILE, record)
-        with atomic_dir(out, owner=PRUNE_FILE) as tmp:
-            for f in staged.iterdir():
-                shutil.move(str(f), tmp / f.name)
+        if world().is_main:
+            staged = scratch / "final"
+            history = {"stage": "prune", "kind": "budget", "criterion": cfg.criterion, "control": cfg.control,
+                       "budget": record["budget"], "source": str(src), "source_sha256": record["input"]["sha256"],
+                       "manifest": manifest.source, "selected": cand[0]}
+            out_spec = replace(spec, sparsity=None).with_history(history)
+            save_checkpoint(cand[1], out_spec, staged)
+            if "control" in selected:
+                ctrl = selected["control"]
+                save_checkpoint(ctrl[1], replace(spec, sparsity=None).with_history({**history, "run": "control",
+                                                                                     "selected": ctrl[0]}),
+                                staged / "control")
+                record["runs"]["control"]["model"] = "control"
+            if cfg.keep_rounds:
+                for run in runs:
+                    for name, m, _p in run.candidates:
+                        save_checkpoint(m, out_spec, staged / "rounds" / f"{run.name}-{name}")
+            record["seconds"] = time.perf_counter() - t_start
+            write_json(staged / PRUNE_FILE, record)
+            with atomic_dir(out, owner=PRUNE_FILE) as tmp:
+                for f in staged.iterdir():
+                    shutil.move(str(f), tmp / f.name)
+        barrier()
     return BudgetResult(out_dir=out, record=record)
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
+from fairdeploy.distributed import broadcast_module, main_writes, world
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_dir, sha256_file
 from fairdeploy.models.checkpoint import WEIGHTS_FILE, ModelSpec, load_checkpoint, resolve_checkpoint, write_spec
@@ -43,11 +44,15 @@ def finetune_model(model: nn.Module, spec: ModelSpec, train_ds, val_ds, cfg: Fit
                    task: str = "finetune", teacher: nn.Module | None = None) -> tuple[nn.Module, FitResult]:
     """Run the training loop with the masks re-applied after every optimiser step (and distillation from
     `teacher` when cfg.distill > 0); return the best epoch's model (selected on validation) reloaded from its
-    checkpoint, and the fit result."""
+    checkpoint (under torchrun rank 0 reloads it and sends its weights to the other ranks), and the fit result."""
     after = mask_reapplier(masks) if masks else None
     result = fit(model, spec, train_ds, val_ds, cfg, scratch, device, after_step=after, progress=progress, task=task,
                  teacher=teacher)
-    best, _ = load_checkpoint(result.best_dir, device)
+    if not world().active:
+        best, _ = load_checkpoint(result.best_dir, device)
+        return best, result
+    best = load_checkpoint(result.best_dir, device)[0] if world().is_main else model
+    broadcast_module(best)
     return best, result
 
 
@@ -72,7 +77,8 @@ def finetune_checkpoint(
     masks = spec_masks(model, spec)
     train_ds, val_ds = spec_datasets(manifest, spec)
     out = Path(out_dir)
-    with atomic_dir(out, owner="trainer.json") as tmp:  # replaces only an earlier finetune output
+    # replaces only an earlier finetune output; under torchrun only rank 0 writes
+    with main_writes(lambda: atomic_dir(out, owner="trainer.json"), out) as tmp:
         model, result = finetune_model(model, spec, train_ds, val_ds, cfg, tmp, dev, masks, progress)
         entry = {
             "stage": "finetune",
@@ -84,9 +90,9 @@ def finetune_checkpoint(
             "manifest": manifest.source,
             "masks_held": sorted(masks),
         }
-        write_spec(result.best_dir, replace(spec).with_history(entry))
+        if world().is_main:
+            write_spec(result.best_dir, replace(spec).with_history(entry))
     held = None
-    if masks:
-        final, _ = load_checkpoint(out / "best", "cpu")
-        held = sparsity(masks_from_model(final, spec.sparsity["layers"]))  # type: ignore[index]
+    if masks:  # the best epoch's model, as written to OUT/best
+        held = sparsity(masks_from_model(model, spec.sparsity["layers"]))  # type: ignore[index]
     return FinetuneResult(out_dir=out, best_dir=out / "best", fit=replace(result, best_dir=out / "best"), sparsity=held)

@@ -1,8 +1,13 @@
-"""The epoch loop shared by train and finetune: AMP on CUDA, cosine LR, best-on-validation, resumable."""
+"""The epoch loop shared by train and finetune: AMP on CUDA, cosine LR, best-on-validation, resumable.
+
+Under torchrun the model is wrapped in DistributedDataParallel, --batch-size is the global batch (split evenly
+over the ranks, each rank taking its share of the one-process sample order), validation is computed on the
+whole split gathered on every rank, and only rank 0 writes (the others wait at a barrier)."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -17,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fairdeploy.data.loading import ImageDataset, check_batch, make_loader
+from fairdeploy.distributed import (
+    all_reduce_sum, barrier, broadcast_module, broadcast_object, gather_rows, rank_seed, world,
+)
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_path, write_json
 from fairdeploy.metrics import MetricsReport, compute_metrics
@@ -156,6 +164,11 @@ def fit(
     cfg.validate()
     if cfg.distill > 0 and teacher is None:
         raise FairdeployError("distillation needs a teacher model (the input model of the pruning run)")
+    ranks = world()
+    if cfg.batch_size % ranks.size:
+        raise FairdeployError(f"--batch-size {cfg.batch_size} (the global batch) cannot be split evenly over "
+                              f"{ranks.size} processes: use a multiple of {ranks.size}")
+    local_batch = cfg.batch_size // ranks.size
     out_dir = Path(out_dir)
     model.to(device)
     opt = _make_optimizer(model, cfg)
@@ -171,7 +184,9 @@ def fit(
     last_dir, best_dir = out_dir / "last", out_dir / "best"
     state_file = out_dir / "trainer.json"
 
-    if resume and state_file.is_file():
+    # rank 0 reads the earlier run (the other ranks' file system may not hold it) and sends it to the others
+    resumed = resume and ranks.is_main and state_file.is_file()
+    if resumed:
         state = json.loads(state_file.read_text())
         if state.get("config", {}).get("epochs") != cfg.epochs or state.get("arch") != spec.arch:
             raise FairdeployError(
@@ -189,30 +204,45 @@ def fit(
         model.load_state_dict(loaded.state_dict())
         opt = _make_optimizer(model, cfg)
         _load_optimizer(opt, last_dir / OPTIMIZER_FILE, state["optimizer"])
+    if ranks.active and resume:
+        sent = broadcast_object((state, _cpu_state(opt)) if resumed else None)
+        if sent is not None:
+            state, opt_state = sent  # type: ignore[misc]
+            broadcast_module(model)
+            opt = _make_optimizer(model, cfg)
+            opt.load_state_dict(opt_state)
+            resumed = True
+    if resumed:
         start_epoch = int(state["epoch"])  # epochs done (1-based: the last one finished)
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         history = list(state["history"])
 
     gen = torch.Generator()
     steps_per_epoch = max(1, len(train_ds) // cfg.batch_size)
+    trained: nn.Module = model
+    if ranks.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     for epoch in range(start_epoch, cfg.epochs):
-        gen.manual_seed(cfg.seed * 1000 + epoch)
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        loader = make_loader(train_ds, cfg.batch_size, shuffle=True, balance=cfg.balance, workers=cfg.workers,
+        gen.manual_seed(cfg.seed * 1000 + epoch)  # the sample order: the same on every rank
+        torch.manual_seed(rank_seed(cfg.seed * 1000 + epoch))  # augmentation and dropout: each rank its own
+        loader = make_loader(train_ds, local_batch, shuffle=True, balance=cfg.balance, workers=cfg.workers,
                              generator=gen, pin_memory=device.type == "cuda",
-                             drop_last=len(train_ds) > cfg.batch_size)  # a 1-sample batch breaks BatchNorm
+                             drop_last=len(train_ds) > cfg.batch_size,  # a 1-sample batch breaks BatchNorm
+                             shard=(ranks.rank, ranks.size) if ranks.active else None)
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        order = hashlib.sha256()
+        seen_idx: list[np.ndarray] = []
         for step, (x, y, g, ok, idx) in enumerate(loader):
             check_batch(train_ds, ok, idx)
-            order.update(idx.numpy().astype(np.int64).tobytes())
+            seen_idx.append(idx.numpy().astype(np.int64))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(x)
+                logits = trained(x)
                 loss = (loss_fn(logits.float(), y) * group_w[g.to(device)]).mean()
                 if cfg.distill > 0 and teacher is not None:
                     with torch.no_grad():
@@ -228,7 +258,12 @@ def fit(
             seen += len(y)
             loss_sum += float(loss.detach()) * len(y)
             progress(f"{task} epoch {epoch + 1}/{cfg.epochs}", step + 1, steps_per_epoch)
+        if ranks.active:  # the whole job's samples and loss; every rank's BatchNorm statistics are rank 0's
+            totals = all_reduce_sum(torch.tensor([float(seen), loss_sum], dtype=torch.float64))
+            seen, loss_sum = int(totals[0]), float(totals[1])
+            broadcast_module(model, buffers_only=True)
         train_time = time.perf_counter() - t0
+        order = _order_hash(seen_idx)
         report = evaluate_model(model, val_ds, spec, device, cfg.batch_size, cfg.workers)
         score = selection_score(report, cfg.select)
         entry = {
@@ -236,7 +271,7 @@ def fit(
             "lr": lr,
             "train_loss": loss_sum / max(seen, 1),
             "train_samples_per_s": seen / max(train_time, 1e-9),
-            "data_order": order.hexdigest()[:16],
+            "data_order": order,
             "val_accuracy": report.overall_accuracy,
             "val_f1_macro": report.overall_f1_macro,
             "val_group_accuracy": {g: m.accuracy for g, m in report.groups},
@@ -244,20 +279,61 @@ def fit(
             "score": score,
         }
         history.append(entry)
-        if score > best_score:
+        better = score > best_score
+        if better:
             best_score, best_epoch = score, epoch + 1
-            save_checkpoint(model, spec, best_dir)
-        save_checkpoint(model, spec, last_dir)
-        opt_meta = _save_optimizer(opt, last_dir / OPTIMIZER_FILE)
-        write_json(state_file, {
-            "arch": spec.arch, "epoch": epoch + 1, "epoch_numbering": 1, "best_epoch": best_epoch, "best_score": best_score,
-            "config": asdict(cfg), "history": history, "optimizer": opt_meta, "device": str(device),
-        })
+        if ranks.is_main:
+            if better:
+                save_checkpoint(model, spec, best_dir)
+            save_checkpoint(model, spec, last_dir)
+            opt_meta = _save_optimizer(opt, last_dir / OPTIMIZER_FILE)
+            write_json(state_file, {
+                "arch": spec.arch, "epoch": epoch + 1, "epoch_numbering": 1, "best_epoch": best_epoch,
+                "best_score": best_score,
+                "config": asdict(cfg), "history": history, "optimizer": opt_meta, "device": str(device),
+                "processes": ranks.size,
+            })
+        barrier()
     if best_epoch < 1:
         raise FairdeployError(f"{out_dir}: no epoch was run (already finished {cfg.epochs} epochs?)")
-    if not keep_optimizer_state:
+    if ranks.is_main and not keep_optimizer_state:
         (last_dir / OPTIMIZER_FILE).unlink(missing_ok=True)  # the run is finished: nothing will resume it
     return FitResult(best_epoch=best_epoch, best_score=best_score, history=tuple(history), best_dir=best_dir)
+
+
+def _one_based(state: dict[str, Any]) -> dict[str, Any]:
+    """trainer.json of a run written before epochs were numbered from 1 (no `epoch_numbering`), renumbered."""
+    if state.get("epoch_numbering") == 1:
+        return state
+    history = [{**h, "epoch": int(h["epoch"]) + 1} for h in state.get("history", [])]
+    return {**state, "epoch": int(state["epoch"]) + 1, "best_epoch": int(state["best_epoch"]) + 1,
+            "history": history, "epoch_numbering": 1}
+
+
+def _order_hash(local: list[np.ndarray]) -> str:
+    """Hash of the order the job saw the training samples in: one process's batches, or under torchrun the
+    ranks' local batches put back together (rank r held positions r, r + R, ... of each global batch)."""
+    order = hashlib.sha256()
+    ranks = world()
+    if not ranks.active:
+        for idx in local:
+            order.update(idx.tobytes())
+        return order.hexdigest()[:16]
+    sizes = [len(i) for i in local]  # the same on every rank: equal shares, equal local batches
+    parts = gather_rows(np.concatenate(local) if local else np.zeros(0, np.int64))
+    starts = np.cumsum([0, *sizes])
+    for a, b in itertools.pairwise(starts):
+        batch = np.empty(sum(int(b - a) for _ in parts), dtype=np.int64)
+        for r, p in enumerate(parts):
+            batch[r::len(parts)] = p[a:b]
+        order.update(batch.tobytes())
+    return order.hexdigest()[:16]
+
+
+def _cpu_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    sd = opt.state_dict()
+    return {"state": {k: {n: (v.detach().cpu() if torch.is_tensor(v) else v) for n, v in st.items()}
+                      for k, st in sd["state"].items()}, "param_groups": sd["param_groups"]}
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -278,15 +354,6 @@ def _group_weights(dataset: ImageDataset, mode: str) -> torch.Tensor:
     w = np.zeros(size)
     w[present] = len(groups) / (present.sum() * counts[present])
     return torch.as_tensor(w, dtype=torch.float32)
-
-
-def _one_based(state: dict[str, Any]) -> dict[str, Any]:
-    """trainer.json of a run written before epochs were numbered from 1 (no `epoch_numbering`), renumbered."""
-    if state.get("epoch_numbering") == 1:
-        return state
-    history = [{**h, "epoch": int(h["epoch"]) + 1} for h in state.get("history", [])]
-    return {**state, "epoch": int(state["epoch"]) + 1, "best_epoch": int(state["best_epoch"]) + 1,
-            "history": history, "epoch_numbering": 1}
 
 
 def with_fit_history(spec: ModelSpec, stage: str, cfg: FitConfig, result: FitResult, **extra: Any) -> ModelSpec:

@@ -8,6 +8,7 @@ from pathlib import Path
 from fairdeploy.data.loading import Encoding, eval_transform, split_dataset, train_transform
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
+from fairdeploy.distributed import barrier, world
 from fairdeploy.errors import FairdeployError
 from fairdeploy.metrics import MetricsReport
 from fairdeploy.models.checkpoint import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, load_checkpoint, write_spec
@@ -36,7 +37,10 @@ def train_model(
     progress: Progress = no_progress,
     keep_optimizer_state: bool = False,
 ) -> FitResult:
-    """Train `arch` on the manifest's train split, select on val; the best checkpoint is out_dir/best."""
+    """Train `arch` on the manifest's train split, select on val; the best checkpoint is out_dir/best.
+
+    Under torchrun (an initialised process group) every rank calls this; the model starts from rank 0's
+    initial weights and only rank 0 writes."""
     dev = resolve_device(device)
     seed_everything(cfg.seed)
     classes = tuple(manifest.classes)
@@ -55,8 +59,10 @@ def train_model(
     train_ds, val_ds = spec_datasets(manifest, spec)
     result = fit(model, spec, train_ds, val_ds, cfg, Path(out_dir), dev, resume=resume, progress=progress,
                  keep_optimizer_state=keep_optimizer_state)
-    write_spec(result.best_dir, with_fit_history(spec, "train", cfg, result, manifest=manifest.source,
-                                                 weights=str(weights) if weights else None))
+    if world().is_main:
+        write_spec(result.best_dir, with_fit_history(spec, "train", cfg, result, manifest=manifest.source,
+                                                     weights=str(weights) if weights else None))
+    barrier()
     return result
 
 
