@@ -238,3 +238,37 @@ def test_pipeline_stage_under_torchrun_trains_with_two_processes(synth: Path, tm
     assert not (stage / SPEC_FILE).exists()
     one = train_model(manifest, "resnet18", tmp_path / "one", fit, 32, device="cpu")
     assert state["history"][0]["data_order"] == one.history[0]["data_order"]
+
+
+def test_cli_prune_under_torchrun_writes_what_one_process_writes(synth: Path, tmp_path: Path) -> None:
+    """`torchrun -m fairdeploy prune` without fine-tuning between steps: every step's removal and validation
+    metrics, the selection and the pruned weights equal one process's (SNNL and FairPrune channel steps)."""
+    from safetensors.torch import load_file
+
+    from fairdeploy.data.manifest import read_manifest
+    from fairdeploy.training.loop import FitConfig
+    from fairdeploy.training.train import train_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocesses run with one thread; so is the checkpoint trained here
+    try:
+        ckpt = train_model(read_manifest(synth), "resnet18", tmp_path / "base", FitConfig(epochs=1, batch_size=16),
+                           32, device="cpu").best_dir
+    finally:
+        torch.set_num_threads(before)
+    common = ["-m", "fairdeploy", "prune", "--model", str(ckpt), "--data", str(synth), "--device", "cpu",
+              "--steps", "2", "--batch-size", "16"]
+    for method in (["--method", "snnl", "--snnl-batches", "3", "--channels-per-round", "16"],
+                   ["--method", "fairprune", "--granularity", "channel", "--ratio", "0.1", "--score-samples", "10"]):
+        one, two = tmp_path / f"{method[1]}-1", tmp_path / f"{method[1]}-2"
+        ok([sys.executable, *common, *method, "--out", str(one)])
+        res = ok(torchrun(*common, *method, "--out", str(two)))
+        assert res.stdout.count("checkpoint:") == 1
+        r1, r2 = (json.loads((d / "prune.json").read_text()) for d in (one, two))
+        assert len(r1["steps"]) == 3 and r1["steps"][1]["removed"]["channels_removed"] > 0
+        for s1, s2 in zip(r1["steps"], r2["steps"], strict=True):
+            assert s2["removed"] == s1["removed"]
+            assert s2["val"] == s1["val"]
+        assert r2["selected_step"] == r1["selected_step"]
+        w1, w2 = (load_file(str(d / "model.safetensors")) for d in (one, two))
+        assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
