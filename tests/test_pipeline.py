@@ -72,6 +72,13 @@ def test_demo_budget_stage_halves_the_macs_and_validates_its_control(tiny_run):
     assert stage["group-taylor"].macs == sizes["candidate"].macs
     assert stage["group-taylor-control/onnx-int8"].macs == sizes["control"].macs
     assert stage["vanilla"].macs == sizes["dense"].macs
+    # a model that failed its pruning guard: none of its artifacts passes every gate in the report
+    for model, run_name in (("group-taylor", "candidate"), ("group-taylor-control", "control")):
+        failed = not rec["runs"][run_name]["guard_passed"]
+        for s in result.stages.stages:
+            if s.name == model or s.name.startswith(model + "/"):
+                assert (s.guard_failure is not None) == failed, s.name
+                assert "pruning guard failed" in (s.guard_failure or "pruning guard failed")
     # notes: the verdict line and the achieved MAC fraction; the report says which stage is the control
     assert f"group-taylor: {rec['comparison']['verdict']}" in result.notes
     assert any(f"x{rec['selected']['macs_fraction']:.3f} of its MACs" in n for n in result.notes)

@@ -144,6 +144,22 @@ def test_headline_names_the_one_candidate_that_passes():
     assert lines[-1] == ("Failing: a.onnx (accuracy dropped (group dark)); c.onnx (accuracy dropped (group dark)).")
 
 
+def test_an_artifact_of_a_model_that_failed_its_pruning_guard_does_not_pass():
+    s = _stages()
+    guard = "pruning guard failed on validation: no model at the budget kept every group within 0.01"
+    ok = StageRecord(**{**s[2].__dict__, "name": "big/onnx-fp32", "size_bytes": 9_000_000})
+    flagged = StageRecord(**{**s[2].__dict__, "name": "pruned/onnx-int8", "size_bytes": 1_000, "guard_failure": guard})
+    run = RunStages((s[0], ok, flagged))
+    assert [summary.passes(x) for x in (ok, flagged)] == [True, False]
+    assert summary.best_passing(run) is ok  # not the smaller, better-looking artifact of the flagged model
+    lines = summary.headline(run)
+    assert lines[0].startswith("1 of 2 artifacts pass every gate. Of these, big/onnx-fp32")
+    assert lines[-1] == f"Failing: pruned/onnx-int8 ({guard})."
+    assert [p.status for p in plots.pareto_points(run.stages)] == ["reference", "pass", "fail"]
+    head, rows = summary.artifact_table(run)
+    assert rows[2][1] == "FAIL (pruning guard failed)"
+
+
 def test_headline_when_no_artifact_passes_names_each_failing_gate():
     s = _stages()
     stages = (s[0], StageRecord(**{**s[2].__dict__, "name": "a.onnx", "gate_passed": False,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fairdeploy.report.stages import RunStages, StageRecord, Trajectory
-from fairdeploy.report.summary import FAIRNESS_LABELS, interval, p50_ms, reference_of, worst_group
+from fairdeploy.report.summary import FAIRNESS_LABELS, interval, p50_ms, passes, reference_of, worst_group
 
 FAIRNESS_KEYS = tuple(FAIRNESS_LABELS)
 MAX_WIDTH_IN = 16.0
@@ -169,7 +169,7 @@ def pareto_points(stages: Sequence[StageRecord]) -> list[ParetoPoint]:
     out = []
     for s in stages:
         lat = p50_ms(s)
-        status = "reference" if s.gate_passed is None else ("pass" if s.gate_passed else "fail")
+        status = "reference" if s.gate_passed is None else ("pass" if passes(s) else "fail")
         out.append(ParetoPoint(s.name, s.macs or None, lat[0] if lat else None, worst_group(s).accuracy, status))
     return out
 

@@ -37,7 +37,7 @@ def stage_table(run: RunStages) -> tuple[list[str], list[list[str]]]:
     rows = []
     for s in run.stages:
         m = s.metrics
-        gate = "" if s.gate_passed is None else ("pass" if s.gate_passed else "FAIL: " + "; ".join(s.gate_failures))
+        gate = "" if s.gate_passed is None else ("pass" if summary.passes(s) else "FAIL: " + "; ".join(summary.failures(s)))
         rows.append([
             s.name, s.kind, s.precision, _f(m["overall"]["accuracy"]), _f(m["overall"]["f1_macro"]),
             *[_f(m["groups"].get(g, {}).get("accuracy")) for g in groups],
@@ -108,7 +108,8 @@ def _escaped(run: RunStages, esc) -> RunStages:  # type: ignore[no-untyped-def]
     def stage(s: StageRecord) -> StageRecord:
         metrics = {**s.metrics, "groups": {esc(g): v for g, v in s.metrics.get("groups", {}).items()}}
         return replace(s, name=esc(s.name), reference=None if s.reference is None else esc(s.reference),
-                       metrics=metrics, gate_failures=tuple(esc(f) for f in s.gate_failures))
+                       metrics=metrics, gate_failures=tuple(esc(f) for f in s.gate_failures),
+                       guard_failure=None if s.guard_failure is None else esc(s.guard_failure))
 
     return replace(run, stages=tuple(stage(s) for s in run.stages))
 

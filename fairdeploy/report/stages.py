@@ -32,6 +32,7 @@ class StageRecord:
     gate_passed: bool | None = None
     gate_failures: tuple[str, ...] = ()
     delta_intervals: dict[str, list[float]] | None = None  # paired CIs of (this - reference), validation deltas
+    guard_failure: str | None = None  # why the model this artifact comes from failed its pruning guard
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,15 @@ def gated(run: RunStages) -> list[StageRecord]:
     return [s for s in run.stages if s.gate_passed is not None]
 
 
+def passes(s: StageRecord) -> bool:
+    """Passes every gate: its validation gate, and the pruning guard of the model it comes from."""
+    return bool(s.gate_passed) and s.guard_failure is None
+
+
+def failures(s: StageRecord) -> tuple[str, ...]:
+    return (*s.gate_failures, *((s.guard_failure,) if s.guard_failure else ()))
+
+
 def _inf(v: float | None) -> float:
     return float("inf") if not v else float(v)
 
@@ -66,7 +75,7 @@ def _rank(s: StageRecord) -> tuple[float, float, float, float]:
 def best_passing(run: RunStages) -> StageRecord | None:
     """Of the artifacts that pass every gate, the one whose worst group does best (ties: the smallest file, then
     the fewest MACs, then the lowest latency); None when none passes."""
-    passing = [s for s in gated(run) if s.gate_passed]
+    passing = [s for s in gated(run) if passes(s)]
     return min(passing, key=_rank) if passing else None
 
 
@@ -183,11 +192,11 @@ def headline(run: RunStages, esc: Escape = _same) -> list[str]:
     arts = gated(run)
     if not arts:
         return ["No artifact was gated: this run holds no candidate validated against a reference."]
-    passing = [s for s in arts if s.gate_passed]
+    passing = [s for s in arts if passes(s)]
     if not passing:
         lines = [f"No artifact passes every gate ({len(arts)} checked)."]
         for s in arts:
-            why = "; ".join(esc(f) for f in s.gate_failures) or "failed (no reason recorded)"
+            why = "; ".join(esc(f) for f in failures(s)) or "failed (no reason recorded)"
             lines.append(f"{esc(s.name)} fails: {why}")
         return lines
     best = best_passing(run)
@@ -215,9 +224,9 @@ def headline(run: RunStages, esc: Escape = _same) -> list[str]:
     others = [s for s in passing if s not in (best, smallest, fastest)]
     if others:
         lines.append("Also passing: " + ", ".join(esc(s.name) for s in sorted(others, key=_rank)) + ".")
-    failing = [s for s in arts if not s.gate_passed]
+    failing = [s for s in arts if not passes(s)]
     if failing:
-        lines.append("Failing: " + "; ".join(f"{esc(s.name)} ({'; '.join(esc(f) for f in s.gate_failures) or 'failed'})"
+        lines.append("Failing: " + "; ".join(f"{esc(s.name)} ({'; '.join(esc(f) for f in failures(s)) or 'failed'})"
                                             for s in failing) + ".")
     return lines
 
@@ -228,7 +237,8 @@ def artifact_table(run: RunStages, esc: Escape = _same) -> tuple[list[str], list
             "Eodd [95% CI]"]
     rows = []
     for s in run.stages:
-        gate = "reference" if s.gate_passed is None else ("pass" if s.gate_passed else "FAIL")
+        gate = "reference" if s.gate_passed is None else ("pass" if passes(s) else "FAIL")
+        gate += " (pruning guard failed)" if s.guard_failure else ""
         lat = p50_ms(s)
         wg = worst_group(s)
         rows.append([esc(s.name), gate, f"{s.size_bytes / 1e6:.2f}" if s.size_bytes else "",
