@@ -71,6 +71,10 @@ def rank_device(device: str) -> str:
     if not launched_by_torchrun():
         return device
     name = device.strip().lower()
+    if name.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FairdeployError(f"--device {device} would put every torchrun process on the same GPU: use --device cuda "
+                              "(or auto); each process takes the GPU of its LOCAL_RANK (restrict the GPUs with "
+                              "CUDA_VISIBLE_DEVICES)")
     if name in ("auto", "cuda") and torch.cuda.is_available():
         local = int(os.environ["LOCAL_RANK"])
         if local >= torch.cuda.device_count():

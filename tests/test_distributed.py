@@ -272,3 +272,42 @@ def test_cli_prune_under_torchrun_writes_what_one_process_writes(synth: Path, tm
         assert r2["selected_step"] == r1["selected_step"]
         w1, w2 = (load_file(str(d / "model.safetensors")) for d in (one, two))
         assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@pytest.mark.parametrize("balance", ["none", "class", "group-class"])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_rank_shares_put_back_together_are_the_one_process_sequence(balance: str, drop_last: bool) -> None:
+    """ShardSampler against torch's own samplers (RandomSampler / WeightedRandomSampler with the same generator
+    seed): 3 ranks' shares interleaved are the one-process sequence, cut to whole global batches (drop_last) or
+    padded by wrapping to equal shares."""
+    from torch.utils.data import RandomSampler, WeightedRandomSampler
+
+    from fairdeploy.distributed import ShardSampler, interleave
+
+    n, size, local_batch = 23, 3, 2
+    weights = None if balance == "none" else torch.rand(n, dtype=torch.double) + 0.1
+    one_gen = torch.Generator().manual_seed(5)
+    one = list(WeightedRandomSampler(weights, n, True, generator=one_gen) if weights is not None
+               else RandomSampler(range(n), generator=one_gen))
+    total = n // (local_batch * size) * (local_batch * size) if drop_last else None
+    shares = [list(ShardSampler(n, r, size, True, weights, torch.Generator().manual_seed(5), total))
+              for r in range(size)]
+    assert [len(s) for s in shares] == [len(ShardSampler(n, r, size, True, weights, None, total)) for r in range(size)]
+    assert len({len(s) for s in shares}) == 1  # equal shares: the ranks take the same number of steps
+    whole = interleave([torch.tensor(s).numpy() for s in shares]).tolist()
+    if drop_last:
+        assert whole == one[:18]
+    else:
+        assert whole == one + one[:1]  # 23 -> 24: the first index again
+
+
+def test_device_choice_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fairdeploy.distributed import rank_device
+    from fairdeploy.errors import FairdeployError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device("cpu") == "cpu"
+    with pytest.raises(FairdeployError, match="every torchrun process on the same GPU"):
+        rank_device("cuda:0")
