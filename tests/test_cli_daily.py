@@ -255,3 +255,16 @@ def test_ctrl_c_during_training_says_what_was_kept_and_how_to_resume(tmp_path) -
     assert str(out / "last") in lines[0] and str(out / "best") in lines[0]
     assert lines[1] == "to continue: " + shlex.join(["fairdeploy", "--threads", "1", *args, "--resume"])
     assert (out / "last" / "optimizer.safetensors").is_file()  # kept: the run can resume
+
+
+def test_an_interrupted_pipeline_names_the_stages_it_keeps(tmp_path) -> None:
+    from fairdeploy.cli.pipeline import _kept_stages
+
+    run = tmp_path / "run"
+    assert _kept_stages(run) == f"no stage had finished; nothing was kept in {run}"
+    for name, done in (("data", True), ("train", True), ("prune-x", False)):
+        (run / name).mkdir(parents=True)
+        if done:
+            (run / name / "stage.json").write_text("{}")
+    assert _kept_stages(run) == (f"kept the finished stages data, train in {run}; running the same command again "
+                                 "skips them and continues")

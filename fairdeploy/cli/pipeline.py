@@ -105,6 +105,7 @@ def demo(
         synth={"n_images": n_images} if n_images else None, model={"epochs": epochs} if epochs else None)
     if device:
         cfg = replace(cfg, device=device)
+    on_interrupt(lambda: _kept_stages(out))
     with claim_output(out, OUT_POLICIES["pipeline"], overwrite=overwrite), RichProgress() as progress:
         result = run_pipeline(cfg, out, progress)
     _print_result(result)
