@@ -70,6 +70,7 @@ def test_quiet_prints_only_the_final_result_line_and_errors(run_main, tmp_path) 
 def test_verbose_prints_debug_lines_and_the_traceback_of_an_error(run_main, tmp_path) -> None:
     code, _out, err = run_main("--verbose", *SYNTH, "--out", str(tmp_path / "a"))
     assert code == 0 and err.startswith("debug: fairdeploy ") and "threads torch default" in err
+    assert err.strip().splitlines()[-1].startswith("debug: exit 0 after ")
     (tmp_path / "b").write_text("x")
     code, _out, err = run_main("-v", *SYNTH, "--out", str(tmp_path / "b"))
     assert code == 2 and "Traceback (most recent call last)" in err and "FairdeployError" in err

@@ -6,6 +6,7 @@ import io
 import os
 import shlex
 import sys
+import time
 
 from fairdeploy.cli.app import app
 from fairdeploy.errors import EXIT_GATE_FAILED, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, FairdeployError
@@ -30,7 +31,6 @@ def _wide_help_off_a_terminal() -> None:
 def _write_traceback(exc: BaseException) -> str:
     """The full traceback in a file under the temporary folder; returns its path ('' if it cannot be written)."""
     import tempfile
-    import time
     import traceback
 
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -80,6 +80,7 @@ def main() -> None:
     from fairdeploy.cli import common
     from fairdeploy.cli.common import print_error
 
+    started = time.perf_counter()
     _wide_help_off_a_terminal()
     common.output.quiet = False
     common.output.verbose = _debug_env()
@@ -135,6 +136,7 @@ def main() -> None:
             code = EXIT_INTERNAL_ERROR
     finally:
         _restore(common, real_stdout, previous_showwarning)
+    common.debug(f"exit {code} after {time.perf_counter() - started:.1f} s")
     if common.output.quiet and code in (0, EXIT_GATE_FAILED):
         lines = [ln for ln in captured.getvalue().splitlines() if ln.strip()]
         if lines:
