@@ -136,7 +136,8 @@ def main() -> None:
             code = EXIT_INTERNAL_ERROR
     finally:
         _restore(common, real_stdout, previous_showwarning)
-    common.debug(f"exit {code} after {time.perf_counter() - started:.1f} s")
+    if code in (0, EXIT_GATE_FAILED):  # after an error, the error stays the last line
+        common.debug(f"exit {code} after {time.perf_counter() - started:.1f} s")
     if common.output.quiet and code in (0, EXIT_GATE_FAILED):
         lines = [ln for ln in captured.getvalue().splitlines() if ln.strip()]
         if lines:
