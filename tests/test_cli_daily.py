@@ -269,3 +269,27 @@ def test_an_interrupted_pipeline_names_the_stages_it_keeps(tmp_path) -> None:
             (run / name / "stage.json").write_text("{}")
     assert _kept_stages(run) == (f"kept the finished stages data, train in {run}; running the same command again "
                                  "skips them and continues")
+
+
+def test_pipeline_threads_set_torch_threads_unless_the_global_option_is_given(run_main, monkeypatch, tmp_path):
+    import torch
+
+    import fairdeploy.training.train as train_mod
+    from fairdeploy.errors import FairdeployError
+
+    def stop(*_a, **_k):
+        raise FairdeployError(f"stopped with {torch.get_num_threads()} threads")
+
+    monkeypatch.setattr(train_mod, "train_model", stop)
+    config = tmp_path / "p.toml"
+    config.write_text('threads = 1\n[data]\nsynth = { n_images = 30, image_size = 16 }\n[model]\narch = "resnet18"\n'
+                      'image_size = 16\n')
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, _out, err = run_main("pipeline", str(config), "--out", str(tmp_path / "a"))
+        assert code == 2 and "stopped with 1 threads" in err
+        code, _out, err = run_main("--threads", "2", "pipeline", str(config), "--out", str(tmp_path / "b"))
+        assert code == 2 and "stopped with 2 threads" in err
+    finally:
+        torch.set_num_threads(before)

@@ -103,6 +103,8 @@ WRONG_TYPES = [
     (BASE + 'epochs = "10"\n', r"\[model\] epochs must be an integer, got '10' \(a string\)"),
     (BASE + 'lr = "fast"\n', r"\[model\] lr must be a number, got 'fast' \(a string\)"),
     (BASE + 'image_size = 32.5\n', r"\[model\] image_size must be an integer, got 32.5 \(a number\)"),
+    ('threads = "1"\n' + BASE, r"p.toml: threads must be an integer, got '1' \(a string\)"),
+    ('threads = 0\n' + BASE, r"p.toml: threads must be >= 1 \(torch CPU threads\), got 0"),
     (BASE + 'amp = "yes"\n', r"\[model\] amp must be true or false, got 'yes' \(a string\)"),
     (BASE + '[validate]\nlatency_batch_sizes = 8\n',
      r"\[validate\] latency_\*: batch_sizes must be a list of integers, got 8 \(an integer\)"),

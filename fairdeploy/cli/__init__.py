@@ -85,6 +85,7 @@ def main() -> None:
     common.output.quiet = False
     common.output.verbose = _debug_env()
     common.interrupt_note.kept, common.interrupt_note.resume_option = None, None
+    common.threads_option = None
     real_stdout = common.console._file  # None: whatever sys.stdout is at print time (rich's default)
     captured = io.StringIO()
     common.quiet_capture = captured  # the callback redirects the console here under --quiet

@@ -40,6 +40,7 @@ def _global_options(
     common.output.verbose = verbose or common.output.verbose
     if quiet and common.quiet_capture is not None:
         common.console.file = common.quiet_capture  # fairdeploy.cli.main prints its last line
+    common.threads_option = threads
     if threads is not None:
         import torch
 

@@ -40,6 +40,7 @@ class OutputLevel:
 
 output = OutputLevel()
 quiet_capture: Any = None  # the buffer fairdeploy.cli.main gives the console under --quiet (last line shown)
+threads_option: int | None = None  # the global --threads, when given (it wins over a pipeline's `threads`)
 
 
 def debug(message: str) -> None:

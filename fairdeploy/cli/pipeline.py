@@ -53,6 +53,17 @@ def _print_result(result) -> None:
     console.print(f"report: {result.report_html}")
 
 
+def _set_threads(cfg) -> None:  # noqa: ANN001 - a PipelineConfig
+    """The TOML's `threads` sets torch's CPU threads, unless the global --threads was given."""
+    from fairdeploy.cli import common
+
+    if cfg.threads is not None and common.threads_option is None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+        common.debug(f"torch threads {cfg.threads} (from {cfg.source})")
+
+
 def _kept_stages(out: Path) -> str:
     """The finished stages an interrupted pipeline keeps (each stage folder's stage.json), for the Ctrl-C message."""
     done = sorted(d.name for d in out.iterdir() if (d / "stage.json").is_file()) if out.is_dir() else []
@@ -78,6 +89,7 @@ def pipeline(
     cfg = load_pipeline_config(config)
     if allow_outside_root:
         cfg = replace(cfg, allow_outside_root=True)
+    _set_threads(cfg)
     on_interrupt(lambda: _kept_stages(out))
     with claim_output(out, OUT_POLICIES["pipeline"], overwrite=overwrite, inputs={"CONFIG": config}), \
             RichProgress() as progress:

@@ -16,7 +16,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
-TOP_KEYS = ("title", "device", "seed", "nproc", "data", "model", "prune", "export", "validate")
+TOP_KEYS = ("title", "device", "seed", "nproc", "threads", "data", "model", "prune", "export", "validate")
 
 
 BUDGET_KEYS = ("target_macs", "target_params", "speedup")
@@ -46,6 +46,7 @@ class PipelineConfig:
     device: str = "auto"
     seed: int = 0
     nproc: int = 1  # > 1: the train / prune / finetune stages run under torchrun with this many processes
+    threads: int | None = None  # torch CPU threads (`fairdeploy pipeline` sets them; the global --threads wins)
     synth: dict[str, Any] | None = None
     manifest: str | None = None
     images_root: str | None = None
@@ -95,9 +96,11 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
         raise FairdeployError(f"{source}: unknown key {unknown[0]!r}; valid keys: {', '.join(TOP_KEYS)}")
-    for key, hint in (("title", str), ("device", str), ("seed", int), ("nproc", int)):
+    for key, hint in (("title", str), ("device", str), ("seed", int), ("nproc", int), ("threads", int)):
         if key in raw:
             check_type(raw[key], hint, f"{source}: {key}")
+    if raw.get("threads", 1) < 1:
+        raise FairdeployError(f"{source}: threads must be >= 1 (torch CPU threads), got {raw['threads']}")
     if int(raw.get("nproc", 1)) < 1:
         raise FairdeployError(f"{source}: nproc must be >= 1 (processes per stage under torchrun), got {raw['nproc']}")
     if "model" not in raw:
@@ -156,6 +159,7 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
         device=str(raw.get("device", "auto")),
         seed=int(raw.get("seed", 0)),
         nproc=int(raw.get("nproc", 1)),
+        threads=raw.get("threads"),
         synth=dict(synth) if synth is not None else None,
         manifest=manifest,
         images_root=images_root,
