@@ -124,6 +124,9 @@ def test_help_is_not_cut_when_stdout_is_not_a_terminal() -> None:
     (("prune", "--model", "m", "--ratio", "1.5"), "ratio"),
     (("prune", "--model", "m", "--criterion", "magnitude", "--target-macs", "1.5"), "must keep a fraction in (0, 1) of the macs, got 1.5"),
     (("finetune", "--model", "m", "--optimizer", "adam"), "unknown optimizer 'adam'"),
+    (("evaluate", "--model", "m", "--split", "tset"), "unknown --split 'tset'; choose one of train, val, test"),
+    (("validate", "--reference", "m", "--candidate", "m", "--split", "tset"), "unknown --split 'tset'"),
+    (("validate", "--reference", "m", "--candidate", "m", "--max-eodd-drift", "-1"), "eodd"),
 ])
 def test_bad_options_are_refused_before_loading_anything(run_main, monkeypatch, tmp_path, args, message) -> None:
     import time
@@ -137,13 +140,20 @@ def test_bad_options_are_refused_before_loading_anything(run_main, monkeypatch, 
         loaded.append(str(path))
         raise AssertionError("the manifest was read before the options were checked")
 
+    import fairdeploy.cli.validate as validate_cli
+    import fairdeploy.models.registry  # noqa: F401 - the imports (torch, torchvision) are not what is timed
+    import fairdeploy.pruning  # noqa: F401
+    import fairdeploy.training.loop  # noqa: F401
+    import fairdeploy.validation  # noqa: F401
+
     monkeypatch.setattr(train_cli, "read_manifest", recording)
     monkeypatch.setattr(prune_cli, "read_manifest", recording)
+    monkeypatch.setattr(validate_cli, "read_manifest", recording)
     t0 = time.perf_counter()
     code, out, err = run_main(*args, "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"))
     elapsed = time.perf_counter() - t0
     assert code == 2 and message in err and loaded == [] and out == ""
-    assert elapsed < 1.0, elapsed  # torch is already imported here; no data, no model
+    assert elapsed < 1.0, elapsed  # the libraries are imported above; no data read, no model built
     assert not (tmp_path / "o").exists()
 
 

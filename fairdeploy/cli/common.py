@@ -86,6 +86,17 @@ AllowOutsideRootOpt = Annotated[
                                               "paths, symlinks pointing outside); refused by default."),
 ]
 SplitOpt = Annotated[str, typer.Option("--split", help="Manifest split: train, val or test.")]
+
+
+def check_split(split: str) -> str:
+    """--split checked before any data or model is loaded."""
+    from fairdeploy.data.manifest import SPLITS
+    from fairdeploy.errors import FairdeployError
+
+    if split not in SPLITS:
+        raise FairdeployError(f"unknown --split {split!r}; choose one of {', '.join(SPLITS)}")
+    return split
+
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]

@@ -11,7 +11,7 @@ from fairdeploy.cli.common import (
     OUT_POLICIES, AllowOutsideRootOpt, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt,
     OverwriteOpt, RichProgress, SeedOpt, SplitOpt, WorkersOpt, claim_on_main, console, progress_on_main,
 )
-from fairdeploy.cli.common import on_interrupt
+from fairdeploy.cli.common import check_split, on_interrupt
 from fairdeploy.cli.tables import fairness_table, metrics_table
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.io import claim_output, write_json
@@ -125,6 +125,7 @@ def evaluate(
     claim = contextlib.nullcontext() if out is None else claim_output(
         out, OUT_POLICIES["evaluate"], overwrite=overwrite,
         inputs={"--model": model, "--data": data, "--images-root": images_root})
+    check_split(split)  # before the manifest or the model is loaded
     with claim:
         manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
         with RichProgress() as progress:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from fairdeploy.cli.common import (
     OUT_POLICIES, AllowOutsideRootOpt, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, OutDirOpt, OverwriteOpt,
-    RichProgress, SeedOpt, SplitOpt, WorkersOpt, console,
+    RichProgress, SeedOpt, SplitOpt, WorkersOpt, check_split, console,
 )
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import EXIT_GATE_FAILED
@@ -116,12 +116,13 @@ def validate(
     from fairdeploy.validation import VALIDATION_FILE, LatencyConfig, Tolerances, ValidationConfig
     from fairdeploy.validation import validate as run_validation
 
-    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     tolerances = Tolerances(max_eodd_drift, max_accuracy_drop, max_group_accuracy_drop, min_agreement,
                             min_group_agreement)
     lat = LatencyConfig(tuple(sorted({1, latency_batch})), latency_warmup, latency_iterations) if latency else None
-    cfg = ValidationConfig(split=split, batch_size=batch_size, workers=workers, bootstrap=bootstrap, seed=seed,
-                           tolerances=tolerances, latency=lat, allow_other_source=allow_other_source)
+    cfg = ValidationConfig(split=check_split(split), batch_size=batch_size, workers=workers, bootstrap=bootstrap,
+                           seed=seed, tolerances=tolerances, latency=lat, allow_other_source=allow_other_source)
+    cfg.validate()  # options before the manifest or any model is loaded
+    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     inputs = {"--reference": reference, "--candidate": list(candidate), "--data": data, "--images-root": images_root}
     with claim_output(out, OUT_POLICIES["validate"], overwrite=overwrite, inputs=inputs):
         with RichProgress() as progress:
