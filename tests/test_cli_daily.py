@@ -91,9 +91,10 @@ def test_warnings_are_one_line_and_silenced_by_quiet(run_main, tmp_path) -> None
             str(tmp_path / "gt.csv"), "--train", "0.5", "--val", "0.25", "--test", "0.25")
     code, out, err = run_main(*args, "--out", str(tmp_path / "m1.csv"))
     assert code == 0, err
-    assert err.splitlines() == [f"warning: {tmp_path / 'gt.csv'}: the ground truth covers 10 of the 12 rows of "
-                                f"{tmp_path / 'meta.csv'}; 2 metadata rows have no ground-truth row and are left "
-                                "out (e.g. 'ISIC_0000010')"]
+    expected = (f"warning: {tmp_path / 'gt.csv'}: the ground truth covers 10 of the 12 rows of "
+                f"{tmp_path / 'meta.csv'}; 2 metadata rows have no ground-truth row and are left out "
+                "(e.g. 'ISIC_0000010')")
+    assert err.splitlines() == [expected]
     assert "not in the ground truth: 2 of 12 metadata rows (left out)" in out
     code, out, err = run_main("--quiet", *args, "--out", str(tmp_path / "m2.csv"))
     assert code == 0 and err == "" and len(out.splitlines()) == 1
@@ -108,7 +109,7 @@ def test_help_is_not_cut_when_stdout_is_not_a_terminal() -> None:
 
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH", "LINES")}
     proc = subprocess.run([sys.executable, "-m", "fairdeploy", "prune", "--help"], capture_output=True, text=True,
-                          env=env, timeout=60)
+                          env=env, timeout=60, check=False)
     assert proc.returncode == 0
     assert "--channels-per-round" in proc.stdout and "--allow-outside-root" in proc.stdout
     assert "…" not in proc.stdout
@@ -129,6 +130,7 @@ def test_help_is_not_cut_when_stdout_is_not_a_terminal() -> None:
     (("validate", "--reference", "m", "--candidate", "m", "--max-eodd-drift", "-1"), "eodd"),
 ])
 def test_bad_options_are_refused_before_loading_anything(run_main, monkeypatch, tmp_path, args, message) -> None:
+    import importlib
     import time
 
     import fairdeploy.cli.prune as prune_cli
@@ -141,10 +143,10 @@ def test_bad_options_are_refused_before_loading_anything(run_main, monkeypatch, 
         raise AssertionError("the manifest was read before the options were checked")
 
     import fairdeploy.cli.validate as validate_cli
-    import fairdeploy.models.registry  # noqa: F401 - the imports (torch, torchvision) are not what is timed
-    import fairdeploy.pruning  # noqa: F401
-    import fairdeploy.training.loop  # noqa: F401
-    import fairdeploy.validation  # noqa: F401
+
+    for module in ("fairdeploy.models.registry", "fairdeploy.pruning", "fairdeploy.training.loop",
+                   "fairdeploy.validation"):
+        importlib.import_module(module)  # imported first: torch and torchvision are not what is timed
 
     monkeypatch.setattr(train_cli, "read_manifest", recording)
     monkeypatch.setattr(prune_cli, "read_manifest", recording)
@@ -158,9 +160,9 @@ def test_bad_options_are_refused_before_loading_anything(run_main, monkeypatch, 
 
 
 def test_int8_calibration_budget_is_checked_before_the_model_is_loaded(run_main, monkeypatch, tmp_path) -> None:
-    import fairdeploy.export.exporter as exporter
     from fairdeploy.data.manifest import read_manifest
     from fairdeploy.data.synth import SynthConfig, generate_synthetic
+    from fairdeploy.export import exporter
     from fairdeploy.models.checkpoint import ModelSpec, save_checkpoint
     from fairdeploy.models.registry import create_model
 
@@ -224,7 +226,7 @@ def test_every_file_written_has_the_ordinary_mode(tmp_path, umask) -> None:
         write_json(tmp_path / "x.json", {"a": 1})
     finally:
         os.umask(before)
-    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    mode = lambda p: os.stat(p).st_mode & 0o777
     assert mode(tmp_path / "ck" / "model.safetensors") == 0o666 & ~umask  # safetensors itself writes 0600
     assert mode(tmp_path / "ck" / "model.json") == 0o666 & ~umask
     assert mode(tmp_path / "x.json") == 0o666 & ~umask

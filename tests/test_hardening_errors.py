@@ -139,9 +139,8 @@ def test_onnx_metadata_lying_about_the_input_size_names_file_and_real_shape(tiny
     model = onnx.load(str(path))
     set_onnx_metadata(model, replace(metadata_of_model(model), image_size=24))
     onnx.save(model, str(path))
-    with pytest.raises(FairdeployError) as info:
-        with OrtRunner(path):
-            pass
+    with pytest.raises(FairdeployError) as info, OrtRunner(path):
+        pass
     assert str(info.value) == (
         f"{path}: the metadata says the input is 3x24x24 but the graph's input 'input' has shape N x 3 x 16 x 16; "
         "the file's metadata does not describe this model (re-export it)")
@@ -252,7 +251,7 @@ def test_internal_error_exits_4_with_one_line_and_the_traceback_in_a_file(tmp_pa
     args = [sys.executable, "-c", BOOM, "data", "prepare", "--format", "csv", "--metadata", str(tmp_path / "t.csv"),
             "--out", str(tmp_path / "m.csv")]
     env = {k: v for k, v in os.environ.items() if k not in ("FAIRDEPLOY_DEBUG", "FAIRDEPLOY_TRACEBACK")}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert proc.returncode == 4, proc.stderr
     line = _one_error_line(proc.stderr)
     assert line.startswith("error: internal error (RuntimeError: boom); traceback in ")
@@ -263,7 +262,7 @@ def test_internal_error_exits_4_with_one_line_and_the_traceback_in_a_file(tmp_pa
     where.unlink()
     assert not (tmp_path / "m.csv").exists()
 
-    proc = subprocess.run(args[:3] + ["--verbose"] + args[3:], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(args[:3] + ["--verbose"] + args[3:], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert proc.returncode == 4
     assert "Traceback (most recent call last)" in proc.stderr and "RuntimeError: boom" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: internal error (RuntimeError: boom)")

@@ -138,7 +138,7 @@ def test_pipeline_value_of_the_wrong_type_names_key_table_type_and_value(tmp_pat
 def test_pipeline_wrong_type_is_one_line_exit_2_in_a_subprocess(tmp_path: Path) -> None:
     p = _config(tmp_path, BASE + 'epochs = "10"\n')
     proc = subprocess.run([sys.executable, "-m", "fairdeploy", "pipeline", str(p), "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: {p}: [model] epochs must be an integer, got '10' (a string)"]

@@ -113,7 +113,7 @@ def main() -> None:
     except KeyboardInterrupt:
         _restore(common, real_stdout, previous_showwarning)
         _interrupted()
-    except Exception as exc:  # the parser's own usage errors, Exit and Abort (click, vendored or not)
+    except Exception as exc:  # noqa: BLE001 - the parser's usage errors, Exit and Abort (click, vendored or not)
         name = type(exc).__name__
         if name == "Abort":
             print_error("aborted")
@@ -147,7 +147,7 @@ def main() -> None:
         sys.exit(code)
 
 
-def _restore(common, real_stdout, previous_showwarning) -> None:  # noqa: ANN001 - module and callables
+def _restore(common, real_stdout, previous_showwarning) -> None:  # the cli.common module, its stdout, a hook
     import warnings
 
     common.console.file = real_stdout

@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from fairdeploy.cli import data as data_cmd
-from fairdeploy.cli import prune as prune_cmd
-from fairdeploy.cli import pipeline as pipeline_cmd
 from fairdeploy.cli import export as export_cmd
+from fairdeploy.cli import pipeline as pipeline_cmd
+from fairdeploy.cli import prune as prune_cmd
 from fairdeploy.cli import report as report_cmd
 from fairdeploy.cli import train as train_cmd
 from fairdeploy.cli import validate as validate_cmd

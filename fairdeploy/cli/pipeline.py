@@ -53,7 +53,7 @@ def _print_result(result) -> None:
     console.print(f"report: {result.report_html}")
 
 
-def _set_threads(cfg) -> None:  # noqa: ANN001 - a PipelineConfig
+def _set_threads(cfg) -> None:
     """The TOML's `threads` sets torch's CPU threads, unless the global --threads was given."""
     from fairdeploy.cli import common
 

@@ -8,10 +8,23 @@ import typer
 from rich.table import Table
 
 from fairdeploy.cli.common import (
-    OUT_POLICIES, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt, OverwriteOpt, SeedOpt,
-    WorkersOpt, claim_on_main, console, err_console, progress_on_main,
+    OUT_POLICIES,
+    AllowOutsideRootOpt,
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    ImagesRootOpt,
+    ModelOpt,
+    OutDirOpt,
+    OverwriteOpt,
+    SeedOpt,
+    WorkersOpt,
+    claim_on_main,
+    console,
+    err_console,
+    on_interrupt,
+    progress_on_main,
 )
-from fairdeploy.cli.common import AllowOutsideRootOpt, on_interrupt
 from fairdeploy.cli.train import describe_kept_run
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError

@@ -8,10 +8,25 @@ from typing import Annotated
 import typer
 
 from fairdeploy.cli.common import (
-    OUT_POLICIES, AllowOutsideRootOpt, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, ModelOpt, OutDirOpt,
-    OverwriteOpt, RichProgress, SeedOpt, SplitOpt, WorkersOpt, claim_on_main, console, progress_on_main,
+    OUT_POLICIES,
+    AllowOutsideRootOpt,
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    ImagesRootOpt,
+    ModelOpt,
+    OutDirOpt,
+    OverwriteOpt,
+    RichProgress,
+    SeedOpt,
+    SplitOpt,
+    WorkersOpt,
+    check_split,
+    claim_on_main,
+    console,
+    on_interrupt,
+    progress_on_main,
 )
-from fairdeploy.cli.common import check_split, on_interrupt
 from fairdeploy.cli.tables import fairness_table, metrics_table
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.io import claim_output, write_json

@@ -11,8 +11,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from fairdeploy.cli.common import (
-    OUT_POLICIES, AllowOutsideRootOpt, BatchSizeOpt, DataOpt, DeviceOpt, ImagesRootOpt, OutDirOpt, OverwriteOpt,
-    RichProgress, SeedOpt, SplitOpt, WorkersOpt, check_split, console,
+    OUT_POLICIES,
+    AllowOutsideRootOpt,
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    ImagesRootOpt,
+    OutDirOpt,
+    OverwriteOpt,
+    RichProgress,
+    SeedOpt,
+    SplitOpt,
+    WorkersOpt,
+    check_split,
+    console,
 )
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import EXIT_GATE_FAILED

@@ -248,7 +248,7 @@ def check_resumable(last_dir: str | os.PathLike[str], spec: ModelSpec) -> None:
                            ("architecture", earlier.arch, spec.arch), ("image size", earlier.image_size,
                                                                        spec.image_size)):
         if old != new:
-            show = (lambda v: ", ".join(v) if isinstance(v, tuple) else str(v))  # noqa: E731
+            show = (lambda v: ", ".join(v) if isinstance(v, tuple) else str(v))
             raise FairdeployError(f"cannot resume {Path(last_dir).parent}: {what} differ, the earlier run has "
                                   f"{show(old)}, this run {show(new)} (another manifest?); use a new --out, "
                                   "or pass --overwrite to start again there")

@@ -142,7 +142,7 @@ class OrtRunner(BaseRunner):
             warnings.simplefilter("ignore")  # "provider not in available names": checked below, loudly
             try:
                 session = ort.InferenceSession(str(self.path), options, providers=self._provider_list())
-            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for a bad model
+            except Exception as exc:  # ORT raises its own exception types for a bad model
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise FairdeployError(f"{self.path}: ONNX Runtime cannot load this model: {first}") from exc
         self.active_providers = tuple(session.get_providers())
@@ -173,7 +173,7 @@ class OrtRunner(BaseRunner):
         x = batch if self._input_dtype is np.float32 else batch.astype(self._input_dtype)
         try:
             return self._session.run([self._output_name], {self._input_name: x})[0]
-        except Exception as exc:  # noqa: BLE001 - ORT's InvalidArgument / Fail have no importable common base
+        except Exception as exc:  # ORT's InvalidArgument / Fail have no importable common base
             if type(exc).__module__.split(".")[0] != "onnxruntime":
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
