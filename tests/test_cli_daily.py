@@ -6,10 +6,14 @@ import pytest
 
 
 def test_unexpected_error_has_its_own_exit_code_and_one_line(run_main, monkeypatch, tmp_path) -> None:
+    import tempfile
+
     import fairdeploy.cli.prune as prune_cli
 
     def boom(*_a, **_k):
         raise RuntimeError("boom")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the traceback file goes
 
     monkeypatch.setattr(prune_cli, "read_manifest", boom)
     code, _out, err = run_main("prune", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
@@ -17,6 +21,8 @@ def test_unexpected_error_has_its_own_exit_code_and_one_line(run_main, monkeypat
     assert code == 4  # not 1: that code means "a validation gate failed" to CI
     assert "internal error (RuntimeError: boom)" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+    (written,) = tmp_path.glob("fairdeploy-error-*.txt")
+    assert f"traceback in {written} " in err and 'raise RuntimeError("boom")' in written.read_text()
     monkeypatch.setenv("FAIRDEPLOY_DEBUG", "1")
     code, _out, err = run_main("prune", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
                                str(tmp_path / "o"), "--criterion", "magnitude", "--target-macs", "0.5")
