@@ -19,6 +19,7 @@ from fairdeploy.pruning.roles import decide_roles
 from fairdeploy.pruning.selection import Guard, StopTracker, selection_value, step_record
 from fairdeploy.training.loop import FitConfig
 from fairdeploy.training.train import evaluate_checkpoint
+from pruning_oracles import expected_selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,24 +86,25 @@ def test_stop_rule_patience_and_target_value() -> None:
 
 def test_short_snnl_run_reduces_val_eodd_without_levelling_down(biased_checkpoint: Path, synth_manifest: Path,
                                                                 tmp_path: Path) -> None:
-    """The synthetic data's direction, fixed seed: SNNL (2 rounds of 8 channels of the last conv layer, one
-    fine-tuning epoch after each) lowers validation Eodd by a margin, and the guard holds.
+    """Fixed seed, synthetic bias: the written selection is the best eligible step by the recorded rule, it
+    lowers validation Eodd and the guard holds.
 
-    Measured while building this: on this data most of the gain comes from the fine-tuning epochs
-    themselves (a fine-tune-only control with the same schedule went from Eodd 0.48 to 0.27, dark accuracy
-    0.35 to 0.38; this run reaches 0.26 and 0.41). The test pins the pipeline's behaviour (direction, guard,
-    artifacts), not a causal effect of the pruned channels.
+    How much it lowers Eodd depends on the CPU the fixture was trained on (a 0.1 margin held on an Intel Xeon
+    and not on an AMD EPYC), and most of the gain comes from the fine-tuning epochs themselves (measured while
+    building this: a fine-tune-only control with the same schedule went from Eodd 0.48 to 0.27, this run to
+    0.26). So the test pins the pipeline's behaviour (selection, direction, guard, artifacts), not an effect of
+    the pruned channels; that comparison is in benchmarks/fair_compression.py against controls.
     """
     manifest = read_manifest(synth_manifest)
     cfg = PruneConfig(method="snnl", snnl=SnnlConfig(channels_per_round=8, batches=2),
                       stop=StopRule(steps=2, patience=2),
                       finetune=FitConfig(epochs=1, batch_size=32, lr=1e-4, seed=0), seed=0)
     out = tmp_path / "snnl"
-    result = prune_checkpoint(biased_checkpoint, manifest, out, cfg, device="cpu")
+    prune_checkpoint(biased_checkpoint, manifest, out, cfg, device="cpu")
     rec = read_json(out / "prune.json")
     base, sel = rec["steps"][0], rec["steps"][rec["selected_step"]]
-    assert rec["selected_step"] > 0
-    assert sel["val"]["fairness"]["eodd"] <= base["val"]["fairness"]["eodd"] - 0.1
+    assert rec["selected_step"] == expected_selection(rec) > 0
+    assert sel["val"]["fairness"]["eodd"] < base["val"]["fairness"]["eodd"]
     assert sel["group_accuracy_change"]["dark"] >= 0.0  # the unprivileged group did not lose
     assert sel["f1_macro_change"] >= -0.02
     assert rec["groups"]["unprivileged"] == "dark" and rec["groups"]["privileged"] == "light"
