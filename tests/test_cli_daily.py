@@ -208,6 +208,13 @@ def test_epochs_are_numbered_from_1_everywhere_and_optimizer_state_goes_at_the_e
     scores = [h["score"] for h in state["history"]]
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3] and state["epoch"] == 3
     assert printed == state["best_epoch"] == spec["history"][-1]["best_epoch"] == scores.index(max(scores)) + 1
+    # off a terminal, one plain line per epoch with the time and the key metrics, the numbers of trainer.json
+    done = re.findall(r"train epoch (\d)/3 done: train loss ([\d.]+), val f1_macro ([\d.]+), "
+                      r"worst-group accuracy ([\d.]+)", out)
+    assert [int(d[0]) for d in done] == [1, 2, 3]
+    for (_, loss, score, worst), h in zip(done, state["history"], strict=True):
+        assert float(loss) == round(h["train_loss"], 4) and float(score) == round(h["score"], 4)
+        assert float(worst) == round(min(h["val_group_accuracy"].values()), 4)
     assert not (tmp_path / "r" / "last" / "optimizer.safetensors").exists()  # finished: nothing resumes it
     code, _out, err = run_main(*TRAIN, "--epochs", "1", "--data", str(manifest), "--out", str(tmp_path / "k"),
                                "--keep-optimizer-state")

@@ -282,6 +282,11 @@ def fit(
         better = score > best_score
         if better:
             best_score, best_epoch = score, epoch + 1
+        worst = min(m.accuracy for _, m in report.groups)
+        # one finished task per epoch: a plain log line (`train ... > log`) with the time and the key metrics
+        progress(f"{task} epoch {epoch + 1}/{cfg.epochs} done: train loss {entry['train_loss']:.4f}, "
+                 f"val {cfg.select} {score:.4f}, worst-group accuracy {worst:.4f}"
+                 f"{' (best so far)' if better else ''}", 1, 1)
         if ranks.is_main:
             if better:
                 save_checkpoint(model, spec, best_dir)
