@@ -25,13 +25,10 @@ from fairdeploy.cli.common import (
     on_interrupt,
     progress_on_main,
 )
+from fairdeploy.cli.tables import fmt_number
 from fairdeploy.cli.train import describe_kept_run
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 def _steps_table(record: dict[str, Any]) -> Table:
@@ -52,8 +49,8 @@ def _steps_table(record: dict[str, Any]) -> Table:
         if s["levelling_down"]:
             guard = f"[red]levelling down[/red] {guard}"
         mark = "*" if s["step"] == record["selected_step"] else ""
-        table.add_row(f"{s['step']}{mark}", what, *deltas, _fmt(s["val"]["f1_macro"]),
-                      _fmt(s["val"]["fairness"].get(target)), _fmt(s["fate"].get(target)), guard)
+        table.add_row(f"{s['step']}{mark}", what, *deltas, fmt_number(s["val"]["f1_macro"]),
+                      fmt_number(s["val"]["fairness"].get(target)), fmt_number(s["fate"].get(target)), guard)
     return table
 
 
@@ -283,8 +280,8 @@ def _budget_table(record: dict[str, Any]) -> Table:
     def row(run: str, name: str, p: dict[str, Any], mark: str = "") -> None:
         v = p["val"]
         table.add_row(run, name + mark, f"{p['size']['macs'] / 1e6:.1f} M",
-                      *[_fmt(v["group_accuracy"].get(g)) for g in groups], _fmt(v["worst_group_accuracy"]),
-                      _fmt(v["f1_macro"]), _fmt(v["fairness"].get("eodd")),
+                      *[fmt_number(v["group_accuracy"].get(g)) for g in groups], fmt_number(v["worst_group_accuracy"]),
+                      fmt_number(v["f1_macro"]), fmt_number(v["fairness"].get("eodd")),
                       "ok" if p.get("eligible", True) else "; ".join(p["ineligible_because"]))
 
     row("input", "dense", {"val": record["input"]["val"], "size": record["budget"]["input"]})
@@ -337,7 +334,7 @@ def finetune(
     best = result.fit.history[[h["epoch"] for h in result.fit.history].index(result.fit.best_epoch)]
     console.print(
         f"best epoch {result.fit.best_epoch}: val accuracy {best['val_accuracy']:.4f}, "
-        f"macro-F1 {best['val_f1_macro']:.4f}, Eodd {_fmt(best['val_eodd'])}, per group "
+        f"macro-F1 {best['val_f1_macro']:.4f}, Eodd {fmt_number(best['val_eodd'])}, per group "
         + ", ".join(f"{g} {a:.4f}" for g, a in best["val_group_accuracy"].items()),
         highlight=False, soft_wrap=True,
     )

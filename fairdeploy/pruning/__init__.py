@@ -1,6 +1,6 @@
 """Fairness pruning: FairPrune (weight, channel, 2:4) and SNNL channel pruning, masks, fine-tuning."""
 
-from fairdeploy.pruning.curvature import ESTIMATORS, group_curvature, group_curvature_loop, group_gradient
+from fairdeploy.pruning.curvature import ESTIMATORS, group_curvature, group_gradient
 from fairdeploy.pruning.fairprune import GRANULARITIES, FairPruneConfig
 from fairdeploy.pruning.finetune import FinetuneResult, finetune_checkpoint
 from fairdeploy.pruning.flops import ModelSize, model_size
@@ -27,7 +27,6 @@ __all__ = [
     "fairprune_saliency",
     "finetune_checkpoint",
     "group_curvature",
-    "group_curvature_loop",
     "group_gradient",
     "lowest_k",
     "model_size",
