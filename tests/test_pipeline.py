@@ -196,3 +196,20 @@ def test_bad_pipeline_config_is_one_clear_line(tmp_path, text, message):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and message.split("'")[0] in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_gate_column_agrees_with_the_report_on_a_failed_pruning_guard():
+    from dataclasses import replace
+
+    from test_report import _stages
+
+    from fairdeploy.cli.pipeline import gate_cell
+
+    vanilla, pruned, artifact = _stages()
+    assert gate_cell(vanilla) == ""  # a reference: no gate of its own
+    assert gate_cell(artifact) == "pass"
+    assert gate_cell(replace(artifact, gate_passed=False)) == "[red]FAIL[/red]"
+    # its runtime drift passed, but the model it comes from failed its pruning guard: not a pass
+    guarded = replace(artifact, guard_failure="pruning guard failed: dark accuracy -0.05")
+    assert gate_cell(guarded) == "[red]FAIL (pruning guard)[/red]"
+    assert gate_cell(replace(pruned, guard_failure="pruning guard failed")) == "[red]FAIL (pruning guard)[/red]"

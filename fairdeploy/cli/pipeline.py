@@ -17,12 +17,19 @@ from fairdeploy.cli.common import (
     err_console,
     on_interrupt,
 )
+from fairdeploy.cli.tables import fmt_number
 from fairdeploy.errors import EXIT_GATE_FAILED
 from fairdeploy.io import claim_output
 
 
-def _f(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+def gate_cell(stage) -> str:
+    """The gate column: an artifact of a model that failed its pruning guard does not pass, whatever its
+    runtime drift did (the report says the same)."""
+    if stage.guard_failure:
+        return "[red]FAIL (pruning guard)[/red]"
+    if stage.gate_passed is None:
+        return ""
+    return "pass" if stage.gate_passed else "[red]FAIL[/red]"
 
 
 def _print_result(result) -> None:
@@ -40,11 +47,10 @@ def _print_result(result) -> None:
               "gate"):
         m.add_column(c, justify="left" if c in ("model", "runtime", "precision", "gate") else "right")
     for s in result.stages.stages:
-        gate = "" if s.gate_passed is None else ("pass" if s.gate_passed else "[red]FAIL[/red]")
         m.add_row(s.name, s.kind, s.precision, f"{s.macs / 1e6:.1f} M" if s.macs else "",
-                  _f(s.metrics["overall"]["accuracy"]),
-                  *[_f(s.metrics["groups"].get(g, {}).get("accuracy")) for g in groups],
-                  _f(s.metrics["fairness"].get("eodd")), _f(s.agreement), gate)
+                  fmt_number(s.metrics["overall"]["accuracy"]),
+                  *[fmt_number(s.metrics["groups"].get(g, {}).get("accuracy")) for g in groups],
+                  fmt_number(s.metrics["fairness"].get("eodd")), fmt_number(s.agreement), gate_cell(s))
     console.print(m)
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
