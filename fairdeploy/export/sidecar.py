@@ -10,6 +10,7 @@ from typing import Any
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.metadata import PRECISIONS
 from fairdeploy.io import read_json, sha256_file, write_json
+from fairdeploy.trt_env import version_parts
 
 SIDECAR_FORMAT = 1
 
@@ -75,15 +76,7 @@ def read_sidecar(path: str | os.PathLike[str]) -> EngineSidecar:
 
 def trt_version_key(version: str) -> tuple[int, ...]:
     """'10.3.0.30' -> (10, 3, 0): engines are tied to major.minor.patch (the build number is ignored)."""
-    parts = []
-    for piece in str(version).split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    if not parts:
-        raise FairdeployError(f"unparseable TensorRT version {version!r}")
-    return tuple(parts)
+    return version_parts(version)
 
 
 def check_sidecar(

@@ -32,20 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fairdeploy.errors import FairdeployError, MissingDependencyError
+from fairdeploy.errors import FairdeployError
 from fairdeploy.export.metadata import INPUT_NAME, check_precision
 from fairdeploy.export.profiles import MIB, TrtOptions
 from fairdeploy.io import atomic_path
 from fairdeploy.progress import Progress, no_progress
+from fairdeploy.trt_env import gpu_identity, import_tensorrt, version_parts  # noqa: F401 - exporter uses gpu_identity from here
 
 MIN_VERSION = (10, 3)
-INSTALL_HINT = (
-    "TensorRT is not installed here; install it with `pip install 'fairdeploy[trt]'` on a machine with an "
-    "NVIDIA GPU (Jetson: it comes with JetPack, `sudo apt install nvidia-jetpack`), or build the engine on the "
-    "target from the ONNX files"
-)
-
-
 @dataclass(frozen=True)
 class TrtApi:
     """What the installed TensorRT's Python API offers, from its version alone."""
@@ -72,12 +66,7 @@ def dla_refusal(major: int, minor: int, patch: int, platform: str) -> str | None
 
 def trt_api(version: str, platform: str | None = None) -> TrtApi:
     """Parse a TensorRT version string ('10.3.0.30', '11.0.0') and refuse versions before 10.3."""
-    parts = []
-    for piece in str(version).split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if digits == "":
-            break
-        parts.append(int(digits))
+    parts = version_parts(version)
     if len(parts) < 2:
         raise FairdeployError(f"unparseable TensorRT version {version!r}")
     major, minor = parts[0], parts[1]
@@ -177,39 +166,6 @@ def plan_build(version: str, precision: str, options: TrtOptions, image_size: in
         optimization_level=int(options.optimization_level), dla_core=options.dla_core,
         timing_cache=options.timing_cache, notes=tuple(notes),
     )
-
-
-def import_tensorrt():
-    """The `tensorrt` module, or MissingDependencyError with the install command."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise MissingDependencyError(INSTALL_HINT) from exc
-    return tensorrt
-
-
-def gpu_identity(device_index: int = 0) -> tuple[str, str]:
-    """(GPU name, compute capability 'major.minor') of the build device, via torch or cuda-python."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(device_index)
-            return str(props.name), f"{props.major}.{props.minor}"
-    except Exception:  # noqa: BLE001, S110 - no usable torch CUDA: fall through to cuda-python
-        pass
-    try:  # cuda-python 12.x exposes `cuda.cudart`; 13.x `cuda.bindings.runtime` (same call)
-        try:
-            from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
-        except ImportError:
-            from cuda import cudart  # type: ignore[import-not-found,no-redef]
-        err, props = cudart.cudaGetDeviceProperties(device_index)
-        if int(err) == 0:
-            name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-            return name.rstrip("\x00"), f"{props.major}.{props.minor}"
-    except Exception:  # noqa: BLE001, S110 - no cuda-python or no device: the error below says so
-        pass
-    raise FairdeployError("no CUDA GPU is visible to torch or cuda-python; TensorRT engines are built on the GPU")
 
 
 def make_progress_monitor(trt: Any, progress: Progress):
@@ -362,7 +318,7 @@ def build_engine(
     """Carry out `plan`: parse the ONNX, configure the builder, build, save the timing cache (a failure there
     is a warning), then write the engine atomically as the last step, so nothing that can fail comes between
     the engine file and the sidecar the caller writes next."""
-    trt = trt if trt is not None else import_tensorrt()
+    trt = trt if trt is not None else import_tensorrt("building a TensorRT engine")
     t0 = time.perf_counter()
     if plan.implicit_calibrator and (not calibration_batches or not calibration_batch_size):
         raise FairdeployError("the implicit INT8 calibrator needs the calibration set's batches")

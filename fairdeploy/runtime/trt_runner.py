@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +11,7 @@ import torch
 
 from fairdeploy.errors import FairdeployError, MissingDependencyError
 from fairdeploy.runtime.base import ArtifactInfo, BaseRunner, InputSpec
-
-INSTALL_HINT = "pip install 'fairdeploy[trt]' on a machine with an NVIDIA GPU"
-
-
-@dataclass(frozen=True)
-class EngineEnvironment:
-    """What an engine must have been built for: the installed TensorRT and the GPU it will run on."""
-
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str  # "9.0"
-
-
-def import_tensorrt(what: str = "running a TensorRT engine") -> Any:
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"the TensorRT Python package is not installed, needed for {what}; {INSTALL_HINT}"
-        ) from exc
-    return tensorrt
+from fairdeploy.trt_env import EngineEnvironment, engine_environment, import_tensorrt
 
 
 def detect_environment(device: torch.device, engine: str = "engine") -> EngineEnvironment:
@@ -41,9 +20,7 @@ def detect_environment(device: torch.device, engine: str = "engine") -> EngineEn
         if not torch.cuda.is_available():
             raise MissingDependencyError(f"{engine}: a TensorRT engine needs a CUDA GPU and none is available here")
         raise FairdeployError(f"{engine}: a TensorRT engine runs on a CUDA device, not {device}; use --device cuda")
-    trt = import_tensorrt(f"running {engine}")
-    major, minor = torch.cuda.get_device_capability(device)
-    return EngineEnvironment(str(trt.__version__), torch.cuda.get_device_name(device), f"{major}.{minor}")
+    return engine_environment(device, f"running {engine}")
 
 
 def sidecar_path(engine: Path) -> Path:
