@@ -237,3 +237,63 @@ def test_split_without_a_reference_group_is_refused(trained_checkpoint: Path, sy
         path.unlink()
     assert str(err.value) == (f"{path}: split 'test' has no images of group(s) dark of the reference model "
                               "(model groups: dark, light)")
+
+
+class OpenLog:
+    """Shared log of which recording runners are open, and who was open at each infer call."""
+
+    def __init__(self) -> None:
+        self.open: set[str] = set()
+        self.infers: list[tuple[str, frozenset[str], int]] = []  # (runner, runners open at the call, batch size)
+        self.events: list[tuple[str, str]] = []
+
+
+class RecordingRunner(FlipGroupRunner):
+    """A real runner that logs its open/close and, per infer call, which runners were open."""
+
+    def __init__(self, inner: Any, log: OpenLog, name: str) -> None:
+        super().__init__(inner, set(), name)
+        self.log = log
+
+    def activate(self) -> None:
+        self.log.open.add(self.name)
+        self.log.events.append(("open", self.name))
+        self.inner.activate()
+
+    def deactivate(self) -> None:
+        self.inner.deactivate()
+        self.log.open.discard(self.name)
+        self.log.events.append(("close", self.name))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.log.infers.append((self.name, frozenset(self.log.open), len(batch)))
+        return self.inner.infer(batch)
+
+
+def test_each_runner_is_timed_with_the_others_closed(trained_checkpoint: Path, runtime_fp32_onnx: Path,
+                                                     synth_manifest: Path) -> None:
+    """Order-log oracle: accuracy batches run with all three runners open; every latency call (warm-up +
+    timed, per batch size) runs with its runner the only one open, and only after the accuracy pass closed."""
+    log = OpenLog()
+    names = ["ref", "onnx-a", "onnx-b"]
+    ref = RecordingRunner(runner_from_artifact(trained_checkpoint, device="cpu"), log, "ref")
+    cands = [RecordingRunner(runner_from_artifact(runtime_fp32_onnx, device="cpu"), log, n) for n in names[1:]]
+    latency = LatencyConfig(batch_sizes=(1, 3), warmup=1, iterations=2)
+    manifest = read_manifest(synth_manifest)
+    res = validate(ref, cands, manifest, ValidationConfig(bootstrap=0, latency=latency, batch_size=16),
+                   device="cpu")
+    n_test = len(manifest.split("test"))
+    n_batches = -(-n_test // 16)
+    everyone = frozenset(names)
+    shared = [(who, n) for who, open_, n in log.infers if open_ == everyone]
+    alone = [(who, n) for who, open_, n in log.infers if open_ == {who}]
+    assert len(shared) + len(alone) == len(log.infers)  # no infer ran with some other subset open
+    assert sorted(shared) == sorted((who, n) for who in names for n in [16] * (n_test // 16)
+                                    + ([n_test % 16] if n_test % 16 else []))
+    per_runner = [(1, 1 + 2), (3, 1 + 2)]  # (batch size, warm-up + timed calls)
+    assert alone == [(who, bs) for who in names for bs, k in per_runner for _ in range(k)]
+    # The accuracy pass closes everyone before the first timing window opens.
+    first_alone = next(i for i, (_, open_, _) in enumerate(log.infers) if len(open_) == 1)
+    assert first_alone == len(names) * n_batches
+    assert log.open == set()
+    assert [len(c.run.latency) for c in res.candidates] == [2, 2] and len(res.reference.latency) == 2

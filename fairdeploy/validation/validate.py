@@ -49,7 +49,8 @@ VALIDATION_DEFINITIONS = {
     "columns predicted class)",
     "logit_diff": "max and mean over samples and classes of |candidate logit - reference logit|, overall "
     "and per group (FP16/INT8 candidates are expected to differ a little)",
-    "latency": "wall time of one infer call (host array in, host logits out) after warm-up: p50/p95/mean/min "
+    "latency": "wall time of one infer call (host array in, host logits out) after warm-up, each runner timed "
+    "alone (re-opened after the accuracy pass, every other runner closed): p50/p95/mean/min "
     "in ms, throughput in images/s = batch_size * iterations / timed seconds; informative, never gated",
     "size_bytes": "artifact size on disk: the weights file of a checkpoint, the .onnx (+ external data), "
     "the engine",
@@ -422,7 +423,9 @@ class _Pass:
 
 def _run_all(runners: Sequence[Runner], dataset: Any, num_classes: int, config: ValidationConfig,
              progress: Progress) -> _Pass:
-    """Activate every runner, feed each the same decoded and preprocessed batches, then time them."""
+    """Activate every runner, feed each the same decoded and preprocessed batches, close them all, then time
+    each runner alone: re-opened in its own window with every other runner closed (open ONNX Runtime sessions
+    slow each other down on a small CPU, so timing one beside the others would charge it for their threads)."""
     keep = max(config.latency.batch_sizes) if config.latency is not None else 0
     logits: list[list[np.ndarray]] = [[] for _ in runners]
     ys, gs, sample = [], [], []
@@ -445,13 +448,14 @@ def _run_all(runners: Sequence[Runner], dataset: Any, num_classes: int, config: 
                 kept += len(sample[-1])
             done += len(batch)
             progress("validate: inference", done, len(dataset))
-        if config.latency is not None:
-            images = np.concatenate(sample)
-            for i, r in enumerate(runners):
-                latency[i] = measure_latency(r, images, config.latency)
-                progress("validate: latency", i + 1, len(runners))
         runtimes = [r.describe() for r in runners]
         fingerprint = environment_fingerprint(runners)
+    if config.latency is not None:
+        images = np.concatenate(sample)
+        for i, r in enumerate(runners):
+            with r:
+                latency[i] = measure_latency(r, images, config.latency)
+            progress("validate: latency", i + 1, len(runners))
     return _Pass(
         logits=[np.concatenate(chunks) for chunks in logits],
         labels=np.concatenate(ys).astype(np.int64),
