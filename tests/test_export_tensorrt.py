@@ -5,6 +5,7 @@ marked `tensorrt` and skipped where TensorRT is not installed."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -189,12 +190,11 @@ def test_timing_cache_from_another_version_or_gpu_falls_back_to_a_fresh_one(stal
 
 def _calibration_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batches, set_hash: str | None,
                        version: str = "10.3.0", opts: TrtOptions | None = None, dla_cores: int = 0):
-    monkeypatch.setattr(tb, "CALIBRATION_DEVICE", "cpu")  # the fake reads the pointers as host memory
     plan = tb.plan_build(version, "int8", opts or TrtOptions(implicit_int8=True, timing_cache=None), 32)
     trt = fake_tensorrt(version, dla_cores=dla_cores)
     built = tb.build_engine(tmp_path / "model.fp32.onnx", tmp_path / "model.int8.engine", plan, trt,
                             calibration_batches=batches, calibration_batch_size=len(batches[0]),
-                            calibration_sha256=set_hash)
+                            calibration_sha256=set_hash, calibration_device="cpu")  # the fake reads host memory
     return trt, built
 
 
@@ -338,7 +338,7 @@ def test_dla_int8_without_gpu_fallback_exports_on_10x(tmp_path: Path, monkeypatc
     from fairdeploy.export.sidecar import read_sidecar
 
     monkeypatch.setattr(tb, "gpu_identity", lambda device_index=0: ("Fake GPU", "8.7"))
-    monkeypatch.setattr(tb, "CALIBRATION_DEVICE", "cpu")
+    monkeypatch.setattr(tb, "build_engine", functools.partial(tb.build_engine, calibration_device="cpu"))
     options = merge_options(None, {"precision": ("int8",), "trt": True, "min_batch": 1, "opt_batch": 1,
                                    "max_batch": 1, "dla_core": 0, "gpu_fallback": False, "calib_size": 12})
     trt = fake_tensorrt("10.3.0.30", dla_cores=2)

@@ -224,3 +224,22 @@ def test_torch_and_ort_cuda_runners_on_gpu(trained_checkpoint: Path, runtime_fp3
         out = runner.infer(batch)
         assert runner.describe()["device"].startswith("cuda")
     np.testing.assert_allclose(out, _torch_logits(trained_checkpoint, batch), rtol=0, atol=1e-3)
+
+
+def test_onnx_runner_device_is_the_one_given_never_device_0_assumed(runtime_fp32_onnx: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """'cuda' means the current CUDA device (here faked as 3); 'cuda:1' means 1; a CPU device never asks CUDA."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    plain = runner_from_artifact(runtime_fp32_onnx, backend="ort-cuda", device=torch.device("cuda"))
+    one = runner_from_artifact(runtime_fp32_onnx, backend="ort-cuda", device=torch.device("cuda", 1))
+    assert isinstance(plain, OrtRunner) and isinstance(one, OrtRunner)
+    assert (plain.device_index, one.device_index) == (3, 1)
+    assert plain._provider_list()[0] == ("CUDAExecutionProvider", {"device_id": 3})
+
+    def boom(*_: object) -> None:
+        raise AssertionError("CUDA was queried for a CPU runner")
+
+    for name in ("current_device", "is_available", "device_count", "get_device_properties"):
+        monkeypatch.setattr(torch.cuda, name, boom)
+    with runner_from_artifact(runtime_fp32_onnx, device=torch.device("cpu")) as cpu:
+        assert cpu.backend == "onnxruntime" and cpu.infer(_batch(2)).shape == (2, 3)

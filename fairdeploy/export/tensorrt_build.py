@@ -191,9 +191,6 @@ def make_progress_monitor(trt: Any, progress: Progress):
     return _Monitor()
 
 
-CALIBRATION_DEVICE = "cuda"  # where get_batch puts a batch (TensorRT reads device memory); tests use "cpu"
-
-
 def calibration_cache_path(engine_path: str | os.PathLike[str], set_sha256: str) -> Path:
     """model.int8.engine -> model.int8.engine.calib-<first 16 hex of the set's hash>.cache: the scales
     TensorRT cached for one calibration set are never reused for another set."""
@@ -213,11 +210,15 @@ def batches_sha256(batches: list, batch_size: int) -> str:
     return h.hexdigest()
 
 
-def make_entropy_calibrator(trt: Any, batches: list, batch_size: int, cache_path: Path | None):
+def make_entropy_calibrator(trt: Any, batches: list, batch_size: int, cache_path: Path | None,
+                            device: Any = None):
     """IInt8EntropyCalibrator2 over pre-built float32 batches (TensorRT 10.x only). Device memory is a
-    torch tensor on CALIBRATION_DEVICE; TensorRT reads the pointer returned by get_batch."""
+    torch tensor on `device` (None: the current CUDA device, the one the builder runs on; the recording
+    fake reads the pointers as host memory, so tests pass "cpu"); TensorRT reads the pointer get_batch returns."""
     import numpy as np
     import torch
+
+    target = torch.device(device) if device is not None else None
 
     class _Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
@@ -232,7 +233,8 @@ def make_entropy_calibrator(trt: Any, batches: list, batch_size: int, cache_path
             batch = next(self._batches, None)
             if batch is None:
                 return None
-            self._device = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(CALIBRATION_DEVICE)
+            dev = target if target is not None else torch.device("cuda", torch.cuda.current_device())
+            self._device = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(dev)
             return [int(self._device.data_ptr())]
 
         def read_calibration_cache(self) -> bytes | None:
@@ -314,10 +316,12 @@ def build_engine(
     calibration_batch_size: int | None = None,
     timing_cache_path: str | os.PathLike[str] | None = None,
     calibration_sha256: str | None = None,
+    calibration_device: Any = None,
 ) -> EngineBuild:
     """Carry out `plan`: parse the ONNX, configure the builder, build, save the timing cache (a failure there
     is a warning), then write the engine atomically as the last step, so nothing that can fail comes between
-    the engine file and the sidecar the caller writes next."""
+    the engine file and the sidecar the caller writes next. The implicit calibrator's batches go to
+    `calibration_device` (None: the current CUDA device, which the builder uses)."""
     trt = trt if trt is not None else import_tensorrt("building a TensorRT engine")
     t0 = time.perf_counter()
     if plan.implicit_calibrator and (not calibration_batches or not calibration_batch_size):
@@ -362,7 +366,7 @@ def build_engine(
         key = calibration_sha256 or batches_sha256(calibration_batches, calibration_batch_size)
         calib_cache = calibration_cache_path(engine_path, key)
         config.int8_calibrator = make_entropy_calibrator(
-            trt, calibration_batches, calibration_batch_size, calib_cache)
+            trt, calibration_batches, calibration_batch_size, calib_cache, calibration_device)
         if config.set_calibration_profile(calib_profile) is False:
             raise FairdeployError(f"TensorRT refused the calibration profile {shape} for {Path(onnx_path).name}")
 

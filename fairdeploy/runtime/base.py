@@ -229,7 +229,8 @@ def runner_from_artifact(
     if chosen in ("onnxruntime", "ort-cuda", "ort-trt"):
         from fairdeploy.runtime.ort_runner import OrtRunner
 
-        index = (dev.index or 0) if dev.type == "cuda" else 0
+        # 'cuda' without an index is the current CUDA device (torch's meaning), not device 0
+        index = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 0
         return OrtRunner(path, backend=chosen, device_index=index, allow_fallback=allow_fallback)
     from fairdeploy.runtime.trt_runner import TensorRTRunner
 
