@@ -52,10 +52,12 @@ def test_progress_prints_one_plain_line_per_finished_task_off_a_terminal(capsys)
         for i in range(1, 4):
             progress("train epoch 1/2", i, 3)
         progress("train epoch 2/2", 1, 3)  # unfinished: no line
+        progress("train epoch 1/2 done: val f1_macro 0.5", 1, 1)  # a one-shot task: no 1/1 count
     cap = capsys.readouterr()
     assert cap.err == ""  # stderr stays for errors
     lines = [ln for ln in cap.out.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].endswith("train epoch 1/2: 3/3") and " s] " in lines[0]
+    assert len(lines) == 2 and lines[0].endswith("train epoch 1/2: 3/3") and " s] " in lines[0]
+    assert lines[1].endswith("s] train epoch 1/2 done: val f1_macro 0.5")
 
 
 # ---- --quiet / --verbose ----

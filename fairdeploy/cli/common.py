@@ -220,7 +220,8 @@ class RichProgress:
         if self._plain:
             if completed >= total and task not in self._done:
                 self._done.add(task)
-                console.print(f"[{time.perf_counter() - self._start:7.1f} s] {task}: {completed}/{total}",
+                count = f": {completed}/{total}" if total > 1 else ""  # a one-shot task is its own line
+                console.print(f"[{time.perf_counter() - self._start:7.1f} s] {task}{count}",
                                   highlight=False, soft_wrap=True, markup=False)
             return
         if task not in self._tasks:
