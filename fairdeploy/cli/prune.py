@@ -89,8 +89,9 @@ GuardOpt = Annotated[bool, _opt("Never select a step that lowers the unprivilege
 PrivilegedOpt = Annotated[str | None, _opt("Privileged group name (default: higher validation accuracy).")]
 FinetuneEpochsOpt = Annotated[int | None, _opt("Fine-tuning epochs after every step or round (0: none; default: "
                                               "0 for FairPrune/SNNL steps, 1 per budget round).", min=0)]
-FinetuneLrOpt = Annotated[float | None, _opt("Fine-tuning learning rate (default: 1e-4 for FairPrune/SNNL steps; "
-                                             "budget rounds use BudgetConfig's recovery fine-tuning default).")]
+FinetuneLrOpt = Annotated[float | None, _opt("Fine-tuning learning rate (default: FairPrune/SNNL steps use "
+                                             "fairdeploy.pruning.finetune.FINETUNE_LR, budget rounds "
+                                             "fairdeploy.pruning.budget.BUDGET_FINETUNE_LR).")]
 BalanceOpt = Annotated[str, _opt("Fine-tuning sampling: none, class, group or group-class.")]
 CriterionOpt = Annotated[str | None, _opt(
     "Budget run: importance criterion magnitude, taylor (fairness-blind), fairprune, snnl or group-taylor "
@@ -168,6 +169,7 @@ def prune(
     --speedup), or FairPrune / SNNL steps (--method). Writes OUT/model.*, OUT/prune.json (and OUT/control, OUT/rounds)."""
     from fairdeploy.distributed import distributed_run, world
     from fairdeploy.pruning import FairPruneConfig, Guard, PruneConfig, SnnlConfig, StopRule, prune_checkpoint
+    from fairdeploy.pruning.finetune import FINETUNE_LR
     from fairdeploy.training.loop import FitConfig
 
     if criterion is not None or any(v is not None for v in (target_macs, target_params, speedup)):
@@ -179,7 +181,7 @@ def prune(
                     temperature=temperature, privileged=privileged, allow_outside_root=allow_outside_root)
         return
     finetune_epochs = 0 if finetune_epochs is None else finetune_epochs
-    finetune_lr = 1e-4 if finetune_lr is None else finetune_lr
+    finetune_lr = FINETUNE_LR if finetune_lr is None else finetune_lr
     guard_opts = {} if max_group_drop is None else {"max_group_drop": max_group_drop}
 
     cfg = PruneConfig(
@@ -299,7 +301,8 @@ def finetune(
     data: DataOpt,
     out: OutDirOpt,
     epochs: Annotated[int, typer.Option(min=1)] = 5,
-    lr: Annotated[float, _opt("Peak learning rate (cosine schedule).")] = 1e-4,
+    lr: Annotated[float | None, _opt("Peak learning rate (cosine schedule; default: "
+                                     "fairdeploy.pruning.finetune.FINETUNE_LR).")] = None,
     weight_decay: Annotated[float, typer.Option()] = 1e-4,
     optimizer: Annotated[str, _opt("adamw or sgd.")] = "adamw",
     balance: Annotated[str, _opt("Sampling: none, class, group or group-class.")] = "none",
@@ -316,9 +319,10 @@ def finetune(
     """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best."""
     from fairdeploy.distributed import distributed_run, world
     from fairdeploy.pruning import finetune_checkpoint
+    from fairdeploy.pruning.finetune import FINETUNE_LR
     from fairdeploy.training.loop import FitConfig
 
-    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=FINETUNE_LR if lr is None else lr, weight_decay=weight_decay, optimizer=optimizer,
                     balance=balance, select=select, amp=amp, workers=workers, seed=seed)
     cfg.validate()
     manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)

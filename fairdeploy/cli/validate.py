@@ -98,19 +98,19 @@ def validate(
     data: DataOpt,
     out: OutDirOpt,
     split: SplitOpt = "test",
-    max_eodd_drift: Annotated[float, typer.Option(help="Largest allowed Eodd increase (candidate - reference).")] = 0.01,
-    max_accuracy_drop: Annotated[float, typer.Option(help="Largest allowed drop of overall accuracy.")] = 0.01,
-    max_group_accuracy_drop: Annotated[float, typer.Option(help="Largest allowed accuracy drop in any one group.")] = 0.02,
+    max_eodd_drift: Annotated[float | None, typer.Option(help="Largest allowed Eodd increase (candidate - reference; default: Tolerances').")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Largest allowed drop of overall accuracy (default: Tolerances').")] = None,
+    max_group_accuracy_drop: Annotated[float | None, typer.Option(help="Largest allowed accuracy drop in any one group (default: Tolerances').")] = None,
     min_agreement: Annotated[float | None, typer.Option(help="Smallest allowed top-1 agreement with the reference, overall (off by default).")] = None,
     min_group_agreement: Annotated[float | None, typer.Option(help="Smallest allowed top-1 agreement in each group (off by default).")] = None,
     backend: Annotated[str, typer.Option(help=f"Runtime for the candidates: {', '.join(BACKENDS)}.")] = "auto",
     allow_fallback: Annotated[bool, typer.Option("--allow-fallback", help="Accept ONNX Runtime falling back to another provider (recorded in validation.json).")] = False,
     allow_other_source: Annotated[bool, typer.Option("--allow-other-source", help="Let a candidate exported from another model than the reference pass the gate (by default it fails).")] = False,
-    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the gaps' confidence intervals (0 = none).")] = 1000,
+    bootstrap: Annotated[int | None, typer.Option(min=0, help="Bootstrap resamples for the gaps' confidence intervals (0 = none; default: ValidationConfig's).")] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure p50/p95 latency and throughput.")] = True,
-    latency_batch: Annotated[int, typer.Option(min=1, help="The larger batch size timed besides batch 1.")] = 8,
-    latency_iterations: Annotated[int, typer.Option(min=1, help="Timed calls per batch size (after warm-up).")] = 30,
-    latency_warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up calls per batch size.")] = 5,
+    latency_batch: Annotated[int | None, typer.Option(min=1, help="The larger batch size timed besides batch 1 (default: LatencyConfig's).")] = None,
+    latency_iterations: Annotated[int | None, typer.Option(min=1, help="Timed calls per batch size, after warm-up (default: LatencyConfig's).")] = None,
+    latency_warmup: Annotated[int | None, typer.Option(min=0, help="Untimed warm-up calls per batch size (default: LatencyConfig's).")] = None,
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 0,
@@ -125,14 +125,15 @@ def validate(
     (unless --allow-other-source) or when the fairness figures are degenerate (one predicted class, one group);
     2 on bad input.
     """
-    from fairdeploy.validation import VALIDATION_FILE, LatencyConfig, Tolerances, ValidationConfig
+    from fairdeploy.validation import VALIDATION_FILE
     from fairdeploy.validation import validate as run_validation
 
-    tolerances = Tolerances(max_eodd_drift, max_accuracy_drop, max_group_accuracy_drop, min_agreement,
-                            min_group_agreement)
-    lat = LatencyConfig(tuple(sorted({1, latency_batch})), latency_warmup, latency_iterations) if latency else None
-    cfg = ValidationConfig(split=check_split(split), batch_size=batch_size, workers=workers, bootstrap=bootstrap,
-                           seed=seed, tolerances=tolerances, latency=lat, allow_other_source=allow_other_source)
+    cfg = validation_config(split, max_eodd_drift=max_eodd_drift, max_accuracy_drop=max_accuracy_drop,
+                            max_group_accuracy_drop=max_group_accuracy_drop, min_agreement=min_agreement,
+                            min_group_agreement=min_group_agreement, latency=latency, latency_batch=latency_batch,
+                            latency_iterations=latency_iterations, latency_warmup=latency_warmup,
+                            batch_size=batch_size, workers=workers, bootstrap=bootstrap, seed=seed,
+                            allow_other_source=allow_other_source)
     cfg.validate()  # options before the manifest or any model is loaded
     manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     inputs = {"--reference": reference, "--candidate": list(candidate), "--data": data, "--images-root": images_root}
@@ -159,3 +160,28 @@ def validate(
         console.print(f"[bold red]gate failed[/bold red]: {escape(why)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_GATE_FAILED)
     console.print("[bold green]gate passed[/bold green]: every tolerance holds")
+
+
+def validation_config(split: str, *, max_eodd_drift: float | None = None, max_accuracy_drop: float | None = None,
+                      max_group_accuracy_drop: float | None = None, min_agreement: float | None = None,
+                      min_group_agreement: float | None = None, latency: bool = True,
+                      latency_batch: int | None = None, latency_iterations: int | None = None,
+                      latency_warmup: int | None = None, **kw: Any) -> Any:
+    """ValidationConfig from `validate`'s flags: a flag left None keeps its dataclass default (Tolerances,
+    LatencyConfig), so no default is written here. --latency-batch B times batch sizes 1 and B."""
+    from dataclasses import replace
+
+    from fairdeploy.validation import LatencyConfig, Tolerances, ValidationConfig
+
+    def given(**values: Any) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if v is not None}
+
+    tolerances = replace(Tolerances(), **given(max_eodd_drift=max_eodd_drift, max_accuracy_drop=max_accuracy_drop,
+                                               max_group_accuracy_drop=max_group_accuracy_drop,
+                                               min_agreement=min_agreement, min_group_agreement=min_group_agreement))
+    lat = None
+    if latency:
+        batches = None if latency_batch is None else tuple(sorted({1, latency_batch}))
+        lat = replace(LatencyConfig(), **given(batch_sizes=batches, warmup=latency_warmup,
+                                               iterations=latency_iterations))
+    return ValidationConfig(split=check_split(split), tolerances=tolerances, latency=lat, **given(**kw))

@@ -31,12 +31,22 @@ class PruneEntry:
     method: str  # "fairprune", "snnl", or "budget" for a `criterion = ...` table
     options: dict[str, Any] = field(default_factory=dict)
     finetune_epochs: int = 0  # `finetune_after_epochs`: a separate fine-tuning stage after pruning (0 = none)
-    finetune_lr: float = 5e-4  # `finetune_after_lr`
+    finetune_lr: float | None = None  # `finetune_after_lr`; None: fairdeploy.pruning.finetune.FINETUNE_LR
     criterion: str | None = None  # budget runs only
 
     @property
     def is_budget(self) -> bool:
         return self.criterion is not None
+
+    def finetune_after(self, seed: int) -> Any:
+        """The FitConfig of the separate fine-tuning stage after pruning; None when finetune_after_epochs = 0."""
+        if self.finetune_epochs <= 0:
+            return None
+        from fairdeploy.pruning.finetune import FINETUNE_LR
+        from fairdeploy.training.loop import FitConfig
+
+        lr = FINETUNE_LR if self.finetune_lr is None else self.finetune_lr
+        return FitConfig(epochs=self.finetune_epochs, lr=lr, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,8 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
             continue
         method = str(e.pop("method"))
         ft = int(e.pop("finetune_after_epochs", 0))
-        ft_lr = float(e.pop("finetune_after_lr", 5e-4))
+        ft_lr = float(e["finetune_after_lr"]) if "finetune_after_lr" in e else None
+        e.pop("finetune_after_lr", None)
         entries.append(PruneEntry(name=name, method=method, options=e, finetune_epochs=ft, finetune_lr=ft_lr))
     return PipelineConfig(
         source=source,
@@ -184,9 +195,13 @@ def _export_table(raw: dict[str, Any], source: str) -> dict[str, Any]:
     export = _table(raw, "export", source)
     if isinstance(export.get("precisions"), str):
         export["precisions"] = [export["precisions"]]
+    prof = export.get("profile")
+    if isinstance(prof, str) and prof.endswith(".toml") and not os.path.isabs(prof):
+        export["profile"] = str((Path(source).parent / prof).resolve())  # a path, like the manifest's
     from typing import Literal
 
-    return _check_keys(export, {"precisions": list[str], "trt": bool | Literal["auto"]}, f"{source}: [export]")
+    return _check_keys(export, {"precisions": list[str], "trt": bool | Literal["auto"], "profile": str},
+                       f"{source}: [export]")
 
 
 def dataclass_from_options(cls: type, options: dict[str, Any], where: str) -> Any:

@@ -37,6 +37,7 @@ class PipelineResult:
 def _split_options(entry: PruneEntry, seed: int) -> Any:
     """Map a [[prune]] table onto PruneConfig: each key goes to the config that has a field of that name."""
     from fairdeploy.pruning.fairprune import FairPruneConfig
+    from fairdeploy.pruning.finetune import FINETUNE_LR
     from fairdeploy.pruning.run import PruneConfig
     from fairdeploy.pruning.selection import Guard, StopRule
     from fairdeploy.pruning.snnl_prune import SnnlConfig
@@ -51,6 +52,8 @@ def _split_options(entry: PruneEntry, seed: int) -> Any:
         if key.startswith("finetune_"):
             ft[key.removeprefix("finetune_")] = value
             continue
+        if key == "batch_size":  # as `prune --batch-size`: evaluation, and the method's scoring batches too
+            top[key] = value
         for cls in buckets:
             if key in {f.name for f in fields(cls)}:
                 buckets[cls][key] = value
@@ -62,7 +65,9 @@ def _split_options(entry: PruneEntry, seed: int) -> Any:
                 valid = sorted({f.name for c in buckets for f in fields(c)} | {"privileged", "batch_size",
                                                                                 "finetune_epochs", "finetune_lr"})
                 raise FairdeployError(f"{where}: unknown option {key!r}; valid options: {', '.join(valid)}")
-    finetune = dataclass_from_options(FitConfig, {"seed": seed, **ft}, f"{where} finetune_*") if ft else None
+    # finetune_epochs = 0: no fine-tuning, as `prune --finetune-epochs 0`
+    finetune = (dataclass_from_options(FitConfig, {"seed": seed, "lr": FINETUNE_LR, **ft}, f"{where} finetune_*")
+                if ft and ft.get("epochs") != 0 else None)
     kwargs = {"fairprune" if entry.method == "fairprune" else "snnl":
               dataclass_from_options(method_cls, buckets[method_cls], where)}
     cfg = PruneConfig(method=entry.method, stop=dataclass_from_options(StopRule, buckets[StopRule], where),
@@ -160,7 +165,6 @@ def run_pipeline(
     from fairdeploy.io import write_json
     from fairdeploy.pruning.finetune import finetune_checkpoint
     from fairdeploy.pruning.run import prune_checkpoint
-    from fairdeploy.training.loop import FitConfig
     from fairdeploy.training.train import train_model
     from fairdeploy.validation.validate import validate
 
@@ -219,7 +223,7 @@ def run_pipeline(
         outcomes.append(run_stage(
             stage_dir, f"prune {entry.name}",
             {"method": entry.method, "options": entry.options, "source": vanilla_hash, "data": data_hash, "device": cfg.device,
-             **_nproc(cfg)},
+             **_nproc(cfg), **({"finetune": pcfg.finetune.__dict__} if pcfg.finetune is not None else {})},
             ["model", "model/prune.json"],
             lambda pcfg=pcfg, stage_dir=stage_dir: _launch(cfg, "prune", stage_dir, manifest, stage_dir / "model", pcfg,
                                                            model=vanilla)
@@ -232,12 +236,12 @@ def run_pipeline(
             notes.append(f"{entry.name}: no pruned step passed the levelling-down guard on validation "
                          f"({prune_record.get('stopped_because')}); this stage hands the input model on")
         models.append((entry.name, pruned))
-        if entry.finetune_epochs > 0:
-            ft_cfg = FitConfig(epochs=entry.finetune_epochs, lr=entry.finetune_lr, seed=cfg.seed)
+        ft_cfg = entry.finetune_after(cfg.seed)
+        if ft_cfg is not None:
             ft_dir = run / f"finetune-{entry.name}"
             outcomes.append(run_stage(
                 ft_dir, f"finetune {entry.name}",
-                {"epochs": entry.finetune_epochs, "lr": entry.finetune_lr, "source": hash_path(pruned / "model.safetensors"), "data": data_hash,
+                {"epochs": ft_cfg.epochs, "lr": ft_cfg.lr, "source": hash_path(pruned / "model.safetensors"), "data": data_hash,
                  **_nproc(cfg)},
                 ["model"],
                 lambda pruned=pruned, ft_dir=ft_dir, ft_cfg=ft_cfg: _launch(
@@ -439,16 +443,46 @@ def _train_plan(cfg: PipelineConfig) -> Path | tuple[str, int, Any]:
 
 
 def _export_options(cfg: PipelineConfig) -> Any:
-    """[export]: `precisions`, `trt` (true, false or "auto"), any ExportOptions field, and trt_<TrtOptions field>."""
+    """[export]: `precisions`, `trt` (true, false or "auto"), any ExportOptions field, and trt_<TrtOptions field>;
+    `profile` (a name or .toml path, found as `fairdeploy export --profile` finds it) gives the starting values,
+    which the table's other keys override."""
     from fairdeploy.export.profiles import ExportOptions, TrtOptions, parse_precisions
 
     exp = dict(cfg.export)
-    trt = exp.pop("trt", "auto")
-    trt_opts = {k.removeprefix("trt_"): exp.pop(k) for k in list(exp) if k.startswith("trt_")}
+    profile_top, profile_trt = _profile_options(exp.pop("profile"), cfg.source) if "profile" in exp else ({}, {})
+    trt = exp.pop("trt", profile_trt.pop("enabled", "auto"))
+    profile_trt.pop("enabled", None)
+    trt_opts = {**profile_trt, **{k.removeprefix("trt_"): exp.pop(k) for k in list(exp) if k.startswith("trt_")}}
+    exp = {**profile_top, **exp}
     trt_opts["enabled"] = bool(trt) if trt != "auto" else _tensorrt_importable()
     exp["precisions"] = parse_precisions(exp.get("precisions", ["fp32"]))
     trt_cfg = dataclass_from_options(TrtOptions, trt_opts, f"{cfg.source}: [export] trt_*")
     return dataclass_from_options(ExportOptions, {**exp, "trt": trt_cfg}, f"{cfg.source}: [export]").validate()
+
+
+def _profile_options(name: str, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An export profile's settings as (ExportOptions, TrtOptions) keyword arguments: only the keys the profile
+    sets, typed and checked as `fairdeploy export --profile` checks them."""
+    from fairdeploy.export.profiles import TrtOptions, default_profile_dirs, load_profile, merge_options
+
+    try:
+        path, flat = load_profile(name, default_profile_dirs())
+    except FairdeployError as exc:
+        raise FairdeployError(f"{source}: [export] profile: {exc}") from None
+    opts = merge_options(flat, {}, str(path))
+    trt_fields = {f.name for f in fields(TrtOptions)}
+    top: dict[str, Any] = {"profile": str(path), "description": opts.description}
+    trt: dict[str, Any] = {}
+    for key in flat:
+        if key == "trt":
+            trt["enabled"] = opts.trt.enabled
+        elif key in trt_fields:
+            trt[key] = getattr(opts.trt, key)
+        elif key == "precision":
+            top["precisions"] = opts.engine_precisions  # the precisions the profile asked for (fp32 is added)
+        elif key != "description":
+            top[key] = getattr(opts, key)
+    return top, trt
 
 
 def _validation_config(cfg: PipelineConfig) -> Any:

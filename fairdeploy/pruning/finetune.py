@@ -20,6 +20,11 @@ from fairdeploy.pruning.masks import Masks, mask_reapplier, masks_from_model, sp
 from fairdeploy.training.loop import FitConfig, FitResult, fit
 from fairdeploy.training.train import spec_datasets
 
+# The learning rate of every fine-tuning of a pruned model (`fairdeploy finetune --lr`, `prune --finetune-lr`,
+# the pipeline's finetune_lr / finetune_after_lr) unless one is given: the one place this default is written.
+# Training from scratch uses FitConfig.lr; a budget run's distilling recovery rounds use BUDGET_FINETUNE_LR.
+FINETUNE_LR = 1e-4
+
 
 @dataclass(frozen=True)
 class FinetuneResult:
@@ -60,7 +65,7 @@ def finetune_checkpoint(
     model_dir: str | os.PathLike[str],
     manifest: Manifest,
     out_dir: str | os.PathLike[str],
-    cfg: FitConfig = FitConfig(epochs=5, lr=1e-4),
+    cfg: FitConfig = FitConfig(epochs=5, lr=FINETUNE_LR),
     device: str = "auto",
     progress: Progress = no_progress,
 ) -> FinetuneResult:
