@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,11 @@ def test_headline_names_the_one_candidate_that_passes():
     assert lines[0] == ("1 of 3 artifacts pass every gate. Of these, b.onnx does best on its worst group: "
                         "3.00 MB file, 2.00 ms median latency at batch 1.")
     assert not any(ln.startswith(("Also passing", "Smallest", "Fastest")) for ln in lines)
-    assert lines[-1] == ("Failing: a.onnx (accuracy dropped (group dark)); c.onnx (accuracy dropped (group dark)).")
+    # the same reasons are said once, with every artifact they apply to
+    assert lines[-1] == "Failing: a.onnx, c.onnx (accuracy dropped (group dark))."
+    run = RunStages((*run.stages, replace(cand("d.onnx", False, 5, 0.1), gate_failures=("Eodd drifted",))))
+    assert summary.headline(run)[-1] == ("Failing: a.onnx, c.onnx (accuracy dropped (group dark)); "
+                                         "d.onnx (Eodd drifted).")
 
 
 def test_an_artifact_of_a_model_that_failed_its_pruning_guard_does_not_pass():

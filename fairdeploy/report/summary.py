@@ -226,8 +226,12 @@ def headline(run: RunStages, esc: Escape = _same) -> list[str]:
         lines.append("Also passing: " + ", ".join(esc(s.name) for s in sorted(others, key=_rank)) + ".")
     failing = [s for s in arts if not passes(s)]
     if failing:
-        lines.append("Failing: " + "; ".join(f"{esc(s.name)} ({'; '.join(esc(f) for f in failures(s)) or 'failed'})"
-                                            for s in failing) + ".")
+        # artifacts that fail for the same reasons are named together, the reasons once
+        by_reason: dict[str, list[str]] = {}
+        for s in failing:
+            by_reason.setdefault("; ".join(esc(f) for f in failures(s)) or "failed", []).append(esc(s.name))
+        lines.append("Failing: " + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
+                     + ".")
     return lines
 
 
