@@ -52,7 +52,7 @@ def _split_options(entry: PruneEntry, seed: int) -> Any:
         if key.startswith("finetune_"):
             ft[key.removeprefix("finetune_")] = value
             continue
-        if key == "batch_size":  # as `prune --batch-size`: evaluation, and the method's scoring batches too
+        if key == "batch_size":  # evaluation (as `prune --batch-size`) and, as before, the method's scoring batches
             top[key] = value
         for cls in buckets:
             if key in {f.name for f in fields(cls)}:
