@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -288,18 +289,19 @@ def calibration_batches(cal: CalibrationSet, batch_size: int | None = None) -> I
         yield np.stack(batch).astype(np.float32)
 
 
-def reader_class():
-    """The onnxruntime CalibrationDataReader over a CalibrationSet (class built on first use)."""
+@functools.cache
+def batch_reader_class():
+    """The onnxruntime CalibrationDataReader over a re-iterable batch source: `make_batches()` gives a fresh
+    iterator of float32 (N, 3, H, W) arrays at each rewind (class built on first use)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     from fairdeploy.export.metadata import INPUT_NAME
 
-    class CalibrationSetReader(CalibrationDataReader):
-        """Feeds the calibration set to onnxruntime.quantization as {"input": batch} dicts."""
+    class BatchReader(CalibrationDataReader):
+        """Feeds batches to onnxruntime.quantization as {"input": batch} dicts; counts what it handed out."""
 
-        def __init__(self, cal: CalibrationSet, batch_size: int | None = None):
-            self.cal = cal
-            self.batch_size = even_batch_size(len(cal), batch_size or cal.recipe.batch_size)
+        def __init__(self, make_batches: Callable[[], Iterable[np.ndarray]]):
+            self._make_batches = make_batches
             self.batches_read = 0
             self.rewind()
 
@@ -308,9 +310,21 @@ def reader_class():
             if batch is None:
                 return None
             self.batches_read += 1
-            return {INPUT_NAME: batch}
+            return {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
 
         def rewind(self) -> None:
-            self._it = calibration_batches(self.cal, self.batch_size)
+            self._it = iter(self._make_batches())
+
+    return BatchReader
+
+
+def reader_class():
+    """The onnxruntime CalibrationDataReader over a CalibrationSet (class built on first use)."""
+
+    class CalibrationSetReader(batch_reader_class()):
+        def __init__(self, cal: CalibrationSet, batch_size: int | None = None):
+            self.cal = cal
+            self.batch_size = even_batch_size(len(cal), batch_size or cal.recipe.batch_size)
+            super().__init__(lambda: calibration_batches(self.cal, self.batch_size))
 
     return CalibrationSetReader

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.calibration import CalibrationSet, reader_class
+from fairdeploy.export.calibration import CalibrationSet, batch_reader_class, reader_class
 from fairdeploy.export.metadata import metadata_of_model, set_onnx_metadata
 from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan, plan_group_aware, with_fp32_layers
 from fairdeploy.export.qdq_placement import (
@@ -137,26 +137,7 @@ def _quiet():
 
 def array_reader(batches: Sequence[np.ndarray]):
     """An onnxruntime CalibrationDataReader over in-memory float32 batches (N, 3, H, W)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    from fairdeploy.export.metadata import INPUT_NAME
-
-    class ArrayReader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches_read = 0
-            self.rewind()
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._it, None)
-            if batch is None:
-                return None
-            self.batches_read += 1
-            return {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
-
-        def rewind(self) -> None:
-            self._it = iter(batches)
-
-    return ArrayReader()
+    return batch_reader_class()(lambda: batches)
 
 
 def quantize_qdq(
