@@ -182,6 +182,18 @@ def claim_on_main(out: Path, policy: OutputPolicy, **kw: Any) -> Iterator[Path]:
         yield out
 
 
+@contextlib.contextmanager
+def rank_job(device: str, out: Path, command: str, **claim: Any) -> Iterator[tuple[Any, Any, bool]]:
+    """One training/pruning command's run: the process group under torchrun (nothing otherwise), `out` claimed
+    under `command`'s output policy and the progress shown on the process that writes (rank 0). Yields this
+    process's device, the progress callback and whether this process reports."""
+    from fairdeploy.distributed import distributed_run, world
+
+    with distributed_run(device) as rank_device, claim_on_main(out, OUT_POLICIES[command], **claim), \
+            progress_on_main() as progress:
+        yield rank_device, progress, world().is_main
+
+
 def progress_on_main() -> contextlib.AbstractContextManager[Any]:
     """The progress display on the process that reports (rank 0 under torchrun); silence on the others."""
     from fairdeploy.distributed import world

@@ -8,7 +8,6 @@ import typer
 from rich.table import Table
 
 from fairdeploy.cli.common import (
-    OUT_POLICIES,
     AllowOutsideRootOpt,
     BatchSizeOpt,
     DataOpt,
@@ -19,11 +18,10 @@ from fairdeploy.cli.common import (
     OverwriteOpt,
     SeedOpt,
     WorkersOpt,
-    claim_on_main,
     console,
     err_console,
     on_interrupt,
-    progress_on_main,
+    rank_job,
 )
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.cli.train import describe_kept_run
@@ -167,7 +165,6 @@ def prune(
 ) -> None:
     """Prune a checkpoint: to a MAC/parameter budget with a criterion and its control (--criterion, --target-macs,
     --speedup), or FairPrune / SNNL steps (--method). Writes OUT/model.*, OUT/prune.json (and OUT/control, OUT/rounds)."""
-    from fairdeploy.distributed import distributed_run, world
     from fairdeploy.pruning import FairPruneConfig, Guard, PruneConfig, SnnlConfig, StopRule, prune_checkpoint
     from fairdeploy.pruning.finetune import FINETUNE_LR
     from fairdeploy.training.loop import FitConfig
@@ -204,11 +201,8 @@ def prune(
     )
     cfg.validate()  # option mistakes are reported before the manifest is read
     manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
-    with distributed_run(device) as rank_device, \
-            claim_on_main(out, OUT_POLICIES["prune"], overwrite=overwrite,
-                          inputs={"--model": model, "--data": data, "--images-root": images_root}), \
-            progress_on_main() as progress:
-        reports = world().is_main
+    inputs = {"--model": model, "--data": data, "--images-root": images_root}
+    with rank_job(device, out, "prune", overwrite=overwrite, inputs=inputs) as (rank_device, progress, reports):
         result = prune_checkpoint(model, manifest, out, cfg, rank_device, progress)
     if not reports:
         return
@@ -232,7 +226,6 @@ def _budget_run(model: Any, data: Any, out: Any, images_root: Any, overwrite: bo
 
     allow_outside_root = bool(opts.pop("allow_outside_root", False))
 
-    from fairdeploy.distributed import distributed_run, world
     from fairdeploy.pruning.budget import BudgetConfig, budget_from, compress_checkpoint
 
     metric, fraction = budget_from(opts.pop("speedup"), opts.pop("target_macs"), opts.pop("target_params"))
@@ -250,11 +243,8 @@ def _budget_run(model: Any, data: Any, out: Any, images_root: Any, overwrite: bo
     cfg = replace(base, metric=metric, target=fraction, finetune=fit, batch_size=batch_size, seed=seed, **kw)
     cfg.validate()
     manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
-    with distributed_run(device) as rank_device, \
-            claim_on_main(out, OUT_POLICIES["prune"], overwrite=overwrite,
-                          inputs={"--model": model, "--data": data, "--images-root": images_root}), \
-            progress_on_main() as progress:
-        reports = world().is_main
+    inputs = {"--model": model, "--data": data, "--images-root": images_root}
+    with rank_job(device, out, "prune", overwrite=overwrite, inputs=inputs) as (rank_device, progress, reports):
         result = compress_checkpoint(model, manifest, out, cfg, rank_device, progress)
     if not reports:
         return
@@ -317,7 +307,6 @@ def finetune(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best."""
-    from fairdeploy.distributed import distributed_run, world
     from fairdeploy.pruning import finetune_checkpoint
     from fairdeploy.pruning.finetune import FINETUNE_LR
     from fairdeploy.training.loop import FitConfig
@@ -327,11 +316,8 @@ def finetune(
     cfg.validate()
     manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     on_interrupt(lambda: describe_kept_run(out))
-    with distributed_run(device) as rank_device, \
-            claim_on_main(out, OUT_POLICIES["finetune"], overwrite=overwrite,
-                          inputs={"--model": model, "--data": data, "--images-root": images_root}), \
-            progress_on_main() as progress:
-        reports = world().is_main
+    inputs = {"--model": model, "--data": data, "--images-root": images_root}
+    with rank_job(device, out, "finetune", overwrite=overwrite, inputs=inputs) as (rank_device, progress, reports):
         result = finetune_checkpoint(model, manifest, out, cfg, rank_device, progress)
     if not reports:
         return

@@ -22,10 +22,9 @@ from fairdeploy.cli.common import (
     SplitOpt,
     WorkersOpt,
     check_split,
-    claim_on_main,
     console,
     on_interrupt,
-    progress_on_main,
+    rank_job,
 )
 from fairdeploy.cli.tables import fairness_table, metrics_table
 from fairdeploy.data.manifest import read_manifest
@@ -61,7 +60,6 @@ def train(
     """Train a torchvision classifier; the best epoch on validation is saved to OUT/best.
 
     Under `torchrun --nproc-per-node N -m fairdeploy train ...` it trains with DistributedDataParallel."""
-    from fairdeploy.distributed import distributed_run, world
     from fairdeploy.training.loop import FitConfig
     from fairdeploy.training.train import train_model
 
@@ -70,11 +68,9 @@ def train(
     check_train_options(arch, image_size, balance, cfg)  # before the manifest or any model is loaded
     manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
     on_interrupt(lambda: describe_kept_run(out), "--resume")
-    with distributed_run(device) as rank_device, \
-            claim_on_main(out, OUT_POLICIES["train"], overwrite=overwrite, resume=resume,
-                          inputs={"--data": data, "--weights": weights, "--images-root": images_root}), \
-            progress_on_main() as progress:
-        reports = world().is_main
+    inputs = {"--data": data, "--weights": weights, "--images-root": images_root}
+    with rank_job(device, out, "train", overwrite=overwrite, resume=resume,
+                  inputs=inputs) as (rank_device, progress, reports):
         result = train_model(manifest, arch, out, cfg, image_size, weights, rank_device, resume, progress,
                              keep_optimizer_state=keep_optimizer_state)
     if not reports:
