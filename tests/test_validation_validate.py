@@ -120,6 +120,16 @@ def test_equal_candidate_passes(result, trained_checkpoint: Path, runtime_fp32_o
     assert onnx.run.runtime["providers_active"] == ["CPUExecutionProvider"]
 
 
+def test_reference_size_is_that_of_the_checkpoint(result, trained_checkpoint: Path) -> None:
+    from fairdeploy.models import load_checkpoint
+    from fairdeploy.pruning.flops import model_size
+
+    res, _ = result
+    model, spec = load_checkpoint(trained_checkpoint)
+    assert res.model_size == model_size(model, spec.image_size).to_dict()
+    assert res.model_size["macs"] > 0
+
+
 def test_reference_metrics_equal_the_evaluate_path(result, trained_checkpoint: Path, synth_manifest: Path) -> None:
     res, _ = result
     expected = evaluate_checkpoint(trained_checkpoint, read_manifest(synth_manifest), "test", "cpu", bootstrap=0)

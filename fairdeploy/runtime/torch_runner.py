@@ -48,6 +48,13 @@ class TorchRunner(BaseRunner):
         size = self.info.image_size
         return InputSpec("input", (-1, 3, size, size), "float32")
 
+    def model_size(self) -> dict[str, int]:
+        """Params and MACs of the loaded model for one image at its input size (the runner must be open)."""
+        from fairdeploy.pruning.flops import model_size
+
+        assert self._model is not None, "open the runner first"
+        return model_size(self._model, self.info.image_size, self.device).to_dict()
+
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         assert self._model is not None
         with torch.inference_mode():

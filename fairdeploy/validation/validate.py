@@ -25,6 +25,7 @@ from fairdeploy.metrics import (
 from fairdeploy.metrics.fairness import FAIRNESS_KEYS
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.runtime.base import ArtifactInfo, Runner, check_logits, runner_from_artifact
+from fairdeploy.runtime.torch_runner import TorchRunner
 from fairdeploy.validation.fingerprint import environment_fingerprint
 from fairdeploy.validation.latency import LatencyConfig, LatencyStats, measure_latency
 from fairdeploy.validation.tolerances import CheckResult, Tolerances, check_tolerances
@@ -419,6 +420,7 @@ class _Pass:
     runtimes: list[dict[str, Any]]
     latency: list[tuple[LatencyStats, ...]]
     fingerprint: dict[str, Any]
+    reference_size: dict[str, int] | None  # the reference checkpoint's params / MACs, counted while it was open
 
 
 def _run_all(runners: Sequence[Runner], dataset: Any, num_classes: int, config: ValidationConfig,
@@ -450,6 +452,7 @@ def _run_all(runners: Sequence[Runner], dataset: Any, num_classes: int, config: 
             progress("validate: inference", done, len(dataset))
         runtimes = [r.describe() for r in runners]
         fingerprint = environment_fingerprint(runners)
+        reference_size = runners[0].model_size() if isinstance(runners[0], TorchRunner) else None
     if config.latency is not None:
         images = np.concatenate(sample)
         for i, r in enumerate(runners):
@@ -461,6 +464,7 @@ def _run_all(runners: Sequence[Runner], dataset: Any, num_classes: int, config: 
         labels=np.concatenate(ys).astype(np.int64),
         groups=np.concatenate(gs).astype(np.int64),
         input_specs=specs, runtimes=runtimes, latency=latency, fingerprint=fingerprint,
+        reference_size=reference_size,
     )
 
 
@@ -564,16 +568,5 @@ def validate(
         fingerprint=fingerprint,
         created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         degenerate=tuple(degenerate),
-        model_size=_reference_size(reference),
+        model_size=run.reference_size if _is_path(reference) else None,
     )
-
-
-def _reference_size(reference: Any) -> dict[str, int] | None:
-    """Params and MACs of the reference checkpoint at its input size (None for a Runner object)."""
-    if not _is_path(reference):
-        return None
-    from fairdeploy.models.checkpoint import load_checkpoint
-    from fairdeploy.pruning.flops import model_size
-
-    model, spec = load_checkpoint(reference, "cpu")
-    return model_size(model, spec.image_size).to_dict()
