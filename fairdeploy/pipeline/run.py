@@ -285,9 +285,11 @@ def run_pipeline(
         vj = read_json(val_dir / "validation.json")
         gate_failures.extend(f"{name}: {f}" for f in vj.get("failures", []))
         stages = stages_from_validation(vj, str(val_dir / "validation.json"), prefix=name).stages
-        size = _size(ckpt)  # every artifact of a model has its architecture: the same MACs and parameters
+        # every artifact of a model has its architecture: the MACs and parameters validate counted on the reference
+        # (a validation.json cached before it recorded them: counted here)
+        size = vj.get("model_size") or _size(ckpt).to_dict()
         guard = _guard_failure(ckpt)  # a budget run's model that failed its pruning guard: no artifact of it passes
-        all_stages.extend(replace(s, macs=size.macs, params=size.params, guard_failure=guard) for s in stages)
+        all_stages.extend(replace(s, macs=size["macs"], params=size["params"], guard_failure=guard) for s in stages)
 
     run_stages = RunStages(tuple(all_stages), tuple(trajectories), vcfg.split, cfg.title, tuple(notes))
     _write_if_changed(run / STAGES_FILE, run_stages)
