@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from fairdeploy.artifact.metadata import OnnxMetadata, read_onnx_metadata
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.metadata import OnnxMetadata, read_onnx_metadata
 from fairdeploy.export.onnx_export import export_model_onnx, export_onnx, weight_sparsity
 from fairdeploy.models import (
     ModelSpec,

@@ -14,11 +14,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from fairdeploy.artifact.metadata import read_onnx_metadata
 from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.export.calibration import CalibrationItem, set_hash
 from fairdeploy.export.exporter import run_export
-from fairdeploy.export.metadata import read_onnx_metadata
 from fairdeploy.export.profiles import merge_options
 from fairdeploy.models import read_spec
 

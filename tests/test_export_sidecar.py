@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from fairdeploy.errors import FairdeployError
-from fairdeploy.export.sidecar import (
+from fairdeploy.artifact.sidecar import (
     EngineSidecar,
     check_sidecar,
     read_sidecar,
     trt_version_key,
     write_sidecar,
 )
+from fairdeploy.errors import FairdeployError
 from fairdeploy.io import sha256_file
 
 

@@ -265,9 +265,9 @@ def test_parse_or_build_failure_leaves_no_engine(tmp_path: Path) -> None:
 
 def test_export_writes_sidecar_from_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """run_export's engine step with the fake 10.x module: what goes into the sidecar and export.json."""
+    from fairdeploy.artifact.sidecar import check_sidecar, read_sidecar
     from fairdeploy.export.exporter import run_export
     from fairdeploy.export.profiles import merge_options
-    from fairdeploy.export.sidecar import check_sidecar, read_sidecar
     from fairdeploy.io import read_json, sha256_file
     from fairdeploy.models import ModelSpec, create_model, save_checkpoint
 
@@ -313,9 +313,9 @@ def test_sidecar_is_written_even_when_the_timing_cache_cannot_be_saved(tmp_path:
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Item 4: nothing that can fail comes between the engine file and its sidecar; an unsavable timing cache
     is a warning, the engine and its sidecar are there."""
+    from fairdeploy.artifact.sidecar import read_sidecar
     from fairdeploy.export.exporter import run_export
     from fairdeploy.export.profiles import merge_options
-    from fairdeploy.export.sidecar import read_sidecar
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache's folder would be")
@@ -333,9 +333,9 @@ def test_dla_int8_without_gpu_fallback_exports_on_10x(tmp_path: Path, monkeypatc
                                                       synth_manifest: Path) -> None:
     """Items 1 and 5 end to end: `--dla-core 0 --no-gpu-fallback --precision int8` builds one engine, the
     implicit-calibrator INT8 one from the fp32 ONNX, its sidecar naming the calibration set."""
+    from fairdeploy.artifact.sidecar import read_sidecar
     from fairdeploy.export.exporter import run_export
     from fairdeploy.export.profiles import merge_options
-    from fairdeploy.export.sidecar import read_sidecar
 
     monkeypatch.setattr(tb, "gpu_identity", lambda device_index=0: ("Fake GPU", "8.7"))
     monkeypatch.setattr(tb, "build_engine", functools.partial(tb.build_engine, calibration_device="cpu"))
@@ -364,9 +364,9 @@ def test_real_engine_build(tmp_path: Path) -> None:
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    from fairdeploy.artifact.sidecar import check_sidecar, read_sidecar
     from fairdeploy.export.exporter import run_export
     from fairdeploy.export.profiles import merge_options
-    from fairdeploy.export.sidecar import check_sidecar, read_sidecar
     from fairdeploy.models import ModelSpec, create_model, save_checkpoint
 
     trt = tb.import_tensorrt()

@@ -129,7 +129,7 @@ def test_onnx_metadata_lying_about_the_input_size_names_file_and_real_shape(tiny
 
     import onnx
 
-    from fairdeploy.export.metadata import metadata_of_model, set_onnx_metadata
+    from fairdeploy.artifact.metadata import metadata_of_model, set_onnx_metadata
     from fairdeploy.export.onnx_export import export_onnx
     from fairdeploy.runtime.ort_runner import OrtRunner
 
@@ -151,7 +151,7 @@ def test_validate_a_lying_onnx_is_one_line_and_writes_nothing(tiny, tmp_path: Pa
 
     import onnx
 
-    from fairdeploy.export.metadata import metadata_of_model, set_onnx_metadata
+    from fairdeploy.artifact.metadata import metadata_of_model, set_onnx_metadata
     from fairdeploy.export.onnx_export import export_onnx
 
     manifest_path, ckpt = tiny

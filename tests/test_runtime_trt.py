@@ -13,8 +13,8 @@ import pytest
 import torch
 from fake_tensorrt import fake_tensorrt, reference_logits
 
+from fairdeploy.artifact.sidecar import EngineSidecar, write_sidecar
 from fairdeploy.errors import EXIT_MISSING_DEPENDENCY, FairdeployError, MissingDependencyError
-from fairdeploy.export.sidecar import EngineSidecar, write_sidecar
 from fairdeploy.io import sha256_file
 from fairdeploy.runtime import runner_from_artifact
 from fairdeploy.runtime.trt_runner import EngineEnvironment, TensorRTRunner, detect_environment

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fairdeploy import trt_env
+from fairdeploy.artifact import sidecar
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export import sidecar, tensorrt_build
+from fairdeploy.export import tensorrt_build
 from fairdeploy.runtime import trt_runner
 
 PACKAGE = Path(trt_env.__file__).parent

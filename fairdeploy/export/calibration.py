@@ -295,7 +295,7 @@ def batch_reader_class():
     iterator of float32 (N, 3, H, W) arrays at each rewind (class built on first use)."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    from fairdeploy.export.metadata import INPUT_NAME
+    from fairdeploy.artifact.metadata import INPUT_NAME
 
     class BatchReader(CalibrationDataReader):
         """Feeds batches to onnxruntime.quantization as {"input": batch} dicts; counts what it handed out."""

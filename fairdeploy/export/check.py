@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fairdeploy.artifact.metadata import INPUT_NAME, OUTPUT_NAME
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.metadata import INPUT_NAME, OUTPUT_NAME
 
 
 @dataclass(frozen=True)

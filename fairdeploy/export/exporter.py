@@ -15,6 +15,15 @@ import numpy as np
 import torch
 
 import fairdeploy
+from fairdeploy.artifact.metadata import (
+    CALIBRATION_FILE,
+    EXPORT_FILE,
+    PRECISIONS,
+    engine_filename,
+    onnx_filename,
+    sidecar_filename,
+)
+from fairdeploy.artifact.sidecar import EngineSidecar, write_sidecar
 from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
 from fairdeploy.data.manifest import Manifest, read_manifest
 from fairdeploy.errors import FairdeployError, MissingDependencyError
@@ -29,18 +38,9 @@ from fairdeploy.export.calibration import (
 from fairdeploy.export.check import compare_logits, ort_logits, ort_session
 from fairdeploy.export.fp16 import convert_fp16
 from fairdeploy.export.int8 import group_aware_int8, qdq_summary, quantize_int8
-from fairdeploy.export.metadata import (
-    CALIBRATION_FILE,
-    EXPORT_FILE,
-    PRECISIONS,
-    engine_filename,
-    onnx_filename,
-    sidecar_filename,
-)
 from fairdeploy.export.mixed_precision import EvalSet
 from fairdeploy.export.onnx_export import export_model_onnx, random_check_inputs
 from fairdeploy.export.profiles import ExportOptions
-from fairdeploy.export.sidecar import EngineSidecar, write_sidecar
 from fairdeploy.io import read_json, sha256_file, write_json
 from fairdeploy.models.checkpoint import (
     ModelSpec,

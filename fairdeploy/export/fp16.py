@@ -9,8 +9,8 @@ import os
 import warnings
 from pathlib import Path
 
+from fairdeploy.artifact.metadata import metadata_of_model, set_onnx_metadata
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.metadata import metadata_of_model, set_onnx_metadata
 from fairdeploy.io import atomic_path
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from fairdeploy.artifact.metadata import metadata_of_model, set_onnx_metadata
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.calibration import CalibrationSet, batch_reader_class, reader_class
-from fairdeploy.export.metadata import metadata_of_model, set_onnx_metadata
 from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan, plan_group_aware, with_fp32_layers
 from fairdeploy.export.qdq_placement import (
     DEFAULT_PLACEMENT,

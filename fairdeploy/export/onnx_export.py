@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fairdeploy.errors import FairdeployError
-from fairdeploy.export.check import check_at_batch_sizes
-from fairdeploy.export.metadata import (
+from fairdeploy.artifact.metadata import (
     BATCH_DIM,
     INPUT_NAME,
     OUTPUT_NAME,
     OnnxMetadata,
     set_onnx_metadata,
 )
+from fairdeploy.errors import FairdeployError
+from fairdeploy.export.check import check_at_batch_sizes
 from fairdeploy.io import atomic_path, sha256_file
 from fairdeploy.models.checkpoint import ModelSpec, checkpoint_hash, load_checkpoint, resolve_checkpoint
 

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fairdeploy.artifact.metadata import PRECISIONS
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.calibration import CALIB_METHODS, read_toml
-from fairdeploy.export.metadata import PRECISIONS
 from fairdeploy.export.mixed_precision import check_mixed_precision
 from fairdeploy.export.onnx_export import DEFAULT_OPSET, check_opset
 from fairdeploy.export.qdq_placement import check_placement

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fairdeploy.artifact.metadata import INPUT_NAME, check_precision
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.metadata import INPUT_NAME, check_precision
 from fairdeploy.export.profiles import MIB, TrtOptions
 from fairdeploy.io import atomic_path
 from fairdeploy.progress import Progress, no_progress

@@ -65,7 +65,7 @@ def check_providers(
 
 def onnx_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     """ArtifactInfo of a .onnx file from its fairdeploy metadata (written by fairdeploy export)."""
-    from fairdeploy.export.metadata import read_onnx_metadata
+    from fairdeploy.artifact.metadata import read_onnx_metadata
 
     p = Path(path)
     meta = read_onnx_metadata(p)

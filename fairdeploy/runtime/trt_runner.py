@@ -37,7 +37,7 @@ def engine_info(path: Path, sidecar: Any) -> ArtifactInfo:
     source = getattr(sidecar, "checkpoint_sha256", None)
     onnx_path = path.with_name(Path(sidecar.onnx_file).name)
     if onnx_path.is_file() and not (mean and std and source):
-        from fairdeploy.export.metadata import read_onnx_metadata
+        from fairdeploy.artifact.metadata import read_onnx_metadata
 
         meta = read_onnx_metadata(onnx_path)
         mean, std = mean or tuple(meta.mean), std or tuple(meta.std)
@@ -62,7 +62,7 @@ class TensorRTRunner(BaseRunner):
         device: torch.device,
         environment: EngineEnvironment | None = None,
     ) -> None:
-        from fairdeploy.export.sidecar import check_sidecar, read_sidecar
+        from fairdeploy.artifact.sidecar import check_sidecar, read_sidecar
 
         p = Path(path)
         if not p.is_file():

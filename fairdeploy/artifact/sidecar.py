@@ -7,8 +7,8 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fairdeploy.artifact.metadata import PRECISIONS
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.metadata import PRECISIONS
 from fairdeploy.io import read_json, sha256_file, write_json
 from fairdeploy.trt_env import version_parts
 
