@@ -134,3 +134,42 @@ def test_export_json_records_checks_and_versions(exported: Path) -> None:
     assert summary["versions"]["onnxruntime"] == ort.__version__ and summary["engines"] == {}
     assert sorted(p.name for p in exported.iterdir()) == [
         "calibration.json", "export.json", "model.fp16.onnx", "model.fp32.onnx", "model.int8.onnx"]
+
+
+def test_export_check_and_validate_are_one_comparison(exported: Path, trained_checkpoint: Path, synth_manifest: Path,
+                                                      test_split) -> None:
+    """Export's self-check and `fairdeploy validate` compare the INT8 graph with PyTorch on the same test split the
+    same way: export.json's top-1 agreement and accuracy, overall and per group, equal validate's, and both equal a
+    loop over logits computed here with torch and a bare ONNX Runtime session."""
+    import torch
+
+    from fairdeploy.models.checkpoint import load_checkpoint
+    from fairdeploy.validation import ValidationConfig, validate
+
+    x, labels, groups = test_split
+    model, spec = load_checkpoint(trained_checkpoint, "cpu")
+    with torch.no_grad():
+        ref = np.concatenate([model(torch.from_numpy(x[i : i + 32])).numpy() for i in range(0, len(x), 32)])
+    ref_pred, pred = ref.argmax(1), _logits(exported / "model.int8.onnx", x).argmax(1)
+
+    def loop(a: np.ndarray, b: np.ndarray, k: int | None) -> float:
+        rows = [i for i in range(len(x)) if k is None or groups[i] == k]
+        return sum(int(a[i] == b[i]) for i in rows) / len(rows)
+
+    agree = {g: loop(ref_pred, pred, k) for k, g in enumerate(spec.groups)}
+    accuracy = {g: loop(labels, pred, k) for k, g in enumerate(spec.groups)}
+    assert min(agree.values()) < 1.0  # INT8 flips some decisions: the per-group figures have something to show
+
+    recorded = json.loads((exported / "export.json").read_text())["onnx"]["int8"]
+    cand = validate(trained_checkpoint, [exported / "model.int8.onnx"], read_manifest(synth_manifest),
+                    ValidationConfig(split="test", bootstrap=0, latency=None), backend="onnxruntime",
+                    device="cpu").candidates[0]
+    assert recorded["vs_pytorch"]["n"] == cand.run.metrics.n == len(x)
+    assert recorded["vs_pytorch"]["top1_agreement"] == cand.agreement["overall"] == pytest.approx(
+        loop(ref_pred, pred, None), abs=1e-12)
+    assert recorded["top1_agreement_per_group"] == cand.agreement["groups"] == pytest.approx(agree, abs=1e-12)
+    assert recorded["accuracy"] == cand.run.metrics.overall_accuracy == pytest.approx(
+        loop(labels, pred, None), abs=1e-12)
+    assert recorded["accuracy_per_group"] == {g: cand.run.metrics.group(g).accuracy for g in spec.groups} == \
+        pytest.approx(accuracy, abs=1e-12)
+    assert recorded["vs_pytorch"]["max_abs_logit_diff"] == pytest.approx(cand.logit_diff["max_abs"], rel=1e-6)

@@ -35,7 +35,7 @@ from fairdeploy.export.calibration import (
     load_recipe,
     write_calibration_json,
 )
-from fairdeploy.export.check import compare_logits, ort_logits, ort_session
+from fairdeploy.export.check import compare_logits, onnx_logits
 from fairdeploy.export.fp16 import convert_fp16
 from fairdeploy.export.int8 import group_aware_int8, qdq_summary, quantize_int8
 from fairdeploy.export.mixed_precision import EvalSet
@@ -50,6 +50,7 @@ from fairdeploy.models.checkpoint import (
     resolve_checkpoint,
 )
 from fairdeploy.progress import Progress, no_progress
+from fairdeploy.validation.validate import agreement_stats
 
 MIXED_PRECISION_SPLIT = "val"  # group-aware mixed precision measures layers here: never the test split
 SELF_CHECK_SAMPLES = 64  # real images run at every check batch size against PyTorch
@@ -109,27 +110,27 @@ def _torch_logits(model: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def _per_group(values: np.ndarray, groups: np.ndarray | None, names: tuple[str, ...]
-               ) -> dict[str, float]:
-    if groups is None:
-        return {}
-    return {name: float(values[groups == i].mean()) for i, name in enumerate(names) if np.any(groups == i)}
+def _ort_logits(path: Path, check: CheckData) -> np.ndarray:
+    return onnx_logits(path, check.inputs, [CHECK_BATCH])[0]
 
 
-def _evaluate(path: Path, check: CheckData, torch_ref: np.ndarray, fp32_ref: np.ndarray | None,
+def _evaluate(logits: np.ndarray, check: CheckData, torch_ref: np.ndarray, fp32_ref: np.ndarray | None,
               spec: ModelSpec) -> dict[str, Any]:
-    """Agreement of one ONNX file with PyTorch (and the FP32 ONNX), accuracy, per group."""
-    logits = ort_logits(ort_session(path), check.inputs, CHECK_BATCH)
-    vs_torch = compare_logits(torch_ref, logits)
+    """Agreement of one ONNX file's logits with PyTorch (and the FP32 ONNX), accuracy, per group present: the
+    comparison `fairdeploy validate` makes (accuracy = top-1 agreement with the labels)."""
+    names: np.ndarray | None = None
+    order: tuple[str, ...] = ()
+    if check.groups is not None:
+        names = np.asarray(spec.groups)[check.groups]
+        order = tuple(g for i, g in enumerate(spec.groups) if np.any(check.groups == i))
+    vs_torch = compare_logits(torch_ref, logits, names, order)
     out: dict[str, Any] = {"vs_pytorch": vs_torch.to_dict()}
     if fp32_ref is not None:
         out["vs_fp32_onnx"] = compare_logits(fp32_ref, logits).to_dict()
-    same = logits.argmax(1) == torch_ref.argmax(1)
-    out["top1_agreement_per_group"] = _per_group(same, check.groups, spec.groups)
-    if check.labels is not None:
-        correct = logits.argmax(1) == check.labels
-        out["accuracy"] = float(correct.mean())
-        out["accuracy_per_group"] = _per_group(correct, check.groups, spec.groups)
+    out["top1_agreement_per_group"] = vs_torch.top1_agreement_per_group
+    if check.labels is not None and names is not None:
+        accuracy = agreement_stats(check.labels, logits.argmax(1), names, order)
+        out["accuracy"], out["accuracy_per_group"] = accuracy["overall"], accuracy["groups"]
     return out
 
 
@@ -215,8 +216,8 @@ def run_export(
             batch_sizes=options.check_batch_sizes, simplify=options.simplify, atol=options.fp32_atol, seed=seed,
         )
         progress("export ONNX", 1, steps)
-        fp32_logits = ort_logits(ort_session(fp32.path), check.inputs, CHECK_BATCH)
-        onnx_info: dict[str, Any] = {"fp32": {**fp32.to_dict(), **_evaluate(fp32.path, check, torch_ref, None, spec)}}
+        fp32_logits = _ort_logits(fp32.path, check)
+        onnx_info: dict[str, Any] = {"fp32": {**fp32.to_dict(), **_evaluate(fp32_logits, check, torch_ref, None, spec)}}
         for i, precision in enumerate(p for p in options.precisions if p != "fp32"):
             path = stage / onnx_filename(precision)
             if precision == "fp16":
@@ -239,7 +240,7 @@ def run_export(
 
                 extra.update(qdq=qdq_summary(onnx.load(str(path))).to_dict(), calibration_sha256=cal.sha256)
             onnx_info[precision] = {"path": path.name, "precision": precision, "sha256": sha256_file(path), **extra,
-                                    **_evaluate(path, check, torch_ref, fp32_logits, spec)}
+                                    **_evaluate(_ort_logits(path, check), check, torch_ref, fp32_logits, spec)}
             progress("export ONNX", i + 2, steps)
         summary: dict[str, Any] = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

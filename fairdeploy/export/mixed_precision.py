@@ -124,36 +124,43 @@ class MixedPrecisionPlan:
 
 
 def graph_logits(model: Any, inputs: np.ndarray, batch_size: int = 64, threads: int = 0) -> np.ndarray:
-    """Logits of an in-memory ONNX graph under ONNX Runtime's CPU provider."""
+    """Logits of an in-memory ONNX graph (N, 3, H, H inputs; (N, K) logits, K static in the graph) run by the
+    runtime's CPU OrtRunner."""
     import onnx
 
-    from fairdeploy.export.check import ort_logits, ort_session
+    from fairdeploy.export.check import onnx_logits
+    from fairdeploy.runtime.ort_runner import graph_info
 
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    num_classes = dims[1].dim_value if len(dims) == 2 else 0
+    if not num_classes:
+        raise FairdeployError(f"graph output {model.graph.output[0].name!r} has no fixed class count")
     with tempfile.TemporaryDirectory(prefix=".mixed.") as work:
         path = Path(work) / "graph.onnx"
         onnx.save(model, str(path))
-        return ort_logits(ort_session(path, threads), inputs, batch_size)
+        return onnx_logits(path, inputs, [batch_size], threads, graph_info(path, inputs.shape[-1], num_classes))[0]
 
 
 def evaluate(logits: np.ndarray, reference: np.ndarray, data: EvalSet, tol: Tolerances) -> Evaluation:
     """`logits` against the FP32 `reference` logits on `data`: per-group numbers and the gate's checks."""
     from fairdeploy.metrics import compute_metrics
+    from fairdeploy.validation.validate import agreement_stats, logit_diff_stats
 
     names = np.asarray(data.group_names)[data.groups]
     pred, ref_pred = logits.argmax(1), reference.argmax(1)
-    same, correct, ref_correct = pred == ref_pred, pred == data.labels, ref_pred == data.labels
-    diff = np.abs(logits.astype(np.float64) - reference).mean(1)
-    present = [(i, g) for i, g in enumerate(data.group_names) if np.any(data.groups == i)]
-    per = {g: data.groups == i for i, g in present}
-    kw = {"num_classes": data.num_classes, "group_order": [g for _, g in present]}
+    order = [g for i, g in enumerate(data.group_names) if np.any(data.groups == i)]
+    same = agreement_stats(ref_pred, pred, names, order)
+    correct = agreement_stats(data.labels, pred, names, order)  # accuracy: top-1 agreement with the labels
+    ref_correct = agreement_stats(data.labels, ref_pred, names, order)
+    diff = logit_diff_stats(reference, logits, names, order)
+    kw = {"num_classes": data.num_classes, "group_order": order}
     checks = check_tolerances(compute_metrics(data.labels, ref_pred, names, **kw),
-                              compute_metrics(data.labels, pred, names, **kw), float(same.mean()),
-                              {g: float(same[m].mean()) for g, m in per.items()}, tol)
+                              compute_metrics(data.labels, pred, names, **kw), same["overall"], same["groups"], tol)
     return Evaluation(
-        agreement=float(same.mean()), agreement_per_group={g: float(same[m].mean()) for g, m in per.items()},
-        accuracy=float(correct.mean()), accuracy_per_group={g: float(correct[m].mean()) for g, m in per.items()},
-        accuracy_drop_per_group={g: float(ref_correct[m].mean() - correct[m].mean()) for g, m in per.items()},
-        mean_abs_logit_diff_per_group={g: float(diff[m].mean()) for g, m in per.items()}, checks=checks)
+        agreement=same["overall"], agreement_per_group=same["groups"],
+        accuracy=correct["overall"], accuracy_per_group=correct["groups"],
+        accuracy_drop_per_group={g: ref_correct["groups"][g] - correct["groups"][g] for g in order},
+        mean_abs_logit_diff_per_group={g: diff["groups"][g]["mean_abs"] for g in order}, checks=checks)
 
 
 def with_fp32_layers(int8_model: Any, fp32_model: Any, layers: Sequence[str]) -> Any:

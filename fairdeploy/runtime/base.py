@@ -167,6 +167,15 @@ class BaseRunner(abc.ABC):
         return {}
 
 
+def infer_batches(runner: Runner, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits (N, K) float32 of `inputs` (N, 3, H, W) run through an active runner in chunks of batch_size."""
+    if batch_size < 1:
+        raise FairdeployError(f"batch size must be >= 1, got {batch_size}")
+    if len(inputs) == 0:
+        return runner.infer(inputs)
+    return np.concatenate([runner.infer(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
 def artifact_kind(path: str | os.PathLike[str]) -> str:
     """'checkpoint' (a directory), 'onnx' or 'engine', by what the path is; anything else is named."""
     p = Path(path)

@@ -88,6 +88,16 @@ def onnx_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     )
 
 
+def graph_info(path: str | os.PathLike[str], image_size: int, num_classes: int) -> ArtifactInfo:
+    """ArtifactInfo of a .onnx without fairdeploy metadata (a graph export is still measuring, such as a
+    mixed-precision candidate): input size and class count as the caller knows them, classes named by index,
+    nothing else recorded."""
+    p = Path(path)
+    return ArtifactInfo(path=str(p), kind="onnx", arch=None, classes=tuple(str(k) for k in range(num_classes)),
+                        groups=(), image_size=int(image_size), mean=(), std=(), precision="unknown",
+                        source_sha256=None, size_bytes=p.stat().st_size)
+
+
 def _shape_text(shape: Sequence[int]) -> str:
     """(-1, 3, 224, 224) -> 'N x 3 x 224 x 224' (a dynamic dimension is N)."""
     return " x ".join("N" if d < 0 else str(d) for d in shape)
@@ -103,6 +113,7 @@ class OrtRunner(BaseRunner):
         device_index: int = 0,
         allow_fallback: bool = False,
         info: ArtifactInfo | None = None,
+        threads: int = 0,
     ) -> None:
         if backend not in ORT_BACKENDS:
             raise FairdeployError(f"unknown ONNX Runtime backend {backend!r}; choose one of {', '.join(ORT_BACKENDS)}")
@@ -111,6 +122,7 @@ class OrtRunner(BaseRunner):
         self.backend = backend
         self.device_index = device_index
         self.allow_fallback = allow_fallback
+        self.threads = threads  # intra-op threads; 0 = ONNX Runtime's default
         self.requested: tuple[str, ...] = ORT_BACKENDS[backend]
         self.active_providers: tuple[str, ...] = ()
         self.fallback: tuple[str, ...] = ()
@@ -138,6 +150,8 @@ class OrtRunner(BaseRunner):
                             available, False)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: a provider that fails to load is reported by us
+        if self.threads:
+            options.intra_op_num_threads = self.threads
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "provider not in available names": checked below, loudly
             try:
@@ -191,4 +205,5 @@ class OrtRunner(BaseRunner):
             "providers_active": list(self.active_providers),
             "fallback": bool(self.fallback),
             "providers_missing": list(self.fallback),
+            **({"threads": self.threads} if self.threads else {}),
         }
