@@ -139,7 +139,8 @@ def run_case(arch: str, size: int, batch: int, args, device, sync) -> dict[str, 
     import torch.nn.functional as F
 
     from fairdeploy.models import create_model
-    from fairdeploy.pruning.curvature import DEFAULT_MAX_CHUNK_ELEMENTS, group_curvature, group_curvature_loop
+    from fairdeploy.pruning._reference import group_curvature_loop
+    from fairdeploy.pruning.curvature import DEFAULT_MAX_CHUNK_ELEMENTS, group_curvature
 
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)

@@ -126,7 +126,7 @@ def test_metrics(ckpt: Path, manifest: Path, root: Path | None) -> dict[str, Any
     from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
     from fairdeploy.data.manifest import read_manifest
     from fairdeploy.models.checkpoint import load_checkpoint
-    from fairdeploy.pruning.flops import model_size
+    from fairdeploy.models.size import model_size
     from fairdeploy.training.loop import evaluate_model
 
     model, spec = load_checkpoint(ckpt, "cpu")  # once: metrics and MACs from the same loaded model

@@ -190,7 +190,7 @@ def evaluate(ctx: Context, model, bootstrap: int) -> dict[str, Any]:
 
 
 def finetune(ctx: Context, model, epochs: int, scratch: Path):
-    from fairdeploy.pruning.finetune import finetune_model
+    from fairdeploy.training.finetune import finetune_model
     from fairdeploy.training.loop import FitConfig
 
     cfg = FitConfig(epochs=epochs, batch_size=64, lr=5e-4, seed=ctx.seed)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
 
-    from fairdeploy.pruning.flops import model_size
+    from fairdeploy.models.size import model_size
 
     device = common.resolve(args.device)
     if (args.checkpoint is None) != (args.data is None):

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
 from fairdeploy.pruning.selection import selection_value
 
 
@@ -14,3 +20,22 @@ def expected_selection(rec: dict) -> int:
         if step["eligible"] and selection_value(step, select, target) > best_value:
             best, best_value = i, selection_value(step, select, target)
     return best
+
+
+@torch.no_grad()
+def zero_channels(dg: tp.DependencyGraph, module: nn.Module, idxs: Sequence[int]) -> None:
+    """Silence channels `idxs` of `module` without removing them: zero the output rows (weights and biases)
+    of every coupled conv/linear and the affine parameters of every coupled BatchNorm, so the channels emit
+    exactly 0. Physically removing the same channels must then leave the logits unchanged."""
+    pruner = dg.get_pruner_of_module(module)
+    group = dg.get_pruning_group(module, pruner.prune_out_channels, list(idxs))
+    for item in group.items:
+        layer = item.dep.target.module
+        if not dg.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(layer, nn.Module):
+            continue
+        ix = torch.as_tensor(item.idxs, dtype=torch.long)
+        if isinstance(layer, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            if getattr(layer, "weight", None) is not None:
+                layer.weight[ix] = 0
+            if getattr(layer, "bias", None) is not None:
+                layer.bias[ix] = 0

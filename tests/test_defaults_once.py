@@ -23,7 +23,7 @@ def _pipeline(tmp_path: Path, export: str = "", name: str = "p.toml") -> Path:
 # ---- 1. the fine-tuning learning rate ----
 
 def test_finetune_lr_literal_is_written_once():
-    from fairdeploy.pruning.finetune import FINETUNE_LR
+    from fairdeploy.training.finetune import FINETUNE_LR
 
     # any `lr ... = <number>` / `lr=<number>` default in the package, FitConfig's training LR aside
     pattern = re.compile(r"\b(?:finetune_)?(?:after_)?lr\b[^=\n]*=\s*([0-9.]+e-?[0-9]+|0\.0\d+)")
@@ -34,12 +34,12 @@ def test_finetune_lr_literal_is_written_once():
                 hits.append((py.relative_to(PACKAGE).as_posix(), float(m.group(1))))
     fine_tune_values = [h for h in hits if h[0] != "training/loop.py"]  # FitConfig.lr: training from scratch
     assert fine_tune_values == [], fine_tune_values
-    text = (PACKAGE / "pruning" / "finetune.py").read_text()
+    text = (PACKAGE / "training" / "finetune.py").read_text()
     assert [float(v) for v in re.findall(r"^FINETUNE_LR = (.+)$", text, flags=re.MULTILINE)] == [FINETUNE_LR]
 
 
 def test_pipeline_finetune_lr_defaults_to_the_library_constant():
-    from fairdeploy.pruning.finetune import FINETUNE_LR
+    from fairdeploy.training.finetune import FINETUNE_LR
 
     per_step = _split_options(PruneEntry("fp", "fairprune", {"finetune_epochs": 2}), seed=3).finetune
     assert (per_step.epochs, per_step.lr, per_step.seed) == (2, FINETUNE_LR, 3)
@@ -53,29 +53,27 @@ def test_pipeline_finetune_lr_defaults_to_the_library_constant():
 
 def test_budget_runs_keep_their_own_named_recovery_lr():
     from fairdeploy.pruning.budget import BUDGET_FINETUNE_LR, BudgetConfig
-    from fairdeploy.pruning.finetune import FINETUNE_LR
+    from fairdeploy.training.finetune import FINETUNE_LR
 
     assert BudgetConfig().finetune.lr == BUDGET_FINETUNE_LR != FINETUNE_LR
 
 
-def _capture(monkeypatch: pytest.MonkeyPatch, name: str) -> list:
-    """Replace fairdeploy.pruning.<name> with a fake that records its config and stops the command."""
-    import fairdeploy.pruning
-
+def _capture(monkeypatch: pytest.MonkeyPatch, target: str) -> list:
+    """Replace `target` (a dotted path) with a fake that records its config and stops the command."""
     seen: list = []
 
     def fake(model, manifest, out, cfg, *args, **kwargs):
         seen.append(cfg)
         raise FairdeployError("captured")
 
-    monkeypatch.setattr(fairdeploy.pruning, name, fake)
+    monkeypatch.setattr(target, fake)
     return seen
 
 
 def test_cli_finetune_lr_defaults_to_the_library_constant(run_main, monkeypatch, synth_manifest, tmp_path):
-    from fairdeploy.pruning.finetune import FINETUNE_LR
+    from fairdeploy.training.finetune import FINETUNE_LR
 
-    seen = _capture(monkeypatch, "finetune_checkpoint")
+    seen = _capture(monkeypatch, "fairdeploy.training.finetune.finetune_checkpoint")
     code, _, err = run_main("finetune", "--model", str(tmp_path), "--data", str(synth_manifest),
                             "--out", str(tmp_path / "ft"), "--epochs", "1")
     assert code != 0 and "captured" in err
@@ -95,9 +93,9 @@ def test_zero_finetune_epochs_is_none_in_the_pipeline():
 
 
 def test_zero_finetune_epochs_is_none_on_the_cli(run_main, monkeypatch, synth_manifest, tmp_path):
-    from fairdeploy.pruning.finetune import FINETUNE_LR
+    from fairdeploy.training.finetune import FINETUNE_LR
 
-    seen = _capture(monkeypatch, "prune_checkpoint")
+    seen = _capture(monkeypatch, "fairdeploy.pruning.prune_checkpoint")
     common = ("prune", "--model", str(tmp_path), "--data", str(synth_manifest))
     code, _, err = run_main(*common, "--out", str(tmp_path / "a"), "--finetune-epochs", "0")
     assert code != 0 and "captured" in err

@@ -217,9 +217,9 @@ def test_unreadable_image_in_a_subset_names_that_image(tiny, tmp_path: Path) -> 
     import torch
     from torch.utils.data import Subset
 
+    from fairdeploy.data.batches import iter_batches
     from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
     from fairdeploy.data.manifest import read_manifest
-    from fairdeploy.pruning.batches import iter_batches
 
     manifest_path, _ = tiny
     data = _copy_data(manifest_path, tmp_path / "data")

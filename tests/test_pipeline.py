@@ -13,8 +13,8 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.models.checkpoint import load_checkpoint
 from fairdeploy.pipeline.config import DEMO_CONFIG, PruneEntry, load_pipeline_config
 from fairdeploy.pipeline.run import _budget_options, _split_options, _trajectory, run_pipeline
+from fairdeploy.models.size import model_size
 from fairdeploy.pruning.budget import BudgetConfig
-from fairdeploy.pruning.flops import model_size
 from fairdeploy.pipeline.stages import run_stage
 
 TINY = dict(

@@ -18,7 +18,8 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.pruning.criteria import ScoreData, fair_share_order, prepare_importance
 from fairdeploy.pruning.curvature import group_gradient
 from fairdeploy.pruning.removal import remove_channels, remove_to_budget
-from fairdeploy.pruning.structured import dependency_graph, zero_channels
+from fairdeploy.pruning.structured import dependency_graph
+from pruning_oracles import zero_channels
 
 
 class Tiny(nn.Module):
@@ -98,7 +99,7 @@ def test_taylor_and_magnitude_scores_match_brute_force_sums(one_thread) -> None:
 
 
 def test_fairprune_channel_scores_match_the_per_sample_loop(one_thread) -> None:
-    from fairdeploy.pruning.curvature import group_curvature_loop
+    from fairdeploy.pruning._reference import group_curvature_loop
 
     m, dg = _tiny()
     ds = _data()
@@ -186,7 +187,7 @@ def test_removal_equals_zeroing_the_same_channels(one_thread) -> None:
 def test_budget_is_met_and_tight(one_thread) -> None:
     from torchvision.models import resnet18
 
-    from fairdeploy.pruning.flops import model_size
+    from fairdeploy.models.size import model_size
 
     torch.manual_seed(0)
     model = resnet18(num_classes=3).eval()
@@ -210,7 +211,7 @@ def test_budget_reached_when_one_layer_scores_lowest_everywhere(one_thread) -> N
     layer below the threshold must still shrink that layer to its floor, not leave it untouched."""
     from torchvision.models import resnet18
 
-    from fairdeploy.pruning.flops import model_size
+    from fairdeploy.models.size import model_size
     from fairdeploy.pruning.removal import protected
 
     torch.manual_seed(0)
@@ -296,8 +297,8 @@ def test_compress_run_meets_budget_with_control_on_the_same_data_order(biased_ch
                                                                         one_thread) -> None:
     from fairdeploy.data.manifest import read_manifest
     from fairdeploy.models.checkpoint import load_checkpoint
+    from fairdeploy.models.size import model_size
     from fairdeploy.pruning.budget import BudgetConfig, compress_checkpoint
-    from fairdeploy.pruning.flops import model_size
     from fairdeploy.training.loop import FitConfig
 
     cfg = BudgetConfig(criterion="group-taylor", control="magnitude", target=0.5, rounds=1, score_samples=8,

@@ -9,7 +9,8 @@ import torchvision
 from torch import nn
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.pruning.curvature import group_curvature, group_curvature_loop, group_gradient
+from fairdeploy.pruning._reference import group_curvature_loop
+from fairdeploy.pruning.curvature import group_curvature, group_gradient
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -33,8 +33,9 @@ def test_curvature_on_cuda_equals_cpu(estimator: str) -> None:
 def test_prune_and_finetune_on_cuda(biased_checkpoint: Path, synth_manifest: Path, tmp_path: Path) -> None:
     from fairdeploy.data.manifest import read_manifest
     from fairdeploy.models import load_checkpoint
-    from fairdeploy.pruning import FairPruneConfig, PruneConfig, StopRule, finetune_checkpoint, prune_checkpoint
+    from fairdeploy.pruning import FairPruneConfig, PruneConfig, StopRule, prune_checkpoint
     from fairdeploy.pruning.selection import Guard
+    from fairdeploy.training.finetune import finetune_checkpoint
     from fairdeploy.training.loop import FitConfig
 
     manifest = read_manifest(synth_manifest)

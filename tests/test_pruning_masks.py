@@ -7,16 +7,8 @@ import torch
 from torch import nn
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.pruning.masks import (
-    apply_masks,
-    is_two_four,
-    lowest_k,
-    mask_reapplier,
-    masks_from_model,
-    select_weights,
-    two_four_eligible,
-    two_four_mask,
-)
+from fairdeploy.models.sparsity import apply_masks, mask_reapplier, masks_from_model
+from fairdeploy.pruning.masks import is_two_four, lowest_k, select_weights, two_four_eligible, two_four_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,8 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.io import read_json
 from fairdeploy.metrics import compute_metrics
 from fairdeploy.models import load_checkpoint
+from fairdeploy.models.sparsity import masks_from_model
 from fairdeploy.pruning import PruneConfig, SnnlConfig, StopRule, prune_checkpoint
-from fairdeploy.pruning.masks import masks_from_model
 from fairdeploy.pruning.roles import decide_roles
 from fairdeploy.pruning.selection import Guard, StopTracker, selection_value, step_record
 from fairdeploy.training.loop import FitConfig

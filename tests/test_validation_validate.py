@@ -122,7 +122,7 @@ def test_equal_candidate_passes(result, trained_checkpoint: Path, runtime_fp32_o
 
 def test_reference_size_is_that_of_the_checkpoint(result, trained_checkpoint: Path) -> None:
     from fairdeploy.models import load_checkpoint
-    from fairdeploy.pruning.flops import model_size
+    from fairdeploy.models.size import model_size
 
     res, _ = result
     model, spec = load_checkpoint(trained_checkpoint)

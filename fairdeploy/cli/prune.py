@@ -88,7 +88,7 @@ PrivilegedOpt = Annotated[str | None, _opt("Privileged group name (default: high
 FinetuneEpochsOpt = Annotated[int | None, _opt("Fine-tuning epochs after every step or round (0: none; default: "
                                               "0 for FairPrune/SNNL steps, 1 per budget round).", min=0)]
 FinetuneLrOpt = Annotated[float | None, _opt("Fine-tuning learning rate (default: FairPrune/SNNL steps use "
-                                             "fairdeploy.pruning.finetune.FINETUNE_LR, budget rounds "
+                                             "fairdeploy.training.finetune.FINETUNE_LR, budget rounds "
                                              "fairdeploy.pruning.budget.BUDGET_FINETUNE_LR).")]
 BalanceOpt = Annotated[str, _opt("Fine-tuning sampling: none, class, group or group-class.")]
 CriterionOpt = Annotated[str | None, _opt(
@@ -166,7 +166,7 @@ def prune(
     """Prune a checkpoint: to a MAC/parameter budget with a criterion and its control (--criterion, --target-macs,
     --speedup), or FairPrune / SNNL steps (--method). Writes OUT/model.*, OUT/prune.json (and OUT/control, OUT/rounds)."""
     from fairdeploy.pruning import FairPruneConfig, Guard, PruneConfig, SnnlConfig, StopRule, prune_checkpoint
-    from fairdeploy.pruning.finetune import FINETUNE_LR
+    from fairdeploy.training.finetune import FINETUNE_LR
     from fairdeploy.training.loop import FitConfig
 
     if criterion is not None or any(v is not None for v in (target_macs, target_params, speedup)):
@@ -292,7 +292,7 @@ def finetune(
     out: OutDirOpt,
     epochs: Annotated[int, typer.Option(min=1)] = 5,
     lr: Annotated[float | None, _opt("Peak learning rate (cosine schedule; default: "
-                                     "fairdeploy.pruning.finetune.FINETUNE_LR).")] = None,
+                                     "fairdeploy.training.finetune.FINETUNE_LR).")] = None,
     weight_decay: Annotated[float, typer.Option()] = 1e-4,
     optimizer: Annotated[str, _opt("adamw or sgd.")] = "adamw",
     balance: Annotated[str, _opt("Sampling: none, class, group or group-class.")] = "none",
@@ -307,8 +307,7 @@ def finetune(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best."""
-    from fairdeploy.pruning import finetune_checkpoint
-    from fairdeploy.pruning.finetune import FINETUNE_LR
+    from fairdeploy.training.finetune import FINETUNE_LR, finetune_checkpoint
     from fairdeploy.training.loop import FitConfig
 
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=FINETUNE_LR if lr is None else lr, weight_decay=weight_decay, optimizer=optimizer,

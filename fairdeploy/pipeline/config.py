@@ -31,7 +31,7 @@ class PruneEntry:
     method: str  # "fairprune", "snnl", or "budget" for a `criterion = ...` table
     options: dict[str, Any] = field(default_factory=dict)
     finetune_epochs: int = 0  # `finetune_after_epochs`: a separate fine-tuning stage after pruning (0 = none)
-    finetune_lr: float | None = None  # `finetune_after_lr`; None: fairdeploy.pruning.finetune.FINETUNE_LR
+    finetune_lr: float | None = None  # `finetune_after_lr`; None: fairdeploy.training.finetune.FINETUNE_LR
     criterion: str | None = None  # budget runs only
 
     @property
@@ -42,7 +42,7 @@ class PruneEntry:
         """The FitConfig of the separate fine-tuning stage after pruning; None when finetune_after_epochs = 0."""
         if self.finetune_epochs <= 0:
             return None
-        from fairdeploy.pruning.finetune import FINETUNE_LR
+        from fairdeploy.training.finetune import FINETUNE_LR
         from fairdeploy.training.loop import FitConfig
 
         lr = FINETUNE_LR if self.finetune_lr is None else self.finetune_lr

@@ -103,7 +103,7 @@ def run_spec(spec: dict[str, Any]) -> None:
 
             compress_checkpoint(spec["model"], manifest, out, cfg, device)
         else:
-            from fairdeploy.pruning.finetune import finetune_checkpoint
+            from fairdeploy.training.finetune import finetune_checkpoint
 
             finetune_checkpoint(spec["model"], manifest, out, cfg, device)
 

@@ -37,10 +37,10 @@ class PipelineResult:
 def _split_options(entry: PruneEntry, seed: int) -> Any:
     """Map a [[prune]] table onto PruneConfig: each key goes to the config that has a field of that name."""
     from fairdeploy.pruning.fairprune import FairPruneConfig
-    from fairdeploy.pruning.finetune import FINETUNE_LR
     from fairdeploy.pruning.run import PruneConfig
     from fairdeploy.pruning.selection import Guard, StopRule
     from fairdeploy.pruning.snnl_prune import SnnlConfig
+    from fairdeploy.training.finetune import FINETUNE_LR
     from fairdeploy.training.loop import FitConfig
 
     where = f"[[prune]] {entry.name}"
@@ -163,8 +163,8 @@ def run_pipeline(
     """Run every stage of `cfg` under run_dir; a stage whose inputs are unchanged is not run again."""
     from fairdeploy.export.exporter import run_export
     from fairdeploy.io import write_json
-    from fairdeploy.pruning.finetune import finetune_checkpoint
     from fairdeploy.pruning.run import prune_checkpoint
+    from fairdeploy.training.finetune import finetune_checkpoint
     from fairdeploy.training.train import train_model
     from fairdeploy.validation.validate import validate
 
@@ -409,7 +409,7 @@ def _guard_failure(ckpt: Path) -> str | None:
 
 def _size(ckpt: Path) -> Any:
     from fairdeploy.models.checkpoint import load_checkpoint
-    from fairdeploy.pruning.flops import model_size
+    from fairdeploy.models.size import model_size
 
     model, spec = load_checkpoint(ckpt, "cpu")
     return model_size(model, spec.image_size)

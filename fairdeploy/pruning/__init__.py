@@ -1,9 +1,8 @@
-"""Fairness pruning: FairPrune (weight, channel, 2:4) and SNNL channel pruning, masks, fine-tuning."""
+"""Fairness pruning: FairPrune (weight, channel, 2:4) and SNNL channel pruning, masks (fine-tuning with the masks
+held is fairdeploy.training.finetune)."""
 
 from fairdeploy.pruning.curvature import ESTIMATORS, group_curvature, group_gradient
 from fairdeploy.pruning.fairprune import GRANULARITIES, FairPruneConfig
-from fairdeploy.pruning.finetune import FinetuneResult, finetune_checkpoint
-from fairdeploy.pruning.flops import ModelSize, model_size
 from fairdeploy.pruning.masks import lowest_k, select_weights, two_four_mask
 from fairdeploy.pruning.run import METHODS, PRUNE_FILE, PruneConfig, PruneResult, prune_checkpoint
 from fairdeploy.pruning.saliency import fairprune_saliency
@@ -17,19 +16,15 @@ __all__ = [
     "METHODS",
     "PRUNE_FILE",
     "FairPruneConfig",
-    "FinetuneResult",
     "Guard",
-    "ModelSize",
     "PruneConfig",
     "PruneResult",
     "SnnlConfig",
     "StopRule",
     "fairprune_saliency",
-    "finetune_checkpoint",
     "group_curvature",
     "group_gradient",
     "lowest_k",
-    "model_size",
     "prune_checkpoint",
     "select_weights",
     "snnl_per_channel",

@@ -35,23 +35,23 @@ from fairdeploy.models.checkpoint import (
     save_checkpoint,
 )
 from fairdeploy.models.registry import classifier_head_name
+from fairdeploy.models.size import model_size
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.criteria import BLIND, CRITERIA, ScoreData, prepare_importance
-from fairdeploy.pruning.finetune import finetune_model
-from fairdeploy.pruning.flops import model_size
 from fairdeploy.pruning.removal import BUDGET_METRICS, budget_value, remove_to_budget
 from fairdeploy.pruning.roles import decide_roles
 from fairdeploy.pruning.run import PRUNE_FILE
 from fairdeploy.pruning.scoresets import balanced_batch_order, group_score_sets, stratified_sample
 from fairdeploy.pruning.selection import Guard
 from fairdeploy.pruning.structured import dependency_graph
+from fairdeploy.training.finetune import finetune_model
 from fairdeploy.training.loop import FitConfig, evaluate_model
 from fairdeploy.training.predict import Predictions, predict
 from fairdeploy.training.train import spec_datasets
 
 CONTROLS = ("magnitude", "taylor", "finetune-only", "none")
 # A budget run's recovery fine-tuning LR (per round, with distillation), deliberately not FINETUNE_LR
-# (pruning/finetune.py): 1e-3 undid the minority group's accuracy even without pruning (RESULTS.md).
+# (training/finetune.py): 1e-3 undid the minority group's accuracy even without pruning (RESULTS.md).
 BUDGET_FINETUNE_LR = 3e-4
 
 

@@ -1,4 +1,4 @@
-"""Per-sample curvature (MC Fisher, empirical Fisher, Hutchinson) of conv/linear weights: fast path + loop oracle.
+"""Per-sample curvature (MC Fisher, empirical Fisher, Hutchinson) of conv/linear weights.
 
 Fisher and empirical Fisher: the mean over samples of the *squared per-sample* gradient (never the square
 of a batch-mean gradient). The fast path takes one forward/backward per batch, captures every layer's input
@@ -7,7 +7,8 @@ output is 1x1: (grad_out^2)^T @ input^2, no per-sample tensor) or from the unfol
 per chunk of samples (other conv layers; chunks bound the memory). Hutchinson: E[v * Hv], Rademacher v,
 Hessian-vector products by double backward of the batch loss (vectorised over the batch by linearity).
 
-`group_curvature_loop` computes the same quantities one sample at a time; it is the test oracle.
+`fairdeploy.pruning._reference.group_curvature_loop` computes the same quantities one sample at a time (the
+tests' oracle).
 BatchNorm and dropout are in eval mode throughout (per-sample gradients are only defined then).
 
 The random targets / probes of batch b come from a generator seeded by (seed, b), so a batch's terms do not
@@ -20,16 +21,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fairdeploy.data.batches import BatchSource, rank_batches
 from fairdeploy.distributed import all_reduce_sum
 from fairdeploy.errors import FairdeployError
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.pruning.batches import BatchSource, iter_batches, rank_batches
 
 ESTIMATORS = ("fisher", "empirical", "hutchinson")
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 25  # per-sample gradient + unfolded input floats held at once (128 MiB fp32)
@@ -126,7 +126,7 @@ class _Capture:
         if x._version != self.versions[name]:
             raise FairdeployError(
                 f"the input of layer {name!r} is modified in place later in the forward pass; per-sample "
-                "curvature cannot use it (use group_curvature_loop for this model)"
+                "curvature cannot use it"
             )
         return x
 
@@ -301,59 +301,3 @@ def group_gradient(
                 acc[n] += g.float()
             n_seen += len(y)
     return _reduced_mean(acc, n_seen, "the gradient")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the oracle: one backward per sample
-# ----------------------------------------------------------------------------------------------------------
-
-def group_curvature_loop(
-    model: nn.Module,
-    data: BatchSource,
-    estimator: str = "fisher",
-    device: str | torch.device = "cpu",
-    *,
-    layers: Sequence[str] | None = None,
-    batch_size: int = 64,
-    mc_samples: int = 1,
-    probes: int = 1,
-    seed: int = 0,
-    **_: Any,
-) -> dict[str, torch.Tensor]:
-    """Reference implementation of `group_curvature`: a Python loop over samples (slow; for tests).
-
-    Draws the same random targets / probe vectors in the same order as the fast path, so the two agree to
-    float tolerance.
-    """
-    dev = torch.device(device)
-    layers = _check(model, estimator, layers)
-    modules = dict(model.named_modules())
-    params = [modules[n].weight for n in layers]
-    acc = {n: torch.zeros_like(modules[n].weight, dtype=torch.float64) for n in layers}
-    n_seen = 0
-    model.to(dev)
-    with _eval_mode(model), torch.enable_grad():
-        for b, (x, y, _g) in enumerate(iter_batches(data, batch_size, dev)):
-            gen = batch_generator(seed, b)
-            if estimator == "hutchinson":
-                vs_all = [[_rademacher(w.shape, gen, dev) for w in params] for _ in range(probes)]
-                for i in range(len(y)):
-                    loss = F.cross_entropy(model(x[i:i + 1]).float(), y[i:i + 1])
-                    grads = torch.autograd.grad(loss, params, create_graph=True)
-                    for vs in vs_all:
-                        hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
-                        for n, v, hv in zip(layers, vs, hvs):
-                            acc[n] += (v * hv).double() / probes
-            else:
-                with torch.no_grad():
-                    logits = model(x).float()
-                targets = _targets(logits, y, estimator, mc_samples, gen)
-                for i in range(len(y)):
-                    for s in range(targets.shape[1]):
-                        loss = F.cross_entropy(model(x[i:i + 1]).float(), targets[i:i + 1, s])
-                        for n, g in zip(layers, torch.autograd.grad(loss, params)):
-                            acc[n] += g.double().square() / targets.shape[1]
-            n_seen += len(y)
-    if n_seen == 0:
-        raise FairdeployError("no samples to compute curvature from (empty score set)")
-    return {f"{n}.weight": (a / n_seen).float().cpu() for n, a in acc.items()}

@@ -13,19 +13,12 @@ from torch.utils.data import Dataset, Subset
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.models.registry import classifier_head_name
+from fairdeploy.models.sparsity import Masks, apply_masks, masks_from_model
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.curvature import ESTIMATORS, group_curvature, group_gradient
 from fairdeploy.pruning.iterate import StepOutput
 from fairdeploy.pruning.layers import weight_layers
-from fairdeploy.pruning.masks import (
-    SCOPES,
-    Masks,
-    apply_masks,
-    masks_from_model,
-    select_weights,
-    two_four_eligible,
-    two_four_mask,
-)
+from fairdeploy.pruning.masks import SCOPES, select_weights, two_four_eligible, two_four_mask
 from fairdeploy.pruning.saliency import check_beta, fairprune_saliency
 from fairdeploy.pruning.structured import (
     channel_groups,

@@ -16,11 +16,11 @@ from torch import nn
 from fairdeploy.data.loading import ImageDataset
 from fairdeploy.metrics import MetricsReport
 from fairdeploy.models.checkpoint import ModelSpec
+from fairdeploy.models.size import model_size
+from fairdeploy.models.sparsity import Masks, sparsity
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.pruning.finetune import finetune_model
-from fairdeploy.pruning.flops import model_size
-from fairdeploy.pruning.masks import Masks, sparsity
 from fairdeploy.pruning.selection import Guard, StopRule, StopTracker, selection_value, step_record
+from fairdeploy.training.finetune import finetune_model
 from fairdeploy.training.loop import FitConfig, evaluate_model
 
 

@@ -13,8 +13,8 @@ import torch_pruning as tp
 from torch import nn
 
 from fairdeploy.errors import FairdeployError
+from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.pruning.criteria import TableImportance
-from fairdeploy.pruning.flops import ModelSize, model_size
 
 BUDGET_METRICS = ("macs", "params")
 

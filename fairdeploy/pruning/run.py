@@ -20,10 +20,10 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_dir, sha256_file, write_json
 from fairdeploy.metrics import METRIC_DEFINITIONS
 from fairdeploy.models.checkpoint import WEIGHTS_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint
+from fairdeploy.models.size import model_size
+from fairdeploy.models.sparsity import spec_masks
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.fairprune import FairPruneConfig, FairPruneStep
-from fairdeploy.pruning.finetune import spec_masks
-from fairdeploy.pruning.flops import model_size
 from fairdeploy.pruning.iterate import LoopContext, run_steps
 from fairdeploy.pruning.layers import resolve_feature_layers
 from fairdeploy.pruning.roles import decide_roles

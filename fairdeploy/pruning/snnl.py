@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fairdeploy.data.batches import BatchSource, rank_batches
 from fairdeploy.distributed import gather_rows, world
 from fairdeploy.errors import FairdeployError
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.pruning.batches import BatchSource, rank_batches
 
 
 def snnl_per_channel(features: torch.Tensor, groups: torch.Tensor, temperature: float = 1.0,

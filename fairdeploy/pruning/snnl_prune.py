@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from fairdeploy.errors import FairdeployError
+from fairdeploy.models.sparsity import Masks, masks_from_model
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.iterate import StepOutput
 from fairdeploy.pruning.layers import resolve_feature_layers
-from fairdeploy.pruning.masks import Masks, masks_from_model
 from fairdeploy.pruning.snnl import snnl_channel_scores
 from fairdeploy.pruning.structured import dependency_graph, prune_out_channels
 

@@ -50,7 +50,7 @@ class TorchRunner(BaseRunner):
 
     def model_size(self) -> dict[str, int]:
         """Params and MACs of the loaded model for one image at its input size (the runner must be open)."""
-        from fairdeploy.pruning.flops import model_size
+        from fairdeploy.models.size import model_size
 
         assert self._model is not None, "open the runner first"
         return model_size(self._model, self.info.image_size, self.device).to_dict()

@@ -12,11 +12,10 @@ from torch import nn
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.distributed import broadcast_module, main_writes, world
-from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_dir, sha256_file
 from fairdeploy.models.checkpoint import WEIGHTS_FILE, ModelSpec, load_checkpoint, resolve_checkpoint, write_spec
+from fairdeploy.models.sparsity import Masks, mask_reapplier, masks_from_model, sparsity, spec_masks
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.pruning.masks import Masks, mask_reapplier, masks_from_model, sparsity
 from fairdeploy.training.loop import FitConfig, FitResult, fit
 from fairdeploy.training.train import spec_datasets
 
@@ -32,16 +31,6 @@ class FinetuneResult:
     best_dir: Path
     fit: FitResult
     sparsity: float | None  # fraction of masked weights held at zero (None: no masks)
-
-
-def spec_masks(model: nn.Module, spec: ModelSpec) -> Masks:
-    """The masks a checkpoint's model.json declares: the zeros of its sparse layers (none if dense)."""
-    if not spec.sparsity:
-        return {}
-    layers = spec.sparsity.get("layers")
-    if not isinstance(layers, list) or not layers:
-        raise FairdeployError(f"model.json: sparsity {spec.sparsity!r} lists no layers")
-    return masks_from_model(model, layers)
 
 
 def finetune_model(model: nn.Module, spec: ModelSpec, train_ds, val_ds, cfg: FitConfig, scratch: Path,
