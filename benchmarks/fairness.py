@@ -81,7 +81,7 @@ def summary(report) -> dict[str, Any]:
 def run_seed(seed: int, args, device, work: Path) -> dict[str, Any]:
     from fairdeploy.data.manifest import read_manifest
     from fairdeploy.export.exporter import run_export
-    from fairdeploy.export.profiles import ExportOptions
+    from fairdeploy.export.profiles import resolve_options
     from fairdeploy.models.checkpoint import checkpoint_hash
     from fairdeploy.pruning import prune_checkpoint
     from fairdeploy.validation import ValidationConfig, validate
@@ -119,7 +119,7 @@ def run_seed(seed: int, args, device, work: Path) -> dict[str, Any]:
             continue
         print(f"... seed {seed}: export + validate {method}", file=sys.stderr, flush=True)
         ex = run_export(ckpt, work / f"seed{seed}" / "export" / method,
-                        ExportOptions(precisions=("fp32", "int8"), calib_size=args.calib_size),
+                        resolve_options(None, {"onnx": {"precision": ("int8",)}, "calibration": {"size": args.calib_size}}),
                         calib_data=manifest_path, seed=seed)
         cfg = ValidationConfig(split="test", bootstrap=args.bootstrap, seed=seed, latency=None)
         result = validate(ckpt, [ex.onnx["fp32"], ex.onnx["int8"]], manifest, cfg, backend="auto", device=str(device))

@@ -205,14 +205,14 @@ def finetune(ctx: Context, model, epochs: int, scratch: Path):
 def export_variant(ctx: Context, name: str, model, image_size: int, int8: bool, calib_size: int, work: Path,
                    tensorrt: bool) -> dict[str, Any]:
     from fairdeploy.export.exporter import run_export
-    from fairdeploy.export.profiles import ExportOptions, TrtOptions
+    from fairdeploy.export.profiles import resolve_options
     from fairdeploy.models.checkpoint import save_checkpoint
 
     ckpt = work / "checkpoints" / name
     save_checkpoint(model.to("cpu"), replace(ctx.spec, image_size=image_size), ckpt)
     precisions = ("fp32", "int8") if int8 else ("fp32",)
-    options = ExportOptions(precisions=precisions, calib_size=calib_size,
-                            trt=TrtOptions(enabled=tensorrt, opt_batch=8, max_batch=8))
+    options = resolve_options(None, {"onnx": {"precision": precisions}, "calibration": {"size": calib_size},
+                                     "tensorrt": {"enabled": tensorrt, "opt_batch": 8, "max_batch": 8}})
     result = run_export(ckpt, work / "exports" / name, options, calib_data=ctx.manifest_path, seed=ctx.seed)
     return {"checkpoint": ckpt, "onnx": dict(result.onnx), "engines": dict(result.engines)}
 

@@ -159,12 +159,12 @@ def part_ort_cuda(args: argparse.Namespace) -> dict[str, Any]:
 def part_tensorrt(args: argparse.Namespace) -> dict[str, Any]:
     """An FP16 engine through fairdeploy's export (the TensorRT builder) and its latency beside PyTorch CUDA."""
     from fairdeploy.export.exporter import run_export
-    from fairdeploy.export.profiles import merge_options
+    from fairdeploy.export.profiles import resolve_options
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = _checkpoint(Path(tmp), "resnet18", args.image_size)
         start = time.perf_counter()
-        result = run_export(ckpt, Path(tmp) / "out", merge_options(None, {"precision": ("fp16",), "trt": True}))
+        result = run_export(ckpt, Path(tmp) / "out", resolve_options(None, {"onnx": {"precision": ("fp16",)}, "tensorrt": {"enabled": True}}))
         build_s = time.perf_counter() - start
         engine = result.engines["fp16"]
         sizes = tuple(args.latency_batches)

@@ -72,7 +72,7 @@ def test_export_with_profile_and_overriding_flags(small_ckpt: Path, synth_manife
     assert "model.fp16.onnx" in result.output and f"wrote {out}" in result.output
     summary = json.loads((out / "export.json").read_text())
     assert summary["options"]["precisions"] == ["fp32", "fp16"]  # from the profile
-    assert summary["options"]["opset"] == 18 and summary["options"]["trt"]["enabled"] is False  # flags win
+    assert summary["options"]["onnx"]["opset"] == 18 and summary["options"]["tensorrt"]["enabled"] is False  # flags win
     assert summary["options"]["profile"].endswith("jetson-orin-nano-fp16.toml")
     assert summary["check_data"]["n"] == 94 and summary["onnx"]["fp32"]["self_check"]["max_abs_logit_diff"] < 1e-4
     # Only this export's files: the earlier int8 ONNX, engine and calibration list were removed.
@@ -167,7 +167,7 @@ def test_bad_precision_and_calibration_method(small_ckpt: Path, tmp_path: Path, 
     code, err = run_main(monkeypatch, capsys, "export", "--model", str(small_ckpt), "--out", str(out),
                          "-p", "int8", "--calib-method", "kl")
     assert code == 2
-    assert_one_clear_line(err, "calibration method 'kl' is not one of minmax, entropy, percentile")
+    assert_one_clear_line(err, "--calib-method: method 'kl' is not one of minmax, entropy, percentile")
     code, err = run_main(monkeypatch, capsys, "export", "--model", str(small_ckpt), "--out", str(out), "-p", "int8")
     assert code == 2
     assert_one_clear_line(err, "--precision int8 needs a calibration manifest")

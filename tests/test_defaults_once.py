@@ -118,52 +118,54 @@ def test_prune_table_batch_size_reaches_evaluation(method):
 def test_export_profile_in_pipeline_matches_the_cli(tmp_path):
     from fairdeploy.export.profiles import default_profile_dirs, resolve_options
 
-    cfg = load_pipeline_config(_pipeline(tmp_path, 'profile = "workstation-int8"\nprecisions = "fp16"\n'
-                                                   "trt_max_batch = 32\ntrt = false\n"))
-    cli = resolve_options("workstation-int8", {"precision": ("fp16",), "max_batch": 32, "trt": False},
-                          default_profile_dirs())
+    cfg = load_pipeline_config(_pipeline(tmp_path, 'profile = "workstation-int8"\n[export.onnx]\nprecision = "fp16"\n'
+                                                   "[export.tensorrt]\nmax_batch = 32\nenabled = false\n"))
+    cli = resolve_options("workstation-int8", {"onnx": {"precision": ("fp16",)},
+                                               "tensorrt": {"max_batch": 32, "enabled": False}}, default_profile_dirs())
     assert _export_options(cfg) == cli
-    assert cli.trt.optimization_level == 5 and cli.calib_method == "entropy"  # the profile's values arrived
+    assert cli.tensorrt.optimization_level == 5 and cli.calibration.method == "entropy"  # the profile's values arrived
     # nothing in the table: the profile's own values, its `[tensorrt] enabled = true` included
     only = _export_options(load_pipeline_config(_pipeline(tmp_path, 'profile = "workstation-int8"', "q.toml")))
     assert only == resolve_options("workstation-int8", {}, default_profile_dirs())
-    assert only.trt.enabled and only.engine_precisions == ("fp16", "int8")
+    assert only.tensorrt.enabled and only.engine_precisions == ("fp16", "int8")
 
 
 def test_export_profile_path_is_relative_to_the_pipeline_file(tmp_path):
     (tmp_path / "prof").mkdir()
-    (tmp_path / "prof" / "mine.toml").write_text("[export]\nopset = 18\n[tensorrt]\nmax_batch = 4\nopt_batch = 2\n")
-    opts = _export_options(load_pipeline_config(_pipeline(tmp_path, 'profile = "prof/mine.toml"\ntrt = false')))
-    assert (opts.opset, opts.trt.max_batch, opts.trt.opt_batch) == (18, 4, 2)
+    (tmp_path / "prof" / "mine.toml").write_text("[onnx]\nopset = 18\n[tensorrt]\nmax_batch = 4\nopt_batch = 2\n")
+    opts = _export_options(load_pipeline_config(_pipeline(tmp_path, 'profile = "prof/mine.toml"\n'
+                                                                    '[export.tensorrt]\nenabled = false')))
+    assert (opts.onnx.opset, opts.tensorrt.max_batch, opts.tensorrt.opt_batch) == (18, 4, 2)
     assert opts.profile == str(tmp_path / "prof" / "mine.toml")
 
 
-def test_unknown_export_profile_names_the_pipeline_file(tmp_path):
+def test_unknown_export_profile_names_the_choices(tmp_path):
     path = _pipeline(tmp_path, 'profile = "no-such-profile"')
-    with pytest.raises(FairdeployError, match=r"p\.toml: \[export\] profile: .*no-such-profile"):
+    with pytest.raises(FairdeployError, match=r"p\.toml: \[export\] profile: unknown profile .no-such-profile.; choose one of .*workstation"):
         _export_options(load_pipeline_config(path))
 
 
-# ---- 5. the calibration recipe's comment names real flags ----
+# ---- 5. the calibration recipe sets no value; its comment names real flags and every key ----
 
-def test_calibration_recipe_comment_names_the_flags_that_override_it():
-    """The flags the comment says override the recipe are `fairdeploy export` options that set a recipe value
-    (calib_*), one per named key: `--seed` (the export's seed) is not the recipe's `seed` (`--calib-seed`)."""
+def test_default_recipe_sets_nothing_and_documents_every_key_and_flag():
+    """default.toml repeats no default (they are CalibrationRecipe's); the flags its comment names are
+    `fairdeploy export` options that land on the recipe field of that name (`--seed` is the export's seed,
+    not the recipe's: `--calib-seed`)."""
     import typer
 
     from fairdeploy.cli.app import app
+    from fairdeploy.export.calibration import CalibrationRecipe
     from fairdeploy.pipeline.config import tomllib
+    from fairdeploy.schema import keys
 
-    export = typer.main.get_command(app).commands["export"]  # type: ignore[attr-defined]
-    param_of = {opt: p.name for p in export.params for opt in (*p.opts, *p.secondary_opts)}
     recipe = (PACKAGE / "resources" / "calibration" / "default.toml").read_text()
-    line = next(x for x in recipe.splitlines() if x.startswith("# Command-line flags override"))
-    named = re.findall(r"--[a-z0-9-]+", line)
-    assert named and all(f in param_of for f in named), named
-    keys = tomllib.loads(recipe)["calibration"]
-    for flag in named:
-        param = param_of[flag]
-        assert param.startswith("calib_") and param.removeprefix("calib_") in keys, (flag, param)
+    assert tomllib.loads(recipe) == {"calibration": {}}
+    documented = set(re.findall(r"^#   (\w+) ", recipe, flags=re.MULTILINE))
+    assert documented == set(keys(CalibrationRecipe)) - {"recipe"}
+    export = typer.main.get_command(app).commands["export"]  # type: ignore[attr-defined]
+    flags = {opt for p in export.params for opt in (*p.opts, *p.secondary_opts)}
+    named = re.findall(r"--[a-z0-9-]+", recipe)
+    assert {"--calib-size", "--calib-seed", "--int8-mixed"} <= set(named) and set(named) <= flags, named
 
 
 # ---- 6. validate's tolerances and latency defaults come from their dataclasses ----

@@ -46,7 +46,7 @@ def test_default_recipe_file_is_the_documented_one() -> None:
 
 def test_recipe_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "odd.toml").write_text('[calibration]\nsize = 10\nshuffle = true\n')
-    with pytest.raises(FairdeployError, match=r"unknown calibration key 'shuffle'; valid keys: split, size"):
+    with pytest.raises(FairdeployError, match=r"odd\.toml: unknown key 'shuffle' in \[calibration\]; valid keys: recipe, split, size"):
         load_recipe(tmp_path / "odd.toml")
     with pytest.raises(FairdeployError, match=r"unknown calibration recipe 'nope'; choose one of default"):
         load_recipe("nope", dirs=[REPO / "calibration"])
@@ -201,7 +201,7 @@ def test_export_checks_the_calibration_size_before_loading_the_model(synth_manif
     """Item 10: run_export decides the calibration set (fit with a warning, or a clear error) from the
     manifest and model.json before it loads any model weights."""
     from fairdeploy.export import exporter
-    from fairdeploy.export.profiles import merge_options
+    from fairdeploy.export.profiles import resolve_options
     from fairdeploy.models import ModelSpec as Spec
     from fairdeploy.models import create_model, save_checkpoint
 
@@ -222,13 +222,13 @@ def test_export_checks_the_calibration_size_before_loading_the_model(synth_manif
     monkeypatch.setattr(exporter, "draw_calibration_set",
                         lambda *a, **k: (events.append("draw"), real_draw(*a, **k))[1])
     with pytest.warns(UserWarning, match="largest balanced set"), pytest.raises(Loaded):
-        exporter.run_export(ckpt, tmp_path / "out", merge_options(None, {"precision": ("int8",)}),
-                            data=synth_manifest, recipe_dirs=[REPO / "calibration"])
+        exporter.run_export(ckpt, tmp_path / "out", resolve_options(None, {"onnx": {"precision": ("int8",)}}),
+                            data=synth_manifest)
     assert events == ["draw", "load"]
     events.clear()
     with pytest.raises(FairdeployError, match="too few train images"):
-        exporter.run_export(ckpt, tmp_path / "out", merge_options(None, {"precision": ("int8",), "calib_size": 5000}),
-                            data=synth_manifest, recipe_dirs=[REPO / "calibration"])
+        exporter.run_export(ckpt, tmp_path / "out", resolve_options(None, {"onnx": {"precision": ("int8",)}, "calibration": {"size": 5000}}),
+                            data=synth_manifest)
     assert events == ["draw"] and not (tmp_path / "out").exists()
 
 

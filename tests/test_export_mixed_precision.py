@@ -27,7 +27,7 @@ from fairdeploy.export.mixed_precision import (
     plan_group_aware,
     with_fp32_layers,
 )
-from fairdeploy.export.profiles import merge_options
+from fairdeploy.export.profiles import resolve_options
 from fairdeploy.validation.tolerances import Tolerances
 
 HOSTILE = "/conv3/Conv"
@@ -119,7 +119,7 @@ def test_fast_fp32_layers_equal_ort_exclusion(hostile) -> None:
 
 
 def test_export_records_the_plan(trained_checkpoint: Path, synth_manifest: Path, tmp_path: Path) -> None:
-    options = merge_options(None, {"precision": ("int8",), "calib_size": 24, "int8_mixed": "group-aware"})
+    options = resolve_options(None, {"onnx": {"precision": ("int8",)}, "calibration": {"size": 24, "mixed_precision": "group-aware"}})
     result = run_export(trained_checkpoint, tmp_path / "out", options, data=synth_manifest)
     info = result.summary["onnx"]["int8"]
     mixed = info["mixed_precision"]
@@ -147,14 +147,13 @@ def test_export_records_the_plan(trained_checkpoint: Path, synth_manifest: Path,
 
 def test_group_aware_needs_tensorrt_placement_and_a_val_split(trained_checkpoint: Path, synth_manifest: Path,
                                                               tmp_path: Path) -> None:
-    options = merge_options(None, {"precision": ("int8",), "calib_size": 24, "int8_mixed": "group-aware",
-                                   "int8_placement": "ort-default"})
     with pytest.raises(FairdeployError, match="mixed_precision 'group-aware' needs placement 'tensorrt'"):
-        run_export(trained_checkpoint, tmp_path / "a", options, data=synth_manifest)
+        resolve_options(None, {"onnx": {"precision": ("int8",)}, "calibration": {
+            "size": 24, "mixed_precision": "group-aware", "placement": "ort-default"}})
     with pytest.raises(FairdeployError, match=r"mixed precision 'some' is not one of off, group-aware"):
-        merge_options(None, {"int8_mixed": "some"})
+        resolve_options(None, {"calibration": {"mixed_precision": "some"}})
     with pytest.raises(FairdeployError, match=r"Q/DQ placement 'trt' is not one of tensorrt, ort-default"):
-        merge_options(None, {"int8_placement": "trt"})
+        resolve_options(None, {"calibration": {"placement": "trt"}})
     assert not (tmp_path / "a").exists()  # refused before anything was written
 
 

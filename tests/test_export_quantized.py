@@ -19,7 +19,7 @@ from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.export.calibration import CalibrationItem, set_hash
 from fairdeploy.export.exporter import run_export
-from fairdeploy.export.profiles import merge_options
+from fairdeploy.export.profiles import resolve_options
 from fairdeploy.models import read_spec
 
 # INT8 floor. Per-channel symmetric INT8 of a ResNet-18 flips the top-1 decision of a few percent of
@@ -34,7 +34,7 @@ FP16_AGREEMENT_FLOOR = 0.97
 @pytest.fixture(scope="module")
 def exported(trained_checkpoint: Path, synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("export") / "out"
-    options = merge_options(None, {"precision": ("fp16", "int8"), "calib_size": 48, "calib_method": "minmax"})
+    options = resolve_options(None, {"onnx": {"precision": ("fp16", "int8")}, "calibration": {"size": 48, "method": "minmax"}})
     run_export(trained_checkpoint, out, options, data=synth_manifest)
     return out
 

@@ -90,8 +90,8 @@ def test_int8_on_dla_with_10x_is_the_implicit_int8_fp16_path() -> None:
     assert tb.plan_build("10.3.0", "int8", TrtOptions(), 224).quantization == "qdq"
     repo = Path(__file__).resolve().parents[1]
     profile = resolve_options("jetson-agx-orin-int8-dla", {}, [repo / "export"])
-    assert profile.engine_precisions == ("int8",) and profile.trt.dla_core == 0
-    dla_plan = tb.plan_build("10.3.0", "int8", profile.trt, 224)
+    assert profile.engine_precisions == ("int8",) and profile.tensorrt.dla_core == 0
+    dla_plan = tb.plan_build("10.3.0", "int8", profile.tensorrt, 224)
     assert dla_plan.quantization == "implicit-calibrator" and {"INT8", "FP16"} <= set(dla_plan.builder_flags)
     text = (repo / "export" / "jetson-agx-orin-int8-dla.toml").read_text()
     assert "IInt8EntropyCalibrator2" in text and "Q/DQ engine on DLA" not in text
@@ -267,7 +267,7 @@ def test_export_writes_sidecar_from_the_build(tmp_path: Path, monkeypatch: pytes
     """run_export's engine step with the fake 10.x module: what goes into the sidecar and export.json."""
     from fairdeploy.artifact.sidecar import check_sidecar, read_sidecar
     from fairdeploy.export.exporter import run_export
-    from fairdeploy.export.profiles import merge_options
+    from fairdeploy.export.profiles import resolve_options
     from fairdeploy.io import read_json, sha256_file
     from fairdeploy.models import ModelSpec, create_model, save_checkpoint
 
@@ -275,7 +275,7 @@ def test_export_writes_sidecar_from_the_build(tmp_path: Path, monkeypatch: pytes
                            ModelSpec(arch="mobilenet_v3_small", classes=("a", "b", "c"), groups=("g0", "g1"),
                                      image_size=32), tmp_path / "ckpt")
     monkeypatch.setattr(tb, "gpu_identity", lambda device_index=0: ("Fake GPU", "8.7"))
-    options = merge_options(None, {"precision": ("fp16",), "trt": True, "max_batch": 4, "opt_batch": 2})
+    options = resolve_options(None, {"onnx": {"precision": ("fp16",)}, "tensorrt": {"enabled": True, "max_batch": 4, "opt_batch": 2}})
     result = run_export(ckpt, tmp_path / "out", options, trt_module=fake_tensorrt("10.3.0.30"))
     side = read_sidecar(tmp_path / "out" / "model.fp16.engine.json")
     assert side.tensorrt_version == "10.3.0.30" and side.gpu_name == "Fake GPU" and side.precision == "fp16"
@@ -291,14 +291,14 @@ def test_export_writes_sidecar_from_the_build(tmp_path: Path, monkeypatch: pytes
 
 def test_engine_precisions_are_those_asked() -> None:
     """Item 5: the ONNX files always include fp32; the engines only what was asked for."""
-    from fairdeploy.export.profiles import ExportOptions, merge_options, parse_precisions
+    from fairdeploy.export.profiles import ExportOptions, OnnxOptions, parse_precisions, resolve_options
 
-    opts = merge_options(None, {"precision": parse_precisions(["int8"]), "trt": True})
+    opts = resolve_options(None, {"onnx": {"precision": parse_precisions(["int8"])}, "tensorrt": {"enabled": True}})
     assert opts.precisions == ("fp32", "int8") and opts.engine_precisions == ("int8",)
-    assert merge_options(None, {}).engine_precisions == ("fp32",)
-    both = ExportOptions(precisions=("int8", "fp32"))
+    assert resolve_options(None, {}).engine_precisions == ("fp32",)
+    both = ExportOptions(onnx=OnnxOptions(precision=("int8", "fp32")))
     assert both.precisions == ("fp32", "int8") and both.engine_precisions == ("fp32", "int8")
-    assert ExportOptions(precisions=("fp16",)).engine_precisions == ("fp16",)
+    assert ExportOptions(onnx=OnnxOptions(precision=("fp16",))).engine_precisions == ("fp16",)
 
 
 def _tiny_checkpoint(tmp_path: Path) -> Path:
@@ -315,13 +315,13 @@ def test_sidecar_is_written_even_when_the_timing_cache_cannot_be_saved(tmp_path:
     is a warning, the engine and its sidecar are there."""
     from fairdeploy.artifact.sidecar import read_sidecar
     from fairdeploy.export.exporter import run_export
-    from fairdeploy.export.profiles import merge_options
+    from fairdeploy.export.profiles import resolve_options
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache's folder would be")
     monkeypatch.setattr(tb, "gpu_identity", lambda device_index=0: ("Fake GPU", "8.7"))
-    options = merge_options(None, {"precision": ("fp16",), "trt": True, "max_batch": 2, "opt_batch": 1,
-                                   "timing_cache": str(blocker / "timing.cache")})
+    options = resolve_options(None, {"onnx": {"precision": ("fp16",)}, "tensorrt": {
+        "enabled": True, "max_batch": 2, "opt_batch": 1, "timing_cache": str(blocker / "timing.cache")}})
     with pytest.warns(UserWarning, match="timing cache .*timing.cache could not be saved"):
         result = run_export(_tiny_checkpoint(tmp_path), tmp_path / "out", options,
                             trt_module=fake_tensorrt("10.3.0.30"))
@@ -335,12 +335,12 @@ def test_dla_int8_without_gpu_fallback_exports_on_10x(tmp_path: Path, monkeypatc
     implicit-calibrator INT8 one from the fp32 ONNX, its sidecar naming the calibration set."""
     from fairdeploy.artifact.sidecar import read_sidecar
     from fairdeploy.export.exporter import run_export
-    from fairdeploy.export.profiles import merge_options
+    from fairdeploy.export.profiles import resolve_options
 
     monkeypatch.setattr(tb, "gpu_identity", lambda device_index=0: ("Fake GPU", "8.7"))
     monkeypatch.setattr(tb, "build_engine", functools.partial(tb.build_engine, calibration_device="cpu"))
-    options = merge_options(None, {"precision": ("int8",), "trt": True, "min_batch": 1, "opt_batch": 1,
-                                   "max_batch": 1, "dla_core": 0, "gpu_fallback": False, "calib_size": 12})
+    options = resolve_options(None, {"onnx": {"precision": ("int8",)}, "calibration": {"size": 12}, "tensorrt": {
+        "enabled": True, "min_batch": 1, "opt_batch": 1, "max_batch": 1, "dla_core": 0, "gpu_fallback": False}})
     trt = fake_tensorrt("10.3.0.30", dla_cores=2)
     result = run_export(_tiny_checkpoint(tmp_path), tmp_path / "out", options, data=synth_manifest,
                         trt_module=trt)
@@ -366,13 +366,13 @@ def test_real_engine_build(tmp_path: Path) -> None:
         pytest.skip("no CUDA device")
     from fairdeploy.artifact.sidecar import check_sidecar, read_sidecar
     from fairdeploy.export.exporter import run_export
-    from fairdeploy.export.profiles import merge_options
+    from fairdeploy.export.profiles import resolve_options
     from fairdeploy.models import ModelSpec, create_model, save_checkpoint
 
     trt = tb.import_tensorrt()
     ckpt = save_checkpoint(create_model("resnet18", 3), ModelSpec(arch="resnet18", classes=("a", "b", "c"),
                            groups=("g0", "g1"), image_size=32), tmp_path / "ckpt")
-    result = run_export(ckpt, tmp_path / "out", merge_options(None, {"precision": ("fp16",), "trt": True}))
+    result = run_export(ckpt, tmp_path / "out", resolve_options(None, {"onnx": {"precision": ("fp16",)}, "tensorrt": {"enabled": True}}))
     side = read_sidecar(tmp_path / "out" / "model.fp16.engine.json")
     name, cc = tb.gpu_identity()
     check_sidecar(side, trt.__version__, name, cc, result.engines["fp16"])

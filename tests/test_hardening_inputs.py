@@ -66,7 +66,7 @@ def test_bom_in_a_dataset_table_is_stripped(tmp_path: Path) -> None:
     assert [r.image for r in result.records] == ["a.png", "b.png"]
 
 
-# ---- the pipeline TOML: [model] required, precisions as one string, every value's type checked ----
+# ---- the pipeline TOML: [model] required, a precision as one string, every value's type checked ----
 
 BASE = '[data]\nsynth = { n_images = 60, image_size = 16 }\n[model]\narch = "resnet18"\n'
 
@@ -86,15 +86,15 @@ def test_pipeline_without_model_table_is_refused(tmp_path: Path) -> None:
         load_pipeline_config(p)
 
 
-def test_precisions_may_be_one_string(tmp_path: Path) -> None:
+def test_precision_may_be_one_string(tmp_path: Path) -> None:
     from fairdeploy.pipeline.run import _export_options
 
-    cfg = load_pipeline_config(_config(tmp_path, BASE + '[export]\nprecisions = "int8"\ntrt = false\n'))
+    cfg = load_pipeline_config(_config(tmp_path, BASE + '[export.onnx]\nprecision = "int8"\n'))
     assert _export_options(cfg).precisions == ("fp32", "int8")
-    cfg = load_pipeline_config(_config(tmp_path, BASE + '[export]\nprecisions = "fp16,int8"\ntrt = false\n'))
+    cfg = load_pipeline_config(_config(tmp_path, BASE + '[export.onnx]\nprecision = "fp16,int8"\n'))
     assert _export_options(cfg).precisions == ("fp32", "fp16", "int8")
-    with pytest.raises(FairdeployError, match=r"\[export\] precisions must be a list of strings, got 16"):
-        load_pipeline_config(_config(tmp_path, BASE + '[export]\nprecisions = 16\n'))
+    with pytest.raises(FairdeployError, match=r"p\.toml: \[export\.onnx\] precision: unknown precision '16'"):
+        _export_options(load_pipeline_config(_config(tmp_path, BASE + '[export.onnx]\nprecision = 16\n')))
 
 
 WRONG_TYPES = [
@@ -106,22 +106,26 @@ WRONG_TYPES = [
     ('threads = "1"\n' + BASE, r"p.toml: threads must be an integer, got '1' \(a string\)"),
     ('threads = 0\n' + BASE, r"p.toml: threads must be >= 1 \(torch CPU threads\), got 0"),
     (BASE + 'amp = "yes"\n', r"\[model\] amp must be true or false, got 'yes' \(a string\)"),
-    (BASE + '[validate]\nlatency_batch_sizes = 8\n',
-     r"\[validate\] latency_\*: batch_sizes must be a list of integers, got 8 \(an integer\)"),
-    (BASE + '[validate]\nmax_eodd_drift = "0.02"\n',
-     r"\[validate\] max_eodd_drift must be a number, got '0.02' \(a string\)"),
+    (BASE + '[validate.latency]\nbatch_sizes = 8\n',
+     r"p\.toml: \[validate\.latency\] batch_sizes must be a list of integers, got 8 \(an integer\)"),
+    (BASE + '[validate.tolerances]\nmax_eodd_drift = "0.02"\n',
+     r"p\.toml: \[validate\.tolerances\] max_eodd_drift must be a number, got '0.02' \(a string\)"),
     (BASE + '[[prune]]\ncriterion = "magnitude"\ntarget_macs = "half"\n',
-     r"\[\[prune\]\] magnitude target_macs must be a number, got 'half' \(a string\)"),
+     r"\[\[prune\]\] magnitude: target_macs must be a number, got 'half' \(a string\)"),
     (BASE + '[[prune]]\ncriterion = "magnitude"\ntarget_macs = 0.5\nrounds = 2.0\n',
-     r"\[\[prune\]\] magnitude rounds must be an integer, got 2.0 \(a number\)"),
+     r"\[\[prune\]\] magnitude: rounds must be an integer, got 2.0 \(a number\)"),
     (BASE + '[[prune]]\nmethod = "fairprune"\nratio = [0.1]\n',
-     r"\[\[prune\]\] fairprune ratio must be a number, got \[0.1\] \(a list\)"),
+     r"\[\[prune\]\] fairprune: ratio must be a number, got \[0.1\] \(a list\)"),
     (BASE + '[[prune]]\nmethod = "fairprune"\nfinetune_after_epochs = "2"\n',
      r"\[\[prune\]\] entry 1 finetune_after_epochs must be an integer, got '2'"),
-    (BASE + '[export]\ncalib_size = "96"\n', r"\[export\] calib_size must be an integer, got '96' \(a string\)"),
-    (BASE + '[export]\ntrt = "maybe"\n', r"\[export\] trt must be true or false or 'auto', got 'maybe'"),
+    (BASE + '[export.calibration]\nsize = "96"\n',
+     r"p\.toml: \[export\.calibration\] size must be an integer, got '96' \(a string\)"),
+    (BASE + '[export.tensorrt]\nenabled = "maybe"\n',
+     r"p\.toml: \[export\.tensorrt\] enabled must be true or false or 'auto', got 'maybe'"),
+    (BASE + '[export]\ntrt = true\n',
+     r"p\.toml: unknown key 'trt' in \[export\]; valid keys: description, profile, onnx, calibration, tensorrt"),
     ('[data]\nsynth = { n_images = "many" }\n[model]\narch = "resnet18"\n',
-     r"\[data\] synth n_images must be an integer, got 'many' \(a string\)"),
+     r"\[data\.synth\] n_images must be an integer, got 'many' \(a string\)"),
 ]
 
 

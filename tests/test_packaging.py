@@ -15,7 +15,7 @@ import pytest
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.calibration import load_recipe
-from fairdeploy.export.profiles import list_profiles, load_profile, resolve_options
+from fairdeploy.export.profiles import list_profiles, profile_layer, resolve_options
 from fairdeploy.resources import CALIBRATION, PROFILES, WORKDIR_FOLDERS, packaged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,16 +48,16 @@ def test_lookup_order_explicit_then_workdir_then_package(tmp_path: Path, monkeyp
     monkeypatch.chdir(work)
     inside = Path(str(packaged(PROFILES)))
     # nothing in the working directory: the packaged profile and recipe
-    path, flat = load_profile("workstation-int8")
-    assert Path(str(path)) == inside / "workstation-int8.toml" and flat["max_batch"] == 64
+    layer = profile_layer("workstation-int8")
+    assert Path(layer.source) == inside / "workstation-int8.toml" and layer.values["tensorrt"]["max_batch"] == 64
     assert Path(load_recipe().source) == Path(str(packaged(CALIBRATION))) / "default.toml"
     assert load_recipe().size == 512
     # ./export and ./calibration override by name; other names still come from the package
     _write(work / "export" / "workstation-int8.toml", "[tensorrt]\nmax_batch = 12\n")
-    _write(work / "export" / "my-board.toml", "[export]\nprecision = ['fp16']\n")
+    _write(work / "export" / "my-board.toml", "[onnx]\nprecision = ['fp16']\n")
     _write(work / "calibration" / "default.toml", "[calibration]\nsize = 33\n")
-    assert resolve_options("workstation-int8", {}).trt.max_batch == 12
-    assert Path(str(load_profile("jetson-orin-nano-fp16")[0])) == inside / "jetson-orin-nano-fp16.toml"
+    assert resolve_options("workstation-int8", {}).tensorrt.max_batch == 12
+    assert Path(profile_layer("jetson-orin-nano-fp16").source) == inside / "jetson-orin-nano-fp16.toml"
     assert load_recipe().size == 33 and Path(load_recipe().source) == work / "calibration" / "default.toml"
     assert set(list_profiles()) == {"my-board", "workstation-int8", "jetson-orin-nano-fp16", "jetson-agx-orin-int8-dla"}
     # an explicit folder (--profiles-dir / FAIRDEPLOY_PROFILES) beats ./export; a .toml path is used as given
@@ -65,8 +65,8 @@ def test_lookup_order_explicit_then_workdir_then_package(tmp_path: Path, monkeyp
     _write(mine / "workstation-int8.toml", "[tensorrt]\nmax_batch = 10\n")
     from fairdeploy.export.profiles import default_profile_dirs
 
-    assert resolve_options("workstation-int8", {}, default_profile_dirs(mine)).trt.max_batch == 10
-    assert resolve_options(str(work / "export" / "workstation-int8.toml"), {}, [mine]).trt.max_batch == 12
+    assert resolve_options("workstation-int8", {}, default_profile_dirs(mine)).tensorrt.max_batch == 10
+    assert resolve_options(str(work / "export" / "workstation-int8.toml"), {}, [mine]).tensorrt.max_batch == 12
     with pytest.raises(FairdeployError) as exc:
         resolve_options("jetson-xavier", {}, default_profile_dirs(mine))
     msg = str(exc.value)
@@ -139,7 +139,7 @@ def test_wheel_exports_with_packaged_profile_and_recipe_outside_the_checkout(
     proc = _in_venv(wheel_venv, cwd, str(wheel_venv / "bin" / "python"), "-c",
                     "import json, fairdeploy; from fairdeploy.pipeline.config import DEMO_CONFIG, load_pipeline_config;"
                     "cfg = load_pipeline_config(DEMO_CONFIG);"
-                    "print(json.dumps([fairdeploy.__file__, str(DEMO_CONFIG), cfg.title, cfg.export['precisions']]))")
+                    "print(json.dumps([fairdeploy.__file__, str(DEMO_CONFIG), cfg.title, cfg.export['onnx']['precision']]))")
     assert proc.returncode == 0, proc.stderr
     module, demo, title, precisions = json.loads(proc.stdout)
     assert _inside(module, site) and not _inside(module, REPO)

@@ -22,9 +22,9 @@ def test_pipeline_from_a_manifest_and_a_given_checkpoint(trained_checkpoint: Pat
         f'title = "given model"\ndevice = "cpu"\nseed = 0\n'
         f'[data]\nmanifest = "{synth_manifest}"\n'
         f'[model]\ncheckpoint = "{trained_checkpoint}"\n'
-        f'[export]\nprecisions = ["fp32"]\ntrt = false\n'
-        f'[validate]\nsplit = "test"\nbootstrap = 0\nlatency_batch_sizes = [1]\nlatency_iterations = 2\n'
-        f'latency_warmup = 1\n')
+        f'[export.onnx]\nprecision = ["fp32"]\n'
+        f'[validate]\nsplit = "test"\nbootstrap = 0\n'
+        f'[validate.latency]\nbatch_sizes = [1]\niterations = 2\nwarmup = 1\n')
     before = checkpoint_hash(trained_checkpoint)
     result = run_pipeline(load_pipeline_config(toml), tmp_path / "run")
     ran = [o.name for o in result.outcomes if o.status == "ran"]

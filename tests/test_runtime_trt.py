@@ -200,7 +200,7 @@ def test_tensorrt_engine_matches_pytorch(tmp_path: Path, trained_checkpoint: Pat
     from fairdeploy.models import load_checkpoint
 
     result = run_export(trained_checkpoint, tmp_path / "export",
-                        ExportOptions(precisions=("fp32",), trt=TrtOptions(enabled=True, max_batch=8, timing_cache=None)))
+                        ExportOptions(tensorrt=TrtOptions(enabled=True, max_batch=8, timing_cache=None)))
     engine = result.engines["fp32"]
     batch = np.random.default_rng(0).standard_normal((11, 3, 32, 32)).astype(np.float32)  # > max_batch: chunked
     with runner_from_artifact(engine, device="cuda") as runner:

@@ -86,10 +86,6 @@ ImplicitOpt = Annotated[
 ]
 
 
-def _fmt(v: object, digits: int = 4) -> str:
-    return f"{v:.{digits}g}" if isinstance(v, float) else ("" if v is None else str(v))
-
-
 def export(
     model: ModelOpt,
     out: OutDirOpt,
@@ -128,25 +124,43 @@ def export(
     """Export a checkpoint to ONNX (fp32 + fp16/int8), check it against PyTorch, optionally build engines."""
     from fairdeploy.export.calibration import default_recipe_dirs
     from fairdeploy.export.exporter import run_export
-    from fairdeploy.export.profiles import default_profile_dirs, parse_precisions, resolve_options
+    from fairdeploy.export.profiles import default_profile_dirs, resolve_export_options
+    from fairdeploy.schema import Layer
 
+    # Each flag overrides one field of ExportOptions (None: not given; the defaults live on the dataclasses).
     flags = {
-        "precision": parse_precisions(precision) if precision else None, "trt": trt, "opset": opset,
-        "simplify": simplify, "calib_recipe": calib_recipe, "calib_size": calib_size, "calib_method": calib_method,
-        "calib_split": calib_split, "int8_placement": int8_placement, "int8_mixed": int8_mixed,
-        "min_batch": min_batch, "opt_batch": opt_batch, "max_batch": max_batch,
-        "workspace_mib": workspace_mib, "optimization_level": opt_level, "timing_cache": timing_cache,
-        "sparse_weights": sparse_weights, "dla_core": dla_core, "gpu_fallback": gpu_fallback,
-        "implicit_int8": trt_implicit_int8,
+        "profile": ("--profile", profile),
+        "onnx.precision": ("--precision", precision or None), "onnx.opset": ("--opset", opset),
+        "onnx.simplify": ("--simplify", simplify),
+        "calibration.recipe": ("--calib-recipe", calib_recipe), "calibration.size": ("--calib-size", calib_size),
+        "calibration.method": ("--calib-method", calib_method), "calibration.split": ("--calib-split", calib_split),
+        "calibration.seed": ("--calib-seed", calib_seed), "calibration.placement": ("--int8-placement", int8_placement),
+        "calibration.mixed_precision": ("--int8-mixed", int8_mixed),
+        "tensorrt.enabled": ("--trt", trt), "tensorrt.min_batch": ("--min-batch", min_batch),
+        "tensorrt.opt_batch": ("--opt-batch", opt_batch), "tensorrt.max_batch": ("--max-batch", max_batch),
+        "tensorrt.workspace_mib": ("--workspace-mib", workspace_mib),
+        "tensorrt.optimization_level": ("--opt-level", opt_level),
+        "tensorrt.timing_cache": ("--timing-cache", timing_cache),
+        "tensorrt.sparse_weights": ("--sparse-weights", sparse_weights), "tensorrt.dla_core": ("--dla-core", dla_core),
+        "tensorrt.gpu_fallback": ("--gpu-fallback", gpu_fallback),
+        "tensorrt.implicit_int8": ("--trt-implicit-int8", trt_implicit_int8),
     }
-    options = resolve_options(profile, flags, default_profile_dirs(profiles_dir))
+    values: dict = {}
+    for path, (_, value) in flags.items():
+        *tables, key = path.split(".")
+        node = values
+        for t in tables:
+            node = node.setdefault(t, {})
+        node[key] = value
+    options = resolve_export_options(
+        [Layer(values, "command line", names={path: flag for path, (flag, _) in flags.items()})],
+        default_profile_dirs(profiles_dir), default_recipe_dirs(recipes_dir))
     inputs = {"--model": model, "--data": data, "--calib-data": calib_data, "--images-root": images_root,
               "--profile": Path(profile) if profile and profile.endswith(".toml") else None,
               "--profiles-dir": profiles_dir, "--recipes-dir": recipes_dir}
     with claim_output(out, OUT_POLICIES["export"], overwrite=overwrite, inputs=inputs), RichProgress() as progress:
         result = run_export(model, out, options, data=data, calib_data=calib_data, images_root=images_root,
-                            check_split=check_split, calib_seed=calib_seed, seed=seed,
-                            recipe_dirs=default_recipe_dirs(recipes_dir), progress=progress,
+                            check_split=check_split, seed=seed, progress=progress,
                             allow_outside_root=allow_outside_root)
     summary = result.summary
     check = summary["check_data"]
@@ -154,7 +168,7 @@ def export(
                   highlight=False, soft_wrap=True)
     for info in summary["onnx"].values():
         vs = info["vs_pytorch"]
-        line = (f"  {info['path']}: max |Δlogit| {_fmt(vs['max_abs_logit_diff'], 3)}, "
+        line = (f"  {info['path']}: max |Δlogit| {vs['max_abs_logit_diff']:.3g}, "
                 f"top-1 agreement {vs['top1_agreement']:.4f}")
         if info.get("top1_agreement_per_group"):
             line += " (" + ", ".join(f"{g} {a:.3f}" for g, a in info["top1_agreement_per_group"].items()) + ")"

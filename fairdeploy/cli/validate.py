@@ -167,21 +167,21 @@ def validation_config(split: str, *, max_eodd_drift: float | None = None, max_ac
                       min_group_agreement: float | None = None, latency: bool = True,
                       latency_batch: int | None = None, latency_iterations: int | None = None,
                       latency_warmup: int | None = None, **kw: Any) -> Any:
-    """ValidationConfig from `validate`'s flags: a flag left None keeps its dataclass default (Tolerances,
-    LatencyConfig), so no default is written here. --latency-batch B times batch sizes 1 and B."""
-    from dataclasses import replace
+    """ValidationConfig from `validate`'s flags, as one layer over its defaults (fairdeploy.schema): a flag left
+    None keeps the dataclass default (Tolerances, LatencyConfig), so no default is written here.
+    --latency-batch B times batch sizes 1 and B."""
+    from fairdeploy.schema import Layer, build
+    from fairdeploy.validation import ValidationConfig
 
-    from fairdeploy.validation import LatencyConfig, Tolerances, ValidationConfig
-
-    def given(**values: Any) -> dict[str, Any]:
-        return {k: v for k, v in values.items() if v is not None}
-
-    tolerances = replace(Tolerances(), **given(max_eodd_drift=max_eodd_drift, max_accuracy_drop=max_accuracy_drop,
-                                               max_group_accuracy_drop=max_group_accuracy_drop,
-                                               min_agreement=min_agreement, min_group_agreement=min_group_agreement))
-    lat = None
-    if latency:
-        batches = None if latency_batch is None else tuple(sorted({1, latency_batch}))
-        lat = replace(LatencyConfig(), **given(batch_sizes=batches, warmup=latency_warmup,
-                                               iterations=latency_iterations))
-    return ValidationConfig(split=check_split(split), tolerances=tolerances, latency=lat, **given(**kw))
+    tolerances = {"max_eodd_drift": max_eodd_drift, "max_accuracy_drop": max_accuracy_drop,
+                  "max_group_accuracy_drop": max_group_accuracy_drop, "min_agreement": min_agreement,
+                  "min_group_agreement": min_group_agreement}
+    lat: bool | dict[str, Any] = latency and {
+        "batch_sizes": None if latency_batch is None else sorted({1, latency_batch}),
+        "warmup": latency_warmup, "iterations": latency_iterations}
+    values = {"split": check_split(split), "tolerances": tolerances, "latency": lat, **kw}
+    names = {f"tolerances.{k}": "--" + k.replace("_", "-") for k in tolerances}
+    names.update({"latency.batch_sizes": "--latency-batch", "latency.warmup": "--latency-warmup",
+                  "latency.iterations": "--latency-iterations"})
+    names.update({k: "--" + k.replace("_", "-") for k in kw})
+    return build(ValidationConfig, [Layer(values, "command line", names=names)])[0]

@@ -9,7 +9,7 @@ import random
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from fairdeploy.export.qdq_placement import DEFAULT_PLACEMENT, check_placement
 from fairdeploy.io import sha256_bytes, sha256_file, write_json
 from fairdeploy.models.checkpoint import ModelSpec
 from fairdeploy.resources import CALIBRATION, find_toml, search_folders
+from fairdeploy.schema import Layer, Provenance, build, setting
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,8 +39,13 @@ DEFAULT_RECIPE = "default"
 
 @dataclass(frozen=True)
 class CalibrationRecipe:
-    """How to draw a calibration set (see calibration/default.toml for what each field means)."""
+    """How to draw a calibration set: the [calibration] table of a recipe file (calibration/default.toml says what
+    each key means), of an export profile and of a pipeline's [export]; every default is written here, once.
 
+    `recipe` names the recipe file whose values come first (in a profile, a pipeline or `--calib-recipe`); the
+    other keys of the table override it."""
+
+    recipe: str = DEFAULT_RECIPE
     split: str = "train"
     size: int = 512
     method: str = "minmax"
@@ -48,30 +54,34 @@ class CalibrationRecipe:
     batch_size: int = 16
     placement: str = DEFAULT_PLACEMENT  # where Q/DQ pairs go: qdq_placement.PLACEMENTS
     mixed_precision: str = DEFAULT_MIXED_PRECISION  # layers kept FP32: mixed_precision.MIXED_PRECISION_MODES
-    source: str = "<built-in defaults>"
-    # Set by load_recipe when the size comes from the recipe file (no --calib-size / profile size): a size the
-    # data cannot fill is lowered to the largest balanced set, with a warning. An explicit size is strict.
-    fit_size: bool = False
-    requested_size: int | None = None  # the recipe's size before it was lowered to fit the data
+    source: str = setting("<built-in defaults>", internal=True)  # the recipe file read
+    # Set when the options are resolved: True while the size is the recipe file's own (no --calib-size, no size in
+    # a profile or pipeline table), and then a size the data cannot fill is lowered to the largest balanced set,
+    # with a warning. A size asked for (or a recipe built in code) is strict.
+    fit_size: bool = setting(False, internal=True)
+    requested_size: int | None = setting(None, internal=True)  # the recipe's size before it was lowered to fit
 
-    def validate(self) -> CalibrationRecipe:
-        where = f"calibration recipe {self.source}"
+    def validate(self, origin: Callable[[str], str] | None = None) -> CalibrationRecipe:
+        def where(key: str) -> str:
+            return origin(f"calibration.{key}") if origin is not None else f"calibration recipe {self.source}"
+
         if self.split not in SPLITS:
-            raise FairdeployError(f"{where}: split {self.split!r} is not one of {', '.join(SPLITS)}")
+            raise FairdeployError(f"{where('split')}: split {self.split!r} is not one of {', '.join(SPLITS)}")
         if self.split == "test":
-            raise FairdeployError(f"{where}: split 'test' must stay unseen; calibrate on train or val")
+            raise FairdeployError(f"{where('split')}: split 'test' must stay unseen; calibrate on train or val")
         if not isinstance(self.size, int) or self.size < 1:
-            raise FairdeployError(f"{where}: size must be a positive integer, got {self.size!r}")
+            raise FairdeployError(f"{where('size')}: size must be a positive integer, got {self.size!r}")
         if self.method not in CALIB_METHODS:
-            raise FairdeployError(f"{where}: method {self.method!r} is not one of {', '.join(CALIB_METHODS)}")
+            raise FairdeployError(f"{where('method')}: method {self.method!r} is not one of {', '.join(CALIB_METHODS)}")
         if not 50.0 < float(self.percentile) <= 100.0:
-            raise FairdeployError(f"{where}: percentile must be in (50, 100], got {self.percentile!r}")
+            raise FairdeployError(f"{where('percentile')}: percentile must be in (50, 100], got {self.percentile!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise FairdeployError(f"{where}: batch_size must be a positive integer, got {self.batch_size!r}")
-        check_placement(self.placement, where)
-        check_mixed_precision(self.mixed_precision, where)
+            raise FairdeployError(f"{where('batch_size')}: batch_size must be a positive integer, got {self.batch_size!r}")
+        check_placement(self.placement, where("placement"))
+        check_mixed_precision(self.mixed_precision, where("mixed_precision"))
         if self.mixed_precision != "off" and self.placement != "tensorrt":
-            raise FairdeployError(f"{where}: mixed_precision {self.mixed_precision!r} needs placement 'tensorrt'")
+            raise FairdeployError(f"{where('mixed_precision')}: mixed_precision {self.mixed_precision!r} needs "
+                                  "placement 'tensorrt'")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,28 +102,51 @@ def read_toml(path: Traversable) -> dict[str, Any]:
         raise FairdeployError(f"{path}: cannot be read ({exc})") from exc
 
 
-_NOT_TOML_KEYS = ("source", "fit_size", "requested_size")
+@dataclass(frozen=True)
+class RecipeFile:
+    """A recipe file: one [calibration] table."""
+
+    calibration: CalibrationRecipe = field(default_factory=CalibrationRecipe)
 
 
-def recipe_from_table(table: dict[str, Any], source: str) -> CalibrationRecipe:
-    """A recipe from a TOML table; an unknown key is an error naming the valid keys."""
-    valid = [f.name for f in fields(CalibrationRecipe) if f.name not in _NOT_TOML_KEYS]
-    unknown = [k for k in table if k not in valid]
+def recipe_layer(name: str | os.PathLike[str] | None, dirs: Sequence[Traversable] | None = None) -> Layer:
+    """The recipe file `name` (default: the default recipe) as the first layer of a [calibration] table: its keys
+    are CalibrationRecipe's, under [calibration]; it cannot name another recipe."""
+    path = find_toml(name or DEFAULT_RECIPE, list(dirs) if dirs is not None else default_recipe_dirs(),
+                     "calibration recipe")
+    data = read_toml(path)
+    unknown = [k for k in data if k != "calibration"]
     if unknown:
-        raise FairdeployError(f"{source}: unknown calibration key {unknown[0]!r}; valid keys: {', '.join(valid)}")
-    return CalibrationRecipe(**table, source=source).validate()
+        raise FairdeployError(f"{path}: unknown key {unknown[0]!r}; a recipe file has one table, [calibration]")
+    table = data.get("calibration", {})
+    if isinstance(table, dict) and "recipe" in table:
+        raise FairdeployError(f"{path}: [calibration] recipe: a recipe file cannot name another recipe")
+    return Layer(data, str(path))
+
+
+def resolve_recipe(layers: Sequence[Layer], dirs: Sequence[Traversable] | None = None) -> tuple[Layer, ...]:
+    """`layers` (each {"calibration": {...}, ...}) preceded by the recipe file the last of them names."""
+    name = None
+    for layer in layers:
+        table = layer.values.get("calibration")
+        if isinstance(table, dict) and table.get("recipe") is not None:
+            name = table["recipe"]
+    return (recipe_layer(name, dirs), *layers)
+
+
+def finish_recipe(recipe: CalibrationRecipe, provenance: Provenance, recipe_source: str) -> CalibrationRecipe:
+    """Record the recipe file read, and whether the size is still the recipe's own (see fit_size)."""
+    return replace(recipe, source=recipe_source,
+                   fit_size=not provenance.given("calibration.size") or
+                   provenance.set_by["calibration.size"].source == recipe_source)
 
 
 def load_recipe(name: str | os.PathLike[str] | None = None, dirs: Sequence[Traversable] | None = None,
                 **overrides: Any) -> CalibrationRecipe:
     """Load a recipe by name (from `dirs`) or path; keyword overrides that are not None win."""
-    path = find_toml(name or DEFAULT_RECIPE, list(dirs) if dirs is not None else default_recipe_dirs(),
-                     "calibration recipe")
-    data = read_toml(path)
-    recipe = recipe_from_table(data.get("calibration", {}), str(path))
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    recipe = replace(recipe, **changes).validate() if changes else recipe
-    return replace(recipe, fit_size=overrides.get("size") is None)
+    layers = resolve_recipe([Layer({"calibration": {"recipe": name, **overrides}}, "the caller")], dirs)
+    tree, provenance = build(RecipeFile, layers)
+    return finish_recipe(tree.calibration, provenance, layers[0].source).validate(provenance)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from fairdeploy.export.calibration import (
     calibration_batches,
     draw_calibration_set,
     even_batch_size,
-    load_recipe,
     write_calibration_json,
 )
 from fairdeploy.export.check import compare_logits, onnx_logits
@@ -40,7 +39,7 @@ from fairdeploy.export.fp16 import convert_fp16
 from fairdeploy.export.int8 import group_aware_int8, qdq_summary, quantize_int8
 from fairdeploy.export.mixed_precision import EvalSet
 from fairdeploy.export.onnx_export import export_model_onnx, random_check_inputs
-from fairdeploy.export.profiles import ExportOptions
+from fairdeploy.export.profiles import ExportOptions, resolve_export_options
 from fairdeploy.io import read_json, sha256_file, write_json
 from fairdeploy.models.checkpoint import (
     ModelSpec,
@@ -164,22 +163,20 @@ def run_export(
     calib_data: str | os.PathLike[str] | None = None,
     images_root: str | os.PathLike[str] | None = None,
     check_split: str = "test",
-    calib_seed: int | None = None,
     seed: int = 0,
-    recipe_dirs: list[Path] | None = None,
     progress: Progress = no_progress,
     trt_module: Any | None = None,
     allow_outside_root: bool = False,
 ) -> ExportResult:
     """Export a checkpoint to out_dir: model.fp32.onnx (+ fp16 / int8), calibration.json, export.json,
-    and with options.trt.enabled the engines and their sidecars.
+    and with options.tensorrt.build_engines the engines and their sidecars.
 
     Everything that can be checked before writing is checked first (options, checkpoint, manifests,
     calibration balance). The ONNX files are built in a staging folder and moved in only when all of
     them passed their checks. When TensorRT is missing, the ONNX files stay and MissingDependencyError
     says how to install it.
     """
-    options = (options or ExportOptions()).validate()
+    options = (options or resolve_export_options()).validate()  # no options: the default recipe file's
     ckpt = resolve_checkpoint(checkpoint)
     spec = read_spec(ckpt)  # the calibration size is checked against the data before any model is loaded
     ckpt_sha = checkpoint_hash(ckpt)
@@ -192,9 +189,7 @@ def run_export(
             raise FairdeployError("--precision int8 needs a calibration manifest: give --calib-data MANIFEST (or --data)")
         cal_manifest = (read_manifest(source, images_root, allow_outside_root=allow_outside_root)
                         if source != data or check_manifest is None else check_manifest)
-        recipe = load_recipe(options.calib_recipe, recipe_dirs, size=options.calib_size, method=options.calib_method,
-                             split=options.calib_split, seed=calib_seed, placement=options.int8_placement,
-                             mixed_precision=options.int8_mixed)
+        recipe = options.calibration
         cal = draw_calibration_set(cal_manifest, spec, recipe)
         if recipe.mixed_precision == "group-aware":
             mixed_manifest = check_manifest if check_manifest is not None else cal_manifest
@@ -211,9 +206,9 @@ def run_export(
     stage = Path(tempfile.mkdtemp(prefix=".export.", suffix=".tmp", dir=out))
     try:
         fp32 = export_model_onnx(
-            model, spec, stage / onnx_filename("fp32"), ckpt_sha, options.opset,
+            model, spec, stage / onnx_filename("fp32"), ckpt_sha, options.onnx.opset,
             check_inputs=check.inputs[:SELF_CHECK_SAMPLES], check_source=check.source,
-            batch_sizes=options.check_batch_sizes, simplify=options.simplify, atol=options.fp32_atol, seed=seed,
+            batch_sizes=options.onnx.check_batch_sizes, simplify=options.onnx.simplify, atol=options.onnx.fp32_atol, seed=seed,
         )
         progress("export ONNX", 1, steps)
         fp32_logits = _ort_logits(fp32.path, check)
@@ -268,7 +263,7 @@ def run_export(
 
     onnx_paths = {p: out / onnx_filename(p) for p in options.precisions}
     engines: dict[str, Path] = {}
-    if options.trt.enabled:
+    if options.tensorrt.build_engines:
         engines = build_engines(out, onnx_paths, spec, options, cal, trt_module, progress)
     return ExportResult(out_dir=out, onnx=onnx_paths, engines=engines,
                         calibration=out / CALIBRATION_FILE if cal is not None else None,
@@ -286,15 +281,15 @@ def build_engines(out: Path, onnx_paths: dict[str, Path], spec: ModelSpec, optio
     except MissingDependencyError as exc:
         raise MissingDependencyError(f"ONNX files written to {out}, no engine built: {exc}") from exc
     version = str(trt.__version__)
-    plans = [plan_build(version, p, options.trt, spec.image_size) for p in options.engine_precisions]  # refusals first
+    plans = [plan_build(version, p, options.tensorrt, spec.image_size) for p in options.engine_precisions]  # refusals first
     gpu_name, capability = gpu_identity()
     engines: dict[str, Path] = {}
     for plan in plans:
         onnx_path = onnx_paths[plan.onnx_precision]
         batches, batch_size = None, None
         if plan.implicit_calibrator and cal is not None:
-            batch_size = even_batch_size(len(cal), max(options.trt.min_batch, min(options.trt.opt_batch,
-                                                                                  options.trt.max_batch)))
+            batch_size = even_batch_size(len(cal), max(options.tensorrt.min_batch, min(options.tensorrt.opt_batch,
+                                                                                  options.tensorrt.max_batch)))
             batches = list(calibration_batches(cal, batch_size))
         cache = None
         if plan.timing_cache:

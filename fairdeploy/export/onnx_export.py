@@ -77,9 +77,9 @@ class OnnxExportResult:
         }
 
 
-def check_opset(opset: int) -> int:
+def check_opset(opset: int, where: str | None = None) -> int:
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise FairdeployError(f"unsupported opset {opset!r}; choose {MIN_OPSET}..{MAX_OPSET}")
+        raise FairdeployError(f"{where + ': ' if where else ''}unsupported opset {opset!r}; choose {MIN_OPSET}..{MAX_OPSET}")
     return opset
 
 

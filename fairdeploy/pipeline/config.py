@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fairdeploy.errors import FairdeployError
+from fairdeploy.schema import check_type
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -82,9 +83,17 @@ class PipelineConfig:
             synth={**self.synth, **(synth or {})} if self.synth is not None else None,
             model={**self.model, **(model or {})},
             prune=tuple(replace(e, options={**e.options, **(prune or {}).get(e.name, {})}) for e in self.prune),
-            export={**self.export, **(export or {})},
-            validate={**self.validate, **(validate or {})},
+            export=deep_merge(self.export, export or {}),
+            validate=deep_merge(self.validate, validate or {}),
         )
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over`'s keys replacing its own; sub-tables merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _table(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
@@ -117,8 +126,11 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
         raise FairdeployError(f"{source}: the [model] table is missing; give `arch = \"resnet18\"` (with "
                               "image_size, epochs, ... to train one) or `checkpoint = \"path\"` under [model]")
     data = _table(raw, "data", source)
-    _check_keys(data, {"synth": dict, "manifest": str, "images_root": str, "allow_outside_root": bool},
-                f"{source}: [data]")
+    data_keys = {"synth": dict, "manifest": str, "images_root": str, "allow_outside_root": bool}
+    unknown = [k for k in data if k not in data_keys]
+    if unknown:
+        raise FairdeployError(f"{source}: unknown key {unknown[0]!r} in [data]; valid keys: {', '.join(data_keys)}")
+    _check_keys(data, data_keys, f"{source}: [data]")
     synth, manifest = data.get("synth"), data.get("manifest")
     if (synth is None) == (manifest is None):
         raise FairdeployError(f"{source}: [data] needs exactly one of `synth = {{...}}` or `manifest = \"path\"`")
@@ -178,7 +190,7 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
         model=model,
         prune=tuple(entries),
         export=_export_table(raw, source),
-        validate=_check_keys(_table(raw, "validate", source), {"latency": bool}, f"{source}: [validate]"),
+        validate=_table(raw, "validate", source),
     )
 
 
@@ -191,145 +203,10 @@ def _check_keys(table: dict[str, Any], hints: dict[str, Any], where: str) -> dic
 
 
 def _export_table(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """[export]; `precisions` may be one string ("fp32", or "fp32,int8") or a list of them."""
+    """[export]: ExportOptions' nested table (checked by resolve_export_options); a profile given as a relative
+    .toml path is relative to the pipeline file, like the manifest."""
     export = _table(raw, "export", source)
-    if isinstance(export.get("precisions"), str):
-        export["precisions"] = [export["precisions"]]
     prof = export.get("profile")
     if isinstance(prof, str) and prof.endswith(".toml") and not os.path.isabs(prof):
-        export["profile"] = str((Path(source).parent / prof).resolve())  # a path, like the manifest's
-    from typing import Literal
-
-    return _check_keys(export, {"precisions": list[str], "trt": bool | Literal["auto"], "profile": str},
-                       f"{source}: [export]")
-
-
-def dataclass_from_options(cls: type, options: dict[str, Any], where: str) -> Any:
-    """Build a frozen dataclass from a TOML table; an unknown key names the valid ones, a value of the wrong
-    type names the key, the table, the expected type and the value (see `check_option_types`)."""
-    valid = {f.name for f in fields(cls)}
-    unknown = [k for k in options if k not in valid]
-    if unknown:
-        raise FairdeployError(f"{where}: unknown option {unknown[0]!r}; valid options: {', '.join(sorted(valid))}")
-    return cls(**check_option_types(cls, options, where))
-
-
-def check_option_types(cls: type, options: dict[str, Any], where: str) -> dict[str, Any]:
-    """Check each option against the type of `cls`'s field of that name (keys that are not fields are left to
-    the caller); returns the options with lists made tuples where the field is a tuple and ints made floats
-    where it is a float. A mismatch: FairdeployError naming key, table, expected type and value."""
-    import typing
-
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001  # pragma: no cover - an unresolvable annotation: no check, not a crash
-        return dict(options)
-    out = {}
-    for key, value in options.items():
-        out[key] = check_type(value, hints[key], f"{where} {key}") if key in hints else value
-    return out
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def check_type(value: Any, hint: Any, what: str) -> Any:
-    """`value` checked against the type `hint` (a TOML value: bool, int, float, str, list, table); returns it
-    converted (list -> tuple, int -> float) or raises FairdeployError "WHAT must be EXPECTED, got VALUE"."""
-    try:
-        return _conform(value, hint)
-    except _Mismatch:
-        raise FairdeployError(f"{what} must be {describe_type(hint)}, got {value!r} "
-                              f"({_toml_type(value)})") from None
-
-
-_TOML_TYPES = ((bool, "true/false"), (int, "an integer"), (float, "a number"), (str, "a string"),
-               ((list, tuple), "a list"), (dict, "a table"))
-
-
-def _toml_type(value: Any) -> str:
-    return next((name for t, name in _TOML_TYPES if isinstance(value, t)), type(value).__name__)
-
-
-def _conform(value: Any, hint: Any) -> Any:
-    import types
-    import typing
-
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any or hint is object:
-        return value
-    if hint is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if origin in (typing.Union, types.UnionType):
-        for arm in args:
-            try:
-                return _conform(value, arm)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    if origin is typing.Literal:
-        if value in args and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _Mismatch
-    if origin in (tuple, list) or hint in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise _Mismatch
-            items = [_conform(v, a) for v, a in zip(value, args)]
-        else:
-            items = [_conform(v, args[0]) for v in value] if args else list(value)
-        return tuple(items) if (origin or hint) is tuple else items
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return value
-    target = origin or hint
-    if isinstance(target, type) and not isinstance(value, target):
-        raise _Mismatch
-    return value
-
-
-def describe_type(hint: Any) -> str:
-    """'an integer', 'a number', 'a list of integers', 'a string or none', "one of 'a', 'b'"."""
-    import types
-    import typing
-
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        arms = [describe_type(a) for a in args if a is not type(None)]
-        return " or ".join(arms)
-    if origin is typing.Literal:
-        return ("one of " if len(args) > 1 else "") + ", ".join(repr(a) for a in args)
-    simple = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table",
-              type(None): "none", Any: "any value"}
-    if hint in simple:
-        return simple[hint]
-    if origin in (tuple, list) or hint in (tuple, list):
-        if args and (origin is list or args[-1] is Ellipsis):
-            inner = describe_type(args[0])
-            plural = {"an integer": "integers", "a number": "numbers", "a string": "strings",
-                      "true or false": "true/false values"}.get(inner, inner)
-            return f"a list of {plural}"
-        if args:
-            return f"a list of {len(args)} ({', '.join(describe_type(a) for a in args)})"
-        return "a list"
-    if origin is dict:
-        return "a table"
-    return getattr(hint, "__name__", str(hint))
+        export["profile"] = str((Path(source).parent / prof).resolve())
+    return export

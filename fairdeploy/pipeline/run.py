@@ -10,18 +10,13 @@ from typing import Any
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError, MissingDependencyError
 from fairdeploy.io import read_json
-from fairdeploy.pipeline.config import (
-    PipelineConfig,
-    PruneEntry,
-    check_option_types,
-    check_type,
-    dataclass_from_options,
-)
+from fairdeploy.pipeline.config import PipelineConfig, PruneEntry
 from fairdeploy.pipeline.stages import StageOutcome, hash_path, run_stage
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.report.from_validation import stages_from_validation
 from fairdeploy.report.render import REPORT_FILES
 from fairdeploy.report.stages import STAGES_FILE, RunStages, StageRecord, Trajectory, write_stages
+from fairdeploy.schema import Layer, build, check_type, load
 
 
 @dataclass(frozen=True)
@@ -66,15 +61,22 @@ def _split_options(entry: PruneEntry, seed: int) -> Any:
                                                                                 "finetune_epochs", "finetune_lr"})
                 raise FairdeployError(f"{where}: unknown option {key!r}; valid options: {', '.join(valid)}")
     # finetune_epochs = 0: no fine-tuning, as `prune --finetune-epochs 0`
-    finetune = (dataclass_from_options(FitConfig, {"seed": seed, "lr": FINETUNE_LR, **ft}, f"{where} finetune_*")
+    finetune = (_finetune_config({"seed": seed, "lr": FINETUNE_LR, **ft}, where)
                 if ft and ft.get("epochs") != 0 else None)
-    kwargs = {"fairprune" if entry.method == "fairprune" else "snnl":
-              dataclass_from_options(method_cls, buckets[method_cls], where)}
-    cfg = PruneConfig(method=entry.method, stop=dataclass_from_options(StopRule, buckets[StopRule], where),
-                      guard=dataclass_from_options(Guard, buckets[Guard], where), finetune=finetune,
-                      **kwargs, **check_option_types(PruneConfig, top, where))
+    kwargs = {"fairprune" if entry.method == "fairprune" else "snnl": load(method_cls, buckets[method_cls], where)}
+    cfg = load(PruneConfig, top, where, base=PruneConfig(
+        method=entry.method, stop=load(StopRule, buckets[StopRule], where), guard=load(Guard, buckets[Guard], where),
+        finetune=finetune, **kwargs))
     cfg.validate()
     return cfg
+
+
+def _finetune_config(options: dict[str, Any], where: str, base: Any = None) -> Any:
+    """FitConfig from a [[prune]] table's finetune_<field> keys (an error names the key as written)."""
+    from fairdeploy.training.loop import FitConfig
+
+    layer = Layer(options, where, names={k: f"{where}: finetune_{k}" for k in options})
+    return build(FitConfig, [layer], base)[0]
 
 
 # Budget-table keys that are BudgetConfig fields set another way (the table's `criterion`, the budget keys,
@@ -109,9 +111,7 @@ def _budget_options(entry: PruneEntry, seed: int) -> Any:
         raise FairdeployError(f"{where}: a budget run needs exactly one of {', '.join(BUDGET_KEYS)} "
                               f"(got {', '.join(budget) or 'none'})")
     (key, value), = budget.items()
-    value = check_type(value, float, f"{where} {key}")
-    top = check_option_types(BudgetConfig, top, where)
-    ft = check_option_types(FitConfig, ft, f"{where} finetune_*")
+    value = check_type(value, float, f"{where}: {key}")
     if key == "speedup":
         if value <= 1.0:
             raise FairdeployError(f"{where}: speedup must be > 1, got {value}")
@@ -121,12 +121,10 @@ def _budget_options(entry: PruneEntry, seed: int) -> Any:
     base = BudgetConfig()
     if ft.get("epochs") == 0:
         raise FairdeployError(f"{where}: a budget run fine-tunes after every round: finetune_epochs must be >= 1")
-    try:
-        # control None: BudgetConfig picks the criterion's blind twin (fine-tuning alone for a blind criterion)
-        cfg = replace(base, criterion=entry.criterion, metric=metric, target=fraction, seed=seed,
-                      finetune=replace(base.finetune, seed=seed, **ft), **{"control": None, **top})
-    except TypeError as exc:  # pragma: no cover - every key was checked above
-        raise FairdeployError(f"{where}: {exc}") from None
+    # control None: BudgetConfig picks the criterion's blind twin (fine-tuning alone for a blind criterion)
+    finetune = _finetune_config({"seed": seed, **ft}, where, base.finetune)
+    cfg = load(BudgetConfig, {"control": None, **top}, where, base=replace(
+        base, criterion=entry.criterion, metric=metric, target=fraction, seed=seed, finetune=finetune, control=None))
     cfg.validate()
     return cfg
 
@@ -421,7 +419,7 @@ def _synth_config(cfg: PipelineConfig) -> Any:
     from fairdeploy.data.synth import SynthConfig
 
     synth = dict(cfg.synth)
-    synth_cfg = dataclass_from_options(SynthConfig, {"seed": cfg.seed, **synth}, f"{cfg.source}: [data] synth")
+    synth_cfg = load(SynthConfig, {"seed": cfg.seed, **synth}, cfg.source, "data.synth")
     synth_cfg.validate()
     return synth_cfg
 
@@ -439,68 +437,25 @@ def _train_plan(cfg: PipelineConfig) -> Path | tuple[str, int, Any]:
     if arch not in ARCHITECTURES:
         raise FairdeployError(f"{cfg.source}: [model] unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     image_size = int(model_cfg.pop("image_size", 224))
-    fit = dataclass_from_options(FitConfig, {"seed": cfg.seed, **model_cfg}, f"{cfg.source}: [model]")
+    fit = load(FitConfig, {"seed": cfg.seed, **model_cfg}, cfg.source, "model")
     fit.validate()
     return arch, image_size, fit
 
 
 def _export_options(cfg: PipelineConfig) -> Any:
-    """[export]: `precisions`, `trt` (true, false or "auto"), any ExportOptions field, and trt_<TrtOptions field>;
-    `profile` (a name or .toml path, found as `fairdeploy export --profile` finds it) gives the starting values,
-    which the table's other keys override."""
-    from fairdeploy.export.profiles import ExportOptions, TrtOptions, parse_precisions
+    """[export]: the same nested table as an export profile (ExportOptions; `profile = NAME` gives the starting
+    values, which the table's own keys override)."""
+    from fairdeploy.export.profiles import resolve_export_options
 
-    exp = dict(cfg.export)
-    profile_top, profile_trt = _profile_options(exp.pop("profile"), cfg.source) if "profile" in exp else ({}, {})
-    trt = exp.pop("trt", profile_trt.pop("enabled", "auto"))
-    profile_trt.pop("enabled", None)
-    trt_opts = {**profile_trt, **{k.removeprefix("trt_"): exp.pop(k) for k in list(exp) if k.startswith("trt_")}}
-    exp = {**profile_top, **exp}
-    trt_opts["enabled"] = bool(trt) if trt != "auto" else _tensorrt_importable()
-    exp["precisions"] = parse_precisions(exp.get("precisions", ["fp32"]))
-    trt_cfg = dataclass_from_options(TrtOptions, trt_opts, f"{cfg.source}: [export] trt_*")
-    return dataclass_from_options(ExportOptions, {**exp, "trt": trt_cfg}, f"{cfg.source}: [export]").validate()
-
-
-def _profile_options(name: str, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An export profile's settings as (ExportOptions, TrtOptions) keyword arguments: only the keys the profile
-    sets, typed and checked as `fairdeploy export --profile` checks them."""
-    from fairdeploy.export.profiles import TrtOptions, default_profile_dirs, load_profile, merge_options
-
-    try:
-        path, flat = load_profile(name, default_profile_dirs())
-    except FairdeployError as exc:
-        raise FairdeployError(f"{source}: [export] profile: {exc}") from None
-    opts = merge_options(flat, {}, str(path))
-    trt_fields = {f.name for f in fields(TrtOptions)}
-    top: dict[str, Any] = {"profile": str(path), "description": opts.description}
-    trt: dict[str, Any] = {}
-    for key in flat:
-        if key == "trt":
-            trt["enabled"] = opts.trt.enabled
-        elif key in trt_fields:
-            trt[key] = getattr(opts.trt, key)
-        elif key == "precision":
-            top["precisions"] = opts.engine_precisions  # the precisions the profile asked for (fp32 is added)
-        elif key != "description":
-            top[key] = getattr(opts, key)
-    return top, trt
+    return resolve_export_options([Layer(cfg.export, cfg.source, "export")])
 
 
 def _validation_config(cfg: PipelineConfig) -> Any:
-    """[validate]: ValidationConfig fields, Tolerances fields, `latency = false` or latency_<LatencyConfig field>."""
-    from fairdeploy.validation.latency import LatencyConfig
-    from fairdeploy.validation.tolerances import Tolerances
+    """[validate]: ValidationConfig's table, with [validate.tolerances] and [validate.latency] (`latency = false`:
+    no latency); the pipeline's seed unless the table gives one."""
     from fairdeploy.validation.validate import ValidationConfig
 
-    val = dict(cfg.validate)
-    where = f"{cfg.source}: [validate]"
-    tol_keys = {f.name for f in fields(Tolerances)}
-    tolerances = dataclass_from_options(Tolerances, {k: val.pop(k) for k in list(val) if k in tol_keys}, where)
-    lat = {k.removeprefix("latency_"): val.pop(k) for k in list(val) if k.startswith("latency_")}
-    latency = dataclass_from_options(LatencyConfig, lat, f"{where} latency_*:") if val.pop("latency", True) else None
-    vcfg = dataclass_from_options(ValidationConfig, {**val, "tolerances": tolerances, "latency": latency,
-                                                     "seed": cfg.seed}, where)
+    vcfg = load(ValidationConfig, cfg.validate, cfg.source, "validate", base=ValidationConfig(seed=cfg.seed))
     vcfg.validate()
     return vcfg
 
@@ -513,9 +468,3 @@ def _weights(ckpt: Path) -> Path:
 
 def _slug(name: str) -> str:
     return name.replace("+", "-").replace("/", "-")
-
-
-def _tensorrt_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt") is not None
