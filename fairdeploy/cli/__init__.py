@@ -11,7 +11,6 @@ import time
 from fairdeploy.cli.app import app
 from fairdeploy.errors import EXIT_GATE_FAILED, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, FairdeployError
 
-INTERNAL_ERROR_EXIT = EXIT_INTERNAL_ERROR  # the name tests and older callers use
 WIDE_HELP = 160  # columns for help text and tables when stdout is not a terminal (rich would cut at 80)
 
 
@@ -70,7 +69,9 @@ def _interrupted() -> None:
 
 
 def main() -> None:
-    """Console-script entry point: one red line and a non-zero exit for a user error, never a traceback.
+    """Console-script entry point. Typer runs in standalone mode: it reports a usage error (exit 2), turns
+    Ctrl-C into exit 130 and exits with a command's `typer.Exit` code. Every other exception reaches this
+    function: a FairdeployError becomes one red line (here, and nowhere else), anything else is a bug.
 
     Exit codes (fairdeploy.errors): 0 ok, 1 a validation gate failed, 2 bad input, 3 a missing optional
     dependency, 4 an internal error (a bug: one line, the traceback in a file), 130 interrupted (Ctrl-C).
@@ -91,52 +92,29 @@ def main() -> None:
     common.quiet_capture = captured  # the callback redirects the console here under --quiet
     previous_showwarning = warnings.showwarning
     warnings.showwarning = common.show_warning
-    code = 0
     try:
-        result = app(standalone_mode=False)
-        # Outside standalone mode, click *returns* a typer.Exit's code instead of raising it (validate's gate);
-        # typer turns Ctrl-C (KeyboardInterrupt) into Exit(130), which comes back here as 130.
-        if isinstance(result, int):
-            code = result
-        if code == EXIT_INTERRUPTED:
-            _restore(common, real_stdout, previous_showwarning)
-            _interrupted()
-    except FairdeployError as exc:
-        if common.output.verbose:
-            import traceback
-
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-        print_error(str(exc))
-        code = exc.exit_code
+        app()  # standalone: ends in SystemExit unless an exception other than click's escapes
+        code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except KeyboardInterrupt:
-        _restore(common, real_stdout, previous_showwarning)
-        _interrupted()
-    except Exception as exc:  # noqa: BLE001 - the parser's usage errors, Exit and Abort (click, vendored or not)
-        name = type(exc).__name__
-        if name == "Abort":
-            print_error("aborted")
-            code = EXIT_GATE_FAILED
-        elif name == "Exit":
-            code = getattr(exc, "exit_code", 0)
-        elif hasattr(exc, "show") and hasattr(exc, "exit_code"):
-            exc.show()
-            code = exc.exit_code
-        else:
-            # exit 1 means "a validation gate failed" to CI: an unexpected error gets its own code and one line
-            where = _write_traceback(exc)
-            if common.output.verbose:
-                import traceback
-
-                traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-            first = (str(exc).strip().splitlines() or [""])[0]
-            print_error(f"internal error ({name}: {first}); "
-                        + (f"traceback in {where}" if where else "traceback not written")
-                        + " (--verbose or FAIRDEPLOY_DEBUG=1 prints it); please report it")
-            code = EXIT_INTERNAL_ERROR
+    except KeyboardInterrupt:  # outside the command (Typer turns one inside it into exit 130)
+        code = EXIT_INTERRUPTED
+    except FairdeployError as exc:
+        _print_traceback(exc, common.output.verbose)
+        print_error(str(exc))
+        code = exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - a bug: its own exit code (1 means "a gate failed" to CI), one line
+        where = _write_traceback(exc)
+        _print_traceback(exc, common.output.verbose)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print_error(f"internal error ({type(exc).__name__}: {first}); "
+                    + (f"traceback in {where}" if where else "traceback not written")
+                    + " (--verbose or FAIRDEPLOY_DEBUG=1 prints it); please report it")
+        code = EXIT_INTERNAL_ERROR
     finally:
         _restore(common, real_stdout, previous_showwarning)
+    if code == EXIT_INTERRUPTED:
+        _interrupted()
     if code in (0, EXIT_GATE_FAILED):  # after an error, the error stays the last line
         common.debug(f"exit {code} after {time.perf_counter() - started:.1f} s")
     if common.output.quiet and code in (0, EXIT_GATE_FAILED):
@@ -145,6 +123,13 @@ def main() -> None:
             print(lines[-1], file=real_stdout or sys.stdout)
     if code:
         sys.exit(code)
+
+
+def _print_traceback(exc: BaseException, verbose: bool) -> None:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
 def _restore(common, real_stdout, previous_showwarning) -> None:  # the cli.common module, its stdout, a hook
