@@ -9,7 +9,7 @@ import pytest
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.pipeline.config import PruneEntry, load_pipeline_config
-from fairdeploy.pipeline.run import _export_options, _split_options
+from fairdeploy.pipeline.resolve import _export_options, _split_options
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fairdeploy"
 

@@ -87,7 +87,7 @@ def test_pipeline_without_model_table_is_refused(tmp_path: Path) -> None:
 
 
 def test_precision_may_be_one_string(tmp_path: Path) -> None:
-    from fairdeploy.pipeline.run import _export_options
+    from fairdeploy.pipeline.resolve import _export_options
 
     cfg = load_pipeline_config(_config(tmp_path, BASE + '[export.onnx]\nprecision = "int8"\n'))
     assert _export_options(cfg).precisions == ("fp32", "int8")

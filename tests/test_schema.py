@@ -13,7 +13,7 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.export.calibration import CalibrationRecipe
 from fairdeploy.export.profiles import ExportOptions, OnnxOptions, TrtOptions, resolve_export_options
 from fairdeploy.pipeline.config import load_pipeline_config
-from fairdeploy.pipeline.run import _export_options, _validation_config
+from fairdeploy.pipeline.resolve import _export_options, _validation_config
 from fairdeploy.schema import Layer, build, keys, load, setting
 from fairdeploy.validation import LatencyConfig, Tolerances, ValidationConfig
 
