@@ -1,4 +1,5 @@
-"""The benchmark scripts' bookkeeping: ratios equal the ratios of the timed fields, interleaved timing, tree RSS."""
+"""The benchmark scripts' bookkeeping: interleaved timing on a fake clock, the curvature loop timed like the fast
+path (same samples, same calls) and agreeing with it, tree RSS."""
 
 from __future__ import annotations
 

@@ -280,6 +280,34 @@ def test_atomic_dir_replaces_only_what_it_owns(tmp_path: Path) -> None:
     assert (out / "prune.json").read_text() == '{"second": 1}'
 
 
+def test_atomic_dir_that_fails_keeps_the_old_output_and_leaves_no_temporary(tmp_path: Path) -> None:
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "prune.json").write_text('{"first": 1}')
+    (out / "model.safetensors").write_bytes(b"old weights")
+    before = _tree(out)
+    seen = []
+    with pytest.raises(RuntimeError, match="killed"), atomic_dir(out, owner="prune.json") as tmp:
+        seen.append(tmp)
+        (tmp / "prune.json").write_text('{"second": 1}')
+        (tmp / "part").mkdir()
+        (tmp / "part" / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed")
+    assert _tree(out) == before  # the earlier output, untouched
+    assert seen[0].parent == tmp_path and not seen[0].exists()  # its temporary folder was beside it, now gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # a new output that fails: nothing is left at all
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "new") as tmp:
+        (tmp / "a.txt").write_text("a")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # and one that succeeds replaces every entry: nothing of the old folder is merged in
+    with atomic_dir(out, owner="prune.json") as tmp:
+        (tmp / "prune.json").write_text('{"third": 1}')
+    assert _tree(out) == {"prune.json": hashlib.sha256(b'{"third": 1}').hexdigest()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .ckpt.old left behind
+
+
 def test_atomic_dir_with_a_stale_old_file(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
     out.mkdir()
