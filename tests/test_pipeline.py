@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -17,10 +15,13 @@ from fairdeploy.models.size import model_size
 from fairdeploy.pruning.budget import BudgetConfig
 from fairdeploy.pipeline.stages import run_stage
 
+# The demo cut down: one pruning round with one fine-tuning epoch, few score images and bootstrap samples. Less data
+# or 16 px images save no measurable time (what is left is fixed cost: the budget bisection's 15 trial removals
+# per run, ONNX export and quantization, the report's figures) and leave resnet18 predicting one class.
 TINY = dict(
     synth={"n_images": 300, "image_size": 32},
     model={"epochs": 2, "batch_size": 32},
-    prune={"group-taylor": {"rounds": 1, "score_samples": 8, "bootstrap": 50}},
+    prune={"group-taylor": {"rounds": 1, "score_samples": 4, "bootstrap": 20, "finetune_epochs": 1}},
     export={"precisions": ["fp32", "int8"], "calib_size": 48},
     validate={"bootstrap": 20, "latency_batch_sizes": [1, 4], "latency_iterations": 3, "latency_warmup": 1},
 )
@@ -46,9 +47,47 @@ def test_demo_pipeline_runs_every_stage_and_validates_every_artifact(tiny_run):
     # every ONNX stage's metrics come from running that artifact: FP32 ONNX agrees with PyTorch
     fp32 = next(s for s in result.stages.stages if s.name == "vanilla/onnx-fp32")
     assert fp32.agreement == 1.0 and fp32.kind == "onnx"
-    vj = json.loads((run_dir / "validate-vanilla" / "validation.json").read_text())
-    assert vj["reference"]["metrics"] == next(s for s in result.stages.stages if s.name == "vanilla").metrics
     assert result.report_html.is_file() and "data:image/png;base64" in result.report_html.read_text()
+
+
+def test_every_stage_reports_what_its_artifact_predicts(tiny_run):
+    # Oracle: each artifact run by hand (a checkpoint in plain torch, an ONNX file in a bare onnxruntime session) on
+    # the whole test split at once, each group's confusion matrix from scikit-learn. Metrics copied from another
+    # stage (say, an INT8 file's from its reference) fail wherever the two predict differently.
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from sklearn.metrics import confusion_matrix
+
+    from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
+    from fairdeploy.data.manifest import read_manifest
+
+    cfg, run_dir, result = tiny_run
+    stages = result.stages.stages
+    checked = []
+    for ref in (s for s in stages if s.reference is None):
+        model, spec = load_checkpoint(ref.artifact)
+        ds = split_dataset(read_manifest(run_dir / "data" / "manifest.csv"), result.stages.split,
+                           Encoding(spec.classes, spec.groups), eval_transform(spec.image_size, spec.mean, spec.std))
+        items = [ds[i] for i in range(len(ds))]
+        x = torch.stack([it[0] for it in items])
+        y, g = (np.array([int(it[k]) for it in items]) for k in (1, 2))
+        for s in (t for t in stages if t.name == ref.name or t.reference == ref.name):
+            if s.kind == "pytorch":
+                with torch.no_grad():
+                    logits = model.eval()(x).numpy()
+            else:
+                session = ort.InferenceSession(s.artifact, providers=["CPUExecutionProvider"])
+                logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+            pred = logits.argmax(1)
+            assert s.metrics["n"] == len(y) > 0
+            assert s.metrics["overall"]["accuracy"] == pytest.approx(float(np.mean(pred == y))), s.name
+            for k, group in enumerate(spec.groups):
+                cm = confusion_matrix(y[g == k], pred[g == k], labels=list(range(len(spec.classes))))
+                assert s.metrics["groups"][group]["confusion"] == cm.tolist(), (s.name, group)
+                assert s.metrics["groups"][group]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+            checked.append(s.name)
+    assert sorted(checked) == sorted(s.name for s in stages) and len(checked) == 9
 
 
 def test_demo_budget_stage_halves_the_macs_and_validates_its_control(tiny_run):
@@ -68,7 +107,6 @@ def test_demo_budget_stage_halves_the_macs_and_validates_its_control(tiny_run):
     vj = json.loads((run_dir / "validate-group-taylor-control" / "validation.json").read_text())
     assert vj["candidates"] and all(c["artifact"]["kind"] == "onnx" for c in vj["candidates"])
     stage = {s.name: s for s in result.stages.stages}
-    assert stage["group-taylor-control"].metrics == vj["reference"]["metrics"]
     assert stage["group-taylor"].macs == sizes["candidate"].macs
     assert stage["group-taylor-control/onnx-int8"].macs == sizes["control"].macs
     assert stage["vanilla"].macs == sizes["dense"].macs
@@ -186,16 +224,17 @@ def test_interrupted_stage_runs_again(tmp_path):
         ("[data\n", "not valid TOML"),
     ],
 )
-def test_bad_pipeline_config_is_one_clear_line(tmp_path, text, message):
+def test_bad_pipeline_config_is_one_clear_line(tmp_path, run_main, text, message):
     p = tmp_path / "p.toml"
     p.write_text(text)
     with pytest.raises(FairdeployError, match=message):
         cfg = load_pipeline_config(p)
         run_pipeline(cfg, tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "fairdeploy", "pipeline", str(p), "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and message.split("'")[0] in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    # the CLI in this process (its error handling included; a subprocess would import torch again for each case)
+    code, _, err = run_main("pipeline", str(p), "--out", str(tmp_path / "run"))
+    assert code == 2 and "Traceback" not in err and message.split("'")[0] in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # every section is checked before anything is written
 
 
 def test_cli_gate_column_agrees_with_the_report_on_a_failed_pruning_guard():
