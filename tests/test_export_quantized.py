@@ -165,11 +165,11 @@ def test_export_check_and_validate_are_one_comparison(exported: Path, trained_ch
                     ValidationConfig(split="test", bootstrap=0, latency=None), backend="onnxruntime",
                     device="cpu").candidates[0]
     assert recorded["vs_pytorch"]["n"] == cand.run.metrics.n == len(x)
-    assert recorded["vs_pytorch"]["top1_agreement"] == cand.agreement["overall"] == pytest.approx(
+    assert recorded["vs_pytorch"]["top1_agreement"] == cand.agreement.overall == pytest.approx(
         loop(ref_pred, pred, None), abs=1e-12)
-    assert recorded["top1_agreement_per_group"] == cand.agreement["groups"] == pytest.approx(agree, abs=1e-12)
+    assert recorded["top1_agreement_per_group"] == cand.agreement.groups == pytest.approx(agree, abs=1e-12)
     assert recorded["accuracy"] == cand.run.metrics.overall_accuracy == pytest.approx(
         loop(labels, pred, None), abs=1e-12)
     assert recorded["accuracy_per_group"] == {g: cand.run.metrics.group(g).accuracy for g in spec.groups} == \
         pytest.approx(accuracy, abs=1e-12)
-    assert recorded["vs_pytorch"]["max_abs_logit_diff"] == pytest.approx(cand.logit_diff["max_abs"], rel=1e-6)
+    assert recorded["vs_pytorch"]["max_abs_logit_diff"] == pytest.approx(cand.logit_diff.max_abs, rel=1e-6)

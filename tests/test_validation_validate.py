@@ -111,10 +111,10 @@ def test_equal_candidate_passes(result, trained_checkpoint: Path, runtime_fp32_o
     res, _ = result
     onnx = res.candidate(str(runtime_fp32_onnx))
     assert onnx.passed and onnx.failures() == []
-    assert onnx.agreement["overall"] == 1.0 and set(onnx.agreement["groups"].values()) == {1.0}
-    assert onnx.logit_diff["max_abs"] < 1e-4
+    assert onnx.agreement.overall == 1.0 and set(onnx.agreement.groups.values()) == {1.0}
+    assert onnx.logit_diff.max_abs < 1e-4
     assert onnx.run.metrics.to_dict() == res.reference.metrics.to_dict()  # identical predictions, same seed
-    assert all(f["changed"] == 0 for f in onnx.flips.values())
+    assert all(f.changed == 0 for f in onnx.flips.values())
     assert onnx.source_matches_reference is True
     assert onnx.run.artifact.size_bytes == runtime_fp32_onnx.stat().st_size
     assert onnx.run.runtime["providers_active"] == ["CPUExecutionProvider"]
@@ -126,8 +126,8 @@ def test_reference_size_is_that_of_the_checkpoint(result, trained_checkpoint: Pa
 
     res, _ = result
     model, spec = load_checkpoint(trained_checkpoint)
-    assert res.model_size == model_size(model, spec.image_size).to_dict()
-    assert res.model_size["macs"] > 0
+    assert res.model_size == model_size(model, spec.image_size)
+    assert res.model_size.macs > 0
 
 
 def test_reference_metrics_equal_the_evaluate_path(result, trained_checkpoint: Path, synth_manifest: Path) -> None:
@@ -150,18 +150,18 @@ def test_perturbed_group_fails_the_per_group_check_and_is_named(result, flip_cas
     assert failing == [("max_group_accuracy_drop", "dark")]  # overall (k/n < 0.05) and light still pass
     dark = next(c for c in cand.checks if c.group == "dark")
     assert dark.drift == pytest.approx(-k / n_dark)
-    assert cand.deltas["overall"]["accuracy"] == pytest.approx(-k / n)
-    assert cand.deltas["groups"]["light"]["accuracy"] == 0.0
+    assert cand.deltas.accuracy == pytest.approx(-k / n)
+    assert cand.deltas.groups["light"].accuracy == 0.0
     assert res.failures() == [f"flip-dark: accuracy (group 'dark') dropped by {k / n_dark:.4f} "
                               f"({dark.reference:.4f} -> {dark.candidate:.4f}), maximum drop 0.0200"]
-    assert cand.agreement["groups"] == {"dark": pytest.approx(1 - k / n_dark), "light": 1.0}
-    assert cand.flips["dark"]["changed"] == k and cand.flips["dark"]["broken"] == k
-    assert cand.flips["dark"]["fixed"] == 0 and cand.flips["light"]["changed"] == 0
+    assert cand.agreement.groups == {"dark": pytest.approx(1 - k / n_dark), "light": 1.0}
+    assert cand.flips["dark"].changed == k and cand.flips["dark"].broken == k
+    assert cand.flips["dark"].fixed == 0 and cand.flips["light"].changed == 0
     # Predictions were right, so each flip goes from its true class to the next one.
     expected = {}
     for a, b in zip(flip_case["true"], flip_case["to"]):
         expected[(a, b)] = expected.get((a, b), 0) + 1
-    assert {(t["from"], t["to"]): t["count"] for t in cand.flips["dark"]["transitions"]} == expected
+    assert {(t.source, t.target): t.count for t in cand.flips["dark"].transitions} == expected
     delta = np.asarray(cand.confusion_delta["dark"])
     assert delta.sum(1).tolist() == [0, 0, 0]  # the true-class counts do not change
     assert -np.trace(delta) == k and not np.any(cand.confusion_delta["light"])
@@ -209,8 +209,68 @@ def test_flip_stats_against_a_loop() -> None:
             broken += int(r[i] == y[i] and c[i] != y[i])
             fixed += int(r[i] != y[i] and c[i] == y[i])
         s = stats[group]
-        assert {(t["from"], t["to"]): t["count"] for t in s["transitions"]} == counts
-        assert (s["broken"], s["fixed"], s["changed"]) == (broken, fixed, sum(counts.values()))
+        assert {(t.source, t.target): t.count for t in s.transitions} == counts
+        assert (s.broken, s.fixed, s.changed) == (broken, fixed, sum(counts.values()))
+
+
+def _comparison_as_dicts(y, r, c, rl, cl, g, order, classes, ref, cand, intervals):
+    """validation.json's comparison parts (deltas, agreement, flips, logit_diff) as validate built them when they
+    were dicts, before they became typed: the oracle of the file's layout (keys, order, values)."""
+    K = len(classes)
+    same = r == c
+    agreement = {"overall": float(same.mean()), "groups": {x: float(same[g == x].mean()) for x in order}}
+    flips = {}
+    for x in order:
+        m = g == x
+        t, a, b = y[m], r[m], c[m]
+        ch = a != b
+        trans = np.bincount(a[ch] * K + b[ch], minlength=K * K).reshape(K, K)
+        flips[x] = {"n": int(m.sum()), "changed": int(ch.sum()), "broken": int(((a == t) & (b != t)).sum()),
+                    "fixed": int(((a != t) & (b == t)).sum()),
+                    "transitions": [{"from": classes[i], "to": classes[j], "count": int(trans[i, j])}
+                                    for i in range(K) for j in range(K) if trans[i, j]]}
+    d = np.abs(cl.astype(np.float64) - rl.astype(np.float64))
+    logit_diff = {"max_abs": float(d.max()), "mean_abs": float(d.mean()),
+                  "groups": {x: {"max_abs": float(d[g == x].max()), "mean_abs": float(d[g == x].mean())}
+                             for x in order}}
+    rs, cs = ref.summary(), cand.summary()
+    deltas = {
+        "overall": {"accuracy": cand.overall_accuracy - ref.overall_accuracy,
+                    "f1_macro": cand.overall_f1_macro - ref.overall_f1_macro},
+        "groups": {x: {k: getattr(cand.group(x), k) - getattr(m, k)
+                       for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro")} for x, m in ref.groups},
+        "summary": {k: {s: cs[k][s] - rs[k][s] for s in ("avg", "diff")} for k in rs},
+        "fairness": {k: None if ref.gap(k) is None or cand.gap(k) is None else cand.gap(k) - ref.gap(k)
+                     for k in ("eopp0", "eopp1", "eodd", "dp")},
+    }
+    if intervals is not None:
+        deltas["intervals"] = {k: list(v) for k, v in intervals.items()}
+    return {"deltas": deltas, "agreement": agreement, "flips": flips, "logit_diff": logit_diff}
+
+
+@pytest.mark.parametrize("order", [("x", "y", "z"), ("x",)])
+def test_typed_comparison_writes_what_the_dicts_did(order: tuple[str, ...]) -> None:
+    """The typed deltas / agreement / flips / |Δlogit| serialise to the very JSON text (same keys, same order,
+    same values) the dict-building code wrote, with and without paired intervals, with one group (gaps None)."""
+    from fairdeploy.metrics import bootstrap_difference_intervals, compute_metrics
+    from fairdeploy.validation.validate import agreement_stats, logit_diff_stats, metric_deltas
+
+    rng = np.random.default_rng(1)
+    n, classes = 300, ("a", "b", "c")
+    y = rng.integers(0, 3, n)
+    rl, cl = rng.normal(size=(n, 3)).astype(np.float32), rng.normal(size=(n, 3)).astype(np.float32)
+    r, c = rl.argmax(1), cl.argmax(1)
+    g = rng.choice(list(order), n)
+    ref, cand = (compute_metrics(y, p, g, 3, classes, group_order=order) for p in (r, c))
+    for intervals in (None, bootstrap_difference_intervals(y, r, c, g, order, 3, 20, 0)):
+        typed = {"deltas": metric_deltas(ref, cand, intervals).to_dict(),
+                 "agreement": agreement_stats(r, c, g, order).to_dict(),
+                 "flips": {x: f.to_dict() for x, f in flip_stats(y, r, c, g, order, classes).items()},
+                 "logit_diff": logit_diff_stats(rl, cl, g, order).to_dict()}
+        assert json.dumps(typed) == json.dumps(_comparison_as_dicts(y, r, c, rl, cl, g, order, classes, ref, cand,
+                                                                    intervals))
+    if len(order) == 1:
+        assert metric_deltas(ref, cand).fairness["eodd"] is None
 
 
 def test_mismatched_candidates_are_refused_before_any_inference(trained_checkpoint: Path, synth_manifest: Path,

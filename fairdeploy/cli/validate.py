@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -31,6 +32,10 @@ from fairdeploy.errors import EXIT_GATE_FAILED
 from fairdeploy.io import claim_output, write_json
 from fairdeploy.runtime.base import BACKENDS
 
+if TYPE_CHECKING:
+    from fairdeploy.metrics import MetricsReport
+    from fairdeploy.validation.validate import MetricDeltas, ValidationResult
+
 
 def _delta(value: float | None, delta: float | None, digits: int = 3) -> str:
     """The value, and under it the signed delta against the reference (coloured when non-zero)."""
@@ -55,40 +60,39 @@ def _short(label: str) -> str:
     return str(Path(*parts[-2:])) if len(parts) > 2 else label
 
 
-def comparison_table(result: dict[str, Any]) -> Table:
+def comparison_table(result: ValidationResult) -> Table:
     """One column per runner (reference first), one row per quantity; candidates show their delta below."""
-    ref = result["reference"]
-    cands = result["candidates"]
-    groups = list(ref["metrics"]["groups"])
-    table = Table(title=f"Validation on {result['data']['split']} (n={result['data']['n']}); "
+    ref, cands = result.reference, result.candidates
+    groups = ref.metrics.group_names
+    table = Table(title=f"Validation on {result.data.split} (n={result.data.n}); "
                         "second lines: candidate - reference", box=box.SIMPLE_HEAD,
-                  caption=f"reference: {ref['artifact']['path']}", caption_justify="left")
+                  caption=f"reference: {ref.artifact.path}", caption_justify="left")
     table.add_column("", no_wrap=True)
-    table.add_column(f"reference\n{ref['label'] if ref['label'] != 'reference' else ''}".rstrip(), justify="right",
+    table.add_column(f"reference\n{ref.label if ref.label != 'reference' else ''}".rstrip(), justify="right",
                      overflow="fold")
     for c in cands:
-        table.add_column(_short(c["label"]), justify="right", overflow="fold")
+        table.add_column(_short(c.label), justify="right", overflow="fold")
 
-    def metric_row(title: str, get: Any, delta: Any) -> None:
-        table.add_row(title, _delta(get(ref), None), *[_delta(get(c), delta(c)) for c in cands])
+    def metric_row(title: str, get: Callable[[MetricsReport], float | None],
+                   delta: Callable[[MetricDeltas], float | None]) -> None:
+        table.add_row(title, _delta(get(ref.metrics), None), *[_delta(get(c.run.metrics), delta(c.deltas))
+                                                                for c in cands])
 
-    table.add_row("runtime", *[_runtime(r["runtime"]) for r in (ref, *cands)])
-    table.add_row("precision, size", *[f"{r['artifact']['precision']}, {r['artifact']['size_bytes'] / 2**20:.1f} MB"
-                                       for r in (ref, *cands)])
-    metric_row("accuracy", lambda r: r["metrics"]["overall"]["accuracy"], lambda c: c["deltas"]["overall"]["accuracy"])
+    runs = (ref, *(c.run for c in cands))
+    table.add_row("runtime", *[_runtime(r.runtime) for r in runs])
+    table.add_row("precision, size", *[f"{r.artifact.precision}, {r.artifact.size_bytes / 2**20:.1f} MB" for r in runs])
+    metric_row("accuracy", lambda m: m.overall_accuracy, lambda d: d.accuracy)
     for g in groups:
-        metric_row(f"accuracy {g}", lambda r, g=g: r["metrics"]["groups"][g]["accuracy"],
-                   lambda c, g=g: c["deltas"]["groups"][g]["accuracy"])
-    metric_row("macro-F1", lambda r: r["metrics"]["overall"]["f1_macro"], lambda c: c["deltas"]["overall"]["f1_macro"])
-    metric_row("eodd", lambda r: r["metrics"]["fairness"]["eodd"], lambda c: c["deltas"]["fairness"]["eodd"])
-    table.add_row("agreement", "", *[f"{c['agreement']['overall']:.3f}" for c in cands])
+        metric_row(f"accuracy {g}", lambda m, g=g: m.group(g).accuracy, lambda d, g=g: d.groups[g].accuracy)
+    metric_row("macro-F1", lambda m: m.overall_f1_macro, lambda d: d.f1_macro)
+    metric_row("eodd", lambda m: m.gap("eodd"), lambda d: d.fairness["eodd"])
+    table.add_row("agreement", "", *[f"{c.agreement.overall:.3f}" for c in cands])
     for g in groups:
-        table.add_row(f"agreement {g}", "", *[f"{c['agreement']['groups'][g]:.3f}" for c in cands])
-    table.add_row("max |Δlogit|", "", *[f"{c['logit_diff']['max_abs']:.1e}" for c in cands])
-    for i, stats in enumerate(ref["latency"]):
-        table.add_row(f"p50 ms, batch {stats['batch_size']}",
-                      *[f"{r['latency'][i]['p50_ms']:.2f}" for r in (ref, *cands)])
-    table.add_row("gate", "", *["[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]" for c in cands])
+        table.add_row(f"agreement {g}", "", *[f"{c.agreement.groups[g]:.3f}" for c in cands])
+    table.add_row("max |Δlogit|", "", *[f"{c.logit_diff.max_abs:.1e}" for c in cands])
+    for i, stats in enumerate(ref.latency):
+        table.add_row(f"p50 ms, batch {stats.batch_size}", *[f"{r.latency[i].p50_ms:.2f}" for r in runs])
+    table.add_row("gate", "", *["[green]pass[/green]" if c.passed else "[red]FAIL[/red]" for c in cands])
     return table
 
 
@@ -140,23 +144,23 @@ def validate(
     with claim_output(out, OUT_POLICIES["validate"], overwrite=overwrite, inputs=inputs):
         with RichProgress() as progress:
             result = run_validation(reference, candidate, manifest, cfg, backend, device, allow_fallback, progress)
-        d = result.to_dict()
         path = out / VALIDATION_FILE
-        write_json(path, d)
-    console.print(comparison_table(d))
-    for line in d["failures"]:
+        write_json(path, result.to_dict())
+    console.print(comparison_table(result))
+    failures = result.failures()
+    for line in failures:
         console.print(f"[bold red]FAIL[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
-    for cand in d["candidates"]:
-        if cand["runtime"].get("fallback"):
-            console.print(f"[yellow]note[/yellow] {cand['label']}: ONNX Runtime fell back "
-                          f"(missing {', '.join(cand['runtime']['providers_missing'])})", highlight=False)
-    for reason in d["degenerate"]:
+    for cand in result.candidates:
+        if cand.run.runtime.get("fallback"):
+            console.print(f"[yellow]note[/yellow] {cand.label}: ONNX Runtime fell back "
+                          f"(missing {', '.join(cand.run.runtime['providers_missing'])})", highlight=False)
+    for reason in result.degenerate:
         console.print(f"[yellow]degenerate[/yellow] {escape(reason)}", highlight=False, soft_wrap=True)
     console.print(f"validation: {path}", highlight=False, soft_wrap=True)
     if not result.passed:
-        why = f"{len(d['failures'])} failure(s)"
-        if d["degenerate"]:
-            why += "; the fairness figures are degenerate (" + "; ".join(d["degenerate"]) + ")"
+        why = f"{len(failures)} failure(s)"
+        if result.degenerate:
+            why += "; the fairness figures are degenerate (" + "; ".join(result.degenerate) + ")"
         console.print(f"[bold red]gate failed[/bold red]: {escape(why)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_GATE_FAILED)
     console.print("[bold green]gate passed[/bold green]: every tolerance holds")

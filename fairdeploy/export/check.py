@@ -42,8 +42,8 @@ def compare_logits(reference: np.ndarray, logits: np.ndarray, groups: np.ndarray
         groups, group_order = np.zeros(len(reference), dtype=np.int64), ()
     agreement = agreement_stats(reference.argmax(1), logits.argmax(1), groups, group_order)
     diff = logit_diff_stats(reference, logits, groups, group_order)
-    return Agreement(n=len(reference), max_abs_logit_diff=diff["max_abs"], top1_agreement=agreement["overall"],
-                     top1_agreement_per_group=agreement["groups"])
+    return Agreement(n=len(reference), max_abs_logit_diff=diff.max_abs, top1_agreement=agreement.overall,
+                     top1_agreement_per_group=agreement.groups)
 
 
 def onnx_logits(path: str | os.PathLike[str], inputs: np.ndarray, batch_sizes: Sequence[int],

@@ -129,7 +129,7 @@ def _evaluate(logits: np.ndarray, check: CheckData, torch_ref: np.ndarray, fp32_
     out["top1_agreement_per_group"] = vs_torch.top1_agreement_per_group
     if check.labels is not None and names is not None:
         accuracy = agreement_stats(check.labels, logits.argmax(1), names, order)
-        out["accuracy"], out["accuracy_per_group"] = accuracy["overall"], accuracy["groups"]
+        out["accuracy"], out["accuracy_per_group"] = accuracy.overall, accuracy.groups
     return out
 
 

@@ -155,12 +155,12 @@ def evaluate(logits: np.ndarray, reference: np.ndarray, data: EvalSet, tol: Tole
     diff = logit_diff_stats(reference, logits, names, order)
     kw = {"num_classes": data.num_classes, "group_order": order}
     checks = check_tolerances(compute_metrics(data.labels, ref_pred, names, **kw),
-                              compute_metrics(data.labels, pred, names, **kw), same["overall"], same["groups"], tol)
+                              compute_metrics(data.labels, pred, names, **kw), same.overall, same.groups, tol)
     return Evaluation(
-        agreement=same["overall"], agreement_per_group=same["groups"],
-        accuracy=correct["overall"], accuracy_per_group=correct["groups"],
-        accuracy_drop_per_group={g: ref_correct["groups"][g] - correct["groups"][g] for g in order},
-        mean_abs_logit_diff_per_group={g: diff["groups"][g]["mean_abs"] for g in order}, checks=checks)
+        agreement=same.overall, agreement_per_group=same.groups,
+        accuracy=correct.overall, accuracy_per_group=correct.groups,
+        accuracy_drop_per_group={g: ref_correct.groups[g] - correct.groups[g] for g in order},
+        mean_abs_logit_diff_per_group={g: diff.groups[g].mean_abs for g in order}, checks=checks)
 
 
 def with_fp32_layers(int8_model: Any, fp32_model: Any, layers: Sequence[str]) -> Any:

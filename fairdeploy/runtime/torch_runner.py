@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fairdeploy.models.checkpoint import WEIGHTS_FILE, checkpoint_hash, load_checkpoint, read_spec, resolve_checkpoint
 from fairdeploy.runtime.base import ArtifactInfo, BaseRunner, InputSpec
+
+if TYPE_CHECKING:
+    from fairdeploy.models.size import ModelSize
 
 
 def checkpoint_info(path: str | os.PathLike[str]) -> ArtifactInfo:
@@ -48,12 +51,12 @@ class TorchRunner(BaseRunner):
         size = self.info.image_size
         return InputSpec("input", (-1, 3, size, size), "float32")
 
-    def model_size(self) -> dict[str, int]:
+    def model_size(self) -> ModelSize:
         """Params and MACs of the loaded model for one image at its input size (the runner must be open)."""
         from fairdeploy.models.size import model_size
 
         assert self._model is not None, "open the runner first"
-        return model_size(self._model, self.info.image_size, self.device).to_dict()
+        return model_size(self._model, self.info.image_size, self.device)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         assert self._model is not None

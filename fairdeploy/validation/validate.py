@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,11 +24,14 @@ from fairdeploy.metrics import (
 )
 from fairdeploy.metrics.fairness import FAIRNESS_KEYS
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.runtime.base import ArtifactInfo, Runner, check_logits, runner_from_artifact
+from fairdeploy.runtime.base import ArtifactInfo, InputSpec, Runner, check_logits, runner_from_artifact
 from fairdeploy.runtime.torch_runner import TorchRunner
 from fairdeploy.validation.fingerprint import environment_fingerprint
 from fairdeploy.validation.latency import LatencyConfig, LatencyStats, measure_latency
 from fairdeploy.validation.tolerances import CheckResult, Tolerances, check_tolerances
+
+if TYPE_CHECKING:
+    from fairdeploy.models.size import ModelSize
 
 SCHEMA_VERSION = 1
 VALIDATION_FILE = "validation.json"
@@ -103,13 +106,29 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class DataSummary:
+    """The images a validation ran on: the manifest (and its hash), the split, and its group and class counts."""
+
+    manifest: str
+    manifest_sha256: str | None  # None when the manifest is not a file
+    split: str
+    n: int
+    group_counts: dict[str, int]
+    class_counts: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"manifest": self.manifest, "manifest_sha256": self.manifest_sha256, "split": self.split,
+                "n": self.n, "group_counts": dict(self.group_counts), "class_counts": dict(self.class_counts)}
+
+
+@dataclass(frozen=True)
 class RunOutput:
     """One runner's part of a validation: what it ran, its metrics and latency."""
 
     label: str
     artifact: ArtifactInfo
     runtime: dict[str, Any]
-    input_spec: dict[str, Any]
+    input_spec: InputSpec
     metrics: MetricsReport
     latency: tuple[LatencyStats, ...]
 
@@ -118,7 +137,7 @@ class RunOutput:
             "label": self.label,
             "artifact": self.artifact.to_dict(),
             "runtime": self.runtime,
-            "input_spec": self.input_spec,
+            "input_spec": self.input_spec.to_dict(),
             "metrics": self.metrics.to_dict(),
             "latency": [s.to_dict() for s in self.latency],
         }
@@ -130,11 +149,11 @@ class CandidateResult:
 
     run: RunOutput
     source_matches_reference: bool | None
-    deltas: dict[str, Any]
-    agreement: dict[str, Any]
-    flips: dict[str, Any]
-    confusion_delta: dict[str, list[list[int]]]
-    logit_diff: dict[str, Any]
+    deltas: MetricDeltas
+    agreement: AgreementStats
+    flips: dict[str, GroupFlips]  # per group, in the reference's group order
+    confusion_delta: dict[str, list[list[int]]]  # per group: K x K, candidate minus reference
+    logit_diff: LogitDiff
     checks: tuple[CheckResult, ...]
     other_source_allowed: bool = False
     reference_sha256: str | None = None
@@ -171,11 +190,11 @@ class CandidateResult:
             **self.run.to_dict(),
             "source_matches_reference": self.source_matches_reference,
             "degenerate": list(self.degenerate),
-            "deltas": self.deltas,
-            "agreement": self.agreement,
-            "flips": self.flips,
+            "deltas": self.deltas.to_dict(),
+            "agreement": self.agreement.to_dict(),
+            "flips": {g: f.to_dict() for g, f in self.flips.items()},
             "confusion_delta": self.confusion_delta,
-            "logit_diff": self.logit_diff,
+            "logit_diff": self.logit_diff.to_dict(),
             "checks": [c.to_dict() for c in self.checks],
             "passed": self.passed,
             "failures": self.failures(),
@@ -188,13 +207,13 @@ class ValidationResult:
 
     reference: RunOutput
     candidates: tuple[CandidateResult, ...]
-    data: dict[str, Any]
+    data: DataSummary
     config: ValidationConfig
     options: dict[str, Any]
     fingerprint: dict[str, Any]
     created_utc: str
     degenerate: tuple[str, ...] = ()  # "<who>: <reason>" for the split, the reference and each candidate
-    model_size: dict[str, int] | None = None  # the reference's params / MACs (flops.ModelSize.to_dict)
+    model_size: ModelSize | None = None  # the reference checkpoint's params / MACs
 
     @property
     def passed(self) -> bool:
@@ -238,8 +257,8 @@ class ValidationResult:
             "passed": self.passed,
             "failures": self.failures(),
             "degenerate": list(self.degenerate),
-            "model_size": self.model_size,
-            "data": self.data,
+            "model_size": None if self.model_size is None else self.model_size.to_dict(),
+            "data": self.data.to_dict(),
             "config": {**self.config.to_dict(), **self.options},
             "tolerances": self.config.tolerances.to_dict(),
             "reference": self.reference.to_dict(),
@@ -252,69 +271,162 @@ class ValidationResult:
 # ---- comparison pieces (pure functions of predictions; tested against brute-force loops) ----
 
 
+@dataclass(frozen=True)
+class AgreementStats:
+    """Share of samples whose top-1 class equals the reference's (or the label's), overall and per group."""
+
+    overall: float
+    groups: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"overall": self.overall, "groups": dict(self.groups)}
+
+
+@dataclass(frozen=True)
+class AbsDiff:
+    """Max and mean over samples and classes of |candidate logit - reference logit|."""
+
+    max_abs: float
+    mean_abs: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"max_abs": self.max_abs, "mean_abs": self.mean_abs}
+
+
+@dataclass(frozen=True)
+class LogitDiff:
+    """|Δlogit| overall (max and mean over samples and classes) and per group."""
+
+    max_abs: float
+    mean_abs: float
+    groups: dict[str, AbsDiff]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_abs": self.max_abs, "mean_abs": self.mean_abs,
+                "groups": {g: d.to_dict() for g, d in self.groups.items()}}
+
+
+@dataclass(frozen=True)
+class Transition:
+    """How many of a group's samples the reference predicted as `source` and the candidate as `target`."""
+
+    source: str
+    target: str
+    count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from": self.source, "to": self.target, "count": self.count}
+
+
+@dataclass(frozen=True)
+class GroupFlips:
+    """One group's samples whose top-1 class changed (of which broken: the reference was right and the
+    candidate wrong; fixed: the reverse) and each reference->candidate class transition."""
+
+    n: int
+    changed: int
+    broken: int
+    fixed: int
+    transitions: tuple[Transition, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "changed": self.changed, "broken": self.broken, "fixed": self.fixed,
+                "transitions": [t.to_dict() for t in self.transitions]}
+
+
+@dataclass(frozen=True)
+class GroupDeltas:
+    """Candidate minus reference of one group's accuracy and macro P/R/F1."""
+
+    accuracy: float
+    precision_macro: float
+    recall_macro: float
+    f1_macro: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "precision_macro": self.precision_macro,
+                "recall_macro": self.recall_macro, "f1_macro": self.f1_macro}
+
+
+@dataclass(frozen=True)
+class MetricDeltas:
+    """Candidate minus reference of every scalar two MetricsReports share (VALIDATION_DEFINITIONS["deltas"])."""
+
+    accuracy: float
+    f1_macro: float
+    groups: dict[str, GroupDeltas]
+    summary: dict[str, dict[str, float]]  # as MetricsReport.summary(): metric -> {"avg", "diff"}
+    fairness: dict[str, float | None]  # None where a gap is undefined
+    intervals: dict[str, tuple[float, float]] | None = None  # paired bootstrap CIs (None: not computed)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "overall": {"accuracy": self.accuracy, "f1_macro": self.f1_macro},
+            "groups": {g: d.to_dict() for g, d in self.groups.items()},
+            "summary": {k: dict(v) for k, v in self.summary.items()},
+            "fairness": dict(self.fairness),
+        }
+        if self.intervals is not None:
+            out["intervals"] = {k: list(v) for k, v in self.intervals.items()}
+        return out
+
+
 def agreement_stats(ref_pred: np.ndarray, cand_pred: np.ndarray, groups: np.ndarray,
-                    group_order: Sequence[str]) -> dict[str, Any]:
+                    group_order: Sequence[str]) -> AgreementStats:
     same = ref_pred == cand_pred
-    return {
-        "overall": float(same.mean()),
-        "groups": {g: float(same[groups == g].mean()) for g in group_order},
-    }
+    return AgreementStats(float(same.mean()), {g: float(same[groups == g].mean()) for g in group_order})
 
 
 def flip_stats(y_true: np.ndarray, ref_pred: np.ndarray, cand_pred: np.ndarray, groups: np.ndarray,
-               group_order: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
+               group_order: Sequence[str], classes: Sequence[str]) -> dict[str, GroupFlips]:
     """Per group: changed / broken / fixed counts and each reference->candidate class transition's count."""
     K = len(classes)
-    out: dict[str, Any] = {}
+    out: dict[str, GroupFlips] = {}
     for g in group_order:
         m = groups == g
         t, r, c = y_true[m], ref_pred[m], cand_pred[m]
         changed = r != c
         trans = np.bincount(r[changed] * K + c[changed], minlength=K * K).reshape(K, K)
-        out[g] = {
-            "n": int(m.sum()),
-            "changed": int(changed.sum()),
-            "broken": int(((r == t) & (c != t)).sum()),
-            "fixed": int(((r != t) & (c == t)).sum()),
-            "transitions": [
-                {"from": classes[a], "to": classes[b], "count": int(trans[a, b])}
-                for a in range(K) for b in range(K) if trans[a, b]
-            ],
-        }
+        out[g] = GroupFlips(
+            n=int(m.sum()),
+            changed=int(changed.sum()),
+            broken=int(((r == t) & (c != t)).sum()),
+            fixed=int(((r != t) & (c == t)).sum()),
+            transitions=tuple(Transition(classes[a], classes[b], int(trans[a, b]))
+                              for a in range(K) for b in range(K) if trans[a, b]),
+        )
     return out
 
 
 def logit_diff_stats(ref_logits: np.ndarray, cand_logits: np.ndarray, groups: np.ndarray,
-                     group_order: Sequence[str]) -> dict[str, Any]:
+                     group_order: Sequence[str]) -> LogitDiff:
     d = np.abs(cand_logits.astype(np.float64) - ref_logits.astype(np.float64))
-    return {
-        "max_abs": float(d.max()),
-        "mean_abs": float(d.mean()),
-        "groups": {g: {"max_abs": float(d[groups == g].max()), "mean_abs": float(d[groups == g].mean())}
-                   for g in group_order},
-    }
+    return LogitDiff(
+        float(d.max()), float(d.mean()),
+        {g: AbsDiff(float(d[groups == g].max()), float(d[groups == g].mean())) for g in group_order},
+    )
 
 
 def _d(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
 
 
-def metric_deltas(reference: MetricsReport, candidate: MetricsReport) -> dict[str, Any]:
-    """Candidate minus reference of every scalar the two reports share."""
+def metric_deltas(reference: MetricsReport, candidate: MetricsReport,
+                  intervals: dict[str, tuple[float, float]] | None = None) -> MetricDeltas:
+    """Candidate minus reference of every scalar the two reports share (`intervals`: their paired CIs)."""
     ref_sum, cand_sum = reference.summary(), candidate.summary()
-    return {
-        "overall": {
-            "accuracy": candidate.overall_accuracy - reference.overall_accuracy,
-            "f1_macro": candidate.overall_f1_macro - reference.overall_f1_macro,
-        },
-        "groups": {
-            g: {key: getattr(candidate.group(g), key) - getattr(m, key)
-                for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro")}
+    return MetricDeltas(
+        accuracy=candidate.overall_accuracy - reference.overall_accuracy,
+        f1_macro=candidate.overall_f1_macro - reference.overall_f1_macro,
+        groups={
+            g: GroupDeltas(*(getattr(candidate.group(g), key) - getattr(m, key)
+                             for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro")))
             for g, m in reference.groups
         },
-        "summary": {key: {s: cand_sum[key][s] - ref_sum[key][s] for s in ("avg", "diff")} for key in ref_sum},
-        "fairness": {k: _d(reference.gap(k), candidate.gap(k)) for k in FAIRNESS_KEYS},
-    }
+        summary={key: {s: cand_sum[key][s] - ref_sum[key][s] for s in ("avg", "diff")} for key in ref_sum},
+        fairness={k: _d(reference.gap(k), candidate.gap(k)) for k in FAIRNESS_KEYS},
+        intervals=intervals,
+    )
 
 
 def confusion_deltas(reference: MetricsReport, candidate: MetricsReport) -> dict[str, list[list[int]]]:
@@ -397,16 +509,16 @@ def _reference_runner(reference: Any, device: Any) -> Runner:
 
 
 def _data_summary(manifest: Manifest, split: str, labels: np.ndarray, groups: np.ndarray,
-                  classes: Sequence[str], group_order: Sequence[str]) -> dict[str, Any]:
+                  classes: Sequence[str], group_order: Sequence[str]) -> DataSummary:
     src = Path(manifest.source)
-    return {
-        "manifest": manifest.source,
-        "manifest_sha256": sha256_file(src) if src.is_file() else None,
-        "split": split,
-        "n": int(len(labels)),
-        "group_counts": {g: int((groups == g).sum()) for g in group_order},
-        "class_counts": {c: int((labels == k).sum()) for k, c in enumerate(classes)},
-    }
+    return DataSummary(
+        manifest=manifest.source,
+        manifest_sha256=sha256_file(src) if src.is_file() else None,
+        split=split,
+        n=int(len(labels)),
+        group_counts={g: int((groups == g).sum()) for g in group_order},
+        class_counts={c: int((labels == k).sum()) for k, c in enumerate(classes)},
+    )
 
 
 @dataclass(frozen=True)
@@ -416,11 +528,11 @@ class _Pass:
     logits: list[np.ndarray]  # per runner, (N, K) float32
     labels: np.ndarray  # (N,) class indices
     groups: np.ndarray  # (N,) group indices
-    input_specs: list[dict[str, Any]]
+    input_specs: list[InputSpec]
     runtimes: list[dict[str, Any]]
     latency: list[tuple[LatencyStats, ...]]
     fingerprint: dict[str, Any]
-    reference_size: dict[str, int] | None  # the reference checkpoint's params / MACs, counted while it was open
+    reference_size: ModelSize | None  # the reference checkpoint's params / MACs, counted while it was open
 
 
 def _run_all(runners: Sequence[Runner], dataset: Any, num_classes: int, config: ValidationConfig,
@@ -436,7 +548,7 @@ def _run_all(runners: Sequence[Runner], dataset: Any, num_classes: int, config: 
     with contextlib.ExitStack() as stack:
         for r in runners:
             stack.enter_context(r)
-        specs = [r.input_spec().to_dict() for r in runners]
+        specs = [r.input_spec() for r in runners]
         done = 0
         for x, y, g, ok, idx in make_loader(dataset, config.batch_size, workers=config.workers):
             check_batch(dataset, ok, idx)
@@ -522,12 +634,12 @@ def validate(
         return compute_metrics(y_true, pred, group_names, K, ref_info.classes, group_order=group_order,
                                bootstrap=config.bootstrap, seed=config.seed)
 
-    def deltas(cand_report: MetricsReport, cand_pred: np.ndarray) -> dict[str, Any]:
-        out = metric_deltas(ref_report, cand_report)
+    def deltas(cand_report: MetricsReport, cand_pred: np.ndarray) -> MetricDeltas:
+        intervals = None
         if config.bootstrap > 0 and len(group_order) >= 2:
-            out["intervals"] = {k: list(v) for k, v in bootstrap_difference_intervals(
-                y_true, preds[0], cand_pred, group_names, group_order, K, config.bootstrap, config.seed).items()}
-        return out
+            intervals = bootstrap_difference_intervals(y_true, preds[0], cand_pred, group_names, group_order, K,
+                                                       config.bootstrap, config.seed)
+        return metric_deltas(ref_report, cand_report, intervals)
 
     ref_report = report(preds[0])
     ref_out = RunOutput("reference", ref_info, runtimes[0], specs[0], ref_report, latency[0])
@@ -552,7 +664,7 @@ def validate(
             flips=flip_stats(y_true, preds[0], preds[i], group_names, group_order, ref_info.classes),
             confusion_delta=confusion_deltas(ref_report, cand_report),
             logit_diff=logit_diff_stats(all_logits[0], all_logits[i], group_names, group_order),
-            checks=check_tolerances(ref_report, cand_report, agreement["overall"], agreement["groups"],
+            checks=check_tolerances(ref_report, cand_report, agreement.overall, agreement.groups,
                                     config.tolerances),
             other_source_allowed=config.allow_other_source,
             reference_sha256=ref_info.source_sha256,
