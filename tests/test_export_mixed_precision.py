@@ -121,9 +121,12 @@ def test_fast_fp32_layers_equal_ort_exclusion(hostile) -> None:
 def test_export_records_the_plan(trained_checkpoint: Path, synth_manifest: Path, tmp_path: Path) -> None:
     options = resolve_options(None, {"onnx": {"precision": ("int8",)}, "calibration": {"size": 24, "mixed_precision": "group-aware"}})
     result = run_export(trained_checkpoint, tmp_path / "out", options, data=synth_manifest)
-    info = result.summary["onnx"]["int8"]
+    recorded = json.loads(result.export_json.read_text())
+    assert recorded == json.loads(json.dumps(result.summary.to_dict()))
+    info = recorded["onnx"]["int8"]
     mixed = info["mixed_precision"]
-    assert info["placement"] == "tensorrt" and result.summary["calibration"]["recipe"]["mixed_precision"] == "group-aware"
+    assert info["placement"] == "tensorrt" and recorded["calibration"]["recipe"]["mixed_precision"] == "group-aware"
+    assert result.summary.onnx["int8"].int8.mixed_precision.kept_fp32 == tuple(k["layer"] for k in mixed["kept_fp32"])
     assert mixed["data"].endswith("manifest.csv:val") and mixed["final"]["gate_passed"]
     kept = [k["layer"] for k in mixed["kept_fp32"]]
     model = onnx.load(str(result.onnx["int8"]))

@@ -136,6 +136,27 @@ def test_export_json_records_checks_and_versions(exported: Path) -> None:
         "calibration.json", "export.json", "model.fp16.onnx", "model.fp32.onnx", "model.int8.onnx"]
 
 
+def test_export_json_keeps_its_layout(exported: Path) -> None:
+    """export.json, written from the typed ExportSummary, has the keys in the order it has always had them."""
+    summary = json.loads((exported / "export.json").read_text())
+    assert list(summary) == ["created", "checkpoint", "options", "check_data", "onnx", "calibration", "engines",
+                             "versions"]
+    assert list(summary["checkpoint"]) == ["path", "sha256", "arch", "classes", "groups", "image_size", "mean", "std",
+                                           "sparsity"]
+    assert summary["check_data"] == {"source": summary["onnx"]["fp32"]["self_check"]["source"], "n": 94,
+                                     "reference": "PyTorch FP32 on the CPU"}
+    assert list(summary["calibration"]) == ["file", "sha256", "n", "recipe", "counts"]
+    assert list(summary["calibration"]["counts"][0]) == ["group", "class", "n"]
+    head, check = ["path", "precision", "sha256"], ["vs_pytorch", "vs_fp32_onnx", "top1_agreement_per_group",
+                                                     "accuracy", "accuracy_per_group"]
+    assert list(summary["onnx"]) == ["fp32", "fp16", "int8"]
+    assert list(summary["onnx"]["fp32"]) == [*head, "opset", "nodes", "self_check", "simplified", "zero_weights",
+                                             "total_weights", *(k for k in check if k != "vs_fp32_onnx")]
+    assert list(summary["onnx"]["fp16"]) == [*head, *check]
+    assert list(summary["onnx"]["int8"]) == [*head, "placement", "qdq", "calibration_sha256", *check]
+    assert list(summary["onnx"]["int8"]["vs_pytorch"]) == ["n", "max_abs_logit_diff", "top1_agreement"]
+
+
 def test_export_check_and_validate_are_one_comparison(exported: Path, trained_checkpoint: Path, synth_manifest: Path,
                                                       test_split) -> None:
     """Export's self-check and `fairdeploy validate` compare the INT8 graph with PyTorch on the same test split the

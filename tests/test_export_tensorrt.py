@@ -347,7 +347,7 @@ def test_dla_int8_without_gpu_fallback_exports_on_10x(tmp_path: Path, monkeypatc
     assert set(result.engines) == {"int8"}
     side = read_sidecar(tmp_path / "out" / "model.int8.engine.json")
     assert side.quantization == "implicit-calibrator" and side.onnx_file == "model.fp32.onnx" and side.dla_core == 0
-    assert side.calibration_sha256 == result.summary["calibration"]["sha256"]
+    assert side.calibration_sha256 == result.summary.calibration.sha256
     assert (tmp_path / "out" / f"model.int8.engine.calib-{side.calibration_sha256[:16]}.cache").is_file()
     assert trt.calibration["batches"] == [1] * 12 and ("parse_from_file", "model.fp32.onnx") in trt.calls
 

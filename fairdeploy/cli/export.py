@@ -163,28 +163,28 @@ def export(
                             check_split=check_split, seed=seed, progress=progress,
                             allow_outside_root=allow_outside_root)
     summary = result.summary
-    check = summary["check_data"]
-    console.print(f"{summary['checkpoint']['arch']} checked on {check['source']} (n={check['n']}) against PyTorch:",
+    check = summary.check_data
+    console.print(f"{summary.checkpoint.spec.arch} checked on {check.source} (n={check.n}) against PyTorch:",
                   highlight=False, soft_wrap=True)
-    for info in summary["onnx"].values():
-        vs = info["vs_pytorch"]
-        line = (f"  {info['path']}: max |Δlogit| {vs['max_abs_logit_diff']:.3g}, "
-                f"top-1 agreement {vs['top1_agreement']:.4f}")
-        if info.get("top1_agreement_per_group"):
-            line += " (" + ", ".join(f"{g} {a:.3f}" for g, a in info["top1_agreement_per_group"].items()) + ")"
-        if info.get("accuracy") is not None:
-            line += f", accuracy {info['accuracy']:.4f}"
+    for info in summary.onnx.values():
+        vs = info.check.vs_pytorch
+        line = f"  {info.path}: max |Δlogit| {vs.max_abs_logit_diff:.3g}, top-1 agreement {vs.top1_agreement:.4f}"
+        if vs.top1_agreement_per_group:
+            line += " (" + ", ".join(f"{g} {a:.3f}" for g, a in vs.top1_agreement_per_group.items()) + ")"
+        if info.check.accuracy is not None:
+            line += f", accuracy {info.check.accuracy.overall:.4f}"
         console.print(line, highlight=False, soft_wrap=True)
-    if summary.get("calibration"):
-        cal = summary["calibration"]
-        cells = ", ".join(f"{c['group']}/{c['class']} {c['n']}" for c in cal["counts"])
-        console.print(f"calibration: {cal['n']} images ({cal['recipe']['method']}), {cells}; sha256 {cal['sha256'][:16]}",
+    cal = summary.calibration
+    if cal is not None:
+        cells = ", ".join(f"{g}/{c} {n}" for g, c, n in cal.counts)
+        console.print(f"calibration: {cal.n} images ({cal.recipe.method}), {cells}; sha256 {cal.sha256[:16]}",
                       highlight=False, soft_wrap=True)
-        mixed = summary["onnx"].get("int8", {}).get("mixed_precision")
-        if mixed:
-            kept = [k["layer"] for k in mixed["kept_fp32"]]
-            console.print(f"int8 ({cal['recipe']['placement']} Q/DQ placement), group-aware mixed precision on "
-                          f"{mixed['data']}: {len(kept)} layer(s) kept in FP32{': ' + ', '.join(kept) if kept else ''}",
+        int8 = summary.onnx["int8"].int8 if "int8" in summary.onnx else None
+        mixed = int8.mixed_precision if int8 is not None else None
+        if mixed is not None:
+            kept = list(mixed.kept_fp32)
+            console.print(f"int8 ({cal.recipe.placement} Q/DQ placement), group-aware mixed precision on "
+                          f"{mixed.data_source}: {len(kept)} layer(s) kept in FP32{': ' + ', '.join(kept) if kept else ''}",
                           highlight=False, soft_wrap=True)
     for p, path in result.engines.items():
         console.print(f"engine {p}: {path}", highlight=False, soft_wrap=True)

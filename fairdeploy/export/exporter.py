@@ -7,7 +7,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +28,20 @@ from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
 from fairdeploy.data.manifest import Manifest, read_manifest
 from fairdeploy.errors import FairdeployError, MissingDependencyError
 from fairdeploy.export.calibration import (
+    CalibrationRecipe,
     CalibrationSet,
     calibration_batches,
     draw_calibration_set,
     even_batch_size,
     write_calibration_json,
 )
-from fairdeploy.export.check import compare_logits, onnx_logits
+from fairdeploy.export.check import Agreement, compare_logits, onnx_logits
 from fairdeploy.export.fp16 import convert_fp16
-from fairdeploy.export.int8 import group_aware_int8, qdq_summary, quantize_int8
-from fairdeploy.export.mixed_precision import EvalSet
-from fairdeploy.export.onnx_export import export_model_onnx, random_check_inputs
+from fairdeploy.export.int8 import QdqSummary, group_aware_int8, qdq_summary, quantize_int8
+from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan
+from fairdeploy.export.onnx_export import OnnxExportResult, export_model_onnx, random_check_inputs
 from fairdeploy.export.profiles import ExportOptions, resolve_export_options
-from fairdeploy.io import read_json, sha256_file, write_json
+from fairdeploy.io import sha256_file, write_json
 from fairdeploy.models.checkpoint import (
     ModelSpec,
     checkpoint_hash,
@@ -49,7 +50,7 @@ from fairdeploy.models.checkpoint import (
     resolve_checkpoint,
 )
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.validation.validate import agreement_stats
+from fairdeploy.validation.validate import AgreementStats, agreement_stats
 
 MIXED_PRECISION_SPLIT = "val"  # group-aware mixed precision measures layers here: never the test split
 SELF_CHECK_SAMPLES = 64  # real images run at every check batch size against PyTorch
@@ -67,13 +68,144 @@ class CheckData:
 
 
 @dataclass(frozen=True)
+class CheckpointRecord:
+    """The checkpoint an export came from: its path, weights hash and model spec."""
+
+    path: str
+    sha256: str
+    spec: ModelSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.spec
+        return {"path": self.path, "sha256": self.sha256, "arch": s.arch, "classes": list(s.classes),
+                "groups": list(s.groups), "image_size": s.image_size, "mean": list(s.mean), "std": list(s.std),
+                "sparsity": s.sparsity}
+
+
+@dataclass(frozen=True)
+class CheckRecord:
+    """The images every ONNX file was checked on (CheckData.source: a manifest split or "random")."""
+
+    source: str
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "n": self.n, "reference": "PyTorch FP32 on the CPU"}
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    """One ONNX file's logits against PyTorch (and the FP32 ONNX), and its accuracy when the check images have
+    labels: the comparison `fairdeploy validate` makes (accuracy = top-1 agreement with the labels)."""
+
+    vs_pytorch: Agreement
+    vs_fp32_onnx: Agreement | None = None  # None for the FP32 file itself
+    accuracy: AgreementStats | None = None  # None: random check images (no labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"vs_pytorch": self.vs_pytorch.to_dict()}
+        if self.vs_fp32_onnx is not None:
+            out["vs_fp32_onnx"] = self.vs_fp32_onnx.to_dict()
+        out["top1_agreement_per_group"] = self.vs_pytorch.top1_agreement_per_group
+        if self.accuracy is not None:
+            out["accuracy"], out["accuracy_per_group"] = self.accuracy.overall, self.accuracy.groups
+        return out
+
+
+@dataclass(frozen=True)
+class Int8Record:
+    """How the INT8 file was quantized: Q/DQ placement, the group-aware plan, what the graph holds, the set."""
+
+    placement: str
+    qdq: QdqSummary
+    calibration_sha256: str
+    mixed_precision: MixedPrecisionPlan | None = None  # None: mixed precision off
+
+    def to_dict(self) -> dict[str, Any]:
+        mixed = {} if self.mixed_precision is None else {"mixed_precision": self.mixed_precision.to_dict()}
+        return {"placement": self.placement, **mixed, "qdq": self.qdq.to_dict(),
+                "calibration_sha256": self.calibration_sha256}
+
+
+@dataclass(frozen=True)
+class OnnxFile:
+    """One ONNX file of an export: its name, precision and hash, how it was made, and its check."""
+
+    path: str  # the file name in the export folder
+    precision: str
+    sha256: str
+    check: OnnxCheck
+    export: OnnxExportResult | None = None  # the FP32 graph: opset, nodes, self-check at each batch size, zeros
+    int8: Int8Record | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        head = (self.export.to_dict() if self.export is not None
+                else {"path": self.path, "precision": self.precision, "sha256": self.sha256})
+        return {**head, **(self.int8.to_dict() if self.int8 is not None else {}), **self.check.to_dict()}
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """The INT8 calibration set in brief (calibration.json lists its images)."""
+
+    file: str
+    sha256: str
+    n: int
+    recipe: CalibrationRecipe
+    counts: tuple[tuple[str, str, int], ...]  # (group, class, n) in cell order
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "n": self.n, "recipe": self.recipe.to_dict(),
+                "counts": [{"group": g, "class": c, "n": n} for g, c, n in self.counts]}
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """One TensorRT engine built: its file, its sidecar's file and contents, and the build time."""
+
+    file: str
+    sidecar_file: str
+    seconds: float
+    sidecar: EngineSidecar
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sidecar": self.sidecar_file, "seconds": self.seconds, **self.sidecar.to_dict()}
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What export.json holds; to_dict() is the file."""
+
+    created: str
+    checkpoint: CheckpointRecord
+    options: ExportOptions
+    check_data: CheckRecord
+    onnx: dict[str, OnnxFile]  # by precision, fp32 first
+    calibration: CalibrationRecord | None
+    engines: dict[str, EngineRecord]  # by precision
+    versions: dict[str, str]  # package -> version
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "created": self.created,
+            "checkpoint": self.checkpoint.to_dict(),
+            "options": self.options.to_dict(),
+            "check_data": self.check_data.to_dict(),
+            "onnx": {p: f.to_dict() for p, f in self.onnx.items()},
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "engines": {p: e.to_dict() for p, e in self.engines.items()},
+            "versions": dict(self.versions),
+        }
+
+
+@dataclass(frozen=True)
 class ExportResult:
     out_dir: Path
     onnx: dict[str, Path]
     engines: dict[str, Path]
     calibration: Path | None
     export_json: Path
-    summary: dict[str, Any]
+    summary: ExportSummary
 
 
 def _writable_dir(path: Path) -> Path:
@@ -114,23 +246,18 @@ def _ort_logits(path: Path, check: CheckData) -> np.ndarray:
 
 
 def _evaluate(logits: np.ndarray, check: CheckData, torch_ref: np.ndarray, fp32_ref: np.ndarray | None,
-              spec: ModelSpec) -> dict[str, Any]:
-    """Agreement of one ONNX file's logits with PyTorch (and the FP32 ONNX), accuracy, per group present: the
-    comparison `fairdeploy validate` makes (accuracy = top-1 agreement with the labels)."""
+              spec: ModelSpec) -> OnnxCheck:
+    """Agreement of one ONNX file's logits with PyTorch (and the FP32 ONNX), accuracy, per group present."""
     names: np.ndarray | None = None
     order: tuple[str, ...] = ()
     if check.groups is not None:
         names = np.asarray(spec.groups)[check.groups]
         order = tuple(g for i, g in enumerate(spec.groups) if np.any(check.groups == i))
-    vs_torch = compare_logits(torch_ref, logits, names, order)
-    out: dict[str, Any] = {"vs_pytorch": vs_torch.to_dict()}
-    if fp32_ref is not None:
-        out["vs_fp32_onnx"] = compare_logits(fp32_ref, logits).to_dict()
-    out["top1_agreement_per_group"] = vs_torch.top1_agreement_per_group
+    accuracy = None
     if check.labels is not None and names is not None:
         accuracy = agreement_stats(check.labels, logits.argmax(1), names, order)
-        out["accuracy"], out["accuracy_per_group"] = accuracy.overall, accuracy.groups
-    return out
+    return OnnxCheck(vs_pytorch=compare_logits(torch_ref, logits, names, order),
+                     vs_fp32_onnx=None if fp32_ref is None else compare_logits(fp32_ref, logits), accuracy=accuracy)
 
 
 def _versions() -> dict[str, str]:
@@ -212,47 +339,45 @@ def run_export(
         )
         progress("export ONNX", 1, steps)
         fp32_logits = _ort_logits(fp32.path, check)
-        onnx_info: dict[str, Any] = {"fp32": {**fp32.to_dict(), **_evaluate(fp32_logits, check, torch_ref, None, spec)}}
+        onnx_files = {"fp32": OnnxFile(fp32.path.name, "fp32", fp32.sha256,
+                                       _evaluate(fp32_logits, check, torch_ref, None, spec), export=fp32)}
         for i, precision in enumerate(p for p in options.precisions if p != "fp32"):
             path = stage / onnx_filename(precision)
+            int8: Int8Record | None = None
             if precision == "fp16":
                 convert_fp16(fp32.path, path)
-                extra: dict[str, Any] = {}
             else:
                 assert cal is not None
-                extra = {"placement": cal.recipe.placement}
+                plan = None
                 if cal.recipe.mixed_precision == "group-aware":
                     val = load_check_data(mixed_manifest, spec, MIXED_PRECISION_SPLIT, seed)
                     assert val.labels is not None and val.groups is not None
                     model, plan = group_aware_int8(fp32.path, cal, EvalSet(
                         val.inputs, val.labels, val.groups, tuple(spec.groups), spec.num_classes, val.source))
                     quantize_int8(fp32.path, path, cal, model=model)
-                    extra["mixed_precision"] = plan.to_dict()
                 else:
                     quantize_int8(fp32.path, path, cal)
                 write_calibration_json(stage / CALIBRATION_FILE, cal)
                 import onnx
 
-                extra.update(qdq=qdq_summary(onnx.load(str(path))).to_dict(), calibration_sha256=cal.sha256)
-            onnx_info[precision] = {"path": path.name, "precision": precision, "sha256": sha256_file(path), **extra,
-                                    **_evaluate(_ort_logits(path, check), check, torch_ref, fp32_logits, spec)}
+                int8 = Int8Record(placement=cal.recipe.placement, qdq=qdq_summary(onnx.load(str(path))),
+                                  calibration_sha256=cal.sha256, mixed_precision=plan)
+            onnx_files[precision] = OnnxFile(path.name, precision, sha256_file(path),
+                                             _evaluate(_ort_logits(path, check), check, torch_ref, fp32_logits, spec),
+                                             int8=int8)
             progress("export ONNX", i + 2, steps)
-        summary: dict[str, Any] = {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "checkpoint": {"path": str(ckpt), "sha256": ckpt_sha, "arch": spec.arch, "classes": list(spec.classes),
-                           "groups": list(spec.groups), "image_size": spec.image_size, "mean": list(spec.mean),
-                           "std": list(spec.std), "sparsity": spec.sparsity},
-            "options": options.to_dict(),
-            "check_data": {"source": check.source, "n": len(check.inputs),
-                           "reference": "PyTorch FP32 on the CPU"},
-            "onnx": onnx_info,
-            "calibration": None if cal is None else {
-                "file": CALIBRATION_FILE, "sha256": cal.sha256, "n": len(cal), "recipe": cal.recipe.to_dict(),
-                "counts": [{"group": g, "class": c, "n": n} for g, c, n in cal.counts]},
-            "engines": {},
-            "versions": _versions(),
-        }
-        write_json(stage / EXPORT_FILE, summary)
+        summary = ExportSummary(
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            checkpoint=CheckpointRecord(str(ckpt), ckpt_sha, spec),
+            options=options,
+            check_data=CheckRecord(check.source, len(check.inputs)),
+            onnx=onnx_files,
+            calibration=None if cal is None else CalibrationRecord(CALIBRATION_FILE, cal.sha256, len(cal),
+                                                                   cal.recipe, cal.counts),
+            engines={},
+            versions=_versions(),
+        )
+        write_json(stage / EXPORT_FILE, summary.to_dict())
         # Commit: every file renamed into place (export.json last, so it never describes missing files).
         names = [onnx_filename(p) for p in options.precisions] + ([CALIBRATION_FILE] if cal is not None else [])
         remove_stale(out, keep=names)
@@ -262,18 +387,18 @@ def run_export(
         shutil.rmtree(stage, ignore_errors=True)
 
     onnx_paths = {p: out / onnx_filename(p) for p in options.precisions}
-    engines: dict[str, Path] = {}
     if options.tensorrt.build_engines:
-        engines = build_engines(out, onnx_paths, spec, options, cal, trt_module, progress)
-    return ExportResult(out_dir=out, onnx=onnx_paths, engines=engines,
+        summary = build_engines(out, onnx_paths, spec, options, cal, trt_module, progress, summary)
+    return ExportResult(out_dir=out, onnx=onnx_paths, engines={p: out / e.file for p, e in summary.engines.items()},
                         calibration=out / CALIBRATION_FILE if cal is not None else None,
-                        export_json=out / EXPORT_FILE, summary=read_json(out / EXPORT_FILE))
+                        export_json=out / EXPORT_FILE, summary=summary)
 
 
 def build_engines(out: Path, onnx_paths: dict[str, Path], spec: ModelSpec, options: ExportOptions,
                   cal: CalibrationSet | None, trt_module: Any | None,
-                  progress: Progress) -> dict[str, Path]:
-    """One engine + sidecar per precision; export.json gains an `engines` entry per engine built."""
+                  progress: Progress, summary: ExportSummary) -> ExportSummary:
+    """One engine + sidecar per precision; export.json is rewritten with each engine's entry as it is built.
+    Returns `summary` with the engines."""
     from fairdeploy.export.tensorrt_build import build_engine, gpu_identity, import_tensorrt, plan_build
 
     try:
@@ -283,7 +408,6 @@ def build_engines(out: Path, onnx_paths: dict[str, Path], spec: ModelSpec, optio
     version = str(trt.__version__)
     plans = [plan_build(version, p, options.tensorrt, spec.image_size) for p in options.engine_precisions]  # refusals first
     gpu_name, capability = gpu_identity()
-    engines: dict[str, Path] = {}
     for plan in plans:
         onnx_path = onnx_paths[plan.onnx_precision]
         batches, batch_size = None, None
@@ -308,9 +432,7 @@ def build_engines(out: Path, onnx_paths: dict[str, Path], spec: ModelSpec, optio
             sparse_weights="SPARSE_WEIGHTS" in plan.builder_flags, build_settings=plan.to_dict(),
         )
         write_sidecar(out / sidecar_filename(plan.precision), sidecar)
-        engines[plan.precision] = built.path
-        data = read_json(out / EXPORT_FILE)
-        data["engines"][plan.precision] = {"file": built.path.name, "sidecar": sidecar_filename(plan.precision),
-                                           "seconds": built.seconds, **sidecar.to_dict()}
-        write_json(out / EXPORT_FILE, data)
-    return engines
+        record = EngineRecord(built.path.name, sidecar_filename(plan.precision), built.seconds, sidecar)
+        summary = replace(summary, engines={**summary.engines, plan.precision: record})
+        write_json(out / EXPORT_FILE, summary.to_dict())
+    return summary
