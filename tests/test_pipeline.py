@@ -9,11 +9,12 @@ import pytest
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.models.checkpoint import load_checkpoint
-from fairdeploy.pipeline.config import DEMO_CONFIG, PruneEntry, load_pipeline_config
-from fairdeploy.pipeline.run import _budget_options, _split_options, _trajectory, run_pipeline
 from fairdeploy.models.size import model_size
-from fairdeploy.pruning.budget import BudgetConfig
+from fairdeploy.pipeline.config import DEMO_CONFIG, PruneEntry, load_pipeline_config
+from fairdeploy.pipeline.resolve import _budget_options, _split_options
+from fairdeploy.pipeline.run import _trajectory, run_pipeline
 from fairdeploy.pipeline.stages import run_stage
+from fairdeploy.pruning.budget import BudgetConfig
 
 # The demo cut down: one pruning round with one fine-tuning epoch, few score images and bootstrap samples. Less data
 # or 16 px images save no measurable time (what is left is fixed cost: the budget bisection's 15 trial removals
@@ -22,8 +23,8 @@ TINY = dict(
     synth={"n_images": 300, "image_size": 32},
     model={"epochs": 2, "batch_size": 32},
     prune={"group-taylor": {"rounds": 1, "score_samples": 4, "bootstrap": 20, "finetune_epochs": 1}},
-    export={"precisions": ["fp32", "int8"], "calib_size": 48},
-    validate={"bootstrap": 20, "latency_batch_sizes": [1, 4], "latency_iterations": 3, "latency_warmup": 1},
+    export={"onnx": {"precision": ["fp32", "int8"]}, "calibration": {"size": 48}},
+    validate={"bootstrap": 20, "latency": {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1}},
 )
 
 
@@ -215,7 +216,7 @@ def test_interrupted_stage_runs_again(tmp_path):
     "text, message",
     [
         ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\nmanifest = 'x.csv'\n", "exactly one of"),
-        ("[model]\narch = 'resnet18'\n[data]\nsynth = {n_imagez = 5}\n", "unknown option 'n_imagez'"),
+        ("[model]\narch = 'resnet18'\n[data]\nsynth = {n_imagez = 5}\n", r"unknown key 'n_imagez' in \[data\.synth\]; valid keys: n_images"),
         ("colour = 1\n[model]\narch = 'resnet18'\n[data]\nsynth = {}\n", "unknown key 'colour'"),
         ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\nname = 'x'\n", "needs a `method`"),
         ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\n", "needs exactly one of target_macs"),
