@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import typer
+from typer.testing import CliRunner
+
+from fairdeploy.cli.common import Images, Job, option_blocks
 
 
 def test_unexpected_error_has_its_own_exit_code_and_one_line(run_main, monkeypatch, tmp_path) -> None:
     import tempfile
 
-    import fairdeploy.cli.prune as prune_cli
+    import fairdeploy.cli.common as common_cli
 
     def boom(*_a, **_k):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the traceback file goes
 
-    monkeypatch.setattr(prune_cli, "read_manifest", boom)
+    monkeypatch.setattr(common_cli, "read_manifest", boom)
     code, _out, err = run_main("prune", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
                                str(tmp_path / "o"), "--criterion", "magnitude", "--target-macs", "0.5")
     assert code == 4  # not 1: that code means "a validation gate failed" to CI
@@ -28,6 +34,28 @@ def test_unexpected_error_has_its_own_exit_code_and_one_line(run_main, monkeypat
                                str(tmp_path / "o"), "--criterion", "magnitude", "--target-macs", "0.5")
     assert code == 4 and "Traceback (most recent call last)" in err and 'raise RuntimeError("boom")' in err
     assert err.strip().splitlines()[-1].startswith("error: internal error (RuntimeError: boom)")
+
+
+def test_option_blocks_are_options_to_typer_and_one_value_to_the_command() -> None:
+    seen: list[tuple[str, Job]] = []
+
+    @option_blocks
+    def command(name: str = typer.Option("x", "--name"), job: Job = Job()) -> None:
+        seen.append((name, job))
+
+    app = typer.Typer()
+    app.command()(command)
+    app.command("other")(lambda: None)  # two commands: `command` is a subcommand, as in the CLI
+    args = ["command", "--device", "cpu", "--workers", "2", "--images-root", "/r", "--allow-outside-root",
+            "--name", "y", "--overwrite"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert CliRunner().invoke(app, ["command"]).exit_code == 0
+    assert seen == [("y", Job(device="cpu", workers=2, seed=0, images=Images(Path("/r"), True), overwrite=True)),
+                    ("x", Job(device="auto", workers=0, seed=0, images=Images(None, False), overwrite=False))]
+    result = CliRunner().invoke(app, ["command", "--help"], terminal_width=200)
+    flags = [f for f in ("--name", "--device", "--workers", "--seed", "--images-root", "--allow-outside-root",
+                         "--overwrite") if f in result.output]
+    assert sorted(flags, key=result.output.index) == flags and len(flags) == 7  # in the signature's order
 
 
 def test_threads_option_sets_torch_threads(run_main, tmp_path) -> None:
@@ -151,8 +179,7 @@ def test_bad_options_are_refused_before_loading_anything(run_main, monkeypatch, 
     import importlib
     import time
 
-    import fairdeploy.cli.prune as prune_cli
-    import fairdeploy.cli.train as train_cli
+    import fairdeploy.cli.common as common_cli
 
     loaded: list[str] = []
 
@@ -166,8 +193,7 @@ def test_bad_options_are_refused_before_loading_anything(run_main, monkeypatch, 
                    "fairdeploy.validation"):
         importlib.import_module(module)  # imported first: torch and torchvision are not what is timed
 
-    monkeypatch.setattr(train_cli, "read_manifest", recording)
-    monkeypatch.setattr(prune_cli, "read_manifest", recording)
+    monkeypatch.setattr(common_cli, "read_manifest", recording)  # train, evaluate, prune, finetune (Images.read)
     monkeypatch.setattr(validate_cli, "read_manifest", recording)
     t0 = time.perf_counter()
     code, out, err = run_main(*args, "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import json
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fairdeploy.data.manifest import Manifest, read_manifest
 from fairdeploy.io import OutputPolicy
 
 # Wide tables stay readable when the output is a file or a CI log (rich defaults to 80 columns there).
@@ -109,6 +113,73 @@ OverwriteOpt = Annotated[
 ]
 
 
+# ---- option blocks: options several commands take together, declared once ----
+# A command takes a block as one parameter (`job: Job = Job()`) and is decorated with `option_blocks`: Typer
+# sees the block's fields as options (a block inside a block too), the command gets the block built from them.
+
+@dataclasses.dataclass(frozen=True)
+class Images:
+    """Where a manifest's images are read from."""
+
+    images_root: ImagesRootOpt = None
+    allow_outside_root: AllowOutsideRootOpt = False
+
+    def read(self, data: Path) -> Manifest:
+        return read_manifest(data, self.images_root, allow_outside_root=self.allow_outside_root)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """The options of a command that computes on a manifest's images and writes --out."""
+
+    device: DeviceOpt = "auto"
+    workers: WorkersOpt = 0
+    seed: SeedOpt = 0
+    images: Images = Images()
+    overwrite: OverwriteOpt = False
+
+
+def _is_block(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _block_parameters(block: type) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(block, include_extras=True)
+    out: list[inspect.Parameter] = []
+    for f in dataclasses.fields(block):
+        if _is_block(hints[f.name]):
+            out += _block_parameters(hints[f.name])
+        else:
+            out.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default,
+                                         annotation=hints[f.name]))
+    return out
+
+
+def _build_block(block: type, values: dict[str, Any]) -> Any:
+    """The block from the options' values (taken out of `values`)."""
+    hints = typing.get_type_hints(block, include_extras=True)
+    return block(**{f.name: _build_block(hints[f.name], values) if _is_block(hints[f.name]) else values.pop(f.name)
+                    for f in dataclasses.fields(block)})
+
+
+def option_blocks(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Expand the command's block parameters (see Images, Job) into their options, in the signature Typer reads."""
+    signature = inspect.signature(command, eval_str=True)
+    blocks = {name: p.annotation for name, p in signature.parameters.items() if _is_block(p.annotation)}
+    params: list[inspect.Parameter] = []
+    for name, p in signature.parameters.items():
+        params += _block_parameters(p.annotation) if name in blocks else [p]
+
+    @functools.wraps(command)
+    def run(**values: Any) -> Any:
+        built = {name: _build_block(block, values) for name, block in blocks.items()}  # takes their options out
+        return command(**values, **built)
+
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
+
 # ---- what each command writes at --out, and the proof that an existing --out is its own (fairdeploy.io) ----
 
 def _json_has(path: Path, keys: tuple[str, ...]) -> bool:
@@ -183,15 +254,31 @@ def claim_on_main(out: Path, policy: OutputPolicy, **kw: Any) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def rank_job(device: str, out: Path, command: str, **claim: Any) -> Iterator[tuple[Any, Any, bool]]:
+def rank_job(command: str, out: Path, job: Job, inputs: dict[str, Any],
+             resume: bool | None = None) -> Iterator[tuple[Any, Any, bool]]:
     """One training/pruning command's run: the process group under torchrun (nothing otherwise), `out` claimed
-    under `command`'s output policy and the progress shown on the process that writes (rank 0). Yields this
-    process's device, the progress callback and whether this process reports."""
+    under `command`'s output policy (`inputs`, the command's input paths by flag, and --images-root may not be
+    `out`) and the progress shown on the process that writes (rank 0). Yields this process's device, the
+    progress callback and whether this process reports."""
     from fairdeploy.distributed import distributed_run, world
 
-    with distributed_run(device) as rank_device, claim_on_main(out, OUT_POLICIES[command], **claim), \
+    claim = {"overwrite": job.overwrite, "resume": resume,
+             "inputs": {**inputs, "--images-root": job.images.images_root}}
+    with distributed_run(job.device) as rank_device, claim_on_main(out, OUT_POLICIES[command], **claim), \
             progress_on_main() as progress:
         yield rank_device, progress, world().is_main
+
+
+def checkpoint_job(command: str, run: Callable[..., Any], model: Path, data: Path, out: Path, cfg: Any,
+                   job: Job) -> Any:
+    """The body of prune and finetune: `cfg` checked before the manifest is read, then
+    `run(model, manifest, out, cfg, device, progress)` as a `rank_job`. Returns its result on the process that
+    reports, None on the others (under torchrun)."""
+    cfg.validate()  # option mistakes are reported before the manifest is read
+    manifest = job.images.read(data)
+    with rank_job(command, out, job, {"--model": model, "--data": data}) as (device, progress, reports):
+        result = run(model, manifest, out, cfg, device, progress)
+    return result if reports else None
 
 
 def progress_on_main() -> contextlib.AbstractContextManager[Any]:

@@ -10,15 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fairdeploy.cli.common import (
-    OUT_POLICIES,
-    AllowOutsideRootOpt,
-    DataOpt,
-    ImagesRootOpt,
-    OverwriteOpt,
-    SeedOpt,
-    console,
-)
+from fairdeploy.cli.common import OUT_POLICIES, DataOpt, Images, OverwriteOpt, SeedOpt, console, option_blocks
 from fairdeploy.data.adapters import (
     ATTRIBUTES,
     FITZPATRICK_LABEL_COLUMNS,
@@ -180,33 +172,32 @@ def prepare_cmd(
 
 
 @data_app.command("inspect")
+@option_blocks
 def inspect_cmd(
     data: DataOpt,
-    images_root: ImagesRootOpt = None,
+    images: Images = Images(),
     check_images: CheckImagesOpt = True,
     out: ReportOutOpt = None,
-    allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Support per split x class x group, duplicate and leaking images, missing and unreadable images; exit 2
     when any image is bad."""
     if out is None:
-        _inspect(data, images_root, check_images, None, allow_outside_root)
+        _inspect(data, images, check_images, None)
         return
     with claim_output(out, OUT_POLICIES["data inspect"], overwrite=overwrite,
-                      inputs={"--data": data, "--images-root": images_root}):
-        _inspect(data, images_root, check_images, out, allow_outside_root)
+                      inputs={"--data": data, "--images-root": images.images_root}):
+        _inspect(data, images, check_images, out)
 
 
-def _inspect(data: Path, images_root: Path | None, check_images: bool, out: Path | None,
-             allow_outside_root: bool = False) -> None:
+def _inspect(data: Path, images: Images, check_images: bool, out: Path | None) -> None:
     import warnings
 
     from fairdeploy.data.manifest import ManifestWarning
 
     with warnings.catch_warnings():  # the report below lists every duplicate, not just one example
         warnings.simplefilter("ignore", ManifestWarning)
-        manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
+        manifest = images.read(data)
     report = inspect_manifest(manifest, check_images=check_images)
     _print_support(report.support, title=f"support: {data.name}")
     for split, groups in report.groups_per_split:

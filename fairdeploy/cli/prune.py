@@ -8,24 +8,19 @@ import typer
 from rich.table import Table
 
 from fairdeploy.cli.common import (
-    AllowOutsideRootOpt,
     BatchSizeOpt,
     DataOpt,
-    DeviceOpt,
-    ImagesRootOpt,
+    Job,
     ModelOpt,
     OutDirOpt,
-    OverwriteOpt,
-    SeedOpt,
-    WorkersOpt,
+    checkpoint_job,
     console,
     err_console,
     on_interrupt,
-    rank_job,
+    option_blocks,
 )
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.cli.train import describe_kept_run
-from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError
 
 
@@ -111,6 +106,7 @@ SelectEpochOpt = Annotated[str, _opt("Validation metric that picks the best epoc
                                      "worst_group_accuracy.")]
 
 
+@option_blocks
 def prune(
     model: ModelOpt,
     data: DataOpt,
@@ -156,12 +152,7 @@ def prune(
     max_group_drop: MaxGroupDropOpt = None,
     keep_rounds: KeepRoundsOpt = True,
     batch_size: BatchSizeOpt = 64,
-    device: DeviceOpt = "auto",
-    workers: WorkersOpt = 0,
-    seed: SeedOpt = 0,
-    images_root: ImagesRootOpt = None,
-    allow_outside_root: AllowOutsideRootOpt = False,
-    overwrite: OverwriteOpt = False,
+    job: Job = Job(),
 ) -> None:
     """Prune a checkpoint: to a MAC/parameter budget with a criterion and its control (--criterion, --target-macs,
     --speedup), or FairPrune / SNNL steps (--method). Writes OUT/model.*, OUT/prune.json (and OUT/control, OUT/rounds)."""
@@ -170,12 +161,12 @@ def prune(
     from fairdeploy.training.loop import FitConfig
 
     if criterion is not None or any(v is not None for v in (target_macs, target_params, speedup)):
-        _budget_run(model, data, out, images_root, overwrite, device, seed, batch_size, workers, balance,
+        _budget_run(model, data, out, job, batch_size, balance,
                     criterion=criterion, target_macs=target_macs, target_params=target_params, speedup=speedup,
                     rounds=rounds, control=control, distill=distill, group_weight=group_weight,
                     max_group_drop=max_group_drop, keep_rounds=keep_rounds, finetune_epochs=finetune_epochs,
                     finetune_lr=finetune_lr, score_samples=score_samples, round_to=round_to, beta=beta,
-                    temperature=temperature, privileged=privileged, allow_outside_root=allow_outside_root)
+                    temperature=temperature, privileged=privileged)
         return
     finetune_epochs = 0 if finetune_epochs is None else finetune_epochs
     finetune_lr = FINETUNE_LR if finetune_lr is None else finetune_lr
@@ -194,17 +185,13 @@ def prune(
         guard=Guard(protect_unprivileged=guard, max_f1_drop=max_f1_drop, select=select, **guard_opts),
         privileged=privileged,
         finetune=FitConfig(epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr, balance=balance,
-                           workers=workers, seed=seed) if finetune_epochs > 0 else None,
+                           workers=job.workers, seed=job.seed) if finetune_epochs > 0 else None,
         batch_size=batch_size,
-        workers=workers,
-        seed=seed,
+        workers=job.workers,
+        seed=job.seed,
     )
-    cfg.validate()  # option mistakes are reported before the manifest is read
-    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
-    inputs = {"--model": model, "--data": data, "--images-root": images_root}
-    with rank_job(device, out, "prune", overwrite=overwrite, inputs=inputs) as (rank_device, progress, reports):
-        result = prune_checkpoint(model, manifest, out, cfg, rank_device, progress)
-    if not reports:
+    result = checkpoint_job("prune", prune_checkpoint, model, data, out, cfg, job)
+    if result is None:  # another torchrun process reports
         return
     rec = result.record
     console.print(f"groups: unprivileged {rec['groups']['unprivileged']}, privileged {rec['groups']['privileged']} "
@@ -219,12 +206,9 @@ def prune(
     console.print(f"checkpoint: {result.out_dir} (prune.json beside it)", highlight=False, soft_wrap=True)
 
 
-def _budget_run(model: Any, data: Any, out: Any, images_root: Any, overwrite: bool, device: str, seed: int,
-                batch_size: int, workers: int, balance: str, **opts: Any) -> None:
+def _budget_run(model: Any, data: Any, out: Any, job: Job, batch_size: int, balance: str, **opts: Any) -> None:
     """`fairdeploy prune --criterion C --target-macs F`: options left unset keep BudgetConfig's defaults."""
     from dataclasses import replace
-
-    allow_outside_root = bool(opts.pop("allow_outside_root", False))
 
     from fairdeploy.pruning.budget import BudgetConfig, budget_from, compress_checkpoint
 
@@ -235,18 +219,14 @@ def _budget_run(model: Any, data: Any, out: Any, images_root: Any, overwrite: bo
           if v is not None}
     if ft.get("epochs") == 0:
         raise FairdeployError("budget runs fine-tune after every round: --finetune-epochs must be >= 1")
-    if balance != "none" or workers:
-        ft.update(balance=balance, workers=workers)
-    fit = replace(base.finetune, batch_size=batch_size, seed=seed, **ft)
+    if balance != "none" or job.workers:
+        ft.update(balance=balance, workers=job.workers)
+    fit = replace(base.finetune, batch_size=batch_size, seed=job.seed, **ft)
     kw = {k: v for k, v in opts.items() if v is not None}
     kw.setdefault("control", None)  # None: BudgetConfig picks the control that fits the criterion
-    cfg = replace(base, metric=metric, target=fraction, finetune=fit, batch_size=batch_size, seed=seed, **kw)
-    cfg.validate()
-    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
-    inputs = {"--model": model, "--data": data, "--images-root": images_root}
-    with rank_job(device, out, "prune", overwrite=overwrite, inputs=inputs) as (rank_device, progress, reports):
-        result = compress_checkpoint(model, manifest, out, cfg, rank_device, progress)
-    if not reports:
+    cfg = replace(base, metric=metric, target=fraction, finetune=fit, batch_size=batch_size, seed=job.seed, **kw)
+    result = checkpoint_job("prune", compress_checkpoint, model, data, out, cfg, job)
+    if result is None:
         return
     rec = result.record
     console.print(_budget_table(rec))
@@ -286,6 +266,7 @@ def _budget_table(record: dict[str, Any]) -> Table:
     return table
 
 
+@option_blocks
 def finetune(
     model: ModelOpt,
     data: DataOpt,
@@ -299,26 +280,17 @@ def finetune(
     select: SelectEpochOpt = "f1_macro",
     amp: Annotated[bool, _opt("Mixed precision on CUDA.")] = True,
     batch_size: BatchSizeOpt = 64,
-    device: DeviceOpt = "auto",
-    workers: WorkersOpt = 0,
-    seed: SeedOpt = 0,
-    images_root: ImagesRootOpt = None,
-    allow_outside_root: AllowOutsideRootOpt = False,
-    overwrite: OverwriteOpt = False,
+    job: Job = Job(),
 ) -> None:
     """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best."""
     from fairdeploy.training.finetune import FINETUNE_LR, finetune_checkpoint
     from fairdeploy.training.loop import FitConfig
 
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=FINETUNE_LR if lr is None else lr, weight_decay=weight_decay, optimizer=optimizer,
-                    balance=balance, select=select, amp=amp, workers=workers, seed=seed)
-    cfg.validate()
-    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
+                    balance=balance, select=select, amp=amp, workers=job.workers, seed=job.seed)
     on_interrupt(lambda: describe_kept_run(out))
-    inputs = {"--model": model, "--data": data, "--images-root": images_root}
-    with rank_job(device, out, "finetune", overwrite=overwrite, inputs=inputs) as (rank_device, progress, reports):
-        result = finetune_checkpoint(model, manifest, out, cfg, rank_device, progress)
-    if not reports:
+    result = checkpoint_job("finetune", finetune_checkpoint, model, data, out, cfg, job)
+    if result is None:
         return
     best = result.fit.history[[h["epoch"] for h in result.fit.history].index(result.fit.best_epoch)]
     console.print(

@@ -9,28 +9,24 @@ import typer
 
 from fairdeploy.cli.common import (
     OUT_POLICIES,
-    AllowOutsideRootOpt,
     BatchSizeOpt,
     DataOpt,
-    DeviceOpt,
-    ImagesRootOpt,
+    Job,
     ModelOpt,
     OutDirOpt,
-    OverwriteOpt,
     RichProgress,
-    SeedOpt,
     SplitOpt,
-    WorkersOpt,
     check_split,
     console,
     on_interrupt,
+    option_blocks,
     rank_job,
 )
 from fairdeploy.cli.tables import fairness_table, metrics_table
-from fairdeploy.data.manifest import read_manifest
 from fairdeploy.io import claim_output, write_json
 
 
+@option_blocks
 def train(
     data: DataOpt,
     out: OutDirOpt,
@@ -47,12 +43,7 @@ def train(
     weights: Annotated[Path | None, typer.Option(help="Local weights file (.safetensors or state-dict .pt) to start from.")] = None,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last if it exists.")] = False,
-    device: DeviceOpt = "auto",
-    workers: WorkersOpt = 0,
-    seed: SeedOpt = 0,
-    images_root: ImagesRootOpt = None,
-    allow_outside_root: AllowOutsideRootOpt = False,
-    overwrite: OverwriteOpt = False,
+    job: Job = Job(),
     keep_optimizer_state: Annotated[bool, typer.Option(
         "--keep-optimizer-state", help="Keep OUT/last/optimizer.safetensors after the last epoch (by default it is "
                                        "removed then: it only serves --resume of an unfinished run).")] = False,
@@ -64,13 +55,12 @@ def train(
     from fairdeploy.training.train import train_model
 
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-                    balance=balance, select=select, amp=amp, workers=workers, seed=seed)
+                    balance=balance, select=select, amp=amp, workers=job.workers, seed=job.seed)
     check_train_options(arch, image_size, balance, cfg)  # before the manifest or any model is loaded
-    manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
+    manifest = job.images.read(data)
     on_interrupt(lambda: describe_kept_run(out), "--resume")
-    inputs = {"--data": data, "--weights": weights, "--images-root": images_root}
-    with rank_job(device, out, "train", overwrite=overwrite, resume=resume,
-                  inputs=inputs) as (rank_device, progress, reports):
+    inputs = {"--data": data, "--weights": weights}
+    with rank_job("train", out, job, inputs, resume=resume) as (rank_device, progress, reports):
         result = train_model(manifest, arch, out, cfg, image_size, weights, rank_device, resume, progress,
                              keep_optimizer_state=keep_optimizer_state)
     if not reports:
@@ -114,6 +104,7 @@ def describe_kept_run(out: Path) -> str:
             f"so far, epoch {best}, in {out / 'best'}")
 
 
+@option_blocks
 def evaluate(
     model: ModelOpt,
     data: DataOpt,
@@ -121,12 +112,7 @@ def evaluate(
     split: SplitOpt = "test",
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for confidence intervals (0 = none).")] = 1000,
     batch_size: BatchSizeOpt = 64,
-    device: DeviceOpt = "auto",
-    workers: WorkersOpt = 0,
-    seed: SeedOpt = 0,
-    images_root: ImagesRootOpt = None,
-    allow_outside_root: AllowOutsideRootOpt = False,
-    overwrite: OverwriteOpt = False,
+    job: Job = Job(),
 ) -> None:
     """Per-group accuracy, macro P/R/F1 and fairness gaps of a checkpoint on one split."""
     import contextlib
@@ -134,14 +120,14 @@ def evaluate(
     from fairdeploy.training.train import evaluate_checkpoint
 
     claim = contextlib.nullcontext() if out is None else claim_output(
-        out, OUT_POLICIES["evaluate"], overwrite=overwrite,
-        inputs={"--model": model, "--data": data, "--images-root": images_root})
+        out, OUT_POLICIES["evaluate"], overwrite=job.overwrite,
+        inputs={"--model": model, "--data": data, "--images-root": job.images.images_root})
     check_split(split)  # before the manifest or the model is loaded
     with claim:
-        manifest = read_manifest(data, images_root, allow_outside_root=allow_outside_root)
+        manifest = job.images.read(data)
         with RichProgress() as progress:
-            report = evaluate_checkpoint(model, manifest, split, device, batch_size, workers, bootstrap, seed,
-                                         progress)
+            report = evaluate_checkpoint(model, manifest, split, job.device, batch_size, job.workers, bootstrap,
+                                         job.seed, progress)
         console.print(metrics_table(report, title=f"{model} on {split}"))
         console.print(fairness_table(report))
         if out is not None:
