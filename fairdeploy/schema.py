@@ -72,7 +72,6 @@ class Provenance:
     """Which layer set each dotted field path (the defaults set the rest)."""
 
     set_by: Mapping[str, Layer]
-    default_where: str = "the defaults"
 
     def __call__(self, path: str) -> str:
         """Where the value at `path` came from, in the user's words ("--opt-level", "w.toml: [tensorrt] ...")."""
@@ -164,17 +163,6 @@ def _dataclass_arm(hint: Any) -> type | None:
 
 def _optional(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-
-
-def to_table(obj: Any) -> dict[str, Any]:
-    """The TOML-shaped dict of a dataclass tree (internal fields left out; tuples as lists)."""
-    out: dict[str, Any] = {}
-    for f in fields(obj):
-        if f.metadata.get("internal"):
-            continue
-        v = getattr(obj, f.name)
-        out[f.name] = to_table(v) if is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
-    return out
 
 
 # ---- type checks of single values (TOML gives bool, int, float, str, list, table) ----
