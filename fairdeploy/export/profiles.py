@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from fairdeploy.artifact.metadata import PRECISIONS
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.calibration import CalibrationRecipe, finish_recipe, read_toml, resolve_recipe
-from fairdeploy.export.onnx_export import DEFAULT_OPSET, check_opset
+from fairdeploy.export.onnx_export import DEFAULT_BATCH_SIZES, DEFAULT_FP32_ATOL, DEFAULT_OPSET, check_opset
 from fairdeploy.resources import PROFILES, find_toml, search_folders, toml_names
 from fairdeploy.schema import Layer, Provenance, build, check_type, setting
 
@@ -129,8 +129,8 @@ class OnnxOptions:
     precision: tuple[str, ...] = setting(("fp32",), convert=_precisions)
     opset: int = DEFAULT_OPSET
     simplify: bool = True
-    check_batch_sizes: tuple[int, ...] = (1, 8)
-    fp32_atol: float = 1e-3
+    check_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # the self-check runs each batch size
+    fp32_atol: float = DEFAULT_FP32_ATOL  # fail when FP32 ONNX logits differ from PyTorch by more
 
 
 @dataclass(frozen=True)
