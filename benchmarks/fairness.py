@@ -100,15 +100,15 @@ def run_seed(seed: int, args, device, work: Path) -> dict[str, Any]:
         res = prune_checkpoint(vanilla, manifest, work / f"seed{seed}" / method, prune_config(method, args, seed),
                                device=str(device))
         rec = res.record
-        before, after = rec["size"]["before"], rec["size"]["after"]
-        info[method] = {"selected_step": rec["selected_step"], "steps_run": len(rec["steps"]) - 1,
-                        "stopped_because": rec["stopped_because"], "macs_ratio": before["macs"] / after["macs"],
-                        "nonzero_params_kept": after["nonzero_params"] / before["nonzero_params"],
-                        "seconds": rec["seconds"], "unprivileged": rec["groups"]["unprivileged"],
-                        "val_steps": [{"step": st["step"], "eligible": st["eligible"],
-                                       "accuracy": st["val"]["accuracy"], "eodd": st["val"]["fairness"]["eodd"],
-                                       "group_accuracy": st["val"]["group_accuracy"], "macs": st["size"]["macs"],
-                                       "nonzero_params": st["size"]["nonzero_params"]} for st in rec["steps"]]}
+        before, after = rec.steps[0].size, rec.size_after
+        info[method] = {"selected_step": rec.selected_step, "steps_run": len(rec.steps) - 1,
+                        "stopped_because": rec.stopped_because, "macs_ratio": before.macs / after.macs,
+                        "nonzero_params_kept": after.nonzero_params / before.nonzero_params,
+                        "seconds": rec.seconds, "unprivileged": rec.groups.unprivileged,
+                        "val_steps": [{"step": st.step, "eligible": st.eligible,
+                                       "accuracy": st.val.accuracy, "eodd": st.val.fairness["eodd"],
+                                       "group_accuracy": st.val.group_accuracy, "macs": st.size.macs,
+                                       "nonzero_params": st.size.nonzero_params} for st in rec.steps]}
         models[method] = res.out_dir
     out: dict[str, Any] = {"seed": seed, "manifest": str(manifest_path), "prune": info, "metrics": {}}
     done: dict[str, dict[str, Any]] = {}  # weights hash -> metrics: a method that kept its input is not redone

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from fairdeploy.pruning.selection import selection_value
-
 
 def expected_selection(rec: dict) -> int:
-    """Oracle for the selection rule: the first step with the highest selection value among the steps the
-    guard accepted, step 0 (the unpruned model) being the baseline."""
+    """Oracle for the selection rule, read off prune.json: the first step with the highest selection value among
+    the steps the guard accepted, step 0 (the unpruned model) being the baseline. Values: FATE on the target gap,
+    the gap itself (lower is better), macro-F1, or the step number for `last`; an undefined one never wins."""
     select, target = rec["selection"]["criterion"], rec["selection"]["target"]
-    best, best_value = 0, selection_value(rec["steps"][0], select, target)
+
+    def value(step: dict) -> float:
+        v = {"fate": step["fate"].get(target), "f1": step["val"]["f1_macro"], "last": step["step"],
+             "gap": None if step["val"]["fairness"].get(target) is None else -step["val"]["fairness"][target]}[select]
+        return -math.inf if v is None else float(v)
+
+    best, best_value = 0, value(rec["steps"][0])
     for i, step in enumerate(rec["steps"][1:], start=1):
-        if step["eligible"] and selection_value(step, select, target) > best_value:
-            best, best_value = i, selection_value(step, select, target)
+        if step["eligible"] and value(step) > best_value:
+            best, best_value = i, value(step)
     return best
 
 

@@ -43,9 +43,9 @@ def test_prune_and_finetune_on_cuda(biased_checkpoint: Path, synth_manifest: Pat
                       guard=Guard(protect_unprivileged=False, max_f1_drop=1.0, select="last"),
                       finetune=FitConfig(epochs=1, batch_size=64, lr=1e-4))
     result = prune_checkpoint(biased_checkpoint, manifest, tmp_path / "p", cfg, device="cuda")
-    step = result.record["steps"][1]
-    assert step["scoring"]["device"].startswith("cuda") and step["scoring"]["samples_per_s"] > 0
-    assert result.record["device"].startswith("cuda")
+    scoring = result.record.steps[1].work.scoring
+    assert scoring["device"].startswith("cuda") and scoring["samples_per_s"] > 0
+    assert result.record.device.startswith("cuda")
     ft = finetune_checkpoint(tmp_path / "p", manifest, tmp_path / "ft", FitConfig(epochs=1, lr=1e-4), "cuda")
     model, _ = load_checkpoint(ft.best_dir, "cuda")
     assert next(model.parameters()).is_cuda

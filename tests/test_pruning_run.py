@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pruning_oracles import expected_selection
 
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import read_json
 from fairdeploy.metrics import compute_metrics
 from fairdeploy.models import load_checkpoint
+from fairdeploy.models.size import ModelSize
 from fairdeploy.models.sparsity import masks_from_model
 from fairdeploy.pruning import PruneConfig, SnnlConfig, StopRule, prune_checkpoint
 from fairdeploy.pruning.roles import decide_roles
-from fairdeploy.pruning.selection import Guard, StopTracker, selection_value, step_record
+from fairdeploy.pruning.selection import (
+    Guard,
+    StepFinetune,
+    StepWork,
+    StopTracker,
+    selection_value,
+    step_record,
+)
 from fairdeploy.training.loop import FitConfig
 from fairdeploy.training.train import evaluate_checkpoint
-from pruning_oracles import expected_selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,22 +60,56 @@ def test_privileged_is_the_higher_validation_accuracy_unless_given() -> None:
         decide_roles(_report({"light": (9, 10)}))
 
 
+def _step(step: int, report, base, guard: Guard, **kw):
+    return step_record(step, report, base, "dark", guard, "eodd", size=ModelSize(10, 8, 100), removed={},
+                       seconds=0.0, **kw)
+
+
 def test_guard_flags_levelling_down_and_the_f1_budget() -> None:
     base = _report({"dark": (6, 10), "light": (9, 10)})
     guard = Guard(max_f1_drop=0.05)
     # both groups lose accuracy: the gap shrinks, yet this is levelling down and never eligible
-    down = step_record(1, _report({"dark": (5, 10), "light": (5, 10)}), base, "dark", guard, "eodd")
-    assert down["levelling_down"] and down["any_group_worse"] and not down["eligible"]
-    assert down["group_accuracy_change"] == pytest.approx({"dark": -0.1, "light": -0.4})
-    assert down["fate"]["eodd"] > 0  # FATE alone would have rewarded it
+    down = _step(1, _report({"dark": (5, 10), "light": (5, 10)}), base, guard)
+    assert down.levelling_down and down.any_group_worse and not down.eligible
+    assert down.group_accuracy_change == pytest.approx({"dark": -0.1, "light": -0.4})
+    assert down.fate["eodd"] > 0  # FATE alone would have rewarded it
     # the unprivileged group gains, the privileged loses one sample: eligible when macro-F1 stays in budget
-    up = step_record(2, _report({"dark": (8, 10), "light": (8, 10)}), base, "dark", guard, "eodd")
-    assert up["eligible"] and up["any_group_worse"] and not up["levelling_down"] and up["groups_worse"] == ["light"]
-    tight = step_record(2, _report({"dark": (7, 10), "light": (5, 10)}), base, "dark", guard, "eodd")
-    assert not tight["eligible"] and "macro-F1 fell" in tight["ineligible_because"][0]
-    assert selection_value(up, "fate", "eodd") == pytest.approx(up["fate"]["eodd"])
-    assert selection_value(up, "gap", "eodd") == pytest.approx(-up["val"]["fairness"]["eodd"])
+    up = _step(2, _report({"dark": (8, 10), "light": (8, 10)}), base, guard)
+    assert up.eligible and up.any_group_worse and not up.levelling_down and up.groups_worse == ("light",)
+    tight = _step(2, _report({"dark": (7, 10), "light": (5, 10)}), base, guard)
+    assert not tight.eligible and "macro-F1 fell" in tight.ineligible_because[0]
+    assert selection_value(up, "fate", "eodd") == pytest.approx(up.fate["eodd"])
+    assert selection_value(up, "gap", "eodd") == pytest.approx(-up.val.fairness["eodd"])
     assert selection_value(up, "last", "eodd") > selection_value(down, "last", "eodd")
+
+
+def test_step_record_keeps_the_prune_json_layout() -> None:
+    """A step writes the keys prune.json has always had, in that order (step 0, the input model, has no
+    finetune / prune_seconds / scoring), with the hand-computed values of a 10 + 10 image case."""
+    base = _report({"dark": (6, 10), "light": (9, 10)})
+    rep = _report({"dark": (8, 10), "light": (8, 10)})
+    work = StepWork(StepFinetune(best_epoch=1, best_score=0.75, epochs=2, train_samples_per_s=90.0), 0.5,
+                    {"seconds": 0.25})
+    d = json.loads(json.dumps(_step(2, rep, base, Guard(), work=work, sparsity={"kind": "weight", "layers": ["fc"]})
+                              .to_dict()))
+    verdict = ["val", "group_accuracy_change", "f1_macro_change", "fate", "any_group_worse", "groups_worse",
+               "levelling_down", "eligible", "ineligible_because", "target_gap"]
+    assert list(d) == ["step", "size", "sparsity", "removed", "finetune", "prune_seconds", "scoring", "seconds",
+                       *verdict]
+    assert list(_step(0, base, base, Guard()).to_dict()) == ["step", "size", "sparsity", "removed", "seconds", *verdict]
+    assert d["size"] == {"params": 10, "nonzero_params": 8, "macs": 100}
+    assert d["finetune"] == {"best_epoch": 1, "best_score": 0.75, "epochs": 2, "train_samples_per_s": 90.0}
+    assert (d["prune_seconds"], d["scoring"], d["sparsity"]) == (0.5, {"seconds": 0.25}, {"kind": "weight",
+                                                                                         "layers": ["fc"]})
+    assert list(d["val"]) == ["accuracy", "f1_macro", "group_accuracy", "fairness"]
+    assert d["val"]["accuracy"] == pytest.approx(0.8) and d["val"]["group_accuracy"] == pytest.approx(
+        {"dark": 0.8, "light": 0.8})
+    assert d["group_accuracy_change"] == pytest.approx({"dark": 0.2, "light": -0.1})
+    # macro-F1 = mean over classes of 2 TP / (predicted + true): now 8 of 10 right per class -> 0.8; the input
+    # model got class 0 right 8 times of 11 predicted, class 1 right 7 times of 9 predicted
+    assert d["f1_macro_change"] == pytest.approx(0.8 - (16 / 21 + 14 / 19) / 2)
+    assert d["groups_worse"] == ["light"] and d["any_group_worse"] and not d["levelling_down"]
+    assert d["eligible"] and d["ineligible_because"] == [] and d["target_gap"] == d["val"]["fairness"]["eodd"]
 
 
 def test_stop_rule_patience_and_target_value() -> None:
@@ -133,8 +176,8 @@ def test_fairprune_channel_and_2_4_checkpoints(biased_checkpoint: Path, synth_ma
     ch = prune_checkpoint(biased_checkpoint, manifest, tmp_path / "ch", PruneConfig(
         fairprune=FairPruneConfig(granularity="channel", ratio=0.05, score_samples=8), **common), device="cpu")
     model, spec = load_checkpoint(tmp_path / "ch")
-    removed = ch.record["steps"][1]["removed"]
-    assert ch.record["selected_step"] == 1
+    removed = ch.record.steps[1].removed
+    assert ch.record.selected_step == 1
     assert spec.module_shapes and removed["channels_removed"] > 0
     for root, ids in removed["channels"].items():
         ch_now = dict(model.named_modules())[root].out_channels
@@ -145,11 +188,11 @@ def test_fairprune_channel_and_2_4_checkpoints(biased_checkpoint: Path, synth_ma
     tf = prune_checkpoint(biased_checkpoint, manifest, tmp_path / "24", PruneConfig(
         fairprune=FairPruneConfig(granularity="2:4", score_samples=8), **common), device="cpu")
     model, spec = load_checkpoint(tmp_path / "24")
-    assert tf.record["selected_step"] == 1
+    assert tf.record.selected_step == 1
     assert spec.sparsity["kind"] == "2:4" and "conv1" not in spec.sparsity["layers"]
     modules = dict(model.named_modules())
     for name in spec.sparsity["layers"]:
         assert is_two_four(modules[name].weight.detach()), name
     masks = masks_from_model(model, spec.sparsity["layers"])
-    assert sum(int((~m).sum()) for m in masks.values()) >= tf.record["steps"][1]["removed"]["weights_zeroed"]
-    assert tf.record["stopped_because"] == "2:4 sparsity is reached in a single step"
+    assert sum(int((~m).sum()) for m in masks.values()) >= tf.record.steps[1].removed["weights_zeroed"]
+    assert tf.record.stopped_because == "2:4 sparsity is reached in a single step"

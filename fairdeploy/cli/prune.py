@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -23,27 +23,30 @@ from fairdeploy.cli.tables import fmt_number
 from fairdeploy.cli.train import describe_kept_run
 from fairdeploy.errors import FairdeployError
 
+if TYPE_CHECKING:
+    from fairdeploy.pruning.run import PruneRecord
 
-def _steps_table(record: dict[str, Any]) -> Table:
-    target = record["params"]["stop"]["target"]
-    groups = list(record["steps"][0]["val"]["group_accuracy"])
-    table = Table(title=f"{record['method']} steps on validation (selected: step {record['selected_step']})")
+
+def _steps_table(record: PruneRecord) -> Table:
+    target = record.config.stop.target
+    groups = list(record.steps[0].val.group_accuracy)
+    table = Table(title=f"{record.config.method} steps on validation (selected: step {record.selected_step})")
     for col in ("step", "removed", *[f"acc {g}" for g in groups], "macro-F1", target, f"FATE {target}", "guard"):
         table.add_column(col, justify="left" if col in ("removed", "guard") else "right")
-    for s in record["steps"]:
-        removed = s["removed"]
+    for s in record.steps:
+        removed = s.removed
         what = ""
         if removed:
             what = {"weight": lambda r: f"{r['weights_pruned']} weights",
                     "2:4": lambda r: f"2:4 on {len(r['layers'])} layers",
                     "channel": lambda r: f"{r['channels_removed']} channels"}[removed["kind"]](removed)
-        deltas = [f"{s['val']['group_accuracy'][g]:.4f} ({s['group_accuracy_change'][g]:+.4f})" for g in groups]
-        guard = "ok" if s["eligible"] else "; ".join(s["ineligible_because"])
-        if s["levelling_down"]:
+        deltas = [f"{s.val.group_accuracy[g]:.4f} ({s.group_accuracy_change[g]:+.4f})" for g in groups]
+        guard = "ok" if s.eligible else "; ".join(s.ineligible_because)
+        if s.levelling_down:
             guard = f"[red]levelling down[/red] {guard}"
-        mark = "*" if s["step"] == record["selected_step"] else ""
-        table.add_row(f"{s['step']}{mark}", what, *deltas, fmt_number(s["val"]["f1_macro"]),
-                      fmt_number(s["val"]["fairness"].get(target)), fmt_number(s["fate"].get(target)), guard)
+        mark = "*" if s.step == record.selected_step else ""
+        table.add_row(f"{s.step}{mark}", what, *deltas, fmt_number(s.val.f1_macro),
+                      fmt_number(s.val.fairness.get(target)), fmt_number(s.fate.get(target)), guard)
     return table
 
 
@@ -194,15 +197,15 @@ def prune(
     if result is None:  # another torchrun process reports
         return
     rec = result.record
-    console.print(f"groups: unprivileged {rec['groups']['unprivileged']}, privileged {rec['groups']['privileged']} "
-                  f"({rec['groups']['reason']})", highlight=False, soft_wrap=True)
+    console.print(f"groups: unprivileged {rec.groups.unprivileged}, privileged {rec.groups.privileged} "
+                  f"({rec.groups.reason})", highlight=False, soft_wrap=True)
     console.print(_steps_table(rec))
-    before, after = rec["size"]["before"], rec["size"]["after"]
-    console.print(f"params {before['params']:,} -> {after['params']:,} (non-zero {after['nonzero_params']:,}), "
-                  f"MACs {before['macs']:,} -> {after['macs']:,}; stopped: {rec['stopped_because']}",
+    before, after = rec.steps[0].size, rec.size_after
+    console.print(f"params {before.params:,} -> {after.params:,} (non-zero {after.nonzero_params:,}), "
+                  f"MACs {before.macs:,} -> {after.macs:,}; stopped: {rec.stopped_because}",
                   highlight=False, soft_wrap=True)
-    if rec["selected_step"] == 0:
-        err_console.print(f"[yellow]warning:[/yellow] {rec['selection']['note']}", highlight=False, soft_wrap=True)
+    if rec.selected_step == 0:
+        err_console.print(f"[yellow]warning:[/yellow] {rec.selection_note}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {result.out_dir} (prune.json beside it)", highlight=False, soft_wrap=True)
 
 

@@ -19,7 +19,16 @@ from fairdeploy.models.checkpoint import ModelSpec
 from fairdeploy.models.size import model_size
 from fairdeploy.models.sparsity import Masks, sparsity
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.pruning.selection import Guard, StopRule, StopTracker, selection_value, step_record
+from fairdeploy.pruning.selection import (
+    Guard,
+    StepFinetune,
+    StepRecord,
+    StepWork,
+    StopRule,
+    StopTracker,
+    selection_value,
+    step_record,
+)
 from fairdeploy.training.finetune import finetune_model
 from fairdeploy.training.loop import FitConfig, evaluate_model
 
@@ -60,7 +69,7 @@ class LoopResult:
     model: nn.Module  # the selected step's model (on the CPU)
     masks: Masks
     selected_step: int
-    records: list[dict[str, Any]]
+    records: list[StepRecord]
     stopped_because: str
     selected_report: MetricsReport
 
@@ -79,7 +88,7 @@ def run_steps(model: nn.Module, masks: Masks, baseline: MetricsReport, step_fn: 
     """Iterate `step_fn` up to `ctx.stop.steps` times; validation only; the test split is never read."""
     target = ctx.stop.target
     record0 = step_record(0, baseline, baseline, ctx.unprivileged, ctx.guard, target,
-                          size=model_size(model, ctx.spec.image_size, ctx.device).to_dict(),
+                          size=model_size(model, ctx.spec.image_size, ctx.device),
                           sparsity=sparsity(masks) if masks else None, removed={}, seconds=0.0)
     records = [record0]
     best_step, best_value = 0, selection_value(record0, ctx.guard.select, target)
@@ -96,22 +105,22 @@ def run_steps(model: nn.Module, masks: Masks, baseline: MetricsReport, step_fn: 
             model, fit_result = finetune_model(model, ctx.spec, ctx.train_ds, ctx.val_ds, ctx.finetune,
                                                ctx.scratch / f"step{step}", ctx.device, masks, ctx.progress,
                                                task=f"finetune step {step}")
-            finetune_info = {"best_epoch": fit_result.best_epoch, "best_score": fit_result.best_score,
-                             "epochs": len(fit_result.history),
-                             "train_samples_per_s": sum(h["train_samples_per_s"] for h in fit_result.history)
-                             / max(len(fit_result.history), 1)}
+            finetune_info = StepFinetune(best_epoch=fit_result.best_epoch, best_score=fit_result.best_score,
+                                         epochs=len(fit_result.history),
+                                         train_samples_per_s=sum(h["train_samples_per_s"] for h in fit_result.history)
+                                         / max(len(fit_result.history), 1))
         report = _evaluate(model, ctx)
         record = step_record(step, report, baseline, ctx.unprivileged, ctx.guard, target,
-                             size=model_size(model, ctx.spec.image_size, ctx.device).to_dict(),
+                             size=model_size(model, ctx.spec.image_size, ctx.device),
                              sparsity=sparsity(masks) if masks else None, removed=out.removed,
-                             finetune=finetune_info, prune_seconds=t_prune, scoring=out.stats,
+                             work=StepWork(finetune=finetune_info, prune_seconds=t_prune, scoring=out.stats),
                              seconds=time.perf_counter() - t0)
         records.append(record)
         value = selection_value(record, ctx.guard.select, target)
-        if record["eligible"] and value > best_value:
+        if record.eligible and value > best_value:
             best_step, best_value = step, value
             best_model, best_masks, best_report = _snapshot(model), dict(masks), report
-        reason = tracker.update(report.gap(target), record["eligible"])
+        reason = tracker.update(report.gap(target), record.eligible)
         if out.exhausted is not None and reason is None:
             reason = out.exhausted
         if reason is not None:

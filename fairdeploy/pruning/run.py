@@ -18,17 +18,17 @@ from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.distributed import barrier, main_scratch, world
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_dir, sha256_file, write_json
-from fairdeploy.metrics import METRIC_DEFINITIONS
+from fairdeploy.metrics import METRIC_DEFINITIONS, MetricsReport
 from fairdeploy.models.checkpoint import WEIGHTS_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint
-from fairdeploy.models.size import model_size
+from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.models.sparsity import spec_masks
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.fairprune import FairPruneConfig, FairPruneStep
 from fairdeploy.pruning.iterate import LoopContext, run_steps
 from fairdeploy.pruning.layers import resolve_feature_layers
-from fairdeploy.pruning.roles import decide_roles
+from fairdeploy.pruning.roles import GroupRoles, decide_roles
 from fairdeploy.pruning.scoresets import balanced_batch_order, group_score_sets
-from fairdeploy.pruning.selection import Guard, StopRule
+from fairdeploy.pruning.selection import Guard, StepRecord, StopRule
 from fairdeploy.pruning.snnl_prune import SnnlConfig, SnnlStep, check_channel_budget
 from fairdeploy.training.loop import FitConfig, evaluate_model
 from fairdeploy.training.train import spec_datasets
@@ -69,9 +69,84 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class PruneData:
+    """The images a pruning run used: the manifest, the split it scored on (validation for the rest; the test split
+    never), and how the score sets were drawn (FairPrune: images per group; SNNL: its group-balanced batches)."""
+
+    manifest: str
+    manifest_sha256: str | None  # None when the manifest is not a file
+    score_split: str
+    val_images: int
+    score_samples_per_group: int | None = None  # FairPrune
+    snnl_batches: dict[str, Any] | None = None  # SNNL: count, batch_size, groups
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"manifest": self.manifest, "manifest_sha256": self.manifest_sha256,
+                               "score_split": self.score_split, "val_images": self.val_images,
+                               "test_split_used": False}
+        if self.score_samples_per_group is not None:
+            out["score_samples_per_group"] = self.score_samples_per_group
+        if self.snnl_batches is not None:
+            out["snnl_batches"] = self.snnl_batches
+        return out
+
+
+@dataclass(frozen=True)
+class PruneRecord:
+    """What prune.json holds (to_dict() is the file): the run's settings and inputs, every step on validation,
+    the selected step and why the run stopped."""
+
+    config: PruneConfig
+    source: str  # the input checkpoint
+    source_sha256: str  # of its weights
+    arch: str
+    data: PruneData
+    groups: GroupRoles
+    device: str
+    versions: dict[str, str]
+    steps: tuple[StepRecord, ...]  # step 0 = the input model
+    selected_step: int
+    stopped_because: str
+    size_after: ModelSize  # of the selected step's model
+    sparsity: dict[str, Any] | None  # the output checkpoint's weight-level sparsity (kind, layers)
+    val_selected: MetricsReport
+    seconds: float = 0.0
+
+    @property
+    def selected(self) -> StepRecord:
+        return self.steps[self.selected_step]
+
+    @property
+    def selection_note(self) -> str:
+        return ("no pruned step passed the guard and beat the input model: the output is the input model"
+                if self.selected_step == 0 else "best eligible step on validation")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.config.method,
+            "params": self.config.params(),
+            "input": {"checkpoint": self.source, "sha256": self.source_sha256, "arch": self.arch},
+            "data": self.data.to_dict(),
+            "groups": self.groups.to_dict(),
+            "device": self.device,
+            "versions": dict(self.versions),
+            "steps": [s.to_dict() for s in self.steps],
+            "selected_step": self.selected_step,
+            "selection": {"criterion": self.config.guard.select, "target": self.config.stop.target,
+                          "note": self.selection_note},
+            "stopped_because": self.stopped_because,
+            "size": {"before": self.steps[0].size.to_dict(), "after": self.size_after.to_dict()},
+            "sparsity": self.sparsity,
+            "val_selected": self.val_selected.to_dict(),
+            "seconds": self.seconds,
+            "metric_definitions": METRIC_DEFINITIONS,
+        }
+
+
+@dataclass(frozen=True)
 class PruneResult:
     out_dir: Path
-    record: dict[str, Any]  # what prune.json holds
+    record: PruneRecord  # what prune.json holds
 
 
 def _versions() -> dict[str, str]:
@@ -131,16 +206,15 @@ def prune_checkpoint(
     baseline = evaluate_model(model, val_ds, spec, dev, cfg.batch_size, cfg.workers, progress=progress)
     roles = decide_roles(baseline, cfg.privileged)
     present = sorted(set(score_ds.groups))
-    data_info: dict[str, Any] = {"manifest": manifest.source, "manifest_sha256": _maybe_hash(manifest.source),
-                                 "score_split": score_split, "val_images": len(val_ds),
-                                 "test_split_used": False}
+    data_info = PruneData(manifest=manifest.source, manifest_sha256=_maybe_hash(manifest.source),
+                          score_split=score_split, val_images=len(val_ds))
     if cfg.method == "fairprune":
         role_ids = [spec.groups.index(roles.unprivileged), spec.groups.index(roles.privileged)]
         for name, gid in zip((roles.unprivileged, roles.privileged), role_ids):
             if gid not in present:
                 raise FairdeployError(f"group {name!r} has no images in the {score_split} split to score with")
         sets = group_score_sets(score_ds.labels, score_ds.groups, role_ids, cfg.fairprune.score_samples, cfg.seed)
-        data_info["score_samples_per_group"] = len(sets[role_ids[0]])
+        data_info = replace(data_info, score_samples_per_group=len(sets[role_ids[0]]))
         step_fn = FairPruneStep(cfg.fairprune, spec.arch, spec.image_size, score_ds,
                                 {roles.unprivileged: sets[role_ids[0]], roles.privileged: sets[role_ids[1]]},
                                 roles.unprivileged, roles.privileged, dev, cfg.seed, progress)
@@ -149,8 +223,8 @@ def prune_checkpoint(
             only = spec.groups[present[0]] if present else "none"
             raise FairdeployError(f"SNNL needs at least two groups in the {score_split} split; found only {only!r}")
         order, bs = balanced_batch_order(score_ds.groups, present, cfg.snnl.batch_size, cfg.snnl.batches, cfg.seed)
-        data_info["snnl_batches"] = {"count": cfg.snnl.batches, "batch_size": bs,
-                                     "groups": [spec.groups[g] for g in present]}
+        data_info = replace(data_info, snnl_batches={"count": cfg.snnl.batches, "batch_size": bs,
+                                                     "groups": [spec.groups[g] for g in present]})
         step_fn = SnnlStep(cfg.snnl, spec.arch, spec.image_size, score_ds, order, bs, dev, progress)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,36 +239,19 @@ def prune_checkpoint(
         sparsity = None
         if final_kind is not None and result.masks:
             sparsity = {"kind": final_kind, "layers": sorted(k.removesuffix(".weight") for k in result.masks)}
-        record: dict[str, Any] = {
-            "method": cfg.method,
-            "params": cfg.params(),
-            "input": {"checkpoint": str(src), "sha256": sha256_file(src / WEIGHTS_FILE), "arch": spec.arch},
-            "data": data_info,
-            "groups": {"unprivileged": roles.unprivileged, "privileged": roles.privileged,
-                       "reason": roles.reason, "val_accuracy": roles.val_accuracy},
-            "device": str(dev),
-            "versions": _versions(),
-            "steps": result.records,
-            "selected_step": result.selected_step,
-            "selection": {
-                "criterion": cfg.guard.select, "target": cfg.stop.target,
-                "note": ("no pruned step passed the guard and beat the input model: the output is the input model"
-                         if result.selected_step == 0 else "best eligible step on validation"),
-            },
-            "stopped_because": result.stopped_because,
-            "size": {"before": result.records[0]["size"],
-                     "after": model_size(result.model, spec.image_size, "cpu").to_dict()},
-            "sparsity": sparsity,
-            "val_selected": result.selected_report.to_dict(),
-            "seconds": 0.0,
-            "metric_definitions": METRIC_DEFINITIONS,
-        }
+        record = PruneRecord(
+            config=cfg, source=str(src), source_sha256=sha256_file(src / WEIGHTS_FILE), arch=spec.arch,
+            data=data_info, groups=roles, device=str(dev), versions=_versions(), steps=tuple(result.records),
+            selected_step=result.selected_step, stopped_because=result.stopped_because,
+            size_after=model_size(result.model, spec.image_size, "cpu"), sparsity=sparsity,
+            val_selected=result.selected_report,
+        )
         history_entry = {
             "stage": "prune", "method": cfg.method, "params": cfg.params(),
-            "source": str(src), "source_sha256": record["input"]["sha256"], "manifest": manifest.source,
+            "source": str(src), "source_sha256": record.source_sha256, "manifest": manifest.source,
             "unprivileged": roles.unprivileged, "privileged": roles.privileged,
             "selected_step": result.selected_step, "steps_run": len(result.records) - 1,
-            "removed": [r["removed"] for r in result.records[1:result.selected_step + 1]],
+            "removed": [r.removed for r in result.records[1:result.selected_step + 1]],
         }
         if cfg.method == "snnl":  # per-channel scores stay in prune.json, not in model.json
             history_entry["removed"] = [{k: v for k, v in r.items() if k != "scores"} for r in history_entry["removed"]]
@@ -202,8 +259,8 @@ def prune_checkpoint(
         if world().is_main:
             staged = scratch / "final"
             save_checkpoint(result.model, out_spec, staged)
-            record["seconds"] = time.perf_counter() - t_start
-            write_json(staged / PRUNE_FILE, record)
+            record = replace(record, seconds=time.perf_counter() - t_start)
+            write_json(staged / PRUNE_FILE, record.to_dict())
             with atomic_dir(out, owner=PRUNE_FILE) as tmp:  # replaces only an earlier prune output
                 for f in staged.iterdir():
                     shutil.move(str(f), tmp / f.name)

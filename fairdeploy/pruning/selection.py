@@ -8,6 +8,7 @@ from typing import Any
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.metrics import MetricsReport, fate
+from fairdeploy.models.size import ModelSize
 
 TARGETS = ("eodd", "eopp0", "eopp1")
 SELECT_CHOICES = ("fate", "gap", "f1", "last")
@@ -58,9 +59,99 @@ class Guard:
         return asdict(self)
 
 
-def step_record(step: int, report: MetricsReport, baseline: MetricsReport, unprivileged: str,
-                guard: Guard, target: str, **extra: Any) -> dict[str, Any]:
-    """One prune.json step: validation metrics, each group's accuracy change, FATE and the guard's verdict."""
+@dataclass(frozen=True)
+class StepMetrics:
+    """A step's validation figures: overall accuracy and macro-F1, each group's accuracy, the fairness gaps."""
+
+    accuracy: float
+    f1_macro: float
+    group_accuracy: dict[str, float]
+    fairness: dict[str, float | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "f1_macro": self.f1_macro, "group_accuracy": dict(self.group_accuracy),
+                "fairness": dict(self.fairness)}
+
+
+@dataclass(frozen=True)
+class StepFinetune:
+    """The fine-tuning after a pruning step: best epoch and its score, epochs run, mean training throughput."""
+
+    best_epoch: int
+    best_score: float
+    epochs: int
+    train_samples_per_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What a pruning step (step >= 1) did besides removing: its fine-tuning, pruning time, scoring timings."""
+
+    finetune: StepFinetune | None  # None: no fine-tuning between steps
+    prune_seconds: float
+    scoring: dict[str, Any]  # the step function's timings of the scoring (e.g. curvature samples/s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"finetune": None if self.finetune is None else self.finetune.to_dict(),
+                "prune_seconds": self.prune_seconds, "scoring": self.scoring}
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One prune.json step: the model's size and what the step removed, its validation metrics, each group's
+    accuracy change against the input model (step 0), FATE and the guard's verdict."""
+
+    step: int
+    size: ModelSize
+    sparsity: dict[str, Any] | None
+    removed: dict[str, Any]  # the step function's description ({} for step 0)
+    seconds: float
+    val: StepMetrics
+    group_accuracy_change: dict[str, float]
+    f1_macro_change: float
+    fate: dict[str, float | None]
+    groups_worse: tuple[str, ...]
+    levelling_down: bool
+    ineligible_because: tuple[str, ...]
+    target_gap: float | None
+    work: StepWork | None = None  # None: step 0, the input model
+
+    @property
+    def eligible(self) -> bool:
+        return not self.ineligible_because
+
+    @property
+    def any_group_worse(self) -> bool:
+        return bool(self.groups_worse)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "size": self.size.to_dict(),
+            "sparsity": self.sparsity,
+            "removed": self.removed,
+            **({} if self.work is None else self.work.to_dict()),
+            "seconds": self.seconds,
+            "val": self.val.to_dict(),
+            "group_accuracy_change": dict(self.group_accuracy_change),
+            "f1_macro_change": self.f1_macro_change,
+            "fate": dict(self.fate),
+            "any_group_worse": self.any_group_worse,
+            "groups_worse": list(self.groups_worse),
+            "levelling_down": self.levelling_down,
+            "eligible": self.eligible,
+            "ineligible_because": list(self.ineligible_because),
+            "target_gap": self.target_gap,
+        }
+
+
+def step_record(step: int, report: MetricsReport, baseline: MetricsReport, unprivileged: str, guard: Guard,
+                target: str, *, size: ModelSize, removed: dict[str, Any], seconds: float,
+                sparsity: dict[str, Any] | None = None, work: StepWork | None = None) -> StepRecord:
+    """One step's record: `report` (validation) against the input model's `baseline`, judged by `guard`."""
     acc = {g: m.accuracy for g, m in report.groups}
     base_acc = {g: m.accuracy for g, m in baseline.groups}
     delta = {g: acc[g] - base_acc[g] for g in acc if g in base_acc}
@@ -72,39 +163,30 @@ def step_record(step: int, report: MetricsReport, baseline: MetricsReport, unpri
                        f"(> {guard.max_group_drop})")
     if f1_drop > guard.max_f1_drop + 1e-12:
         reasons.append(f"macro-F1 fell {f1_drop:.4f} (> {guard.max_f1_drop})")
-    fates = fate(report, baseline)
-    return {
-        "step": step,
-        **extra,
-        "val": {
-            "accuracy": report.overall_accuracy,
-            "f1_macro": report.overall_f1_macro,
-            "group_accuracy": acc,
-            "fairness": dict(report.fairness),
-        },
-        "group_accuracy_change": delta,
-        "f1_macro_change": -f1_drop,
-        "fate": fates,
-        "any_group_worse": bool(worse),
-        "groups_worse": worse,
-        "levelling_down": bool(worse) and len(worse) == len(delta),
-        "eligible": not reasons,
-        "ineligible_because": reasons,
-        "target_gap": report.gap(target),
-    }
+    return StepRecord(
+        step=step, size=size, sparsity=sparsity, removed=removed, seconds=seconds, work=work,
+        val=StepMetrics(report.overall_accuracy, report.overall_f1_macro, acc, dict(report.fairness)),
+        group_accuracy_change=delta,
+        f1_macro_change=-f1_drop,
+        fate=fate(report, baseline),
+        groups_worse=tuple(worse),
+        levelling_down=bool(worse) and len(worse) == len(delta),
+        ineligible_because=tuple(reasons),
+        target_gap=report.gap(target),
+    )
 
 
-def selection_value(record: dict[str, Any], select: str, target: str) -> float:
+def selection_value(record: StepRecord, select: str, target: str) -> float:
     """Higher is better."""
     if select == "fate":
-        v = record["fate"].get(target)
+        v = record.fate.get(target)
         return -math.inf if v is None else float(v)
     if select == "gap":
-        g = record["val"]["fairness"].get(target)
+        g = record.val.fairness.get(target)
         return -math.inf if g is None else -float(g)
     if select == "last":
-        return float(record["step"])
-    return float(record["val"]["f1_macro"])
+        return float(record.step)
+    return float(record.val.f1_macro)
 
 
 class StopTracker:
