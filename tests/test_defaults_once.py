@@ -41,13 +41,14 @@ def test_finetune_lr_literal_is_written_once():
 def test_pipeline_finetune_lr_defaults_to_the_library_constant():
     from fairdeploy.training.finetune import FINETUNE_LR
 
-    per_step = _split_options(PruneEntry("fp", "fairprune", {"finetune_epochs": 2}), seed=3).finetune
+    per_step = _split_options(PruneEntry("fp", "fairprune", {"finetune": {"epochs": 2}}), seed=3).finetune
     assert (per_step.epochs, per_step.lr, per_step.seed) == (2, FINETUNE_LR, 3)
-    given = _split_options(PruneEntry("fp", "fairprune", {"finetune_epochs": 1, "finetune_lr": 0.02}), 0).finetune
+    given = _split_options(PruneEntry("fp", "fairprune", {"finetune": {"epochs": 1, "lr": 0.02}}), 0).finetune
     assert given.lr == 0.02
-    after = PruneEntry("fp", "fairprune", finetune_epochs=4).finetune_after(seed=1)
+    after = PruneEntry("fp", "fairprune", finetune_after_table={"epochs": 4}).finetune_after(seed=1)
     assert (after.epochs, after.lr, after.seed) == (4, FINETUNE_LR, 1)
-    assert PruneEntry("fp", "fairprune", finetune_epochs=4, finetune_lr=0.03).finetune_after(0).lr == 0.03
+    assert PruneEntry("fp", "fairprune", finetune_after_table={"epochs": 4, "lr": 0.03}).finetune_after(0).lr == 0.03
+    assert PruneEntry("fp", "fairprune", finetune_after_table={"epochs": 0}).finetune_after(0) is None
     assert PruneEntry("fp", "fairprune").finetune_after(0) is None
 
 
@@ -86,10 +87,10 @@ def test_cli_finetune_lr_defaults_to_the_library_constant(run_main, monkeypatch,
 # ---- 2. finetune_epochs = 0 means no fine-tuning, on the CLI and in a [[prune]] table ----
 
 def test_zero_finetune_epochs_is_none_in_the_pipeline():
-    cfg = _split_options(PruneEntry("fp", "fairprune", {"finetune_epochs": 0, "finetune_lr": 0.01}), 0)
+    cfg = _split_options(PruneEntry("fp", "fairprune", {"finetune": {"epochs": 0, "lr": 0.01}}), 0)
     assert cfg.finetune is None
     with pytest.raises(FairdeployError, match="epochs must be >= 1"):  # a negative count is still an error
-        _split_options(PruneEntry("fp", "fairprune", {"finetune_epochs": -1}), 0)
+        _split_options(PruneEntry("fp", "fairprune", {"finetune": {"epochs": -1}}), 0)
 
 
 def test_zero_finetune_epochs_is_none_on_the_cli(run_main, monkeypatch, synth_manifest, tmp_path):
@@ -104,13 +105,17 @@ def test_zero_finetune_epochs_is_none_on_the_cli(run_main, monkeypatch, synth_ma
     assert (seen[1].finetune.epochs, seen[1].finetune.lr) == (2, FINETUNE_LR)
 
 
-# ---- 3. a [[prune]] batch_size reaches evaluation as well as the scoring batches ----
+# ---- 3. a [[prune]] batch_size is the evaluation batch; the method's scoring batch is its own key ----
 
 @pytest.mark.parametrize("method", ["fairprune", "snnl"])
 def test_prune_table_batch_size_reaches_evaluation(method):
-    cfg = _split_options(PruneEntry("x", method, {"batch_size": 16}), 0)
+    from fairdeploy.pruning.run import PruneConfig
+
+    cfg = _split_options(PruneEntry("x", method, {"batch_size": 16, method: {"batch_size": 8}}), 0)
     scoring = cfg.fairprune if method == "fairprune" else cfg.snnl
-    assert (cfg.batch_size, scoring.batch_size) == (16, 16)
+    assert (cfg.batch_size, scoring.batch_size) == (16, 8)
+    default = getattr(PruneConfig(), method).batch_size
+    assert getattr(_split_options(PruneEntry("x", method, {"batch_size": 16}), 0), method).batch_size == default
 
 
 # ---- 4. [export] profile is applied as `fairdeploy export --profile` applies it ----

@@ -22,7 +22,7 @@ from fairdeploy.pruning.budget import BudgetConfig
 TINY = dict(
     synth={"n_images": 300, "image_size": 32},
     model={"epochs": 2, "batch_size": 32},
-    prune={"group-taylor": {"rounds": 1, "score_samples": 4, "bootstrap": 20, "finetune_epochs": 1}},
+    prune={"group-taylor": {"rounds": 1, "score_samples": 4, "bootstrap": 20, "finetune": {"epochs": 1}}},
     export={"onnx": {"precision": ["fp32", "int8"]}, "calibration": {"size": 48}},
     validate={"bootstrap": 20, "latency": {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1}},
 )
@@ -133,18 +133,19 @@ def test_demo_budget_stage_halves_the_macs_and_validates_its_control(tiny_run):
 
 
 def test_budget_table_maps_onto_budget_config():
-    cfg = _budget_options(PruneEntry("t", "budget", {"speedup": 4, "rounds": 2, "finetune_lr": 0.01,
-                                                     "finetune_group_weight": "balanced"}, criterion="taylor"), 7)
+    cfg = _budget_options(PruneEntry("t", "budget", {"speedup": 4, "rounds": 2, "finetune": {
+        "lr": 0.01, "group_weight": "balanced"}}, criterion="taylor"), 7)
     assert (cfg.criterion, cfg.metric, cfg.target, cfg.rounds, cfg.seed) == ("taylor", "macs", 0.25, 2, 7)
     assert (cfg.finetune.lr, cfg.finetune.group_weight, cfg.finetune.seed) == (0.01, "balanced", 7)
-    assert cfg.finetune.distill == BudgetConfig().finetune.distill  # unset finetune_* keep BudgetConfig's defaults
+    assert cfg.finetune.distill == BudgetConfig().finetune.distill  # unset finetune keys keep BudgetConfig's defaults
     assert cfg.control == "finetune-only"  # a blind criterion's control is fine-tuning alone, as on the CLI
     gt = _budget_options(PruneEntry("g", "budget", {"target_params": 0.3}, criterion="group-taylor"), 0)
     assert (gt.metric, gt.target, gt.control) == ("params", 0.3, "magnitude")
 
 
 def test_method_tables_still_parse_and_old_prune_json_still_plots():
-    cfg = _split_options(PruneEntry("snnl", "snnl", {"steps": 1, "channels_per_round": 8, "finetune_epochs": 1}), 3)
+    cfg = _split_options(PruneEntry("snnl", "snnl", {"stop": {"steps": 1}, "snnl": {"channels_per_round": 8},
+                                                       "finetune": {"epochs": 1}}), 3)
     assert cfg.method == "snnl" and cfg.stop.steps == 1 and cfg.finetune.epochs == 1 and cfg.finetune.seed == 3
     old = {"steps": [{"step": s, "val": {"accuracy": 0.5 + s / 10, "f1_macro": 0.4, "fairness": {"eodd": 0.2 - s / 20}}}
                      for s in range(3)]}
@@ -221,7 +222,7 @@ def test_interrupted_stage_runs_again(tmp_path):
         ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\nname = 'x'\n", "needs a `method`"),
         ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\n", "needs exactly one of target_macs"),
         ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\nspeedup = 2\nroundz = 2\n",
-         "unknown option 'roundz'; valid options: .*rounds.*target_macs"),
+         "group-taylor: unknown key 'roundz'; valid keys: .*rounds"),
         ("[data\n", "not valid TOML"),
     ],
 )

@@ -61,7 +61,7 @@ def test_hash_of_is_taken_when_the_stage_is_reached(tmp_path: Path) -> None:
 
 PIPE = ('seed = 1\n[data]\nsynth = { n_images = 48, image_size = 16 }\n[model]\narch = "resnet18"\nepochs = 1\n'
         '[[prune]]\nname = "b"\ncriterion = "group-taylor"\ntarget_macs = 0.5\n'
-        '[[prune]]\nmethod = "fairprune"\nfinetune_after_epochs = 1\n'
+        '[[prune]]\nmethod = "fairprune"\nfinetune_after = { epochs = 1 }\n'
         '[export.onnx]\nprecision = ["fp32", "int8"]\n[validate]\nbootstrap = 0\n')
 
 

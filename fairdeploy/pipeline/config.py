@@ -25,29 +25,39 @@ BUDGET_KEYS = ("target_macs", "target_params", "speedup")
 
 @dataclass(frozen=True)
 class PruneEntry:
-    """One [[prune]] table: FairPrune / SNNL steps (`method = ...`), or a budget run (`criterion = ...` and one
-    of target_macs / target_params / speedup) that also runs its fairness-blind control."""
+    """One [[prune]] table: FairPrune / SNNL steps (`method = ...`: PruneConfig's fields, its sub-tables
+    `fairprune`, `snnl`, `stop`, `guard`, `finetune`, and `finetune_after`), or a budget run (`criterion = ...`:
+    BudgetConfig's fields, `finetune` its recovery fine-tuning, and one of target_macs / target_params / speedup)
+    that also runs its fairness-blind control."""
 
     name: str
     method: str  # "fairprune", "snnl", or "budget" for a `criterion = ...` table
     options: dict[str, Any] = field(default_factory=dict)
-    finetune_epochs: int = 0  # `finetune_after_epochs`: a separate fine-tuning stage after pruning (0 = none)
-    finetune_lr: float | None = None  # `finetune_after_lr`; None: fairdeploy.training.finetune.FINETUNE_LR
     criterion: str | None = None  # budget runs only
+    # `finetune_after = { epochs = 2 }`: a separate fine-tuning stage after pruning (FitConfig; lr defaults to
+    # fairdeploy.training.finetune.FINETUNE_LR); None or epochs = 0: none
+    finetune_after_table: dict[str, Any] | None = None
+    source: str = "[[prune]]"  # where the table was written, for messages
 
     @property
     def is_budget(self) -> bool:
         return self.criterion is not None
 
+    @property
+    def where(self) -> str:
+        return f"{self.source} {self.name}"
+
     def finetune_after(self, seed: int) -> Any:
-        """The FitConfig of the separate fine-tuning stage after pruning; None when finetune_after_epochs = 0."""
-        if self.finetune_epochs <= 0:
+        """The FitConfig of the separate fine-tuning stage after pruning; None without one (or epochs = 0)."""
+        if self.finetune_after_table is None:
             return None
+        from fairdeploy.schema import load
         from fairdeploy.training.finetune import FINETUNE_LR
         from fairdeploy.training.loop import FitConfig
 
-        lr = FINETUNE_LR if self.finetune_lr is None else self.finetune_lr
-        return FitConfig(epochs=self.finetune_epochs, lr=lr, seed=seed)
+        fit = load(FitConfig, self.finetune_after_table, self.where, "finetune_after",
+                   base=FitConfig(lr=FINETUNE_LR, seed=seed))
+        return fit if fit.epochs > 0 else None
 
 
 @dataclass(frozen=True)
@@ -153,29 +163,28 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
             raise FairdeployError(f"{source}: [[prune]] entry {i + 1} needs a `method` (fairprune or snnl) or, for a "
                                   "budget run, a `criterion` (with target_macs, target_params or speedup), not both")
         e = dict(e)
-        _check_keys(e, {"name": str, "method": str, "criterion": str, "finetune_after_epochs": int,
-                        "finetune_after_lr": float}, f"{source}: [[prune]] entry {i + 1}")
+        _check_keys(e, {"name": str, "method": str, "criterion": str, "finetune_after": dict},
+                    f"{source}: [[prune]] entry {i + 1}")
         criterion = str(e.pop("criterion")) if "criterion" in e else None
         name = str(e.pop("name", criterion or e["method"]))
         if name in names or name == "vanilla" or name.endswith("-control"):
             raise FairdeployError(f"{source}: [[prune]] name {name!r} is used twice (or is reserved: vanilla, "
                                   "*-control)")
         names.add(name)
+        where = f"{source}: [[prune]]"
         if criterion is not None:
-            if "finetune_after_epochs" in e or "finetune_after_lr" in e:
-                raise FairdeployError(f"{source}: [[prune]] {name}: a budget run fine-tunes after every round "
-                                      "(finetune_epochs, finetune_lr, ...); finetune_after_* is for method tables")
+            if "finetune_after" in e:
+                raise FairdeployError(f"{where} {name}: a budget run fine-tunes after every round (its `finetune` "
+                                      "table); finetune_after is for method tables")
             given = [k for k in BUDGET_KEYS if k in e]
             if len(given) != 1:
-                raise FairdeployError(f"{source}: [[prune]] {name}: a budget run needs exactly one of "
+                raise FairdeployError(f"{where} {name}: a budget run needs exactly one of "
                                       f"{', '.join(BUDGET_KEYS)} (got {', '.join(given) or 'none'})")
-            entries.append(PruneEntry(name=name, method="budget", options=e, criterion=criterion))
+            entries.append(PruneEntry(name=name, method="budget", options=e, criterion=criterion, source=where))
             continue
         method = str(e.pop("method"))
-        ft = int(e.pop("finetune_after_epochs", 0))
-        ft_lr = float(e["finetune_after_lr"]) if "finetune_after_lr" in e else None
-        e.pop("finetune_after_lr", None)
-        entries.append(PruneEntry(name=name, method=method, options=e, finetune_epochs=ft, finetune_lr=ft_lr))
+        after = e.pop("finetune_after", None)
+        entries.append(PruneEntry(name=name, method=method, options=e, finetune_after_table=after, source=where))
     return PipelineConfig(
         source=source,
         title=str(raw.get("title", "fairdeploy pipeline")),

@@ -5,13 +5,13 @@ affects."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.pipeline.config import PipelineConfig, PruneEntry
-from fairdeploy.schema import Layer, build, check_type, load
+from fairdeploy.schema import Layer, check_type, load
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class ResolvedPipeline:
     synth: Any  # SynthConfig, or None for a manifest
     train: TrainPlan | Path  # a plan, or the checkpoint given under [model]
     prune: tuple[Any, ...]  # PruneConfig or BudgetConfig per [[prune]] entry
+    finetune_after: tuple[Any, ...]  # per entry: the FitConfig of its fine-tuning stage after pruning, or None
     export: Any  # ExportOptions
     validate: Any  # ValidationConfig
 
@@ -36,104 +37,68 @@ def resolve_pipeline(cfg: PipelineConfig) -> ResolvedPipeline:
     return ResolvedPipeline(
         cfg=cfg, synth=_synth_config(cfg), train=_train_plan(cfg),
         prune=tuple(_budget_options(e, cfg.seed) if e.is_budget else _split_options(e, cfg.seed) for e in cfg.prune),
+        finetune_after=tuple(e.finetune_after(cfg.seed) for e in cfg.prune),
         export=_export_options(cfg), validate=_validation_config(cfg))
 
 
 def _split_options(entry: PruneEntry, seed: int) -> Any:
-    """Map a [[prune]] table onto PruneConfig: each key goes to the config that has a field of that name."""
-    from fairdeploy.pruning.fairprune import FairPruneConfig
+    """A method [[prune]] table -> PruneConfig by the generic loader: its top-level keys are PruneConfig's
+    (privileged, batch_size = the evaluation batch, workers), the sub-tables its parts (`fairprune = {...}`,
+    `snnl = {...}`, `stop`, `guard`, and `finetune`: per-step fine-tuning, lr defaulting to FINETUNE_LR,
+    epochs = 0 for none)."""
     from fairdeploy.pruning.run import PruneConfig
-    from fairdeploy.pruning.selection import Guard, StopRule
-    from fairdeploy.pruning.snnl_prune import SnnlConfig
     from fairdeploy.training.finetune import FINETUNE_LR
+    from fairdeploy.training.loop import FitConfig
 
-    where = f"[[prune]] {entry.name}"
-    method_cls = FairPruneConfig if entry.method == "fairprune" else SnnlConfig
-    buckets: dict[type, dict[str, Any]] = {method_cls: {}, StopRule: {}, Guard: {}}
-    top: dict[str, Any] = {"seed": seed}
-    ft: dict[str, Any] = {}
-    for key, value in entry.options.items():
-        if key.startswith("finetune_"):
-            ft[key.removeprefix("finetune_")] = value
-            continue
-        if key == "batch_size":  # evaluation (as `prune --batch-size`) and, as before, the method's scoring batches
-            top[key] = value
-        for cls in buckets:
-            if key in {f.name for f in fields(cls)}:
-                buckets[cls][key] = value
-                break
-        else:
-            if key in ("privileged", "batch_size", "workers"):
-                top[key] = value
-            else:
-                valid = sorted({f.name for c in buckets for f in fields(c)} | {"privileged", "batch_size",
-                                                                                "finetune_epochs", "finetune_lr"})
-                raise FairdeployError(f"{where}: unknown option {key!r}; valid options: {', '.join(valid)}")
-    # finetune_epochs = 0: no fine-tuning, as `prune --finetune-epochs 0`
-    finetune = (_finetune_config({"seed": seed, "lr": FINETUNE_LR, **ft}, where)
-                if ft and ft.get("epochs") != 0 else None)
-    kwargs = {"fairprune" if entry.method == "fairprune" else "snnl": load(method_cls, buckets[method_cls], where)}
-    cfg = load(PruneConfig, top, where, base=PruneConfig(
-        method=entry.method, stop=load(StopRule, buckets[StopRule], where), guard=load(Guard, buckets[Guard], where),
-        finetune=finetune, **kwargs))
+    options = dict(entry.options)
+    if "method" in options or "seed" in options:
+        raise FairdeployError(f"{entry.where}: {'method' if 'method' in options else 'seed'} is set by the table's "
+                              "`method` and the pipeline's `seed`")
+    base = PruneConfig(method=entry.method, seed=seed,
+                       finetune=FitConfig(lr=FINETUNE_LR, seed=seed) if "finetune" in options else None)
+    cfg = load(PruneConfig, options, entry.where, base=base)
+    if cfg.finetune is not None and cfg.finetune.epochs == 0:  # as `prune --finetune-epochs 0`
+        cfg = replace(cfg, finetune=None)
     cfg.validate()
     return cfg
 
 
-def _finetune_config(options: dict[str, Any], where: str, base: Any = None) -> Any:
-    """FitConfig from a [[prune]] table's finetune_<field> keys (an error names the key as written)."""
-    from fairdeploy.training.loop import FitConfig
-
-    layer = Layer(options, where, names={k: f"{where}: finetune_{k}" for k in options})
-    return build(FitConfig, [layer], base)[0]
-
-
-# Budget-table keys that are BudgetConfig fields set another way (the table's `criterion`, the budget keys,
-# finetune_* and the pipeline's seed).
-_BUDGET_RESERVED = ("criterion", "metric", "target", "finetune", "seed")
+# Budget-table keys that are BudgetConfig fields set another way (the table's `criterion`, the budget keys and the
+# pipeline's seed).
+_BUDGET_RESERVED = ("criterion", "metric", "target", "seed")
 
 
 def _budget_options(entry: PruneEntry, seed: int) -> Any:
-    """Map a budget [[prune]] table onto BudgetConfig: its fields by name, one of target_macs / target_params /
-    speedup, and finetune_<FitConfig field> onto the recovery fine-tuning (BudgetConfig's defaults otherwise)."""
+    """A budget [[prune]] table -> BudgetConfig by the generic loader: its fields by name, `finetune = {...}` the
+    recovery fine-tuning after every round, and one of target_macs / target_params / speedup for the budget."""
     from fairdeploy.pipeline.config import BUDGET_KEYS
     from fairdeploy.pruning.budget import BudgetConfig
-    from fairdeploy.training.loop import FitConfig
 
-    where = f"[[prune]] {entry.name}"
-    cfg_fields = {f.name for f in fields(BudgetConfig)} - set(_BUDGET_RESERVED)
-    fit_fields = {f.name for f in fields(FitConfig)} - {"seed"}
-    top: dict[str, Any] = {}
-    ft: dict[str, Any] = {}
-    budget: dict[str, float] = {}
-    for key, value in entry.options.items():
-        if key in BUDGET_KEYS:
-            budget[key] = value
-        elif key.startswith("finetune_") and key.removeprefix("finetune_") in fit_fields:
-            ft[key.removeprefix("finetune_")] = value
-        elif key in cfg_fields:
-            top[key] = value
-        else:
-            valid = sorted(cfg_fields | set(BUDGET_KEYS)) + ["finetune_<" + "|".join(sorted(fit_fields)) + ">"]
-            raise FairdeployError(f"{where}: unknown option {key!r}; valid options: {', '.join(valid)}")
+    options = dict(entry.options)
+    reserved = [k for k in _BUDGET_RESERVED if k in options]
+    if reserved:
+        raise FairdeployError(f"{entry.where}: {reserved[0]} is set by the table's criterion, its "
+                              f"{' / '.join(BUDGET_KEYS)} and the pipeline's seed")
+    budget = {k: options.pop(k) for k in BUDGET_KEYS if k in options}
     if len(budget) != 1:
-        raise FairdeployError(f"{where}: a budget run needs exactly one of {', '.join(BUDGET_KEYS)} "
+        raise FairdeployError(f"{entry.where}: a budget run needs exactly one of {', '.join(BUDGET_KEYS)} "
                               f"(got {', '.join(budget) or 'none'})")
     (key, value), = budget.items()
-    value = check_type(value, float, f"{where}: {key}")
+    value = check_type(value, float, f"{entry.where}: {key}")
     if key == "speedup":
         if value <= 1.0:
-            raise FairdeployError(f"{where}: speedup must be > 1, got {value}")
+            raise FairdeployError(f"{entry.where}: speedup must be > 1, got {value}")
         metric, fraction = "macs", 1.0 / value
     else:
         metric, fraction = ("macs" if key == "target_macs" else "params"), value
-    base = BudgetConfig()
-    if ft.get("epochs") == 0:
-        raise FairdeployError(f"{where}: a budget run fine-tunes after every round: finetune_epochs must be >= 1")
+    default = BudgetConfig()
     # control None: BudgetConfig picks the criterion's blind twin (fine-tuning alone for a blind criterion)
-    finetune = _finetune_config({"seed": seed, **ft}, where, base.finetune)
-    cfg = load(BudgetConfig, {"control": None, **top}, where, base=replace(
-        base, criterion=entry.criterion, metric=metric, target=fraction, seed=seed, finetune=finetune, control=None))
+    base = replace(default, criterion=entry.criterion, metric=metric, target=fraction, seed=seed,
+                   finetune=replace(default.finetune, seed=seed), control=None)
+    cfg = load(BudgetConfig, options, entry.where, base=base)
+    if cfg.finetune.epochs == 0:
+        raise FairdeployError(f"{entry.where}: a budget run fine-tunes after every round: finetune.epochs must "
+                              "be >= 1")
     cfg.validate()
     return cfg
 

@@ -140,7 +140,7 @@ def plan_stages(plan: ResolvedPipeline, run: Path, progress: Progress = no_progr
     models = [ModelOut("vanilla", vanilla)]
 
     # 3. prune (+ finetune); a budget run's control is a model of its own, "<name>-control"
-    for entry, pcfg in zip(cfg.prune, plan.prune):
+    for entry, pcfg, ft_cfg in zip(cfg.prune, plan.prune, plan.finetune_after):
         stage_dir = run / f"prune-{entry.name}"
         out = stage_dir / "model"
         common = {"source": HashOf(_weights_path(vanilla)), "data": data, "device": cfg.device, **nproc}
@@ -163,7 +163,6 @@ def plan_stages(plan: ResolvedPipeline, run: Path, progress: Progress = no_progr
             _launch(cfg, "prune", stage_dir, manifest(), out, pcfg, model=vanilla) if cfg.nproc > 1 else
             prune_checkpoint(vanilla, manifest(), out, pcfg, cfg.device, progress)))
         models.append(ModelOut(entry.name, out, entry))
-        ft_cfg = entry.finetune_after(cfg.seed)
         if ft_cfg is not None:
             ft_dir = run / f"finetune-{entry.name}"
             stages.append(Stage(
