@@ -189,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                     for _kind, name, ckpt in runs:
                         met = test_metrics(ckpt, manifest, root)
                         met["latency_ms"] = onnx_latency_ms(ckpt, work)
-                        rec = res.record["runs"]["candidate" if name == criterion else "control"]
+                        rec = res.record.runs["candidate" if name == criterion else "control"]
                         rows.append({"dataset": dataset, "seed": seed, "budget": budget if name != "finetune-only"
-                                     else 1.0, "criterion": name, **met, "val_selected": rec["selected_val"],
-                                     "guard_passed": rec["guard_passed"], "seconds": seconds,
-                                     "data_order": [r["finetune"]["data_order"] for r in rec["rounds"]]})
+                                     else 1.0, "criterion": name, **met, "val_selected": rec.point.val.to_dict(),
+                                     "guard_passed": rec.guard_passed, "seconds": seconds,
+                                     "data_order": [list(r.finetune.data_order) for r in rec.rounds]})
                         print(f"[{dataset} seed {seed}] {name} @ {budget:g}: {_line(met)} ({seconds:.0f} s)", flush=True)
     summary = summarise(rows)
     print(render(summary))

@@ -238,16 +238,16 @@ def test_paired_comparison_by_hand() -> None:
         return Predictions(logits=np.eye(2, dtype=np.float32)[p], labels=labels, groups=groups)
 
     same = paired_comparison(preds(list(labels)), preds(list(labels)), ("a", "b"), 2, 50, 0)
-    assert same["worst_group_accuracy"] == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    assert same.worst_group_accuracy.to_dict() == {"difference": 0.0, "ci95": [0.0, 0.0]}
     # control: group a all right, group b half right (worst 0.5); candidate: all right (worst 1.0)
     control = preds([0, 1, 0, 1, 0, 0, 0, 0] * 10)
     cand = preds(list(labels))
     c = paired_comparison(cand, control, ("a", "b"), 2, 200, 0)
-    assert c["worst_group_accuracy"]["difference"] == pytest.approx(0.5)
+    assert c.worst_group_accuracy.difference == pytest.approx(0.5)
     # Eodd of the control: group b predicts class 0 always: TPR0 1, TPR1 0, FPR0 1, FPR1 0 vs perfect group a
     # class 0: |(1-1) + (0-1)|/2 = .5; class 1: |(1-0) + (0-0)|/2 = .5 -> mean .5; candidate 0
-    assert c["eodd"]["difference"] == pytest.approx(-0.5)
-    assert c["worst_group_accuracy"]["ci95"][0] > 0
+    assert c.eodd.difference == pytest.approx(-0.5)
+    assert c.worst_group_accuracy.ci95[0] > 0
     assert "beat the magnitude control" in verdict("group-taylor", "magnitude", c)
     assert "no difference shown" in verdict("group-taylor", "magnitude", same)
 
@@ -304,7 +304,7 @@ def test_compress_run_meets_budget_with_control_on_the_same_data_order(biased_ch
     cfg = BudgetConfig(criterion="group-taylor", control="magnitude", target=0.5, rounds=1, score_samples=8,
                        bootstrap=20, finetune=FitConfig(epochs=1, lr=1e-3, distill=0.5, batch_size=32))
     res = compress_checkpoint(biased_checkpoint, read_manifest(synth_manifest), tmp_path / "out", cfg, "cpu")
-    rec = res.record
+    rec = res.record.to_dict()
     dense, spec = load_checkpoint(biased_checkpoint)
     for path in (tmp_path / "out", tmp_path / "out" / "control"):
         m, _ = load_checkpoint(path)
@@ -318,26 +318,27 @@ def test_compress_run_meets_budget_with_control_on_the_same_data_order(biased_ch
     other = compress_checkpoint(biased_checkpoint, read_manifest(synth_manifest), tmp_path / "out2",
                                 BudgetConfig(**{**cfg.__dict__, "seed": 1, "control": "none", "keep_rounds": False}),
                                 "cpu")
-    assert other.record["runs"]["candidate"]["rounds"][0]["finetune"]["data_order"] != cand[0]["finetune"]["data_order"]
+    assert other.record.runs["candidate"].rounds[0].finetune.data_order != tuple(cand[0]["finetune"]["data_order"])
 
 
 def test_verdict_does_not_call_levelling_down_a_win() -> None:
-    from fairdeploy.pruning.budget import verdict
+    from fairdeploy.pruning.budget import Difference, PairedComparison, verdict
 
-    def diff(d: float, lo: float, hi: float) -> dict[str, object]:
-        return {"difference": d, "ci95": [lo, hi]}
+    def diff(d: float, lo: float, hi: float) -> Difference:
+        return Difference(d, (lo, hi))
 
-    levelled = {"worst_group_accuracy": diff(-0.05, -0.2, 0.1), "eodd": diff(-0.08, -0.13, -0.02),
-                "f1_macro": diff(-0.3, -0.4, -0.2)}
+    levelled = PairedComparison(worst_group_accuracy=diff(-0.05, -0.2, 0.1), eodd=diff(-0.08, -0.13, -0.02),
+                                f1_macro=diff(-0.3, -0.4, -0.2))
     text = verdict("group-taylor", "magnitude", levelled)
     assert "beat" not in text and "levelling down" in text and "lower macro-F1" in text
-    fair = {"worst_group_accuracy": diff(0.01, -0.02, 0.04), "eodd": diff(-0.08, -0.13, -0.02),
-            "f1_macro": diff(0.0, -0.01, 0.01)}
+    fair = PairedComparison(worst_group_accuracy=diff(0.01, -0.02, 0.04), eodd=diff(-0.08, -0.13, -0.02),
+                            f1_macro=diff(0.0, -0.01, 0.01))
     assert verdict("group-taylor", "magnitude", fair).startswith("group-taylor beat the magnitude control")
 
 
 def test_selection_without_an_eligible_model_prefers_the_closest_to_passing() -> None:
     from fairdeploy.metrics import compute_metrics
+    from fairdeploy.models.size import ModelSize
     from fairdeploy.pruning.budget import BudgetConfig, _point, _Run, _select
 
     def report(dark: int, light: int):  # 10 images per group, 2 classes; `dark`/`light` of them right
@@ -349,9 +350,9 @@ def test_selection_without_an_eligible_model_prefers_the_closest_to_passing() ->
         return compute_metrics(y, p, g, 2, group_order=["dark", "light"])
 
     cfg, base = BudgetConfig(), report(6, 10)
-    size = {"macs": 1, "params": 1, "nonzero_params": 1}
+    size = ModelSize(params=1, nonzero_params=1, macs=1)
     levelled = _point(report(6, 5), size, base, cfg)  # worst group 0.5 (light fell by half)
     close = _point(report(5, 10), size, base, cfg)  # worst group 0.5 (dark lost one image)
-    assert not levelled["eligible"] and not close["eligible"]
+    assert not levelled.eligible and not close.eligible
     run = _Run("candidate", "group-taylor", candidates=[("r1-pruned", None, levelled), ("r1-finetuned", None, close)])
     assert _select(run, 10, "macs")[0] == "r1-finetuned"

@@ -24,6 +24,8 @@ from fairdeploy.cli.train import describe_kept_run
 from fairdeploy.errors import FairdeployError
 
 if TYPE_CHECKING:
+    from fairdeploy.models.size import ModelSize
+    from fairdeploy.pruning.budget import BudgetRecord, PointMetrics
     from fairdeploy.pruning.run import PruneRecord
 
 
@@ -233,39 +235,39 @@ def _budget_run(model: Any, data: Any, out: Any, job: Job, batch_size: int, bala
         return
     rec = result.record
     console.print(_budget_table(rec))
-    sel = rec["selected"]
-    console.print(f"selected {sel['model']}: MACs x{sel['macs_fraction']:.3f}, params x{sel['params_fraction']:.3f} "
-                  f"of the input model ({rec['budget']['metric']} budget x{rec['budget']['fraction']:g})",
+    sel = rec.selected
+    console.print(f"selected {sel.model}: MACs x{sel.macs_fraction:.3f}, params x{sel.params_fraction:.3f} "
+                  f"of the input model ({rec.budget.metric} budget x{rec.budget.fraction:g})",
                   highlight=False, soft_wrap=True)
-    console.print(rec["comparison"]["verdict"], highlight=False, soft_wrap=True)
-    if not sel["guard_passed"]:
-        err_console.print(f"[yellow]warning:[/yellow] {sel['note']}", highlight=False, soft_wrap=True)
+    console.print(rec.verdict, highlight=False, soft_wrap=True)
+    if not sel.guard_passed:
+        err_console.print(f"[yellow]warning:[/yellow] {sel.note}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {result.out_dir} (prune.json beside it; control: {result.out_dir}/control)",
                   highlight=False, soft_wrap=True)
 
 
-def _budget_table(record: dict[str, Any]) -> Table:
+def _budget_table(record: BudgetRecord) -> Table:
     """Input model, then every round of candidate and control (after pruning, after fine-tuning), on validation."""
-    groups = list(record["input"]["val"]["group_accuracy"])
-    table = Table(title=f"{record['criterion']} vs {record['control']} control on validation "
-                        f"(budget: {record['budget']['metric']} x{record['budget']['fraction']:g})")
+    cfg = record.config
+    groups = list(record.input_val.group_accuracy)
+    table = Table(title=f"{cfg.criterion} vs {cfg.control} control on validation "
+                        f"(budget: {record.budget.metric} x{record.budget.fraction:g})")
     for col in ("run", "model", "MACs", *[f"acc {g}" for g in groups], "worst group", "macro-F1", "Eodd", "guard"):
         table.add_column(col, justify="left" if col in ("run", "model", "guard") else "right")
 
-    def row(run: str, name: str, p: dict[str, Any], mark: str = "") -> None:
-        v = p["val"]
-        table.add_row(run, name + mark, f"{p['size']['macs'] / 1e6:.1f} M",
-                      *[fmt_number(v["group_accuracy"].get(g)) for g in groups], fmt_number(v["worst_group_accuracy"]),
-                      fmt_number(v["f1_macro"]), fmt_number(v["fairness"].get("eodd")),
-                      "ok" if p.get("eligible", True) else "; ".join(p["ineligible_because"]))
+    def row(run: str, name: str, v: PointMetrics, size: ModelSize, guard: str, mark: str = "") -> None:
+        table.add_row(run, name + mark, f"{size.macs / 1e6:.1f} M",
+                      *[fmt_number(v.group_accuracy.get(g)) for g in groups], fmt_number(v.worst_group_accuracy),
+                      fmt_number(v.f1_macro), fmt_number(v.fairness.get("eodd")), guard)
 
-    row("input", "dense", {"val": record["input"]["val"], "size": record["budget"]["input"]})
-    for run_name, run in record["runs"].items():
-        for r in run["rounds"]:
-            for stage in ("pruned", "finetuned"):
-                if stage in r:
-                    name = f"r{r['round']}-{stage}"
-                    row(run_name, name, r[stage], " *" if name == run["selected"] else "")
+    row("input", "dense", record.input_val, record.budget.input, "ok")
+    for run_name, run in record.runs.items():
+        for r in run.rounds:
+            stages = {"pruned": r.pruning.pruned} if r.pruning is not None else {}
+            for stage, p in {**stages, "finetuned": r.finetuned}.items():
+                name = f"r{r.round}-{stage}"
+                row(run_name, name, p.val, p.size, "ok" if p.eligible else "; ".join(p.ineligible_because),
+                    " *" if name == run.selected else "")
     return table
 
 

@@ -35,11 +35,11 @@ from fairdeploy.models.checkpoint import (
     save_checkpoint,
 )
 from fairdeploy.models.registry import classifier_head_name
-from fairdeploy.models.size import model_size
+from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.criteria import BLIND, CRITERIA, ScoreData, prepare_importance
 from fairdeploy.pruning.removal import BUDGET_METRICS, budget_value, remove_to_budget
-from fairdeploy.pruning.roles import decide_roles
+from fairdeploy.pruning.roles import GroupRoles, decide_roles
 from fairdeploy.pruning.run import PRUNE_FILE
 from fairdeploy.pruning.scoresets import balanced_batch_order, group_score_sets, stratified_sample
 from fairdeploy.pruning.selection import Guard
@@ -121,7 +121,7 @@ class BudgetConfig:
 @dataclass(frozen=True)
 class BudgetResult:
     out_dir: Path
-    record: dict[str, Any]
+    record: BudgetRecord  # what prune.json holds
 
 
 def budget_from(speedup: float | None = None, target_macs: float | None = None,
@@ -141,7 +141,216 @@ def budget_from(speedup: float | None = None, target_macs: float | None = None,
 
 # ---- records ------------------------------------------------------------------------------------------------
 
-def _point(report: MetricsReport, size: dict[str, int], base: MetricsReport, cfg: BudgetConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PointMetrics:
+    """A model's validation figures in a budget run: overall accuracy and macro-F1, each group's accuracy (and
+    the worst), each group's image count, the fairness gaps."""
+
+    accuracy: float
+    f1_macro: float
+    group_accuracy: dict[str, float]
+    group_n: dict[str, int]
+    fairness: dict[str, float | None]
+
+    @property
+    def worst_group_accuracy(self) -> float:
+        return min(self.group_accuracy.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "f1_macro": self.f1_macro, "group_accuracy": dict(self.group_accuracy),
+                "worst_group_accuracy": self.worst_group_accuracy, "group_n": dict(self.group_n),
+                "fairness": dict(self.fairness)}
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One model of a budget run against the input model on validation, and the guard's verdict."""
+
+    val: PointMetrics
+    group_accuracy_change: dict[str, float]
+    size: ModelSize
+    ineligible_because: tuple[str, ...]
+    shortfall: float  # how far from passing the guard: summed accuracy/F1 losses beyond the tolerances
+
+    @property
+    def eligible(self) -> bool:
+        return not self.ineligible_because
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shortfall": self.shortfall, "val": self.val.to_dict(),
+                "group_accuracy_change": dict(self.group_accuracy_change), "size": self.size.to_dict(),
+                "eligible": self.eligible, "ineligible_because": list(self.ineligible_because)}
+
+
+@dataclass(frozen=True)
+class RoundPruning:
+    """What a round of a pruning run removed (a fine-tuning-only control has none)."""
+
+    target: float  # the round's budget value (MACs or params)
+    channel_ratio: float
+    channels_removed: int
+    removed: dict[str, Any]  # root layer -> removed channel indices
+    criterion_notes: dict[str, object]
+    score_seconds: float
+    pruned: BudgetPoint  # before fine-tuning
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "channel_ratio": self.channel_ratio, "channels_removed": self.channels_removed,
+                "removed": self.removed, "criterion_notes": self.criterion_notes,
+                "score_seconds": self.score_seconds, "pruned": self.pruned.to_dict()}
+
+
+@dataclass(frozen=True)
+class RoundFinetune:
+    """A round's recovery fine-tuning: best epoch, epochs run, each epoch's data-order hash, mean throughput."""
+
+    best_epoch: int
+    epochs: int
+    data_order: tuple[Any, ...]
+    train_samples_per_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, "epochs": self.epochs, "data_order": list(self.data_order),
+                "train_samples_per_s": self.train_samples_per_s}
+
+
+@dataclass(frozen=True)
+class BudgetRound:
+    """One round of a run: the removal (None for fine-tuning alone), the fine-tuned model, the fine-tuning."""
+
+    round: int
+    pruning: RoundPruning | None
+    finetuned: BudgetPoint
+    finetune: RoundFinetune
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, **({} if self.pruning is None else self.pruning.to_dict()),
+                "finetuned": self.finetuned.to_dict(), "finetune": self.finetune.to_dict(), "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run (candidate or control): its rounds and the model selected among them."""
+
+    criterion: str  # a criterion, or "finetune-only"
+    rounds: tuple[BudgetRound, ...]
+    selected: str  # "r<round>-pruned" or "r<round>-finetuned"
+    point: BudgetPoint  # the selected model's
+    guard_passed: bool
+    model: str | None = None  # the folder of OUT its checkpoint was written to (the control's)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "rounds": [r.to_dict() for r in self.rounds], "selected": self.selected,
+                "selected_val": self.point.val.to_dict(), "selected_size": self.point.size.to_dict(),
+                "guard_passed": self.guard_passed, **({} if self.model is None else {"model": self.model})}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a budget run must reach: `fraction` of the input model's `metric`, i.e. at most `max`."""
+
+    metric: str
+    fraction: float
+    max: float
+    input: ModelSize
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "fraction": self.fraction, "max": self.max, "input": self.input.to_dict()}
+
+
+@dataclass(frozen=True)
+class BudgetSelection:
+    """The candidate's selected model (OUT's checkpoint) and its size against the input model's."""
+
+    model: str  # rounds/candidate-<name>
+    guard_passed: bool
+    size: ModelSize
+    macs_fraction: float
+    params_fraction: float
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "guard_passed": self.guard_passed, "size": self.size.to_dict(),
+                "macs_fraction": self.macs_fraction, "params_fraction": self.params_fraction, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Candidate minus control of one quantity, with its 95 % percentile interval."""
+
+    difference: float
+    ci95: tuple[float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"difference": self.difference, "ci95": list(self.ci95)}
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Candidate minus control on the same validation images (paired_comparison)."""
+
+    worst_group_accuracy: Difference
+    eodd: Difference
+    f1_macro: Difference
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"worst_group_accuracy": self.worst_group_accuracy.to_dict(), "eodd": self.eodd.to_dict(),
+                "f1_macro": self.f1_macro.to_dict()}
+
+
+@dataclass(frozen=True)
+class BudgetRecord:
+    """What a budget run's prune.json holds (to_dict() is the file)."""
+
+    config: BudgetConfig
+    budget: Budget
+    source: str  # the input checkpoint
+    source_sha256: str  # of its weights
+    arch: str
+    input_val: PointMetrics
+    groups: GroupRoles
+    manifest: str
+    score_samples_per_group: int
+    val_images: int
+    device: str
+    runs: dict[str, RunRecord]  # candidate, then control
+    selected: BudgetSelection
+    comparison: PairedComparison | None  # None: no control run
+    verdict: str
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        cfg = self.config
+        control_definition = CRITERIA.get(cfg.control, "fine-tuning alone under the same schedule, no pruning"
+                                          if cfg.control == "finetune-only" else "no control run")
+        comparison = {"verdict": self.verdict} if self.comparison is None else {
+            "split": "val", "candidate_minus_control": self.comparison.to_dict(), "verdict": self.verdict}
+        return {
+            "kind": "budget",
+            "criterion": cfg.criterion,
+            "criterion_definition": CRITERIA[cfg.criterion],
+            "criterion_is_fairness_aware": cfg.criterion not in BLIND,
+            "control": cfg.control,
+            "control_definition": control_definition,
+            "params": cfg.to_dict(),
+            "budget": self.budget.to_dict(),
+            "input": {"checkpoint": self.source, "sha256": self.source_sha256, "arch": self.arch,
+                      "val": self.input_val.to_dict()},
+            "groups": self.groups.to_dict(),
+            "data": {"manifest": self.manifest, "score_split": "train",
+                     "score_samples_per_group": self.score_samples_per_group, "val_images": self.val_images,
+                     "test_split_used": False},
+            "device": self.device,
+            "runs": {name: r.to_dict() for name, r in self.runs.items()},
+            "metric_definitions": METRIC_DEFINITIONS,
+            "selected": self.selected.to_dict(),
+            "comparison": comparison,
+            "seconds": self.seconds,
+        }
+
+
+def _point(report: MetricsReport, size: ModelSize, base: MetricsReport, cfg: BudgetConfig) -> BudgetPoint:
     acc = {g: m.accuracy for g, m in report.groups}
     base_acc = {g: m.accuracy for g, m in base.groups}
     delta = {g: acc[g] - base_acc[g] for g in acc if g in base_acc}
@@ -151,20 +360,15 @@ def _point(report: MetricsReport, size: dict[str, int], base: MetricsReport, cfg
     if f1_drop > cfg.max_f1_drop + 1e-12:
         reasons.append(f"macro-F1 fell {f1_drop:.4f} (> {cfg.max_f1_drop})")
     shortfall = sum(max(0.0, -d - cfg.max_group_drop) for d in delta.values()) + max(0.0, f1_drop - cfg.max_f1_drop)
-    return {
-        "shortfall": shortfall,  # how far from passing the guard: summed accuracy/F1 losses beyond the tolerances
-        "val": {"accuracy": report.overall_accuracy, "f1_macro": report.overall_f1_macro, "group_accuracy": acc,
-                "worst_group_accuracy": min(acc.values()), "group_n": {g: m.n for g, m in report.groups},
-                "fairness": dict(report.fairness)},
-        "group_accuracy_change": delta,
-        "size": size,
-        "eligible": not reasons,
-        "ineligible_because": reasons,
-    }
+    return BudgetPoint(
+        val=PointMetrics(report.overall_accuracy, report.overall_f1_macro, acc, {g: m.n for g, m in report.groups},
+                         dict(report.fairness)),
+        group_accuracy_change=delta, size=size, ineligible_because=tuple(reasons), shortfall=shortfall,
+    )
 
 
 def paired_comparison(a: Predictions, b: Predictions, group_names: tuple[str, ...], num_classes: int,
-                      n_boot: int, seed: int) -> dict[str, Any]:
+                      n_boot: int, seed: int) -> PairedComparison:
     """Candidate `a` minus control `b` on the same images: worst-group accuracy, Eodd and macro-F1 differences
     with 95 % percentile intervals from one shared within-group resampling of the images."""
     if not (np.array_equal(a.labels, b.labels) and np.array_equal(a.groups, b.groups)):
@@ -186,30 +390,29 @@ def paired_comparison(a: Predictions, b: Predictions, group_names: tuple[str, ..
         idx = np.concatenate([rng.choice(m, len(m), replace=True) for m in members])
         diffs[i] = stats(pa, idx) - stats(pb, idx)
     lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0)
-    keys = ("worst_group_accuracy", "eodd", "f1_macro")
-    return {k: {"difference": float(point[i]), "ci95": [float(lo[i]), float(hi[i])]} for i, k in enumerate(keys)}
+    return PairedComparison(*(Difference(float(point[i]), (float(lo[i]), float(hi[i]))) for i in range(3)))
 
 
-def verdict(criterion: str, control: str, comparison: dict[str, Any]) -> str:
+def verdict(criterion: str, control: str, comparison: PairedComparison) -> str:
     """One line: did the criterion beat the control (a 95 % interval of the difference that excludes 0)?"""
-    wga, eodd, f1 = comparison["worst_group_accuracy"], comparison["eodd"], comparison["f1_macro"]
+    wga, eodd, f1 = comparison.worst_group_accuracy, comparison.eodd, comparison.f1_macro
     better, worse = [], []
-    if wga["ci95"][0] > 0:
-        better.append(f"higher worst-group accuracy ({wga['difference']:+.4f})")
-    if eodd["ci95"][1] < 0:
-        if wga["difference"] < 0:  # a smaller gap bought with a worse worst group is levelling down, not a win
-            worse.append(f"lower Eodd ({eodd['difference']:+.4f}) only by levelling down (worst-group accuracy "
-                         f"{wga['difference']:+.4f})")
+    if wga.ci95[0] > 0:
+        better.append(f"higher worst-group accuracy ({wga.difference:+.4f})")
+    if eodd.ci95[1] < 0:
+        if wga.difference < 0:  # a smaller gap bought with a worse worst group is levelling down, not a win
+            worse.append(f"lower Eodd ({eodd.difference:+.4f}) only by levelling down (worst-group accuracy "
+                         f"{wga.difference:+.4f})")
         else:
-            better.append(f"lower Eodd ({eodd['difference']:+.4f})")
-    if f1["ci95"][1] < 0:
-        worse.append(f"lower macro-F1 ({f1['difference']:+.4f})")
-    if wga["ci95"][1] < 0:
-        worse.append(f"lower worst-group accuracy ({wga['difference']:+.4f})")
-    if eodd["ci95"][0] > 0:
-        worse.append(f"higher Eodd ({eodd['difference']:+.4f})")
-    ci = (f"worst-group accuracy {wga['difference']:+.4f} [{wga['ci95'][0]:+.4f}, {wga['ci95'][1]:+.4f}], "
-          f"Eodd {eodd['difference']:+.4f} [{eodd['ci95'][0]:+.4f}, {eodd['ci95'][1]:+.4f}]")
+            better.append(f"lower Eodd ({eodd.difference:+.4f})")
+    if f1.ci95[1] < 0:
+        worse.append(f"lower macro-F1 ({f1.difference:+.4f})")
+    if wga.ci95[1] < 0:
+        worse.append(f"lower worst-group accuracy ({wga.difference:+.4f})")
+    if eodd.ci95[0] > 0:
+        worse.append(f"higher Eodd ({eodd.difference:+.4f})")
+    ci = (f"worst-group accuracy {wga.difference:+.4f} [{wga.ci95[0]:+.4f}, {wga.ci95[1]:+.4f}], "
+          f"Eodd {eodd.difference:+.4f} [{eodd.ci95[0]:+.4f}, {eodd.ci95[1]:+.4f}]")
     if better and not worse:
         return f"{criterion} beat the {control} control on validation: {', '.join(better)}; {ci}"
     if better and worse:
@@ -240,8 +443,8 @@ class _Ctx:
 class _Run:
     name: str
     criterion: str  # a criterion, or "finetune-only"
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    candidates: list[tuple[str, nn.Module, dict[str, Any]]] = field(default_factory=list)
+    rounds: list[BudgetRound] = field(default_factory=list)
+    candidates: list[tuple[str, nn.Module, BudgetPoint]] = field(default_factory=list)
 
 
 def _evaluate(model: nn.Module, ctx: _Ctx) -> MetricsReport:
@@ -254,7 +457,7 @@ def _run(run: _Run, model: nn.Module, ctx: _Ctx) -> _Run:
     base_value = budget_value(model_size(model, ctx.spec.image_size, ctx.device), cfg.metric)
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        entry: dict[str, Any] = {"round": r}
+        pruning = None
         if run.criterion != "finetune-only":
             target = base_value * cfg.target ** (r / cfg.rounds)
             dg = dependency_graph(model, ctx.spec.image_size, ctx.device)
@@ -263,42 +466,40 @@ def _run(run: _Run, model: nn.Module, ctx: _Ctx) -> _Run:
             t_score = time.perf_counter() - t0
             removal = remove_to_budget(model, table, target, cfg.metric, ctx.head, ctx.spec.image_size,
                                        cfg.round_to, cfg.max_layer_ratio, ctx.device)
-            entry.update({"target": target, "channel_ratio": removal.ratio,
-                          "channels_removed": removal.channels_removed, "removed": removal.removed,
-                          "criterion_notes": notes, "score_seconds": t_score})
-            size = removal.size.to_dict()
-            pruned_report = _evaluate(model, ctx)
-            entry["pruned"] = _point(pruned_report, size, ctx.base_report, cfg)
-            run.candidates.append((f"r{r}-pruned", copy.deepcopy(model).cpu(), entry["pruned"]))
+            size = removal.size
+            pruning = RoundPruning(target=target, channel_ratio=removal.ratio,
+                                   channels_removed=removal.channels_removed, removed=removal.removed,
+                                   criterion_notes=notes, score_seconds=t_score,
+                                   pruned=_point(_evaluate(model, ctx), size, ctx.base_report, cfg))
+            run.candidates.append((f"r{r}-pruned", copy.deepcopy(model).cpu(), pruning.pruned))
         else:
-            size = model_size(model, ctx.spec.image_size, ctx.device).to_dict()
+            size = model_size(model, ctx.spec.image_size, ctx.device)
         model, fit = finetune_model(model, ctx.spec, ctx.train_ds, ctx.val_ds, cfg.finetune,
                                     ctx.scratch / f"{run.name}-r{r}", ctx.device, None, ctx.progress,
                                     task=f"{run.name} round {r} finetune", teacher=ctx.teacher)
-        report = _evaluate(model, ctx)
-        entry["finetuned"] = _point(report, size, ctx.base_report, cfg)
-        entry["finetune"] = {"best_epoch": fit.best_epoch, "epochs": len(fit.history),
-                             "data_order": [h["data_order"] for h in fit.history],
-                             "train_samples_per_s": float(np.mean([h["train_samples_per_s"] for h in fit.history]))}
-        entry["seconds"] = time.perf_counter() - t0
-        run.rounds.append(entry)
-        run.candidates.append((f"r{r}-finetuned", copy.deepcopy(model).cpu(), entry["finetuned"]))
-        ctx.progress(f"{run.name}: round {r}/{cfg.rounds} worst-group {entry['finetuned']['val']['worst_group_accuracy']:.4f}",
+        finetuned = _point(_evaluate(model, ctx), size, ctx.base_report, cfg)
+        finetune = RoundFinetune(best_epoch=fit.best_epoch, epochs=len(fit.history),
+                                 data_order=tuple(h["data_order"] for h in fit.history),
+                                 train_samples_per_s=float(np.mean([h["train_samples_per_s"] for h in fit.history])))
+        run.rounds.append(BudgetRound(round=r, pruning=pruning, finetuned=finetuned, finetune=finetune,
+                                      seconds=time.perf_counter() - t0))
+        run.candidates.append((f"r{r}-finetuned", copy.deepcopy(model).cpu(), finetuned))
+        ctx.progress(f"{run.name}: round {r}/{cfg.rounds} worst-group {finetuned.val.worst_group_accuracy:.4f}",
                      r, cfg.rounds)
     return run
 
 
-def _select(run: _Run, budget_value_max: float, metric: str) -> tuple[str, nn.Module, dict[str, Any], bool]:
+def _select(run: _Run, budget_value_max: float, metric: str) -> tuple[str, nn.Module, BudgetPoint, bool]:
     """Among the run's models that meet the budget, the best worst-group validation accuracy the guard accepts;
     when none passes, the one closest to passing (smallest summed shortfall beyond the tolerances), flagged."""
-    within = [(n, m, p) for n, m, p in run.candidates if p["size"][metric] <= budget_value_max]
+    within = [(n, m, p) for n, m, p in run.candidates if budget_value(p.size, metric) <= budget_value_max]
     if not within:
         raise FairdeployError("no model of the run meets the budget")
-    ok = [c for c in within if c[2]["eligible"]]
+    ok = [c for c in within if c[2].eligible]
     if ok:
-        name, model, point = max(ok, key=lambda c: (c[2]["val"]["worst_group_accuracy"], c[2]["val"]["f1_macro"]))
+        name, model, point = max(ok, key=lambda c: (c[2].val.worst_group_accuracy, c[2].val.f1_macro))
     else:  # closest to passing: the smallest total shortfall, so a levelled-down model is not preferred
-        name, model, point = min(within, key=lambda c: (c[2]["shortfall"], -c[2]["val"]["worst_group_accuracy"]))
+        name, model, point = min(within, key=lambda c: (c[2].shortfall, -c[2].val.worst_group_accuracy))
     return name, model, point, bool(ok)
 
 
@@ -342,8 +543,8 @@ def compress_checkpoint(
                        unprivileged=roles.unprivileged, privileged=roles.privileged,
                        snnl_batches=Subset(score_ds, order), snnl_batch_size=bs, batch_size=cfg.score_batch_size,
                        beta=cfg.beta, curvature=cfg.curvature, temperature=cfg.temperature, seed=cfg.seed)
-    base_size = model_size(teacher, spec.image_size, dev).to_dict()
-    budget_max = base_size[cfg.metric] * cfg.target
+    base_size = model_size(teacher, spec.image_size, dev)
+    budget = Budget(cfg.metric, cfg.target, budget_value(base_size, cfg.metric) * cfg.target, base_size)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with main_scratch(out) as scratch:  # under torchrun only rank 0 writes (scratch and output)
@@ -353,56 +554,42 @@ def compress_checkpoint(
         runs = [_run(_Run("candidate", cfg.criterion), copy.deepcopy(teacher), ctx)]
         if cfg.control != "none":
             runs.append(_run(_Run("control", cfg.control), copy.deepcopy(teacher), ctx))
-        input_point = _point(base_report, base_size, base_report, cfg)
-        record: dict[str, Any] = {
-            "kind": "budget",
-            "criterion": cfg.criterion,
-            "criterion_definition": CRITERIA[cfg.criterion],
-            "criterion_is_fairness_aware": cfg.criterion not in BLIND,
-            "control": cfg.control,
-            "control_definition": CRITERIA.get(cfg.control, "fine-tuning alone under the same schedule, no pruning"
-                                               if cfg.control == "finetune-only" else "no control run"),
-            "params": cfg.to_dict(),
-            "budget": {"metric": cfg.metric, "fraction": cfg.target, "max": budget_max, "input": base_size},
-            "input": {"checkpoint": str(src), "sha256": sha256_file(src / WEIGHTS_FILE), "arch": spec.arch,
-                      "val": input_point["val"]},
-            "groups": roles.to_dict(),
-            "data": {"manifest": manifest.source, "score_split": "train", "score_samples_per_group": len(ids[present[0]]),
-                     "val_images": len(val_ds), "test_split_used": False},
-            "device": str(dev),
-            "runs": {},
-            "metric_definitions": METRIC_DEFINITIONS,
-        }
-        selected: dict[str, tuple[str, nn.Module, dict[str, Any], bool]] = {}
+        selected: dict[str, tuple[str, nn.Module, BudgetPoint, bool]] = {}
+        run_records: dict[str, RunRecord] = {}
         for run in runs:
-            budget_cap = budget_max if run.criterion != "finetune-only" else float("inf")
+            budget_cap = budget.max if run.criterion != "finetune-only" else float("inf")
             selected[run.name] = _select(run, budget_cap, cfg.metric)
             name, _m, point, guard_ok = selected[run.name]
-            record["runs"][run.name] = {"criterion": run.criterion, "rounds": run.rounds, "selected": name,
-                                        "selected_val": point["val"], "selected_size": point["size"],
-                                        "guard_passed": guard_ok}
+            run_records[run.name] = RunRecord(criterion=run.criterion, rounds=tuple(run.rounds), selected=name,
+                                              point=point, guard_passed=guard_ok,
+                                              model="control" if run.name == "control" else None)
         cand = selected["candidate"]
-        record["selected"] = {"model": f"rounds/candidate-{cand[0]}", "guard_passed": cand[3],
-                              "size": cand[2]["size"], "macs_fraction": cand[2]["size"]["macs"] / base_size["macs"],
-                              "params_fraction": cand[2]["size"]["params"] / base_size["params"],
-                              "note": ("best worst-group validation accuracy among the models at the budget that the "
-                                       "guard accepts" if cand[3] else
-                                       "no model at the budget passed the guard (every group within "
-                                       f"{cfg.max_group_drop} accuracy of the input model, macro-F1 within "
-                                       f"{cfg.max_f1_drop}); the output is the best one anyway, flagged"
-                                       + ("; every round's checkpoint is under rounds/" if cfg.keep_rounds else ""))}
+        selection = BudgetSelection(
+            model=f"rounds/candidate-{cand[0]}", guard_passed=cand[3], size=cand[2].size,
+            macs_fraction=cand[2].size.macs / base_size.macs, params_fraction=cand[2].size.params / base_size.params,
+            note=("best worst-group validation accuracy among the models at the budget that the guard accepts"
+                  if cand[3] else
+                  "no model at the budget passed the guard (every group within "
+                  f"{cfg.max_group_drop} accuracy of the input model, macro-F1 within "
+                  f"{cfg.max_f1_drop}); the output is the best one anyway, flagged"
+                  + ("; every round's checkpoint is under rounds/" if cfg.keep_rounds else "")))
+        comparison = None
         if "control" in selected:
             pa = predict(selected["candidate"][1].to(dev), val_ds, dev, cfg.batch_size)
             pb = predict(selected["control"][1].to(dev), val_ds, dev, cfg.batch_size)
             comparison = paired_comparison(pa, pb, spec.groups, spec.num_classes, cfg.bootstrap, cfg.seed)
-            record["comparison"] = {"split": "val", "candidate_minus_control": comparison,
-                                    "verdict": verdict(cfg.criterion, cfg.control, comparison)}
-        else:
-            record["comparison"] = {"verdict": "no control was run: no fairness claim about the criterion is made"}
+        record = BudgetRecord(
+            config=cfg, budget=budget, source=str(src), source_sha256=sha256_file(src / WEIGHTS_FILE),
+            arch=spec.arch, input_val=_point(base_report, base_size, base_report, cfg).val, groups=roles,
+            manifest=manifest.source, score_samples_per_group=len(ids[present[0]]), val_images=len(val_ds),
+            device=str(dev), runs=run_records, selected=selection, comparison=comparison,
+            verdict=("no control was run: no fairness claim about the criterion is made" if comparison is None
+                     else verdict(cfg.criterion, cfg.control, comparison)),
+        )
         if world().is_main:
             staged = scratch / "final"
             history = {"stage": "prune", "kind": "budget", "criterion": cfg.criterion, "control": cfg.control,
-                       "budget": record["budget"], "source": str(src), "source_sha256": record["input"]["sha256"],
+                       "budget": budget.to_dict(), "source": str(src), "source_sha256": record.source_sha256,
                        "manifest": manifest.source, "selected": cand[0]}
             out_spec = replace(spec, sparsity=None).with_history(history)
             save_checkpoint(cand[1], out_spec, staged)
@@ -411,13 +598,12 @@ def compress_checkpoint(
                 save_checkpoint(ctrl[1], replace(spec, sparsity=None).with_history({**history, "run": "control",
                                                                                      "selected": ctrl[0]}),
                                 staged / "control")
-                record["runs"]["control"]["model"] = "control"
             if cfg.keep_rounds:
                 for run in runs:
                     for name, m, _p in run.candidates:
                         save_checkpoint(m, out_spec, staged / "rounds" / f"{run.name}-{name}")
-            record["seconds"] = time.perf_counter() - t_start
-            write_json(staged / PRUNE_FILE, record)
+            record = replace(record, seconds=time.perf_counter() - t_start)
+            write_json(staged / PRUNE_FILE, record.to_dict())
             with atomic_dir(out, owner=PRUNE_FILE) as tmp:
                 for f in staged.iterdir():
                     shutil.move(str(f), tmp / f.name)
