@@ -50,8 +50,9 @@ def test_option_blocks_are_options_to_typer_and_one_value_to_the_command() -> No
             "--name", "y", "--overwrite"]
     assert CliRunner().invoke(app, args).exit_code == 0
     assert CliRunner().invoke(app, ["command"]).exit_code == 0
-    assert seen == [("y", Job(device="cpu", workers=2, seed=0, images=Images(Path("/r"), True), overwrite=True)),
-                    ("x", Job(device="auto", workers=0, seed=0, images=Images(None, False), overwrite=False))]
+    # --workers and --seed left unset are None: the command's configuration keeps its own defaults
+    assert seen == [("y", Job(device="cpu", workers=2, seed=None, images=Images(Path("/r"), True), overwrite=True)),
+                    ("x", Job(device="auto", workers=None, seed=None, images=Images(None, False), overwrite=False))]
     result = CliRunner().invoke(app, ["command", "--help"], terminal_width=200)
     flags = [f for f in ("--name", "--device", "--workers", "--seed", "--images-root", "--allow-outside-root",
                          "--overwrite") if f in result.output]

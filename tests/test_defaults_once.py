@@ -198,3 +198,217 @@ def test_validate_cli_writes_no_tolerance_or_latency_literal():
     for name in ("max_eodd_drift", "max_accuracy_drop", "max_group_accuracy_drop", "latency_batch",
                  "latency_iterations", "latency_warmup", "bootstrap"):
         assert defaults[name] is None, name
+
+
+# ---- 7. no command-line option repeats a library default: flags default to None and override ----
+
+def _commands() -> dict[str, object]:
+    """Every registered command by its full name ("data synth"), from the Typer app."""
+    import typer
+
+    from fairdeploy.cli.app import app
+
+    found: dict[str, object] = {}
+
+    def walk(cmd: object, prefix: str) -> None:
+        for name, sub in getattr(cmd, "commands", {}).items():
+            full = f"{prefix} {name}".strip()
+            if hasattr(sub, "commands"):  # a group (`data`)
+                walk(sub, full)
+            else:
+                found[full] = sub
+
+    walk(typer.main.get_command(app), "")
+    return found
+
+
+def _configs() -> dict[str, list[type]]:
+    """The configuration dataclasses each command builds from its options ([]: it builds none)."""
+    from fairdeploy.data.synth import SynthConfig
+    from fairdeploy.export.profiles import ExportOptions
+    from fairdeploy.pruning.budget import BudgetConfig
+    from fairdeploy.pruning.run import PruneConfig
+    from fairdeploy.training.loop import FitConfig
+    from fairdeploy.validation import ValidationConfig
+
+    return {"train": [FitConfig], "evaluate": [], "finetune": [FitConfig], "prune": [PruneConfig, BudgetConfig],
+            "validate": [ValidationConfig], "export": [ExportOptions], "report": [], "pipeline": [], "demo": [],
+            "data prepare": [], "data inspect": [], "data synth": [SynthConfig]}
+
+
+def _mappings() -> dict[str, list[tuple[type, dict, dict]]]:
+    """(dataclass, option -> field path(s), flag overrides) as each command hands them to cli.common.configure."""
+    from fairdeploy.cli import data, prune, train
+    from fairdeploy.data.synth import SynthConfig
+    from fairdeploy.pruning.budget import BudgetConfig
+    from fairdeploy.pruning.run import PruneConfig
+    from fairdeploy.training.loop import FitConfig
+
+    return {"prune": [(PruneConfig, prune.STEP_FIELDS, {}), (FitConfig, prune.STEP_FINETUNE_FIELDS, {}),
+                      (BudgetConfig, prune.BUDGET_FIELDS, {})],
+            "train": [(FitConfig, train.FIT_FIELDS, {})], "finetune": [(FitConfig, train.FIT_FIELDS, {})],
+            "data synth": [(SynthConfig, data.SYNTH_FIELDS, data.SYNTH_FLAGS)]}
+
+
+def _field_names(cls: type) -> set[str]:
+    """Every field name of `cls` and of the dataclasses its fields hold (Optional ones too), at any depth."""
+    import dataclasses
+    import typing
+
+    names: set[str] = set()
+    for f in dataclasses.fields(cls):
+        names.add(f.name)
+        hint = typing.get_type_hints(cls)[f.name]
+        for arm in (hint, *typing.get_args(hint)):
+            if isinstance(arm, type) and dataclasses.is_dataclass(arm):
+                names |= _field_names(arm)
+    return names
+
+
+def _path_exists(cls: type, path: str) -> bool:
+    import dataclasses
+    import typing
+
+    *tables, key = path.split(".")
+    for table in tables:
+        hint = typing.get_type_hints(cls).get(table)
+        arms = [a for a in (hint, *typing.get_args(hint)) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+        if not arms:
+            return False
+        cls = arms[0]
+    return key in {f.name for f in dataclasses.fields(cls)}
+
+
+# An option whose name is a field of the command's configuration but which sets something else, and why.
+NOT_THE_FIELD = {
+    ("export", "seed"): "the ONNX check's random inputs (run_export's argument), not [calibration] seed "
+                        "(that is --calib-seed)",
+}
+
+
+def test_every_command_is_classified_by_the_configuration_it_builds():
+    assert set(_commands()) == set(_configs())
+
+
+def test_no_cli_default_repeats_a_dataclass_default():
+    """A parameter named like a field of a dataclass its command builds (or mapped to one) defaults to None (or
+    False for a switch, or empty): the field's default is the only one."""
+    commands, configs, mappings = _commands(), _configs(), _mappings()
+    offenders = []
+    for name, cmd in commands.items():
+        fields = set().union(*(_field_names(c) for c in configs[name]))
+        mapped = {opt for _, m, _ in mappings.get(name, []) for opt in m}
+        for p in cmd.params:  # type: ignore[attr-defined]
+            unset = p.default is None or p.default is False or p.default in ("", (), [])
+            if not unset and (p.name in fields or p.name in mapped) and (name, p.name) not in NOT_THE_FIELD:
+                offenders.append(f"{name} {p.opts[0]} = {p.default!r}")
+    assert offenders == []
+
+
+def test_option_maps_name_real_options_and_real_fields():
+    """Each mapping entry is a parameter of its command, the flag configure() names in messages is that
+    parameter's flag, and each path is a field of the dataclass (a typo would make the option a silent no-op)."""
+    commands = _commands()
+    for name, maps in _mappings().items():
+        params = {p.name: p for p in commands[name].params}  # type: ignore[attr-defined]
+        for cls, fields, flags in maps:
+            for option, paths in fields.items():
+                assert option in params, (name, option)
+                flag = flags.get(option) or "--" + option.replace("_", "-")
+                assert flag in params[option].opts, (name, option, params[option].opts)
+                for path in (paths,) if isinstance(paths, str) else paths:
+                    assert _path_exists(cls, path), (name, cls.__name__, path)
+
+
+def _stop_at(monkeypatch: pytest.MonkeyPatch, target: str, index: int = 3) -> list:
+    """Replace `target` with a fake that records its argument `index` (the config) and stops the command."""
+    seen: list = []
+
+    def fake(*args, **kwargs):
+        seen.append(args[index])
+        raise FairdeployError("captured")
+
+    monkeypatch.setattr(target, fake)
+    return seen
+
+
+def test_unset_options_build_exactly_the_dataclass_defaults(run_main, monkeypatch, synth_manifest, tmp_path):
+    from dataclasses import replace
+
+    from fairdeploy.data.synth import SynthConfig
+    from fairdeploy.pruning.budget import BudgetConfig
+    from fairdeploy.pruning.run import PruneConfig
+    from fairdeploy.training.finetune import FINETUNE_CONFIG
+    from fairdeploy.training.loop import FitConfig
+
+    data = ("--data", str(synth_manifest))
+    checkpoint = ("--model", str(tmp_path), *data)
+    steps = _stop_at(monkeypatch, "fairdeploy.pruning.prune_checkpoint")
+    budget = _stop_at(monkeypatch, "fairdeploy.pruning.budget.compress_checkpoint")
+    finetuned = _stop_at(monkeypatch, "fairdeploy.training.finetune.finetune_checkpoint")
+    trained = _stop_at(monkeypatch, "fairdeploy.training.train.train_model")
+    synth = _stop_at(monkeypatch, "fairdeploy.data.synth.generate_synthetic", index=1)
+    runs = [("prune", *checkpoint, "--out", str(tmp_path / "p1")),
+            ("prune", *checkpoint, "--out", str(tmp_path / "p2"), "--finetune-epochs", "2", "--seed", "7"),
+            ("prune", *checkpoint, "--out", str(tmp_path / "p3"), "--criterion", "taylor", "--target-macs", "0.4"),
+            ("prune", *checkpoint, "--out", str(tmp_path / "p4"), "--speedup", "4", "--batch-size", "16"),
+            ("finetune", *checkpoint, "--out", str(tmp_path / "f1")),
+            ("train", *data, "--out", str(tmp_path / "t1")),
+            ("data", "synth", "--out", str(tmp_path / "s1")),
+            ("data", "synth", "--out", str(tmp_path / "s2"), "--format", "jpg", "--seed", "3")]
+    for args in runs:
+        code, _, err = run_main(*args)
+        assert code == 2 and "captured" in err, (args, err)
+    # nothing given: the dataclass itself, equal field by field
+    assert steps[0] == PruneConfig()
+    # --finetune-epochs N: fine-tuning as `fairdeploy finetune` does it, for N epochs; --seed reaches both
+    assert steps[1] == PruneConfig(finetune=replace(FINETUNE_CONFIG, epochs=2, seed=7), seed=7)
+    # a blind criterion gets its own control (fine-tuning alone), as BudgetConfig picks it
+    assert budget[0] == BudgetConfig(criterion="taylor", target=0.4) and budget[0].control == "finetune-only"
+    default = BudgetConfig()
+    assert budget[1] == replace(default, target=0.25, batch_size=16, finetune=replace(default.finetune, batch_size=16))
+    assert finetuned[0] == FINETUNE_CONFIG
+    assert trained[0] == FitConfig()
+    assert synth == [SynthConfig(), SynthConfig(image_format="jpg", seed=3)]
+
+
+def test_validate_with_no_options_is_validation_config():
+    from fairdeploy.cli.validate import validation_config
+    from fairdeploy.validation import ValidationConfig
+
+    assert validation_config() == ValidationConfig()
+    assert validation_config(latency=True) == ValidationConfig()
+    assert validation_config(batch_size=8, seed=2, workers=1) == ValidationConfig(batch_size=8, seed=2, workers=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("prune", "--beta", "-1"), r"--beta must be in \(0, 1\], got -1\.0"),
+    (("prune", "--max-f1-drop", "2"), r"--max-f1-drop: max F1 drop must be in \[0, 1\], got 2\.0"),
+    (("prune", "--target", "gap"), r"--target: unknown target 'gap'; choose one of eodd, eopp0, eopp1"),
+    (("prune", "--method", "snnl", "--channels-per-round", "12"),
+     r"--channels-per-round 12 is not a multiple of --round-to 8"),
+    (("prune", "--finetune-epochs", "1", "--finetune-lr", "0"), r"--finetune-lr: lr must be > 0, got 0\.0"),
+    (("prune", "--criterion", "magnitude", "--target-macs", "1.5"),
+     r"--target-macs: the budget must keep a fraction in \(0, 1\) of the macs, got 1\.5"),
+    (("prune", "--criterion", "magnitude", "--target-macs", "0.5", "--distill", "2"),
+     r"--distill: distillation weight must be in \[0, 1\], got 2\.0"),
+    (("finetune", "--optimizer", "adam"), r"--optimizer: unknown optimizer 'adam'; choose one of adamw, sgd"),
+    (("train", "--lr", "-0.1"), r"--lr: lr must be > 0, got -0\.1"),
+])
+def test_a_wrong_value_is_reported_with_its_flag(run_main, tmp_path, args, message):
+    """The check runs on the built configuration; the message starts with the flag the user typed (no manifest
+    or model is read first: --data and --model need not exist)."""
+    command, *rest = args
+    paths = ["--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o")]
+    if command != "train":
+        paths += ["--model", str(tmp_path / "ckpt")]
+    code, _, err = run_main(command, *paths, *rest)
+    assert code == 2
+    assert re.match(rf"error: {message}", err.strip()), err
+
+
+def test_synth_wrong_value_names_its_flag(run_main, tmp_path):
+    code, _, err = run_main("data", "synth", "--out", str(tmp_path / "s"), "--n-images", "5")
+    assert code == 2 and err.strip() == "error: --n-images: n_images must be at least 30, got 5"
+    code, _, err = run_main("data", "synth", "--out", str(tmp_path / "s"), "--format", "gif")
+    assert code == 2 and err.strip().startswith("error: --format: image_format must be png or jpg")

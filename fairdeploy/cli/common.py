@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
 import json
+import re
 import sys
 import time
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from fairdeploy.data.manifest import Manifest, read_manifest
 from fairdeploy.io import OutputPolicy
+
+T = TypeVar("T")
 
 # Wide tables stay readable when the output is a file or a CI log (rich defaults to 80 columns there).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -128,15 +132,74 @@ class Images:
         return read_manifest(data, self.images_root, allow_outside_root=self.allow_outside_root)
 
 
+def unset(option: Any, default: str) -> Any:
+    """A shared `option` (Annotated[T, typer.Option]) for a command whose configuration dataclass holds the default:
+    T | None (None: not given, the field keeps its default), the help ending "(default: DEFAULT)"."""
+    kind, info = typing.get_args(option)
+    info = copy.copy(info)
+    info.help = f"{(info.help or '').rstrip('.')} (default: {default})."
+    return Annotated[kind | None, info]
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """The options of a command that computes on a manifest's images and writes --out."""
+    """The options of a command that computes on a manifest's images and writes --out (--workers and --seed left
+    unset keep the command's configuration's defaults: FitConfig's, PruneConfig's, ...)."""
 
     device: DeviceOpt = "auto"
-    workers: WorkersOpt = 0
-    seed: SeedOpt = 0
+    workers: unset(WorkersOpt, "the command's configuration's") = None  # type: ignore[valid-type]
+    seed: unset(SeedOpt, "the command's configuration's") = None  # type: ignore[valid-type]
     images: Images = Images()
     overwrite: OverwriteOpt = False
+
+
+# ---- a configuration dataclass from a command's options (fairdeploy.schema): each default is the field's ----
+
+def configure(cls: type[T], fields: Mapping[str, str | tuple[str, ...]], options: Mapping[str, Any], *,
+              base: T | None = None, flags: Mapping[str, str] | None = None) -> T:
+    """`base` (default `cls()`) with the command's options over it, checked by its `validate()`.
+
+    `fields` maps each option (its parameter name) to the dotted field path(s) it sets; `options` holds the values
+    (None: not given, the field keeps its default, so no default is written in the CLI). A wrong value is reported
+    with its flag (--NAME, or `flags[NAME]`): the type check names it (fairdeploy.schema), and a failed
+    `validate()` is prefixed with the flag(s) whose value it is about, found by leaving each given option out."""
+    from fairdeploy.errors import FairdeployError
+    from fairdeploy.schema import Layer, build
+
+    names = {name: (flags or {}).get(name) or "--" + name.replace("_", "-") for name in fields}
+
+    def built(leave_out: str | None = None) -> T:
+        values: dict[str, Any] = {}
+        labels: dict[str, str] = {}
+        for name, paths in fields.items():
+            value = options.get(name)
+            if value is None or name == leave_out:
+                continue  # not given (a sub-table is not switched on by options that are all unset)
+            for path in (paths,) if isinstance(paths, str) else paths:
+                *tables, key = path.split(".")
+                node = values
+                for table in tables:
+                    node = node.setdefault(table, {})
+                node[key] = value
+                labels[path] = names[name]
+        return build(cls, [Layer(values, "command line", names=labels)], base)[0]
+
+    def problem(cfg: T) -> str | None:
+        try:
+            cfg.validate()  # type: ignore[attr-defined]
+        except FairdeployError as exc:
+            return str(exc)
+        return None
+
+    cfg = built()
+    message = problem(cfg)
+    if message is None:
+        return cfg
+    culprits = list(dict.fromkeys(names[name] for name in fields if options.get(name) is not None
+                                  and problem(built(leave_out=name)) != message))
+    if not culprits or any(re.search(rf"{re.escape(flag)}(?![\w-])", message) for flag in culprits):
+        raise FairdeployError(message)  # no option to blame, or the message names it already
+    raise FairdeployError(f"{', '.join(culprits)}: {message}")
 
 
 def _is_block(hint: Any) -> bool:

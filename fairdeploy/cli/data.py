@@ -10,7 +10,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fairdeploy.cli.common import OUT_POLICIES, DataOpt, Images, OverwriteOpt, SeedOpt, console, option_blocks
+from fairdeploy.cli.common import (
+    OUT_POLICIES,
+    DataOpt,
+    Images,
+    OverwriteOpt,
+    SeedOpt,
+    configure,
+    console,
+    option_blocks,
+    unset,
+)
 from fairdeploy.data.adapters import (
     ATTRIBUTES,
     FITZPATRICK_LABEL_COLUMNS,
@@ -21,6 +31,8 @@ from fairdeploy.data.adapters import (
 )
 from fairdeploy.data.inspect import inspect_manifest, support_table
 from fairdeploy.data.manifest import read_manifest, write_manifest
+from fairdeploy.data.splits import DEFAULT_FRACTIONS
+from fairdeploy.data.synth import SynthConfig
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import claim_output, write_json
 
@@ -138,10 +150,10 @@ def prepare_cmd(
     id_column: IdColumnOpt = None,
     image_ext: ImageExtOpt = None,
     image_prefix: ImagePrefixOpt = "",
-    train: TrainOpt = 0.7,
-    val: ValOpt = 0.15,
-    test: TestOpt = 0.15,
-    seed: SeedOpt = 0,
+    train: TrainOpt = DEFAULT_FRACTIONS[0],  # the split fractions' defaults: fairdeploy.data.splits
+    val: ValOpt = DEFAULT_FRACTIONS[1],
+    test: TestOpt = DEFAULT_FRACTIONS[2],
+    seed: unset(SeedOpt, "fairdeploy.data.adapters.prepare's") = None,  # type: ignore[valid-type]
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Build a manifest from Fitzpatrick 17k, ISIC 2019, HAM10000 or a CSV, with seeded stratified splits."""
@@ -163,7 +175,7 @@ def prepare_cmd(
             image_ext=image_ext,
             image_prefix=image_prefix,
             fractions=(train, val, test),
-            seed=seed,
+            **({} if seed is None else {"seed": seed}),
         )
         write_manifest(result.records, out)
     _print_prepare_report(result.report)
@@ -222,27 +234,34 @@ def _inspect(data: Path, images: Images, check_images: bool, out: Path | None) -
         )
 
 
+_SYNTH = SynthConfig()  # the defaults `data synth --help` shows
+# `data synth`: each option sets the SynthConfig field of its name (fairdeploy.cli.common.configure).
+SYNTH_FIELDS: dict[str, str | tuple[str, ...]] = {name: name for name in (
+    "n_images", "image_size", "dark_fraction", "bias", "dark_bias", "dark_contrast", "image_format", "seed")}
+SYNTH_FLAGS = {"image_format": "--format"}  # the option whose flag is not --NAME
+
+
 @data_app.command("synth")
 def synth_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (images/ + manifest.csv).")],
-    n_images: Annotated[int, typer.Option("--n-images", help="Number of images.")] = 1200,
-    image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels.")] = 32,
-    dark_fraction: Annotated[float, typer.Option(help="Share of the 'dark' (unprivileged) group.")] = 0.35,
-    bias: Annotated[float, typer.Option(help="P(marker colour agrees with the class) in the 'light' group.")] = 0.95,
+    n_images: Annotated[int | None, typer.Option("--n-images", help=f"Number of images (default: {_SYNTH.n_images}).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help=f"Image side in pixels (default: {_SYNTH.image_size}).")] = None,
+    dark_fraction: Annotated[float | None, typer.Option(help=f"Share of the 'dark' (unprivileged) group (default: {_SYNTH.dark_fraction}).")] = None,
+    bias: Annotated[float | None, typer.Option(help=f"P(marker colour agrees with the class) in the 'light' group (default: {_SYNTH.bias}).")] = None,
     dark_bias: Annotated[
         float | None, typer.Option(help="Same for the 'dark' group (default: chance, the shortcut misleads).")
     ] = None,
-    dark_contrast: Annotated[float, typer.Option(help="Lesion darkening factor on dark skin (1 = invisible).")] = 0.8,
-    image_format: Annotated[str, typer.Option("--format", help="png or jpg.")] = "png",
-    seed: SeedOpt = 0,
+    dark_contrast: Annotated[float | None, typer.Option(help=f"Lesion darkening factor on dark skin (1 = invisible; default: {_SYNTH.dark_contrast}).")] = None,
+    image_format: Annotated[str | None, typer.Option("--format", help=f"png or jpg (default: {_SYNTH.image_format}).")] = None,
+    seed: unset(SeedOpt, str(_SYNTH.seed)) = None,  # type: ignore[valid-type]
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Generate a synthetic dataset whose shortcut cue helps one group and hurts the other."""
-    from fairdeploy.data.synth import SynthConfig, generate_synthetic
+    from fairdeploy.data.synth import generate_synthetic
 
-    cfg = SynthConfig(n_images=n_images, image_size=image_size, dark_fraction=dark_fraction, bias=bias,
-                      dark_bias=dark_bias, dark_contrast=dark_contrast, image_format=image_format, seed=seed)
-    cfg.validate()  # option mistakes first
+    options = {"n_images": n_images, "image_size": image_size, "dark_fraction": dark_fraction, "bias": bias,
+               "dark_bias": dark_bias, "dark_contrast": dark_contrast, "image_format": image_format, "seed": seed}
+    cfg = configure(SynthConfig, SYNTH_FIELDS, options, flags=SYNTH_FLAGS)  # option mistakes first
     with claim_output(out, OUT_POLICIES["data synth"], overwrite=overwrite):
         manifest_path = generate_synthetic(out, cfg)
     manifest = read_manifest(manifest_path)

@@ -14,10 +14,12 @@ from fairdeploy.cli.common import (
     ModelOpt,
     OutDirOpt,
     checkpoint_job,
+    configure,
     console,
     err_console,
     on_interrupt,
     option_blocks,
+    unset,
 )
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.cli.train import describe_kept_run
@@ -52,63 +54,106 @@ def _steps_table(record: PruneRecord) -> Table:
     return table
 
 
-def _opt(help_text: str, *names: str, **kw: Any) -> Any:
-    return typer.Option(*names, help=help_text, **kw)
+def _opt(help_text: str, *names: str, default: str | None = None, **kw: Any) -> Any:
+    """An option; `default` names the dataclass whose field holds its default (the option itself defaults to None)."""
+    return typer.Option(*names, help=help_text if default is None else f"{help_text.rstrip('.')} (default: {default}'s).",
+                        **kw)
 
 
-MethodOpt = Annotated[str, _opt("fairprune or snnl.")]
-GranularityOpt = Annotated[str, _opt("FairPrune: weight, channel or 2:4.")]
-CurvatureOpt = Annotated[str, _opt("FairPrune curvature: fisher (MC), empirical or hutchinson.")]
-BetaOpt = Annotated[float, _opt("FairPrune: weight of the privileged group's curvature, in (0, 1].")]
-RatioOpt = Annotated[float, _opt("FairPrune: fraction of the still-unpruned weights (channels) cut per step, in (0, 1).")]
+# Defaults live on the dataclasses (FairPruneConfig, SnnlConfig, StopRule, Guard, PruneConfig, BudgetConfig); an
+# option left unset keeps the field's default (STEP_FIELDS, BUDGET_FIELDS).
+FP, SN, STOP, GUARD, BUDGET = "FairPruneConfig", "SnnlConfig", "StopRule", "Guard", "BudgetConfig"
+MethodOpt = Annotated[str | None, _opt("fairprune or snnl.", default="PruneConfig")]
+GranularityOpt = Annotated[str | None, _opt("FairPrune: weight, channel or 2:4.", default=FP)]
+CurvatureOpt = Annotated[str | None, _opt("FairPrune curvature: fisher (MC), empirical or hutchinson.", default=FP)]
+BetaOpt = Annotated[float | None, _opt("FairPrune: weight of the privileged group's curvature, in (0, 1].",
+                                       default=f"{FP}'s, in a budget run {BUDGET}")]
+RatioOpt = Annotated[float | None, _opt("FairPrune: fraction of the still-unpruned weights (channels) cut per step, "
+                                        "in (0, 1).", default=FP)]
 FirstOrderOpt = Annotated[bool, _opt("FairPrune: add each group's gradient term.", "--first-order")]
-ScopeOpt = Annotated[str, _opt("FairPrune weight ranking: layer (each layer loses --ratio) or global.")]
+ScopeOpt = Annotated[str | None, _opt("FairPrune weight ranking: layer (each layer loses --ratio) or global.",
+                                      default=FP)]
 IncludeHeadOpt = Annotated[bool, _opt("FairPrune weight/2:4: prune the classifier head too.", "--include-head")]
-ScoreSamplesOpt = Annotated[int, _opt("FairPrune: images per group in the score sets (class-stratified).", min=1)]
-ScoreSplitOpt = Annotated[str, _opt("Split the scores are computed on: train or val.")]
-McSamplesOpt = Annotated[int, _opt("Fisher: softmax draws per image.", min=1)]
-ProbesOpt = Annotated[int, _opt("Hutchinson: Rademacher probes per batch.", min=1)]
-RoundToOpt = Annotated[int, _opt("Channel pruning: keep channel counts multiples of this.", min=1)]
-LayersOpt = Annotated[str, _opt("SNNL: 'last' or comma-separated conv layer names.")]
-TemperatureOpt = Annotated[float, _opt("SNNL temperature T.")]
+ScoreSamplesOpt = Annotated[int | None, _opt("FairPrune: images per group in the score sets (class-stratified).",
+                                             default=f"{FP}'s, in a budget run {BUDGET}", min=1)]
+ScoreSplitOpt = Annotated[str | None, _opt("Split the scores are computed on: train or val.", default=f"{FP}'s / {SN}")]
+McSamplesOpt = Annotated[int | None, _opt("Fisher: softmax draws per image.", default=FP, min=1)]
+ProbesOpt = Annotated[int | None, _opt("Hutchinson: Rademacher probes per batch.", default=FP, min=1)]
+RoundToOpt = Annotated[int | None, _opt("Channel pruning: keep channel counts multiples of this.",
+                                        default=f"{FP}'s / {SN}'s / {BUDGET}", min=1)]
+LayersOpt = Annotated[str | None, _opt("SNNL: 'last' or comma-separated conv layer names.", default=SN)]
+TemperatureOpt = Annotated[float | None, _opt("SNNL temperature T.", default=f"{SN}'s, in a budget run {BUDGET}")]
 CompatOpt = Annotated[bool, _opt("SNNL: the published code's self-pair numerator.", "--snnl-compat")]
-PerRoundOpt = Annotated[int, _opt("SNNL: channels removed per round.")]
+PerRoundOpt = Annotated[int | None, _opt("SNNL: channels removed per round.", default=SN)]
 MaxChannelsOpt = Annotated[int | None, _opt("SNNL: stop after removing this many channels in total.")]
-SnnlBatchesOpt = Annotated[int, _opt("SNNL: group-balanced batches averaged per round.", min=1)]
-StepsOpt = Annotated[int, _opt("Maximum prune steps (rounds).", min=1)]
-TargetOpt = Annotated[str, _opt("Validation gap watched by the stop rule and FATE: eodd, eopp0 or eopp1.")]
-PatienceOpt = Annotated[int, _opt("Stop after this many steps without a lower gap.", min=1)]
+SnnlBatchesOpt = Annotated[int | None, _opt("SNNL: group-balanced batches averaged per round.", default=SN, min=1)]
+StepsOpt = Annotated[int | None, _opt("Maximum prune steps (rounds).", default=STOP, min=1)]
+TargetOpt = Annotated[str | None, _opt("Validation gap watched by the stop rule and FATE: eodd, eopp0 or eopp1.",
+                                       default=STOP)]
+PatienceOpt = Annotated[int | None, _opt("Stop after this many steps without a lower gap.", default=STOP, min=1)]
 TargetValueOpt = Annotated[float | None, _opt("Stop once the gap is at or below this.")]
-SelectOpt = Annotated[str, _opt("Best step: fate (on --target vs the input model), gap, f1, or last (the most "
-                                "pruned step the guard accepts).")]
-MaxF1DropOpt = Annotated[float, _opt("Guard: never select a step losing more macro-F1 than this.")]
-GuardOpt = Annotated[bool, _opt("Never select a step that lowers the unprivileged group's accuracy.",
-                                "--guard/--no-guard")]
+SelectOpt = Annotated[str | None, _opt("Best step: fate (on --target vs the input model), gap, f1, or last (the most "
+                                       "pruned step the guard accepts).", default=GUARD)]
+MaxF1DropOpt = Annotated[float | None, _opt("Guard: never select a step losing more macro-F1 than this.",
+                                            default=GUARD)]
+GuardOpt = Annotated[bool | None, _opt("Never select a step that lowers the unprivileged group's accuracy.",
+                                       "--guard/--no-guard", default=GUARD)]
 PrivilegedOpt = Annotated[str | None, _opt("Privileged group name (default: higher validation accuracy).")]
 FinetuneEpochsOpt = Annotated[int | None, _opt("Fine-tuning epochs after every step or round (0: none; default: "
-                                              "0 for FairPrune/SNNL steps, 1 per budget round).", min=0)]
+                                              "none for FairPrune/SNNL steps, BudgetConfig's per budget round).",
+                                              min=0)]
 FinetuneLrOpt = Annotated[float | None, _opt("Fine-tuning learning rate (default: FairPrune/SNNL steps use "
                                              "fairdeploy.training.finetune.FINETUNE_LR, budget rounds "
                                              "fairdeploy.pruning.budget.BUDGET_FINETUNE_LR).")]
-BalanceOpt = Annotated[str, _opt("Fine-tuning sampling: none, class, group or group-class.")]
+BalanceOpt = Annotated[str | None, _opt("Fine-tuning sampling: none, class, group or group-class.",
+                                        default="FitConfig")]
 CriterionOpt = Annotated[str | None, _opt(
     "Budget run: importance criterion magnitude, taylor (fairness-blind), fairprune, snnl or group-taylor "
     "(fairness-aware); removes channels with Torch-Pruning's global pruner until the budget is met.")]
 TargetMacsOpt = Annotated[float | None, _opt("Budget run: keep this fraction of the input model's MACs (0.5 = 2x fewer).")]
 TargetParamsOpt = Annotated[float | None, _opt("Budget run: keep this fraction of the input model's parameters.")]
 SpeedupOpt = Annotated[float | None, _opt("Budget run: MACs divided by this (2 = --target-macs 0.5).")]
-RoundsOpt = Annotated[int | None, _opt("Budget run: rounds of removal + fine-tuning to reach the budget.", min=1)]
+RoundsOpt = Annotated[int | None, _opt("Budget run: rounds of removal + fine-tuning to reach the budget.",
+                                       default=BUDGET, min=1)]
 ControlOpt = Annotated[str | None, _opt("Budget run: control run under the same schedule and seed: magnitude, taylor, "
-                                        "finetune-only or none.")]
+                                        "finetune-only or none (default: BudgetConfig's choice for the criterion).")]
 DistillOpt = Annotated[float | None, _opt("Budget run: weight of distillation from the input model in the "
-                                          "fine-tuning loss, in [0, 1] (0: off).")]
-GroupWeightOpt = Annotated[str | None, _opt("Fine-tuning loss weights: none or balanced (each group weighs the same).")]
+                                          "fine-tuning loss, in [0, 1] (0: off).", default=BUDGET)]
+GroupWeightOpt = Annotated[str | None, _opt("Fine-tuning loss weights: none or balanced (each group weighs the same).",
+                                            default="FitConfig")]
 MaxGroupDropOpt = Annotated[float | None, _opt("Guard: never select a model that costs any group (FairPrune/SNNL "
-                                               "steps: the unprivileged group) more validation accuracy than this.")]
-KeepRoundsOpt = Annotated[bool, _opt("Budget run: keep every round's checkpoint under OUT/rounds.",
-                                     "--keep-rounds/--no-keep-rounds")]
-SelectEpochOpt = Annotated[str, _opt("Validation metric that picks the best epoch: f1_macro, accuracy, "
-                                     "worst_group_accuracy.")]
+                                               "steps: the unprivileged group) more validation accuracy than this.",
+                                               default=f"{GUARD}'s / {BUDGET}")]
+KeepRoundsOpt = Annotated[bool | None, _opt("Budget run: keep every round's checkpoint under OUT/rounds.",
+                                            "--keep-rounds/--no-keep-rounds", default=BUDGET)]
+
+
+# Each option's field(s) in the configuration `prune` builds (dotted paths; fairdeploy.cli.common.configure).
+STEP_FIELDS: dict[str, str | tuple[str, ...]] = {  # PruneConfig: FairPrune / SNNL steps
+    "method": "method", "granularity": "fairprune.granularity", "curvature": "fairprune.curvature",
+    "beta": "fairprune.beta", "ratio": "fairprune.ratio", "first_order": "fairprune.first_order",
+    "scope": "fairprune.scope", "include_head": "fairprune.include_head", "score_samples": "fairprune.score_samples",
+    "score_split": ("fairprune.score_split", "snnl.score_split"), "mc_samples": "fairprune.mc_samples",
+    "probes": "fairprune.probes", "round_to": ("fairprune.round_to", "snnl.round_to"), "layers": "snnl.layers",
+    "temperature": "snnl.temperature", "snnl_compat": "snnl.compat", "channels_per_round": "snnl.channels_per_round",
+    "max_channels": "snnl.max_channels", "snnl_batches": "snnl.batches", "steps": "stop.steps",
+    "target": "stop.target", "patience": "stop.patience", "target_value": "stop.target_value",
+    "select": "guard.select", "max_f1_drop": "guard.max_f1_drop", "guard": "guard.protect_unprivileged",
+    "max_group_drop": "guard.max_group_drop", "privileged": "privileged", "batch_size": "batch_size",
+    "workers": "workers", "seed": "seed",
+}
+STEP_FINETUNE_FIELDS: dict[str, str | tuple[str, ...]] = {  # the FitConfig of fine-tuning after every step
+    "finetune_epochs": "epochs", "finetune_lr": "lr", "balance": "balance", "batch_size": "batch_size",
+    "workers": "workers", "seed": "seed",
+}
+BUDGET_FIELDS: dict[str, str | tuple[str, ...]] = {  # BudgetConfig: a budget run (metric and target: the budget)
+    "criterion": "criterion", "control": "control", "rounds": "rounds", "round_to": "round_to",
+    "score_samples": "score_samples", "beta": "beta", "temperature": "temperature", "privileged": "privileged",
+    "max_group_drop": "max_group_drop", "keep_rounds": "keep_rounds", "finetune_epochs": "finetune.epochs",
+    "finetune_lr": "finetune.lr", "distill": "finetune.distill", "group_weight": "finetune.group_weight",
+    "balance": "finetune.balance", "batch_size": ("batch_size", "finetune.batch_size"),
+    "workers": "finetune.workers", "seed": ("seed", "finetune.seed"),
+}
 
 
 @option_blocks
@@ -116,36 +161,36 @@ def prune(
     model: ModelOpt,
     data: DataOpt,
     out: OutDirOpt,
-    method: MethodOpt = "fairprune",
-    granularity: GranularityOpt = "weight",
-    curvature: CurvatureOpt = "fisher",
-    beta: BetaOpt = 0.5,
-    ratio: RatioOpt = 0.005,
+    method: MethodOpt = None,
+    granularity: GranularityOpt = None,
+    curvature: CurvatureOpt = None,
+    beta: BetaOpt = None,
+    ratio: RatioOpt = None,
     first_order: FirstOrderOpt = False,
-    scope: ScopeOpt = "layer",
+    scope: ScopeOpt = None,
     include_head: IncludeHeadOpt = False,
-    score_samples: ScoreSamplesOpt = 64,
-    score_split: ScoreSplitOpt = "train",
-    mc_samples: McSamplesOpt = 1,
-    probes: ProbesOpt = 1,
-    round_to: RoundToOpt = 8,
-    layers: LayersOpt = "last",
-    temperature: TemperatureOpt = 1.0,
+    score_samples: ScoreSamplesOpt = None,
+    score_split: ScoreSplitOpt = None,
+    mc_samples: McSamplesOpt = None,
+    probes: ProbesOpt = None,
+    round_to: RoundToOpt = None,
+    layers: LayersOpt = None,
+    temperature: TemperatureOpt = None,
     snnl_compat: CompatOpt = False,
-    channels_per_round: PerRoundOpt = 8,
+    channels_per_round: PerRoundOpt = None,
     max_channels: MaxChannelsOpt = None,
-    snnl_batches: SnnlBatchesOpt = 4,
-    steps: StepsOpt = 5,
-    target: TargetOpt = "eodd",
-    patience: PatienceOpt = 2,
+    snnl_batches: SnnlBatchesOpt = None,
+    steps: StepsOpt = None,
+    target: TargetOpt = None,
+    patience: PatienceOpt = None,
     target_value: TargetValueOpt = None,
-    select: SelectOpt = "fate",
-    max_f1_drop: MaxF1DropOpt = 0.02,
-    guard: GuardOpt = True,
+    select: SelectOpt = None,
+    max_f1_drop: MaxF1DropOpt = None,
+    guard: GuardOpt = None,
     privileged: PrivilegedOpt = None,
     finetune_epochs: FinetuneEpochsOpt = None,
     finetune_lr: FinetuneLrOpt = None,
-    balance: BalanceOpt = "none",
+    balance: BalanceOpt = None,
     criterion: CriterionOpt = None,
     target_macs: TargetMacsOpt = None,
     target_params: TargetParamsOpt = None,
@@ -155,46 +200,25 @@ def prune(
     distill: DistillOpt = None,
     group_weight: GroupWeightOpt = None,
     max_group_drop: MaxGroupDropOpt = None,
-    keep_rounds: KeepRoundsOpt = True,
-    batch_size: BatchSizeOpt = 64,
+    keep_rounds: KeepRoundsOpt = None,
+    batch_size: unset(BatchSizeOpt, "PruneConfig's, in a budget run BudgetConfig's") = None,  # type: ignore[valid-type]
     job: Job = Job(),
 ) -> None:
     """Prune a checkpoint: to a MAC/parameter budget with a criterion and its control (--criterion, --target-macs,
     --speedup), or FairPrune / SNNL steps (--method). Writes OUT/model.*, OUT/prune.json (and OUT/control, OUT/rounds)."""
-    from fairdeploy.pruning import FairPruneConfig, Guard, PruneConfig, SnnlConfig, StopRule, prune_checkpoint
-    from fairdeploy.training.finetune import FINETUNE_LR
+    options = {**locals(), "workers": job.workers, "seed": job.seed}  # every option by its parameter name
+    for flag in ("first_order", "include_head", "snnl_compat"):
+        options[flag] = options[flag] or None  # a switch: given (True) or not
+    from fairdeploy.pruning import PruneConfig, prune_checkpoint
+    from fairdeploy.training.finetune import FINETUNE_CONFIG
     from fairdeploy.training.loop import FitConfig
 
     if criterion is not None or any(v is not None for v in (target_macs, target_params, speedup)):
-        _budget_run(model, data, out, job, batch_size, balance,
-                    criterion=criterion, target_macs=target_macs, target_params=target_params, speedup=speedup,
-                    rounds=rounds, control=control, distill=distill, group_weight=group_weight,
-                    max_group_drop=max_group_drop, keep_rounds=keep_rounds, finetune_epochs=finetune_epochs,
-                    finetune_lr=finetune_lr, score_samples=score_samples, round_to=round_to, beta=beta,
-                    temperature=temperature, privileged=privileged)
+        _budget_run(model, data, out, job, options)
         return
-    finetune_epochs = 0 if finetune_epochs is None else finetune_epochs
-    finetune_lr = FINETUNE_LR if finetune_lr is None else finetune_lr
-    guard_opts = {} if max_group_drop is None else {"max_group_drop": max_group_drop}
-
-    cfg = PruneConfig(
-        method=method,
-        fairprune=FairPruneConfig(granularity=granularity, curvature=curvature, beta=beta, ratio=ratio,
-                                  first_order=first_order, scope=scope, include_head=include_head,
-                                  score_samples=score_samples, score_split=score_split, mc_samples=mc_samples,
-                                  probes=probes, round_to=round_to),
-        snnl=SnnlConfig(layers=layers, temperature=temperature, compat=snnl_compat,
-                        channels_per_round=channels_per_round, max_channels=max_channels, batches=snnl_batches,
-                        score_split=score_split, round_to=round_to),
-        stop=StopRule(steps=steps, target=target, patience=patience, target_value=target_value),
-        guard=Guard(protect_unprivileged=guard, max_f1_drop=max_f1_drop, select=select, **guard_opts),
-        privileged=privileged,
-        finetune=FitConfig(epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr, balance=balance,
-                           workers=job.workers, seed=job.seed) if finetune_epochs > 0 else None,
-        batch_size=batch_size,
-        workers=job.workers,
-        seed=job.seed,
-    )
+    # fine-tuning after every step only with --finetune-epochs N > 0 (as `fairdeploy finetune`, lr FINETUNE_LR)
+    finetune = configure(FitConfig, STEP_FINETUNE_FIELDS, options, base=FINETUNE_CONFIG) if finetune_epochs else None
+    cfg = configure(PruneConfig, STEP_FIELDS, options, base=PruneConfig(finetune=finetune))
     result = checkpoint_job("prune", prune_checkpoint, model, data, out, cfg, job)
     if result is None:  # another torchrun process reports
         return
@@ -211,25 +235,20 @@ def prune(
     console.print(f"checkpoint: {result.out_dir} (prune.json beside it)", highlight=False, soft_wrap=True)
 
 
-def _budget_run(model: Any, data: Any, out: Any, job: Job, batch_size: int, balance: str, **opts: Any) -> None:
+def _budget_run(model: Any, data: Any, out: Any, job: Job, options: dict[str, Any]) -> None:
     """`fairdeploy prune --criterion C --target-macs F`: options left unset keep BudgetConfig's defaults."""
-    from dataclasses import replace
-
     from fairdeploy.pruning.budget import BudgetConfig, budget_from, compress_checkpoint
 
-    metric, fraction = budget_from(opts.pop("speedup"), opts.pop("target_macs"), opts.pop("target_params"))
-    base = BudgetConfig()
-    ft = {k: v for k, v in (("epochs", opts.pop("finetune_epochs")), ("lr", opts.pop("finetune_lr")),
-                            ("distill", opts.pop("distill")), ("group_weight", opts.pop("group_weight")))
-          if v is not None}
-    if ft.get("epochs") == 0:
+    budget = {k: options[k] for k in ("speedup", "target_macs", "target_params")}
+    metric, fraction = budget_from(**budget)
+    if options["finetune_epochs"] == 0:
         raise FairdeployError("budget runs fine-tune after every round: --finetune-epochs must be >= 1")
-    if balance != "none" or job.workers:
-        ft.update(balance=balance, workers=job.workers)
-    fit = replace(base.finetune, batch_size=batch_size, seed=job.seed, **ft)
-    kw = {k: v for k, v in opts.items() if v is not None}
-    kw.setdefault("control", None)  # None: BudgetConfig picks the control that fits the criterion
-    cfg = replace(base, metric=metric, target=fraction, finetune=fit, batch_size=batch_size, seed=job.seed, **kw)
+    criterion = options["criterion"]
+    # the base holds the criterion, so that BudgetConfig picks the control that fits it when --control is unset
+    base = BudgetConfig(metric=metric) if criterion is None else BudgetConfig(criterion=criterion, metric=metric)
+    given = next(k for k, v in budget.items() if v is not None)
+    cfg = configure(BudgetConfig, {**BUDGET_FIELDS, "budget": "target"}, {**options, "budget": fraction}, base=base,
+                    flags={"budget": "--" + given.replace("_", "-")})
     result = checkpoint_job("prune", compress_checkpoint, model, data, out, cfg, job)
     if result is None:
         return
@@ -271,28 +290,35 @@ def _budget_table(record: BudgetRecord) -> Table:
     return table
 
 
+FT = "FINETUNE_CONFIG"  # fairdeploy.training.finetune: `fairdeploy finetune`'s defaults (a FitConfig)
+
+
 @option_blocks
 def finetune(
     model: ModelOpt,
     data: DataOpt,
     out: OutDirOpt,
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
-    lr: Annotated[float | None, _opt("Peak learning rate (cosine schedule; default: "
-                                     "fairdeploy.training.finetune.FINETUNE_LR).")] = None,
-    weight_decay: Annotated[float, typer.Option()] = 1e-4,
-    optimizer: Annotated[str, _opt("adamw or sgd.")] = "adamw",
-    balance: Annotated[str, _opt("Sampling: none, class, group or group-class.")] = "none",
-    select: SelectEpochOpt = "f1_macro",
-    amp: Annotated[bool, _opt("Mixed precision on CUDA.")] = True,
-    batch_size: BatchSizeOpt = 64,
+    epochs: Annotated[int | None, _opt("Training epochs.", default=FT, min=1)] = None,
+    lr: Annotated[float | None, _opt("Peak learning rate of the cosine schedule.", default=FT)] = None,
+    weight_decay: Annotated[float | None, _opt("AdamW/SGD weight decay.", default=FT)] = None,
+    optimizer: Annotated[str | None, _opt("adamw or sgd.", default=FT)] = None,
+    balance: Annotated[str | None, _opt("Sampling: none, class, group or group-class.", default=FT)] = None,
+    select: Annotated[str | None, _opt("Validation metric that picks the best epoch: f1_macro, accuracy, "
+                                       "worst_group_accuracy.", default=FT)] = None,
+    amp: Annotated[bool | None, _opt("Mixed precision on CUDA.", "--amp/--no-amp", default=FT)] = None,
+    batch_size: unset(BatchSizeOpt, f"{FT}'s") = None,  # type: ignore[valid-type]
     job: Job = Job(),
 ) -> None:
-    """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best."""
-    from fairdeploy.training.finetune import FINETUNE_LR, finetune_checkpoint
+    """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best.
+
+    Options left unset keep fairdeploy.training.finetune.FINETUNE_CONFIG's values."""
+    from fairdeploy.cli.train import FIT_FIELDS
+    from fairdeploy.training.finetune import FINETUNE_CONFIG, finetune_checkpoint
     from fairdeploy.training.loop import FitConfig
 
-    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=FINETUNE_LR if lr is None else lr, weight_decay=weight_decay, optimizer=optimizer,
-                    balance=balance, select=select, amp=amp, workers=job.workers, seed=job.seed)
+    options = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "balance": balance,
+               "select": select, "amp": amp, "batch_size": batch_size, "workers": job.workers, "seed": job.seed}
+    cfg = configure(FitConfig, FIT_FIELDS, options, base=FINETUNE_CONFIG)
     on_interrupt(lambda: describe_kept_run(out))
     result = checkpoint_job("finetune", finetune_checkpoint, model, data, out, cfg, job)
     if result is None:

@@ -17,6 +17,7 @@ from fairdeploy.cli.common import (
     RichProgress,
     SplitOpt,
     check_split,
+    configure,
     console,
     on_interrupt,
     option_blocks,
@@ -25,23 +26,27 @@ from fairdeploy.cli.common import (
 from fairdeploy.cli.tables import fairness_table, metrics_table
 from fairdeploy.io import claim_output, write_json
 
+# `train` and `finetune`: each option sets the FitConfig field of its name (fairdeploy.cli.common.configure).
+FIT_FIELDS: dict[str, str | tuple[str, ...]] = {name: name for name in (
+    "epochs", "batch_size", "lr", "weight_decay", "optimizer", "balance", "select", "amp", "workers", "seed")}
+
 
 @option_blocks
 def train(
     data: DataOpt,
     out: OutDirOpt,
     arch: Annotated[str, typer.Option("--arch", help="resnet18, resnet50, vgg11_bn, mobilenet_v3_small, efficientnet_b0, ...")] = "resnet18",
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size (under torchrun: the global "
-                                                                          "batch, split evenly over the processes).")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option()] = 1e-4,
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    epochs: Annotated[int | None, typer.Option(min=1, help="Training epochs (default: FitConfig's).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size (under torchrun: the global "
+                                                   "batch, split evenly over the processes; default: FitConfig's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine schedule; default: FitConfig's).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW/SGD weight decay (default: FitConfig's).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw or sgd (default: FitConfig's).")] = None,
     image_size: Annotated[int, typer.Option(help="Input size (square).")] = 224,
-    balance: Annotated[str, typer.Option(help="Sampling: none, class, group or group-class.")] = "none",
-    select: Annotated[str, typer.Option(help="Validation metric that picks the best epoch: f1_macro, accuracy, worst_group_accuracy.")] = "f1_macro",
+    balance: Annotated[str | None, typer.Option(help="Sampling: none, class, group or group-class (default: FitConfig's).")] = None,
+    select: Annotated[str | None, typer.Option(help="Validation metric that picks the best epoch: f1_macro, accuracy, worst_group_accuracy (default: FitConfig's).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local weights file (.safetensors or state-dict .pt) to start from.")] = None,
-    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA.")] = True,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default: FitConfig's).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last if it exists.")] = False,
     job: Job = Job(),
     keep_optimizer_state: Annotated[bool, typer.Option(
@@ -54,9 +59,11 @@ def train(
     from fairdeploy.training.loop import FitConfig
     from fairdeploy.training.train import train_model
 
-    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-                    balance=balance, select=select, amp=amp, workers=job.workers, seed=job.seed)
-    check_train_options(arch, image_size, balance, cfg)  # before the manifest or any model is loaded
+    options = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+               "optimizer": optimizer, "balance": balance, "select": select, "amp": amp, "workers": job.workers,
+               "seed": job.seed}
+    cfg = configure(FitConfig, FIT_FIELDS, options)
+    check_train_options(arch, image_size, cfg.balance, cfg)  # before the manifest or any model is loaded
     manifest = job.images.read(data)
     on_interrupt(lambda: describe_kept_run(out), "--resume")
     inputs = {"--data": data, "--weights": weights}
@@ -126,8 +133,9 @@ def evaluate(
     with claim:
         manifest = job.images.read(data)
         with RichProgress() as progress:
-            report = evaluate_checkpoint(model, manifest, split, job.device, batch_size, job.workers, bootstrap,
-                                         job.seed, progress)
+            given = {k: v for k, v in (("workers", job.workers), ("seed", job.seed)) if v is not None}
+            report = evaluate_checkpoint(model, manifest, split, job.device, batch_size, bootstrap=bootstrap,
+                                         progress=progress, **given)
         console.print(metrics_table(report, title=f"{model} on {split}"))
         console.print(fairness_table(report))
         if out is not None:

@@ -26,6 +26,7 @@ from fairdeploy.cli.common import (
     WorkersOpt,
     check_split,
     console,
+    unset,
 )
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import EXIT_GATE_FAILED
@@ -101,7 +102,7 @@ def validate(
     candidate: Annotated[list[Path], typer.Option("--candidate", "-c", help="Artifact to validate: checkpoint dir, .onnx or .engine (repeatable).")],
     data: DataOpt,
     out: OutDirOpt,
-    split: SplitOpt = "test",
+    split: unset(SplitOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
     max_eodd_drift: Annotated[float | None, typer.Option(help="Largest allowed Eodd increase (candidate - reference; default: Tolerances').")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(help="Largest allowed drop of overall accuracy (default: Tolerances').")] = None,
     max_group_accuracy_drop: Annotated[float | None, typer.Option(help="Largest allowed accuracy drop in any one group (default: Tolerances').")] = None,
@@ -111,14 +112,14 @@ def validate(
     allow_fallback: Annotated[bool, typer.Option("--allow-fallback", help="Accept ONNX Runtime falling back to another provider (recorded in validation.json).")] = False,
     allow_other_source: Annotated[bool, typer.Option("--allow-other-source", help="Let a candidate exported from another model than the reference pass the gate (by default it fails).")] = False,
     bootstrap: Annotated[int | None, typer.Option(min=0, help="Bootstrap resamples for the gaps' confidence intervals (0 = none; default: ValidationConfig's).")] = None,
-    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure p50/p95 latency and throughput.")] = True,
+    latency: Annotated[bool | None, typer.Option("--latency/--no-latency", help="Measure p50/p95 latency and throughput (default: ValidationConfig's).")] = None,
     latency_batch: Annotated[int | None, typer.Option(min=1, help="The larger batch size timed besides batch 1 (default: LatencyConfig's).")] = None,
     latency_iterations: Annotated[int | None, typer.Option(min=1, help="Timed calls per batch size, after warm-up (default: LatencyConfig's).")] = None,
     latency_warmup: Annotated[int | None, typer.Option(min=0, help="Untimed warm-up calls per batch size (default: LatencyConfig's).")] = None,
-    batch_size: BatchSizeOpt = 32,
+    batch_size: unset(BatchSizeOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
     device: DeviceOpt = "auto",
-    workers: WorkersOpt = 0,
-    seed: SeedOpt = 0,
+    workers: unset(WorkersOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
+    seed: unset(SeedOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
     images_root: ImagesRootOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
@@ -166,24 +167,25 @@ def validate(
     console.print("[bold green]gate passed[/bold green]: every tolerance holds")
 
 
-def validation_config(split: str, *, max_eodd_drift: float | None = None, max_accuracy_drop: float | None = None,
-                      max_group_accuracy_drop: float | None = None, min_agreement: float | None = None,
-                      min_group_agreement: float | None = None, latency: bool = True,
+def validation_config(split: str | None = None, *, max_eodd_drift: float | None = None,
+                      max_accuracy_drop: float | None = None, max_group_accuracy_drop: float | None = None,
+                      min_agreement: float | None = None, min_group_agreement: float | None = None,
+                      latency: bool | None = None,
                       latency_batch: int | None = None, latency_iterations: int | None = None,
                       latency_warmup: int | None = None, **kw: Any) -> Any:
     """ValidationConfig from `validate`'s flags, as one layer over its defaults (fairdeploy.schema): a flag left
-    None keeps the dataclass default (Tolerances, LatencyConfig), so no default is written here.
-    --latency-batch B times batch sizes 1 and B."""
+    None keeps the dataclass default (ValidationConfig, Tolerances, LatencyConfig), so no default is written here.
+    --no-latency (False) switches latency off; --latency-batch B times batch sizes 1 and B."""
     from fairdeploy.schema import Layer, build
     from fairdeploy.validation import ValidationConfig
 
     tolerances = {"max_eodd_drift": max_eodd_drift, "max_accuracy_drop": max_accuracy_drop,
                   "max_group_accuracy_drop": max_group_accuracy_drop, "min_agreement": min_agreement,
                   "min_group_agreement": min_group_agreement}
-    lat: bool | dict[str, Any] = latency and {
+    lat: bool | dict[str, Any] = latency is not False and {
         "batch_sizes": None if latency_batch is None else sorted({1, latency_batch}),
         "warmup": latency_warmup, "iterations": latency_iterations}
-    values = {"split": check_split(split), "tolerances": tolerances, "latency": lat, **kw}
+    values = {"split": None if split is None else check_split(split), "tolerances": tolerances, "latency": lat, **kw}
     names = {f"tolerances.{k}": "--" + k.replace("_", "-") for k in tolerances}
     names.update({"latency.batch_sizes": "--latency-batch", "latency.warmup": "--latency-warmup",
                   "latency.iterations": "--latency-iterations"})

@@ -23,6 +23,8 @@ from fairdeploy.training.train import spec_datasets
 # the pipeline's finetune_lr / finetune_after_lr) unless one is given: the one place this default is written.
 # Training from scratch uses FitConfig.lr; a budget run's distilling recovery rounds use BUDGET_FINETUNE_LR.
 FINETUNE_LR = 1e-4
+# `fairdeploy finetune`'s settings where no option is given (the rest are FitConfig's).
+FINETUNE_CONFIG = FitConfig(epochs=5, lr=FINETUNE_LR)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def finetune_checkpoint(
     model_dir: str | os.PathLike[str],
     manifest: Manifest,
     out_dir: str | os.PathLike[str],
-    cfg: FitConfig = FitConfig(epochs=5, lr=FINETUNE_LR),
+    cfg: FitConfig = FINETUNE_CONFIG,
     device: str = "auto",
     progress: Progress = no_progress,
 ) -> FinetuneResult:
