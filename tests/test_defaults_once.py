@@ -412,3 +412,126 @@ def test_synth_wrong_value_names_its_flag(run_main, tmp_path):
     assert code == 2 and err.strip() == "error: --n-images: n_images must be at least 30, got 5"
     code, _, err = run_main("data", "synth", "--out", str(tmp_path / "s"), "--format", "gif")
     assert code == 2 and err.strip().startswith("error: --format: image_format must be png or jpg")
+
+
+# ---- 8. the library's pruning, evaluation and interval defaults: each value written once, in its home ----
+
+# (home module, the constant or Class.field that holds the value, the names the setting goes by in the package).
+# The batch sizes are checked by agreement below: `batch_size` names several settings (training, evaluation,
+# scoring, calibration).
+LIBRARY_DEFAULTS = [
+    ("pruning.structured", "DEFAULT_ROUND_TO", ("round_to", "channels_per_round")),
+    ("pruning.removal", "DEFAULT_MAX_LAYER_RATIO", ("max_layer_ratio",)),
+    ("pruning.saliency", "DEFAULT_BETA", ("beta",)),
+    ("pruning.curvature", "DEFAULT_ESTIMATOR", ("curvature", "estimator")),
+    ("pruning.scoresets", "DEFAULT_SCORE_SAMPLES", ("score_samples",)),
+    ("pruning.scoresets", "DEFAULT_SCORE_BATCH_SIZE", ("score_batch_size",)),
+    ("pruning.snnl", "DEFAULT_SNNL_TEMPERATURE", ("temperature",)),
+    ("pruning.snnl", "DEFAULT_SNNL_BATCHES", ("snnl_batches", "batches")),
+    ("pruning.snnl", "DEFAULT_SNNL_BATCH_SIZE", ("snnl_batch_size",)),
+    ("metrics.bootstrap", "DEFAULT_N_BOOT", ("n_boot", "bootstrap")),
+    ("metrics.fairness", "DEFAULT_CONFIDENCE", ("confidence",)),
+    ("export.calibration", "CalibrationRecipe.percentile", ("percentile",)),
+    ("models.checkpoint", "ModelSpec.image_size", ("image_size",)),
+]
+_LITERAL = r"""(-?[0-9][0-9_]*(?:\.[0-9_]*)?(?:e-?[0-9]+)?|"[^"\n]*"|'[^'\n]*')"""
+
+
+def _literal_defaults(names: tuple[str, ...]) -> list[tuple[str, object]]:
+    """(file, value) of every literal a setting of one of `names` is given outside cli/ (whose flags section 7
+    checks): `name: type = v`, `name=v` and `.get("name", v)` / `.pop("name", v)`."""
+    import ast
+
+    alt = "|".join(names)
+    patterns = [re.compile(rf"\b(?:{alt})\b\s*(?::[^=\n]*)?=\s*{_LITERAL}"),
+                re.compile(rf"""\.(?:get|pop)\(\s*["'](?:{alt})["']\s*,\s*{_LITERAL}\s*\)""")]
+    hits = []
+    for py in sorted(PACKAGE.rglob("*.py")):
+        rel = py.relative_to(PACKAGE).as_posix()
+        if rel.startswith("cli/"):
+            continue
+        for line in py.read_text().splitlines():
+            for pattern in patterns:
+                hits += [(rel, ast.literal_eval(m.group(1) if m.group(1)[0] in "\"'" else m.group(1).replace("_", "")))
+                         for m in pattern.finditer(line)]
+    return hits
+
+
+@pytest.mark.parametrize("module, home, names", LIBRARY_DEFAULTS, ids=[h for _, h, _ in LIBRARY_DEFAULTS])
+def test_library_default_is_written_once_in_its_home(module, home, names):
+    import ast
+    import importlib
+
+    mod = importlib.import_module(f"fairdeploy.{module}")
+    holder, _, attr = home.rpartition(".")
+    value = getattr(getattr(mod, holder) if holder else mod, attr)
+    path = PACKAGE / (module.replace(".", "/") + ".py")
+    same = [h for h in _literal_defaults(names) if h[1] == value]
+    if holder:  # a dataclass field is the home: its own line is the one literal
+        assert same == [(path.relative_to(PACKAGE).as_posix(), value)], same
+    else:  # a module constant is the home: every user names it
+        assert same == [], same
+        text = path.read_text()
+        assert [ast.literal_eval(v) for v in re.findall(rf"^{attr} = (\S+)", text, flags=re.MULTILINE)] == [value]
+
+
+def test_configs_and_functions_that_share_a_setting_agree():
+    """The method configs, the budget run's config, the criteria's ScoreData and the library functions' keyword
+    defaults give a shared setting the same value, and the values are the ones prune.json / model.json / reports
+    have always carried."""
+    import dataclasses
+    import inspect
+
+    from fairdeploy.export.calibration import CalibrationRecipe
+    from fairdeploy.export.int8 import quantize_qdq
+    from fairdeploy.metrics import bootstrap_difference_intervals, bootstrap_intervals, compute_metrics
+    from fairdeploy.models.checkpoint import ModelSpec
+    from fairdeploy.pruning._reference import group_curvature_loop
+    from fairdeploy.pruning.budget import BudgetConfig
+    from fairdeploy.pruning.criteria import ScoreData
+    from fairdeploy.pruning.curvature import group_curvature, group_gradient
+    from fairdeploy.pruning.fairprune import FairPruneConfig
+    from fairdeploy.pruning.removal import remove_channels, remove_to_budget
+    from fairdeploy.pruning.run import PruneConfig
+    from fairdeploy.pruning.snnl import snnl_per_channel
+    from fairdeploy.pruning.snnl_prune import SnnlConfig
+    from fairdeploy.training.loop import evaluate_model
+    from fairdeploy.training.predict import predict
+    from fairdeploy.training.train import evaluate_checkpoint, train_model
+    from fairdeploy.validation import ValidationConfig
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    fp, snnl, budget = FairPruneConfig(), SnnlConfig(), BudgetConfig()
+    score = {f.name: f.default for f in dataclasses.fields(ScoreData)}
+    # FairPrune's settings: its config, the budget run's, ScoreData's
+    assert (budget.beta, budget.curvature, budget.score_samples, budget.score_batch_size, budget.round_to) == \
+        (fp.beta, fp.curvature, fp.score_samples, fp.batch_size, fp.round_to) == (0.5, "fisher", 64, 32, 8)
+    assert (score["beta"], score["curvature"], score["batch_size"]) == (fp.beta, fp.curvature, fp.batch_size)
+    # SNNL's settings
+    assert (budget.temperature, budget.snnl_batches, budget.snnl_batch_size, budget.round_to) == \
+        (snnl.temperature, snnl.batches, snnl.batch_size, snnl.round_to) == (1.0, 4, 64, 8)
+    assert (score["temperature"], score["snnl_batch_size"]) == (snnl.temperature, snnl.batch_size)
+    assert default(snnl_per_channel, "temperature") == snnl.temperature
+    assert snnl.channels_per_round == snnl.round_to  # the default is valid: one aligned block per round
+    # channel removal
+    for fn in (remove_channels, remove_to_budget):
+        assert (default(fn, "round_to"), default(fn, "max_layer_ratio")) == (budget.round_to, budget.max_layer_ratio)
+    assert budget.max_layer_ratio == 0.9
+    # the curvature functions called directly (the methods pass their score batch)
+    for fn in (group_curvature, group_curvature_loop):
+        assert default(fn, "estimator") == fp.curvature
+    assert {default(fn, "batch_size") for fn in (group_curvature, group_gradient, group_curvature_loop)} == {64}
+    # the evaluation batch
+    assert {default(predict, "batch_size"), default(evaluate_model, "batch_size"),
+            default(evaluate_checkpoint, "batch_size"), PruneConfig().batch_size, budget.batch_size} == {64}
+    # bootstrap resamples and interval level
+    assert {default(bootstrap_intervals, "n_boot"), default(bootstrap_difference_intervals, "n_boot"),
+            default(evaluate_checkpoint, "bootstrap"), ValidationConfig().bootstrap} == {1000}
+    assert {default(bootstrap_intervals, "confidence"), default(bootstrap_difference_intervals, "confidence"),
+            default(compute_metrics, "confidence")} == {0.95}
+    # INT8 calibration and the model's input size
+    recipe = CalibrationRecipe()
+    assert (default(quantize_qdq, "method"), default(quantize_qdq, "percentile")) == (recipe.method, recipe.percentile)
+    assert default(train_model, "image_size") == ModelSpec("resnet18", ("a", "b")).image_size == 224

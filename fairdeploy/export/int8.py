@@ -18,7 +18,7 @@ import numpy as np
 
 from fairdeploy.artifact.metadata import metadata_of_model, set_onnx_metadata
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.calibration import CalibrationSet, batch_reader_class, reader_class
+from fairdeploy.export.calibration import CalibrationRecipe, CalibrationSet, batch_reader_class, reader_class
 from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan, plan_group_aware, with_fp32_layers
 from fairdeploy.export.qdq_placement import (
     DEFAULT_PLACEMENT,
@@ -143,8 +143,8 @@ def array_reader(batches: Sequence[np.ndarray]):
 def quantize_qdq(
     fp32_path: str | os.PathLike[str],
     reader: Any,
-    method: str = "minmax",
-    percentile: float = 99.99,
+    method: str = CalibrationRecipe.method,
+    percentile: float = CalibrationRecipe.percentile,
     placement: str = DEFAULT_PLACEMENT,
     keep_fp32: Collection[str] = (),
 ):

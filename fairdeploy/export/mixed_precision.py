@@ -25,6 +25,7 @@ from fairdeploy.validation.tolerances import CheckResult, Tolerances, check_tole
 
 MIXED_PRECISION_MODES = ("off", "group-aware")
 DEFAULT_MIXED_PRECISION = "off"
+GRAPH_BATCH_SIZE = 64  # images per ONNX Runtime run in graph_logits (the sensitivity and gate passes)
 SENSITIVITY_MEASURE = ("only this layer INT8, every other weighted layer FP32; compared with the FP32 graph "
                        "on the validation images, per group")
 
@@ -123,7 +124,8 @@ class MixedPrecisionPlan:
         }
 
 
-def graph_logits(model: Any, inputs: np.ndarray, batch_size: int = 64, threads: int = 0) -> np.ndarray:
+def graph_logits(model: Any, inputs: np.ndarray, batch_size: int = GRAPH_BATCH_SIZE,
+                 threads: int = 0) -> np.ndarray:
     """Logits of an in-memory ONNX graph (N, 3, H, H inputs; (N, K) logits, K static in the graph) run by the
     runtime's CPU OrtRunner."""
     import onnx

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fairdeploy.metrics.fairness import pair_gaps, rates_from_counts
+from fairdeploy.metrics.fairness import DEFAULT_CONFIDENCE, pair_gaps, rates_from_counts
+
+DEFAULT_N_BOOT = 1000  # resamples per interval
 
 
 def _resample_weights(groups: np.ndarray, group_order: Sequence[str], n_boot: int,
@@ -54,9 +56,9 @@ def bootstrap_intervals(
     groups: np.ndarray,
     group_order: Sequence[str],
     num_classes: int,
-    n_boot: int = 1000,
+    n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, tuple[float, float]]:
     """Intervals for eopp0/eopp1/eodd/dp (worst pair), accuracy_diff and each group's accuracy.
 
@@ -74,9 +76,9 @@ def bootstrap_difference_intervals(
     groups: np.ndarray,
     group_order: Sequence[str],
     num_classes: int,
-    n_boot: int = 1000,
+    n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, tuple[float, float]]:
     """Paired intervals of candidate minus reference for the same keys as bootstrap_intervals: both models are
     scored on the very same resamples (the images are shared), so the interval is that of the difference.

@@ -11,6 +11,8 @@ import numpy as np
 
 from fairdeploy.errors import FairdeployError
 
+DEFAULT_CONFIDENCE = 0.95  # the central share of the bootstrap distribution an interval covers
+
 METRIC_DEFINITIONS = {
     "rates": "one-vs-rest per class k inside group g: TPR=TP/(TP+FN), TNR=TN/(TN+FP), FPR=FP/(FP+TN); "
     "a 0/0 rate is 0 and counted in undefined_cells",
@@ -193,7 +195,7 @@ def compute_metrics(
     group_order: Sequence[str] | None = None,
     bootstrap: int = 0,
     seed: int = 0,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> MetricsReport:
     """Per-group and fairness metrics of integer predictions, as defined in METRIC_DEFINITIONS.
 

@@ -67,7 +67,7 @@ class ModelSpec:
                 arch=str(d["arch"]),
                 classes=tuple(str(c) for c in d["classes"]),
                 groups=tuple(str(g) for g in d.get("groups", ())),
-                image_size=int(d.get("image_size", 224)),
+                image_size=int(d.get("image_size", cls.image_size)),
                 mean=tuple(float(x) for x in d.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
                 std=tuple(float(x) for x in d.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
                 module_shapes=_checked_shapes(d.get("module_shapes", {}), source),

@@ -116,7 +116,7 @@ def _synth_config(cfg: PipelineConfig) -> Any:
 
 def _train_plan(cfg: PipelineConfig) -> Path | TrainPlan:
     """A given checkpoint, or the architecture, image size and FitConfig to train one."""
-    from fairdeploy.models.checkpoint import resolve_checkpoint
+    from fairdeploy.models.checkpoint import ModelSpec, resolve_checkpoint
     from fairdeploy.models.registry import ARCHITECTURES
     from fairdeploy.training.loop import FitConfig
 
@@ -126,7 +126,7 @@ def _train_plan(cfg: PipelineConfig) -> Path | TrainPlan:
     arch = str(model_cfg.pop("arch", "resnet18"))
     if arch not in ARCHITECTURES:
         raise FairdeployError(f"{cfg.source}: [model] unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    image_size = int(model_cfg.pop("image_size", 224))
+    image_size = int(model_cfg.pop("image_size", ModelSpec.image_size))
     fit = load(FitConfig, {"seed": cfg.seed, **model_cfg}, cfg.source, "model")
     fit.validate()
     return TrainPlan(arch, image_size, fit)

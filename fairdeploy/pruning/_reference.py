@@ -13,17 +13,25 @@ from torch import nn
 
 from fairdeploy.data.batches import BatchSource, iter_batches
 from fairdeploy.errors import FairdeployError
-from fairdeploy.pruning.curvature import _check, _eval_mode, _rademacher, _targets, batch_generator
+from fairdeploy.pruning.curvature import (
+    DEFAULT_CURVATURE_BATCH_SIZE,
+    DEFAULT_ESTIMATOR,
+    _check,
+    _eval_mode,
+    _rademacher,
+    _targets,
+    batch_generator,
+)
 
 
 def group_curvature_loop(
     model: nn.Module,
     data: BatchSource,
-    estimator: str = "fisher",
+    estimator: str = DEFAULT_ESTIMATOR,
     device: str | torch.device = "cpu",
     *,
     layers: Sequence[str] | None = None,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_CURVATURE_BATCH_SIZE,
     mc_samples: int = 1,
     probes: int = 1,
     seed: int = 0,

@@ -38,15 +38,24 @@ from fairdeploy.models.registry import classifier_head_name
 from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.criteria import BLIND, CRITERIA, ScoreData, prepare_importance
-from fairdeploy.pruning.removal import BUDGET_METRICS, budget_value, remove_to_budget
+from fairdeploy.pruning.curvature import DEFAULT_ESTIMATOR
+from fairdeploy.pruning.removal import BUDGET_METRICS, DEFAULT_MAX_LAYER_RATIO, budget_value, remove_to_budget
 from fairdeploy.pruning.roles import GroupRoles, decide_roles
 from fairdeploy.pruning.run import PRUNE_FILE
-from fairdeploy.pruning.scoresets import balanced_batch_order, group_score_sets, stratified_sample
+from fairdeploy.pruning.saliency import DEFAULT_BETA
+from fairdeploy.pruning.scoresets import (
+    DEFAULT_SCORE_BATCH_SIZE,
+    DEFAULT_SCORE_SAMPLES,
+    balanced_batch_order,
+    group_score_sets,
+    stratified_sample,
+)
 from fairdeploy.pruning.selection import Guard
-from fairdeploy.pruning.structured import dependency_graph
+from fairdeploy.pruning.snnl import DEFAULT_SNNL_BATCH_SIZE, DEFAULT_SNNL_BATCHES, DEFAULT_SNNL_TEMPERATURE
+from fairdeploy.pruning.structured import DEFAULT_ROUND_TO, dependency_graph
 from fairdeploy.training.finetune import finetune_model
 from fairdeploy.training.loop import FitConfig, evaluate_model
-from fairdeploy.training.predict import Predictions, predict
+from fairdeploy.training.predict import DEFAULT_EVAL_BATCH_SIZE, Predictions, predict
 from fairdeploy.training.train import spec_datasets
 
 CONTROLS = ("magnitude", "taylor", "finetune-only", "none")
@@ -66,22 +75,22 @@ class BudgetConfig:
     metric: str = "macs"  # macs or params
     target: float = 0.5  # fraction of the input model's `metric` to keep (0.5 = 2x fewer MACs)
     rounds: int = 3  # budget reached geometrically: round r keeps target ** (r / rounds)
-    round_to: int = 8
-    max_layer_ratio: float = 0.9  # no layer loses more than this share of its channels in one round
-    score_samples: int = 64  # per group (class-stratified); the blind sample has as many images in all
-    score_batch_size: int = 32
-    beta: float = 0.5  # fairprune
-    curvature: str = "fisher"  # fairprune
-    temperature: float = 1.0  # snnl
-    snnl_batches: int = 4
-    snnl_batch_size: int = 64
+    round_to: int = DEFAULT_ROUND_TO
+    max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO  # share of a layer's channels one round may remove
+    score_samples: int = DEFAULT_SCORE_SAMPLES  # per group (class-stratified); the blind sample: as many in all
+    score_batch_size: int = DEFAULT_SCORE_BATCH_SIZE
+    beta: float = DEFAULT_BETA  # fairprune
+    curvature: str = DEFAULT_ESTIMATOR  # fairprune
+    temperature: float = DEFAULT_SNNL_TEMPERATURE  # snnl
+    snnl_batches: int = DEFAULT_SNNL_BATCHES
+    snnl_batch_size: int = DEFAULT_SNNL_BATCH_SIZE
     # recovery fine-tuning per round (distilling from the input model)
     finetune: FitConfig = field(default_factory=lambda: FitConfig(epochs=1, lr=BUDGET_FINETUNE_LR, distill=0.5))
     max_group_drop: float = Guard.max_group_drop  # guard: no group may lose more validation accuracy than this
     max_f1_drop: float = 0.05
     privileged: str | None = None
     bootstrap: int = 500
-    batch_size: int = 64  # evaluation
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE  # evaluation
     keep_rounds: bool = True  # every round's checkpoints under OUT/rounds
     seed: int = 0
 

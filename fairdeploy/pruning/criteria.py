@@ -20,7 +20,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.pruning.curvature import group_gradient
+from fairdeploy.pruning.curvature import DEFAULT_ESTIMATOR, group_gradient
+from fairdeploy.pruning.saliency import DEFAULT_BETA
+from fairdeploy.pruning.scoresets import DEFAULT_SCORE_BATCH_SIZE
+from fairdeploy.pruning.snnl import DEFAULT_SNNL_BATCH_SIZE, DEFAULT_SNNL_TEMPERATURE
 from fairdeploy.pruning.structured import channel_groups, group_channel_scores
 
 CRITERIA = {
@@ -122,11 +125,11 @@ class ScoreData:
     unprivileged: str
     privileged: str
     snnl_batches: Dataset | None = None
-    snnl_batch_size: int = 64
-    batch_size: int = 32
-    beta: float = 0.5
-    curvature: str = "fisher"
-    temperature: float = 1.0
+    snnl_batch_size: int = DEFAULT_SNNL_BATCH_SIZE
+    batch_size: int = DEFAULT_SCORE_BATCH_SIZE
+    beta: float = DEFAULT_BETA
+    curvature: str = DEFAULT_ESTIMATOR
+    temperature: float = DEFAULT_SNNL_TEMPERATURE
     seed: int = 0
     info: dict[str, object] = field(default_factory=dict)
 

@@ -32,6 +32,10 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.progress import Progress, no_progress
 
 ESTIMATORS = ("fisher", "empirical", "hutchinson")
+DEFAULT_ESTIMATOR = "fisher"
+# the batch of a direct group_curvature / group_gradient call (the pruning methods pass their score batch,
+# scoresets.DEFAULT_SCORE_BATCH_SIZE)
+DEFAULT_CURVATURE_BATCH_SIZE = 64
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 25  # per-sample gradient + unfolded input floats held at once (128 MiB fp32)
 GRAM_MAX_POSITIONS = 4  # conv outputs with at most this many positions use the position-pair matmul
 
@@ -210,11 +214,11 @@ def _layer_sq(module: nn.Module, x: torch.Tensor, go: torch.Tensor, max_elements
 def group_curvature(
     model: nn.Module,
     data: BatchSource,
-    estimator: str = "fisher",
+    estimator: str = DEFAULT_ESTIMATOR,
     device: str | torch.device = "cpu",
     *,
     layers: Sequence[str] | None = None,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_CURVATURE_BATCH_SIZE,
     mc_samples: int = 1,
     probes: int = 1,
     seed: int = 0,
@@ -282,7 +286,7 @@ def group_gradient(
     device: str | torch.device = "cpu",
     *,
     layers: Sequence[str] | None = None,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_CURVATURE_BATCH_SIZE,
     workers: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Mean gradient of the cross-entropy (true labels) over `data` for the weights of `layers` (eval mode);

@@ -15,12 +15,14 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.models.registry import classifier_head_name
 from fairdeploy.models.sparsity import Masks, apply_masks, masks_from_model
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.pruning.curvature import ESTIMATORS, group_curvature, group_gradient
+from fairdeploy.pruning.curvature import DEFAULT_ESTIMATOR, ESTIMATORS, group_curvature, group_gradient
 from fairdeploy.pruning.iterate import StepOutput
 from fairdeploy.pruning.layers import weight_layers
 from fairdeploy.pruning.masks import SCOPES, select_weights, two_four_eligible, two_four_mask
-from fairdeploy.pruning.saliency import check_beta, fairprune_saliency
+from fairdeploy.pruning.saliency import DEFAULT_BETA, check_beta, fairprune_saliency
+from fairdeploy.pruning.scoresets import DEFAULT_SCORE_BATCH_SIZE, DEFAULT_SCORE_SAMPLES
 from fairdeploy.pruning.structured import (
+    DEFAULT_ROUND_TO,
     channel_groups,
     dependency_graph,
     group_channel_scores,
@@ -36,20 +38,20 @@ class FairPruneConfig:
     """FairPrune's parameters (the iteration's stop rule and guard are separate)."""
 
     granularity: str = "weight"
-    curvature: str = "fisher"
-    beta: float = 0.5
+    curvature: str = DEFAULT_ESTIMATOR
+    beta: float = DEFAULT_BETA
     ratio: float = 0.005  # fraction of the still-unpruned weights (channels) removed per step
     first_order: bool = False
     # weight granularity: rank within each layer (default, as public FairPrune code does) or over all layers.
     # Global ranking concentrates on the stem, whose curvature scales with input intensity, and breaks the model.
     scope: str = "layer"
     include_head: bool = False
-    score_samples: int = 64  # per group
+    score_samples: int = DEFAULT_SCORE_SAMPLES  # per group
     score_split: str = "train"
     mc_samples: int = 1
     probes: int = 1
-    round_to: int = 8  # channel granularity: remaining channel counts kept multiples of this
-    batch_size: int = 32  # curvature batch size
+    round_to: int = DEFAULT_ROUND_TO  # channel granularity: remaining channel counts kept multiples of this
+    batch_size: int = DEFAULT_SCORE_BATCH_SIZE  # curvature batch size
 
     def validate(self) -> None:
         if self.granularity not in GRANULARITIES:

@@ -59,7 +59,7 @@ class LoopContext:
     guard: Guard
     finetune: FitConfig | None
     scratch: Path
-    batch_size: int = 64
+    batch_size: int  # evaluation (PruneConfig.batch_size)
     workers: int = 0
     progress: Progress = no_progress
 

@@ -15,8 +15,10 @@ from torch import nn
 from fairdeploy.errors import FairdeployError
 from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.pruning.criteria import TableImportance
+from fairdeploy.pruning.structured import DEFAULT_ROUND_TO
 
 BUDGET_METRICS = ("macs", "params")
+DEFAULT_MAX_LAYER_RATIO = 0.9  # no layer loses more than this share of its channels in one removal
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def _pruner(model: nn.Module, table: Mapping[str, torch.Tensor], ratio: float, h
 
 
 def remove_channels(model: nn.Module, table: Mapping[str, torch.Tensor], ratio: float, head: str, image_size: int,
-                    round_to: int = 8, max_layer_ratio: float = 0.9,
+                    round_to: int = DEFAULT_ROUND_TO, max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO,
                     device: torch.device | str = "cpu") -> Removal:
     """Remove (in place) the globally lowest-scored `ratio` of the prunable channels, as Torch-Pruning's global
     pruner selects them (each layer keeps a multiple of `round_to` and at least 1 - max_layer_ratio of its
@@ -98,7 +100,8 @@ def budget_value(size: ModelSize, metric: str) -> int:
 
 
 def remove_to_budget(model: nn.Module, table: Mapping[str, torch.Tensor], target: float, metric: str, head: str,
-                     image_size: int, round_to: int = 8, max_layer_ratio: float = 0.9,
+                     image_size: int, round_to: int = DEFAULT_ROUND_TO,
+                     max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO,
                      device: torch.device | str = "cpu", iterations: int = 14) -> Removal:
     """Remove the fewest channels (by the same global ranking) that bring `metric` (macs or params) to at most
     `target` (an absolute count): bisection on the channel ratio over copies of the model, then the removal

@@ -31,6 +31,7 @@ from fairdeploy.pruning.scoresets import balanced_batch_order, group_score_sets
 from fairdeploy.pruning.selection import Guard, StepRecord, StopRule
 from fairdeploy.pruning.snnl_prune import SnnlConfig, SnnlStep, check_channel_budget
 from fairdeploy.training.loop import FitConfig, evaluate_model
+from fairdeploy.training.predict import DEFAULT_EVAL_BATCH_SIZE
 from fairdeploy.training.train import spec_datasets
 
 METHODS = ("fairprune", "snnl")
@@ -48,7 +49,7 @@ class PruneConfig:
     guard: Guard = field(default_factory=Guard)
     privileged: str | None = None
     finetune: FitConfig | None = None  # None: no fine-tuning between steps
-    batch_size: int = 64  # evaluation batch size
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE  # evaluation batch size
     workers: int = 0
     seed: int = 0
 

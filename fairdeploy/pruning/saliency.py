@@ -8,6 +8,8 @@ import torch
 
 from fairdeploy.errors import FairdeployError
 
+DEFAULT_BETA = 0.5  # weight of the privileged group's curvature, in (0, 1]
+
 
 def check_beta(beta: float) -> None:
     if not 0.0 < beta <= 1.0:

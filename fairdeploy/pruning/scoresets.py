@@ -8,6 +8,9 @@ import numpy as np
 
 from fairdeploy.errors import FairdeployError
 
+DEFAULT_SCORE_SAMPLES = 64  # images per group (class-stratified) that a criterion scores on
+DEFAULT_SCORE_BATCH_SIZE = 32  # the batch of the gradient / curvature passes over the score sets
+
 
 def stratified_sample(labels: Sequence[int], n: int, rng: np.random.Generator) -> list[int]:
     """`n` positions of `labels`, spread over its classes as evenly as their sizes allow (round robin over

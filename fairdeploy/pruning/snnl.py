@@ -19,8 +19,13 @@ from fairdeploy.distributed import gather_rows, world
 from fairdeploy.errors import FairdeployError
 from fairdeploy.progress import Progress, no_progress
 
+DEFAULT_SNNL_TEMPERATURE = 1.0
+DEFAULT_SNNL_BATCHES = 4  # group-balanced batches whose scores are averaged
+DEFAULT_SNNL_BATCH_SIZE = 64  # images per SNNL batch (each group equally represented)
 
-def snnl_per_channel(features: torch.Tensor, groups: torch.Tensor, temperature: float = 1.0,
+
+def snnl_per_channel(features: torch.Tensor, groups: torch.Tensor,
+                     temperature: float = DEFAULT_SNNL_TEMPERATURE,
                      compat: bool = False) -> torch.Tensor:
     """SNNL of each channel of `features` (B, C, ...) against `groups` (B,); returns (C,).
 
@@ -54,10 +59,10 @@ def snnl_channel_scores(
     model: nn.Module,
     layers: Sequence[str],
     batches: BatchSource,
-    device: torch.device | str = "cpu",
-    temperature: float = 1.0,
-    compat: bool = False,
-    batch_size: int = 64,
+    device: torch.device | str,
+    temperature: float,
+    compat: bool,
+    batch_size: int,
     progress: Progress = no_progress,
 ) -> dict[str, torch.Tensor]:
     """Mean per-channel SNNL of each layer's output over `batches` (group labels from the batches)."""

@@ -15,21 +15,26 @@ from fairdeploy.models.sparsity import Masks, masks_from_model
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.iterate import StepOutput
 from fairdeploy.pruning.layers import resolve_feature_layers
-from fairdeploy.pruning.snnl import snnl_channel_scores
-from fairdeploy.pruning.structured import dependency_graph, prune_out_channels
+from fairdeploy.pruning.snnl import (
+    DEFAULT_SNNL_BATCH_SIZE,
+    DEFAULT_SNNL_BATCHES,
+    DEFAULT_SNNL_TEMPERATURE,
+    snnl_channel_scores,
+)
+from fairdeploy.pruning.structured import DEFAULT_ROUND_TO, dependency_graph, prune_out_channels
 
 
 @dataclass(frozen=True)
 class SnnlConfig:
     layers: str = "last"  # "last" or comma-separated conv layer names
-    temperature: float = 1.0
+    temperature: float = DEFAULT_SNNL_TEMPERATURE
     compat: bool = False  # the published code's numerator with the self pair
-    channels_per_round: int = 8
+    channels_per_round: int = DEFAULT_ROUND_TO  # one aligned block per round (a multiple of round_to)
     max_channels: int | None = None  # total channels removed over all rounds (None: no cap)
-    batches: int = 4  # group-balanced batches averaged per round
-    batch_size: int = 64
+    batches: int = DEFAULT_SNNL_BATCHES  # group-balanced batches averaged per round
+    batch_size: int = DEFAULT_SNNL_BATCH_SIZE
     score_split: str = "train"
-    round_to: int = 8
+    round_to: int = DEFAULT_ROUND_TO
 
     def validate(self) -> None:
         if self.temperature <= 0:

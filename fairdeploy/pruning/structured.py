@@ -13,6 +13,9 @@ from torch import nn
 
 from fairdeploy.errors import FairdeployError
 
+# channel granularity: a layer's remaining channel count is kept a multiple of this (1 = no alignment)
+DEFAULT_ROUND_TO = 8
+
 
 @dataclass(frozen=True)
 class ChannelGroup:

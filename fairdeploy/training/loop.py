@@ -30,7 +30,7 @@ from fairdeploy.io import atomic_path, write_json
 from fairdeploy.metrics import MetricsReport, compute_metrics
 from fairdeploy.models.checkpoint import ModelSpec, check_resumable, load_checkpoint, save_checkpoint
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.training.predict import predict
+from fairdeploy.training.predict import DEFAULT_EVAL_BATCH_SIZE, predict
 
 SELECT_CHOICES = ("f1_macro", "accuracy", "worst_group_accuracy")
 OPTIMIZERS = ("adamw", "sgd")
@@ -92,8 +92,8 @@ def selection_score(report: MetricsReport, select: str) -> float:
 
 
 def evaluate_model(model: nn.Module, dataset: ImageDataset, spec: ModelSpec, device: torch.device,
-                   batch_size: int = 64, workers: int = 0, bootstrap: int = 0, seed: int = 0,
-                   progress: Progress = no_progress) -> MetricsReport:
+                   batch_size: int = DEFAULT_EVAL_BATCH_SIZE, workers: int = 0, bootstrap: int = 0,
+                   seed: int = 0, progress: Progress = no_progress) -> MetricsReport:
     """Predict a dataset and compute the per-group metrics with the model's class and group names."""
     p = predict(model, dataset, device, batch_size, workers, progress, task="evaluate")
     group_names = np.asarray(spec.groups)[p.groups]

@@ -16,6 +16,8 @@ from fairdeploy.distributed import gather_interleaved, shard_indices, world
 from fairdeploy.errors import FairdeployError
 from fairdeploy.progress import Progress, no_progress
 
+DEFAULT_EVAL_BATCH_SIZE = 64  # evaluation passes: predict, evaluate_model, a pruning run's evaluations
+
 
 @dataclass(frozen=True)
 class Predictions:
@@ -33,7 +35,7 @@ def predict(
     model: nn.Module,
     dataset: ImageDataset,
     device: torch.device,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     workers: int = 0,
     progress: Progress = no_progress,
     task: str = "predict",

@@ -11,10 +11,12 @@ from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.distributed import barrier, world
 from fairdeploy.errors import FairdeployError
 from fairdeploy.metrics import MetricsReport
+from fairdeploy.metrics.bootstrap import DEFAULT_N_BOOT
 from fairdeploy.models.checkpoint import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, load_checkpoint, write_spec
 from fairdeploy.models.registry import create_model
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.training.loop import FitConfig, FitResult, evaluate_model, fit, with_fit_history
+from fairdeploy.training.predict import DEFAULT_EVAL_BATCH_SIZE
 
 
 def spec_datasets(manifest: Manifest, spec: ModelSpec):
@@ -30,7 +32,7 @@ def train_model(
     arch: str,
     out_dir: str | os.PathLike[str],
     cfg: FitConfig = FitConfig(),
-    image_size: int = 224,
+    image_size: int = ModelSpec.image_size,
     weights: str | os.PathLike[str] | None = None,
     device: str = "auto",
     resume: bool = False,
@@ -71,9 +73,9 @@ def evaluate_checkpoint(
     manifest: Manifest,
     split: str = "test",
     device: str = "auto",
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     workers: int = 0,
-    bootstrap: int = 1000,
+    bootstrap: int = DEFAULT_N_BOOT,
     seed: int = 0,
     progress: Progress = no_progress,
 ) -> MetricsReport:

@@ -22,6 +22,7 @@ from fairdeploy.metrics import (
     bootstrap_difference_intervals,
     compute_metrics,
 )
+from fairdeploy.metrics.bootstrap import DEFAULT_N_BOOT
 from fairdeploy.metrics.fairness import FAIRNESS_KEYS
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.runtime.base import ArtifactInfo, InputSpec, Runner, check_logits, runner_from_artifact
@@ -75,7 +76,7 @@ class ValidationConfig:
     split: str = "test"
     batch_size: int = 32
     workers: int = 0
-    bootstrap: int = 1000
+    bootstrap: int = DEFAULT_N_BOOT
     seed: int = 0
     tolerances: Tolerances = field(default_factory=Tolerances)
     latency: LatencyConfig | None = field(default_factory=LatencyConfig)
