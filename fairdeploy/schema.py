@@ -84,6 +84,21 @@ class Provenance:
         return layer is not None and (sources is None or layer.source in set(sources))
 
 
+def flag_layer(flags: Mapping[str, tuple[str, Any]], source: str = "command line") -> Layer:
+    """The command line as a layer: `flags` maps a dotted field path to (the flag as typed, its value); a value None
+    was not given. A message about a value names its flag."""
+    values: dict[str, Any] = {}
+    for path, (_, value) in flags.items():
+        if value is None:
+            continue
+        *tables, key = path.split(".")
+        node = values
+        for table in tables:
+            node = node.setdefault(table, {})
+        node[key] = value
+    return Layer(values, source, names={path: flag for path, (flag, _) in flags.items()})
+
+
 def keys(cls: type) -> list[str]:
     """The TOML keys of `cls`: its fields, internal ones left out."""
     return [f.name for f in fields(cls) if not f.metadata.get("internal")]

@@ -152,3 +152,13 @@ def test_pipeline_validate_table_is_validation_config(tmp_path: Path) -> None:
     with pytest.raises(FairdeployError, match=r"p\.toml: unknown key 'max_eod_drift' in \[validate\.tolerances\]; "
                                               r"valid keys: max_eodd_drift, max_accuracy_drop"):
         _validation_config(load_pipeline_config(pipe))
+
+
+def test_flag_layer_nests_given_flags_and_names_them() -> None:
+    from fairdeploy.schema import flag_layer
+
+    layer = flag_layer({"count": ("--count", 4), "inner.rate": ("--rate", None), "inner.sizes": ("--size", [2, 3])})
+    assert layer.values == {"count": 4, "inner": {"sizes": [2, 3]}}  # --rate not given: no key, not None
+    assert build(Outer, [layer])[0] == Outer(count=4, inner=Inner(sizes=(2, 3)))
+    with pytest.raises(FairdeployError, match=r"^--size must be a list of integers, got \['a'\] \(a list\)$"):
+        build(Outer, [flag_layer({"inner.sizes": ("--size", ["a"])})])

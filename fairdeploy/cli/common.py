@@ -164,25 +164,15 @@ def configure(cls: type[T], fields: Mapping[str, str | tuple[str, ...]], options
     with its flag (--NAME, or `flags[NAME]`): the type check names it (fairdeploy.schema), and a failed
     `validate()` is prefixed with the flag(s) whose value it is about, found by leaving each given option out."""
     from fairdeploy.errors import FairdeployError
-    from fairdeploy.schema import Layer, build
+    from fairdeploy.schema import build, flag_layer
 
     names = {name: (flags or {}).get(name) or "--" + name.replace("_", "-") for name in fields}
 
     def built(leave_out: str | None = None) -> T:
-        values: dict[str, Any] = {}
-        labels: dict[str, str] = {}
-        for name, paths in fields.items():
-            value = options.get(name)
-            if value is None or name == leave_out:
-                continue  # not given (a sub-table is not switched on by options that are all unset)
-            for path in (paths,) if isinstance(paths, str) else paths:
-                *tables, key = path.split(".")
-                node = values
-                for table in tables:
-                    node = node.setdefault(table, {})
-                node[key] = value
-                labels[path] = names[name]
-        return build(cls, [Layer(values, "command line", names=labels)], base)[0]
+        # an option not given (None) sets nothing: a sub-table is not switched on by options that are all unset
+        given = {path: (names[name], options.get(name) if name != leave_out else None)
+                 for name, paths in fields.items() for path in ((paths,) if isinstance(paths, str) else paths)}
+        return build(cls, [flag_layer(given)], base)[0]
 
     def problem(cfg: T) -> str | None:
         try:

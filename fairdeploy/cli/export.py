@@ -125,7 +125,7 @@ def export(
     from fairdeploy.export.calibration import default_recipe_dirs
     from fairdeploy.export.exporter import run_export
     from fairdeploy.export.profiles import default_profile_dirs, resolve_export_options
-    from fairdeploy.schema import Layer
+    from fairdeploy.schema import flag_layer
 
     # Each flag overrides one field of ExportOptions (None: not given; the defaults live on the dataclasses).
     flags = {
@@ -145,16 +145,8 @@ def export(
         "tensorrt.gpu_fallback": ("--gpu-fallback", gpu_fallback),
         "tensorrt.implicit_int8": ("--trt-implicit-int8", trt_implicit_int8),
     }
-    values: dict = {}
-    for path, (_, value) in flags.items():
-        *tables, key = path.split(".")
-        node = values
-        for t in tables:
-            node = node.setdefault(t, {})
-        node[key] = value
-    options = resolve_export_options(
-        [Layer(values, "command line", names={path: flag for path, (flag, _) in flags.items()})],
-        default_profile_dirs(profiles_dir), default_recipe_dirs(recipes_dir))
+    options = resolve_export_options([flag_layer(flags)], default_profile_dirs(profiles_dir),
+                                     default_recipe_dirs(recipes_dir))
     inputs = {"--model": model, "--data": data, "--calib-data": calib_data, "--images-root": images_root,
               "--profile": Path(profile) if profile and profile.endswith(".toml") else None,
               "--profiles-dir": profiles_dir, "--recipes-dir": recipes_dir}

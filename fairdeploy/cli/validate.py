@@ -176,18 +176,23 @@ def validation_config(split: str | None = None, *, max_eodd_drift: float | None 
     """ValidationConfig from `validate`'s flags, as one layer over its defaults (fairdeploy.schema): a flag left
     None keeps the dataclass default (ValidationConfig, Tolerances, LatencyConfig), so no default is written here.
     --no-latency (False) switches latency off; --latency-batch B times batch sizes 1 and B."""
-    from fairdeploy.schema import Layer, build
+    from fairdeploy.schema import build, flag_layer
     from fairdeploy.validation import ValidationConfig
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
 
     tolerances = {"max_eodd_drift": max_eodd_drift, "max_accuracy_drop": max_accuracy_drop,
                   "max_group_accuracy_drop": max_group_accuracy_drop, "min_agreement": min_agreement,
                   "min_group_agreement": min_group_agreement}
-    lat: bool | dict[str, Any] = latency is not False and {
-        "batch_sizes": None if latency_batch is None else sorted({1, latency_batch}),
-        "warmup": latency_warmup, "iterations": latency_iterations}
-    values = {"split": None if split is None else check_split(split), "tolerances": tolerances, "latency": lat, **kw}
-    names = {f"tolerances.{k}": "--" + k.replace("_", "-") for k in tolerances}
-    names.update({"latency.batch_sizes": "--latency-batch", "latency.warmup": "--latency-warmup",
-                  "latency.iterations": "--latency-iterations"})
-    names.update({k: "--" + k.replace("_", "-") for k in kw})
-    return build(ValidationConfig, [Layer(values, "command line", names=names)])[0]
+    flags = {"split": ("--split", None if split is None else check_split(split)),
+             **{f"tolerances.{k}": (flag(k), v) for k, v in tolerances.items()},
+             **{k: (flag(k), v) for k, v in kw.items()}}
+    if latency is False:
+        flags["latency"] = ("--no-latency", False)
+    else:
+        flags.update({"latency.batch_sizes": ("--latency-batch", None if latency_batch is None
+                                              else sorted({1, latency_batch})),
+                      "latency.warmup": ("--latency-warmup", latency_warmup),
+                      "latency.iterations": ("--latency-iterations", latency_iterations)})
+    return build(ValidationConfig, [flag_layer(flags)])[0]
