@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 import shutil
 from collections import Counter
 from dataclasses import replace
@@ -126,6 +127,19 @@ def test_too_few_images_of_a_group_is_one_clear_error(synth_manifest: Path) -> N
     no_groups = replace(SPEC, groups=())
     with pytest.raises(FairdeployError, match="has no groups"):
         draw_calibration_set(manifest, no_groups, recipe())
+
+
+@pytest.mark.parametrize("limit", [600, 400])  # 32x32 = 1024 px: PIL's warning (<= 2x the limit), then its error
+def test_a_decompression_bomb_in_the_calibration_set_is_refused(synth_manifest: Path, limit: int,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    cal = draw_calibration_set(read_manifest(synth_manifest), SPEC, recipe(size=6, batch_size=2))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    first = cal.root / cal.items[0].image
+    with pytest.raises(FairdeployError, match=rf"calibration image {re.escape(str(first))} could not be read "
+                                              r"\(a decompression bomb: "):
+        next(calibration_batches(cal, 2))
 
 
 def test_batches_are_eval_transformed_images_in_recorded_order(synth_manifest: Path) -> None:

@@ -306,7 +306,7 @@ def even_batch_size(n: int, at_most: int) -> int:
 
 def calibration_batches(cal: CalibrationSet, batch_size: int | None = None) -> Iterator[np.ndarray]:
     """The set as eval_transform'd float32 batches (N, 3, H, W), in the recorded order."""
-    from PIL import Image, UnidentifiedImageError
+    from fairdeploy.data.loading import UNREADABLE_IMAGE, open_rgb, why_unreadable
 
     transform = eval_transform(cal.image_size, cal.mean, cal.std)
     bs = batch_size or cal.recipe.batch_size
@@ -314,11 +314,10 @@ def calibration_batches(cal: CalibrationSet, batch_size: int | None = None) -> I
         batch = []
         for item in cal.items[start : start + bs]:
             path = cal.root / item.image
-            try:
-                with Image.open(path) as im:
-                    batch.append(transform(im.convert("RGB")).numpy())
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
-                raise FairdeployError(f"calibration image {path} could not be read ({exc})") from exc
+            try:  # the loaders' decoder: a decompression bomb is refused here too
+                batch.append(transform(open_rgb(path)).numpy())
+            except UNREADABLE_IMAGE:
+                raise FairdeployError(f"calibration image {path} could not be read ({why_unreadable(path)})") from None
         yield np.stack(batch).astype(np.float32)
 
 
