@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.schema import check_type
+from fairdeploy.schema import check_type, load
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -17,7 +17,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
-TOP_KEYS = ("title", "device", "seed", "nproc", "threads", "data", "model", "prune", "export", "validate")
 
 
 BUDGET_KEYS = ("target_macs", "target_params", "speedup")
@@ -61,21 +60,50 @@ class PruneEntry:
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
-    source: str
+class DataTable:
+    """[data]: exactly one of `synth = {...}` (SynthConfig's table, checked when resolved) or `manifest`."""
+
+    synth: dict[str, Any] | None = None
+    manifest: str | None = None
+    images_root: str | None = None
+    allow_outside_root: bool = False  # or `pipeline --allow-outside-root`
+
+
+@dataclass(frozen=True)
+class PipelineFile:
+    """The top level of a pipeline file, read by the generic loader (fairdeploy.schema); the tables it leaves as
+    dicts are built into the library's dataclasses by fairdeploy.pipeline.resolve, by the same loader."""
+
     title: str = "fairdeploy pipeline"
     device: str = "auto"
     seed: int = 0
     nproc: int = 1  # > 1: the train / prune / finetune stages run under torchrun with this many processes
     threads: int | None = None  # torch CPU threads (`fairdeploy pipeline` sets them; the global --threads wins)
-    synth: dict[str, Any] | None = None
-    manifest: str | None = None
-    images_root: str | None = None
-    allow_outside_root: bool = False  # [data] allow_outside_root, or `pipeline --allow-outside-root`
-    model: dict[str, Any] = field(default_factory=dict)
-    prune: tuple[PruneEntry, ...] = ()
-    export: dict[str, Any] = field(default_factory=dict)
-    validate: dict[str, Any] = field(default_factory=dict)
+    data: DataTable = field(default_factory=DataTable)
+    model: dict[str, Any] = field(default_factory=dict)  # arch / checkpoint, image_size and FitConfig's keys
+    prune: list[dict[str, Any]] = field(default_factory=list)  # [[prune]] tables (PruneEntry)
+    export: dict[str, Any] = field(default_factory=dict)  # ExportOptions' table
+    validate: dict[str, Any] = field(default_factory=dict)  # ValidationConfig's table
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A pipeline file as read: PipelineFile's values, paths made absolute, [[prune]] tables as PruneEntry."""
+
+    source: str
+    title: str
+    device: str
+    seed: int
+    nproc: int
+    threads: int | None
+    synth: dict[str, Any] | None
+    manifest: str | None
+    images_root: str | None
+    allow_outside_root: bool
+    model: dict[str, Any]
+    prune: tuple[PruneEntry, ...]
+    export: dict[str, Any]
+    validate: dict[str, Any]
 
     def with_overrides(
         self,
@@ -106,13 +134,6 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _table(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
-    value = raw.get(key, {})
-    if not isinstance(value, dict):
-        raise FairdeployError(f"{source}: [{key}] must be a table")
-    return dict(value)
-
-
 def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     p = Path(path)
     if not p.is_file():
@@ -122,34 +143,24 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     except tomllib.TOMLDecodeError as exc:
         raise FairdeployError(f"{p}: not valid TOML ({exc})") from exc
     source = str(p)
-    unknown = [k for k in raw if k not in TOP_KEYS]
-    if unknown:
-        raise FairdeployError(f"{source}: unknown key {unknown[0]!r}; valid keys: {', '.join(TOP_KEYS)}")
-    for key, hint in (("title", str), ("device", str), ("seed", int), ("nproc", int), ("threads", int)):
-        if key in raw:
-            check_type(raw[key], hint, f"{source}: {key}")
-    if raw.get("threads", 1) < 1:
-        raise FairdeployError(f"{source}: threads must be >= 1 (torch CPU threads), got {raw['threads']}")
-    if int(raw.get("nproc", 1)) < 1:
-        raise FairdeployError(f"{source}: nproc must be >= 1 (processes per stage under torchrun), got {raw['nproc']}")
+    top = load(PipelineFile, raw, source)
+    if top.threads is not None and top.threads < 1:
+        raise FairdeployError(f"{source}: threads must be >= 1 (torch CPU threads), got {top.threads}")
+    if top.nproc < 1:
+        raise FairdeployError(f"{source}: nproc must be >= 1 (processes per stage under torchrun), got {top.nproc}")
     if "model" not in raw:
         raise FairdeployError(f"{source}: the [model] table is missing; give `arch = \"resnet18\"` (with "
                               "image_size, epochs, ... to train one) or `checkpoint = \"path\"` under [model]")
-    data = _table(raw, "data", source)
-    data_keys = {"synth": dict, "manifest": str, "images_root": str, "allow_outside_root": bool}
-    unknown = [k for k in data if k not in data_keys]
-    if unknown:
-        raise FairdeployError(f"{source}: unknown key {unknown[0]!r} in [data]; valid keys: {', '.join(data_keys)}")
-    _check_keys(data, data_keys, f"{source}: [data]")
-    synth, manifest = data.get("synth"), data.get("manifest")
+    data = top.data
+    synth, manifest = data.synth, data.manifest
     if (synth is None) == (manifest is None):
         raise FairdeployError(f"{source}: [data] needs exactly one of `synth = {{...}}` or `manifest = \"path\"`")
     if manifest is not None:
         manifest = str((p.parent / manifest).resolve()) if not os.path.isabs(manifest) else manifest
-    images_root = data.get("images_root")
+    images_root = data.images_root
     if images_root is not None and not os.path.isabs(images_root):
         images_root = str((p.parent / images_root).resolve())
-    model = _table(raw, "model", source)
+    model = dict(top.model)
     _check_keys(model, {"checkpoint": str, "arch": str, "image_size": int}, f"{source}: [model]")
     if ("checkpoint" in model) == ("arch" in model):
         raise FairdeployError(f"{source}: [model] needs exactly one of `arch = \"resnet18\"` (train one) or "
@@ -158,7 +169,7 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
         model["checkpoint"] = str((p.parent / model["checkpoint"]).resolve())
     entries = []
     names: set[str] = set()
-    for i, e in enumerate(raw.get("prune", [])):
+    for i, e in enumerate(top.prune):
         if not isinstance(e, dict) or ("method" in e) == ("criterion" in e):
             raise FairdeployError(f"{source}: [[prune]] entry {i + 1} needs a `method` (fairprune or snnl) or, for a "
                                   "budget run, a `criterion` (with target_macs, target_params or speedup), not both")
@@ -186,20 +197,10 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
         after = e.pop("finetune_after", None)
         entries.append(PruneEntry(name=name, method=method, options=e, finetune_after_table=after, source=where))
     return PipelineConfig(
-        source=source,
-        title=str(raw.get("title", "fairdeploy pipeline")),
-        device=str(raw.get("device", "auto")),
-        seed=int(raw.get("seed", 0)),
-        nproc=int(raw.get("nproc", 1)),
-        threads=raw.get("threads"),
-        synth=dict(synth) if synth is not None else None,
-        manifest=manifest,
-        images_root=images_root,
-        allow_outside_root=bool(data.get("allow_outside_root", False)),
-        model=model,
-        prune=tuple(entries),
-        export=_export_table(raw, source),
-        validate=_table(raw, "validate", source),
+        source=source, title=top.title, device=top.device, seed=top.seed, nproc=top.nproc, threads=top.threads,
+        synth=dict(synth) if synth is not None else None, manifest=manifest, images_root=images_root,
+        allow_outside_root=data.allow_outside_root, model=model, prune=tuple(entries),
+        export=_export_table(top.export, source), validate=dict(top.validate),
     )
 
 
@@ -211,10 +212,10 @@ def _check_keys(table: dict[str, Any], hints: dict[str, Any], where: str) -> dic
     return table
 
 
-def _export_table(raw: dict[str, Any], source: str) -> dict[str, Any]:
+def _export_table(table: dict[str, Any], source: str) -> dict[str, Any]:
     """[export]: ExportOptions' nested table (checked by resolve_export_options); a profile given as a relative
     .toml path is relative to the pipeline file, like the manifest."""
-    export = _table(raw, "export", source)
+    export = dict(table)
     prof = export.get("profile")
     if isinstance(prof, str) and prof.endswith(".toml") and not os.path.isabs(prof):
         export["profile"] = str((Path(source).parent / prof).resolve())
