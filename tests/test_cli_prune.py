@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from pruning_oracles import expected_selection
 from typer.testing import CliRunner
 
 from fairdeploy.cli.app import app
 from fairdeploy.io import read_json
 from fairdeploy.models import load_checkpoint, read_spec
-from pruning_oracles import expected_selection
 
 runner = CliRunner()
 

@@ -36,7 +36,7 @@ def test_help_lists_exactly_the_registered_commands():
     assert proc.returncode == 0
     # the rows of the Commands panel: "│ name   help text │"
     panel = proc.stdout[proc.stdout.index("Commands"):]
-    listed = set(re.findall(r"^│ (\w[\w-]*) ", panel, flags=re.M))
+    listed = set(re.findall(r"^│ (\w[\w-]*) ", panel, flags=re.MULTILINE))
     assert listed == registered and {"train", "prune", "export", "validate", "pipeline"} <= listed
 
 

@@ -14,7 +14,11 @@ from typer.testing import CliRunner
 from fairdeploy.cli.app import app
 from fairdeploy.data.manifest import read_manifest, write_manifest
 from fairdeploy.errors import (
-    EXIT_GATE_FAILED, EXIT_MISSING_DEPENDENCY, EXIT_USER_ERROR, FairdeployError, MissingDependencyError,
+    EXIT_GATE_FAILED,
+    EXIT_MISSING_DEPENDENCY,
+    EXIT_USER_ERROR,
+    FairdeployError,
+    MissingDependencyError,
 )
 from fairdeploy.models import ModelSpec, create_model, read_spec, save_checkpoint
 

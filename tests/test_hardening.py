@@ -227,7 +227,7 @@ def test_report_markdown_escapes_group_names_and_labels(tmp_path: Path) -> None:
     md = build_report(tmp_path).markdown.read_text()
     assert "<img" not in md and "<script>" not in md
     assert "&lt;img src=x onerror=alert(1)&gt;\\|g" in md and "\\*model\\*" in md
-    tables = re.findall(r"(?:^\|.*\n)+", md, flags=re.M)  # each run of table lines
+    tables = re.findall(r"(?:^\|.*\n)+", md, flags=re.MULTILINE)  # each run of table lines
     assert tables
     for table in tables:
         cells = [len(re.split(r"(?<!\\)\|", ln)) for ln in table.splitlines()]

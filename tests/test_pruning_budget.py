@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pruning_oracles import zero_channels
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -19,7 +20,6 @@ from fairdeploy.pruning.criteria import ScoreData, fair_share_order, prepare_imp
 from fairdeploy.pruning.curvature import group_gradient
 from fairdeploy.pruning.removal import remove_channels, remove_to_budget
 from fairdeploy.pruning.structured import dependency_graph
-from pruning_oracles import zero_channels
 
 
 class Tiny(nn.Module):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pruning_oracles import zero_channels
 from torch import nn
 
 from fairdeploy.models import ModelSpec, create_model, load_checkpoint, save_checkpoint
@@ -23,7 +24,6 @@ from fairdeploy.pruning.structured import (
     lowest_channels,
     prune_out_channels,
 )
-from pruning_oracles import zero_channels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

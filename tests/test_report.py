@@ -307,7 +307,7 @@ def test_report_tables_figures_and_self_contained_html(tmp_path):
     assert len(imgs) == len(names) and all(base64.b64decode(b).startswith(PNG_MAGIC) for b in imgs)
     assert not re.search(r"src=['\"](?!data:)", html)  # nothing external
     # the validation split appears only in the trajectory figure's title; every other figure names the test split
-    titles = re.findall(r"^## (.*)$", md, flags=re.M)
+    titles = re.findall(r"^## (.*)$", md, flags=re.MULTILINE)
     assert [t for t in titles if "validation split" in t] == ["Pruning steps: accuracy and Eodd (validation split)"]
 
 

@@ -10,7 +10,14 @@ import torch
 
 from fairdeploy.errors import FairdeployError, MissingDependencyError
 from fairdeploy.models import ModelSpec, create_model, load_checkpoint, save_checkpoint
-from fairdeploy.runtime import BaseRunner, InputSpec, Runner, artifact_kind, choose_backend, runner_from_artifact
+from fairdeploy.runtime import (
+    BaseRunner,
+    InputSpec,
+    Runner,
+    artifact_kind,
+    choose_backend,
+    runner_from_artifact,
+)
 from fairdeploy.runtime.ort_runner import OrtRunner, check_providers, missing_providers
 from fairdeploy.runtime.torch_runner import TorchRunner
 from fairdeploy.validation.fingerprint import environment_fingerprint

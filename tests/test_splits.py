@@ -36,7 +36,7 @@ def test_split_counts_hand_computed(n: int, expected: tuple[int, int, int]) -> N
 
 def test_split_counts_within_rounding_for_any_size() -> None:
     for fractions in [(0.7, 0.15, 0.15), (0.8, 0.1, 0.1), (0.5, 0.25, 0.25), (0.6, 0.4, 0.0)]:
-        for n in range(0, 300):
+        for n in range(300):
             counts = split_counts(n, fractions)
             assert sum(counts) == n
             for c, f in zip(counts, fractions):

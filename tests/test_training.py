@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.metrics import compute_metrics
 from fairdeploy.models import load_checkpoint
 from fairdeploy.training.loop import FitConfig
-from fairdeploy.training.predict import predict
 from fairdeploy.training.train import evaluate_checkpoint, train_model
 
 

@@ -207,10 +207,9 @@ def write_manifest(records: Sequence[Record], path: str | os.PathLike[str]) -> N
         for k, _ in r.extra:
             if k not in extra_cols:
                 extra_cols.append(k)
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow([*REQUIRED_COLUMNS, *extra_cols])
-            for r in records:
-                extra = dict(r.extra)
-                writer.writerow([r.image, r.label, r.group, r.split, *(extra.get(c, "") for c in extra_cols)])
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([*REQUIRED_COLUMNS, *extra_cols])
+        for r in records:
+            extra = dict(r.extra)
+            writer.writerow([r.image, r.label, r.group, r.split, *(extra.get(c, "") for c in extra_cols)])

@@ -1,5 +1,6 @@
 """Per-group accuracy, macro P/R/F1 and the fairness gaps (Eopp0, Eopp1, Eodd, DP), FATE, bootstrap CIs."""
 
+from fairdeploy.metrics.bootstrap import bootstrap_difference_intervals, bootstrap_intervals
 from fairdeploy.metrics.fairness import (
     METRIC_DEFINITIONS,
     GroupMetrics,
@@ -7,7 +8,6 @@ from fairdeploy.metrics.fairness import (
     compute_metrics,
     fate,
 )
-from fairdeploy.metrics.bootstrap import bootstrap_difference_intervals, bootstrap_intervals
 
 __all__ = [
     "METRIC_DEFINITIONS",

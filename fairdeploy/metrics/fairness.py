@@ -282,7 +282,7 @@ def compute_metrics(
         )
 
     return MetricsReport(
-        n=int(len(yt)),
+        n=len(yt),
         num_classes=K,
         class_names=names,
         overall_accuracy=float((yt == yp).mean()),

@@ -68,7 +68,7 @@ def load_weights_file(model: nn.Module, path: Path, skip_prefix: str | None = No
             state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
-    except Exception as exc:  # noqa: BLE001 - any decode failure is a bad file
+    except Exception as exc:  # any decode failure is a bad file
         raise FairdeployError(f"weights file {path} could not be read: {str(exc).splitlines()[0]}") from exc
     if not isinstance(state, dict):
         raise FairdeployError(f"weights file {path} does not hold a state dict")

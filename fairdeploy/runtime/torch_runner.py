@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fairdeploy.models.checkpoint import WEIGHTS_FILE, checkpoint_hash, load_checkpoint, read_spec, resolve_checkpoint
+from fairdeploy.models.checkpoint import (
+    WEIGHTS_FILE,
+    checkpoint_hash,
+    load_checkpoint,
+    read_spec,
+    resolve_checkpoint,
+)
 from fairdeploy.runtime.base import ArtifactInfo, BaseRunner, InputSpec
 
 if TYPE_CHECKING:

@@ -13,7 +13,13 @@ from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.distributed import broadcast_module, main_writes, world
 from fairdeploy.io import atomic_dir, sha256_file
-from fairdeploy.models.checkpoint import WEIGHTS_FILE, ModelSpec, load_checkpoint, resolve_checkpoint, write_spec
+from fairdeploy.models.checkpoint import (
+    WEIGHTS_FILE,
+    ModelSpec,
+    load_checkpoint,
+    resolve_checkpoint,
+    write_spec,
+)
 from fairdeploy.models.sparsity import Masks, mask_reapplier, masks_from_model, sparsity, spec_masks
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.training.loop import FitConfig, FitResult, fit

@@ -23,7 +23,13 @@ from torch import nn
 
 from fairdeploy.data.loading import ImageDataset, check_batch, make_loader
 from fairdeploy.distributed import (
-    all_reduce_sum, barrier, broadcast_module, broadcast_object, gather_rows, rank_seed, world,
+    all_reduce_sum,
+    barrier,
+    broadcast_module,
+    broadcast_object,
+    gather_rows,
+    rank_seed,
+    world,
 )
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_path, write_json

@@ -516,7 +516,7 @@ def _data_summary(manifest: Manifest, split: str, labels: np.ndarray, groups: np
         manifest=manifest.source,
         manifest_sha256=sha256_file(src) if src.is_file() else None,
         split=split,
-        n=int(len(labels)),
+        n=len(labels),
         group_counts={g: int((groups == g).sum()) for g in group_order},
         class_counts={c: int((labels == k).sum()) for k, c in enumerate(classes)},
     )
