@@ -535,3 +535,36 @@ def test_configs_and_functions_that_share_a_setting_agree():
     recipe = CalibrationRecipe()
     assert (default(quantize_qdq, "method"), default(quantize_qdq, "percentile")) == (recipe.method, recipe.percentile)
     assert default(train_model, "image_size") == ModelSpec("resnet18", ("a", "b")).image_size == 224
+
+
+def test_evaluate_and_train_options_left_unset_keep_the_library_defaults(run_main, monkeypatch, synth_manifest,
+                                                                         tmp_path):
+    """`evaluate` passes only the options given (evaluate_checkpoint's defaults otherwise); `train` without
+    --image-size trains at ModelSpec's default size."""
+    import fairdeploy.training.train as train_mod
+    from fairdeploy.models.checkpoint import ModelSpec
+
+    seen: list[dict] = []
+
+    def fake_evaluate(model, manifest, *args, **kwargs):
+        seen.append({"args": args, **kwargs})
+        raise FairdeployError("captured")
+
+    monkeypatch.setattr(train_mod, "evaluate_checkpoint", fake_evaluate)
+    code, _, err = run_main("evaluate", "--model", str(tmp_path), "--data", str(synth_manifest))
+    assert code == 2 and "captured" in err
+    assert seen[0]["args"] == () and not {"split", "batch_size", "bootstrap", "workers", "seed"} & set(seen[0])
+    run_main("evaluate", "--model", str(tmp_path), "--data", str(synth_manifest), "--split", "val",
+             "--batch-size", "8", "--bootstrap", "0")
+    assert (seen[1]["split"], seen[1]["batch_size"], seen[1]["bootstrap"]) == ("val", 8, 0)
+
+    sizes: list[int] = []
+
+    def fake_train(manifest, arch, out, cfg, image_size, *args, **kwargs):
+        sizes.append(image_size)
+        raise FairdeployError("captured")
+
+    monkeypatch.setattr(train_mod, "train_model", fake_train)
+    run_main("train", "--data", str(synth_manifest), "--out", str(tmp_path / "t"))
+    run_main("train", "--data", str(synth_manifest), "--out", str(tmp_path / "u"), "--image-size", "32")
+    assert sizes == [ModelSpec.image_size, 32]

@@ -42,7 +42,7 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine schedule; default: FitConfig's).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW/SGD weight decay (default: FitConfig's).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw or sgd (default: FitConfig's).")] = None,
-    image_size: Annotated[int, typer.Option(help="Input size (square).")] = 224,
+    image_size: Annotated[int | None, typer.Option(help="Input size (square; default: ModelSpec's).")] = None,
     balance: Annotated[str | None, typer.Option(help="Sampling: none, class, group or group-class (default: FitConfig's).")] = None,
     select: Annotated[str | None, typer.Option(help="Validation metric that picks the best epoch: f1_macro, accuracy, worst_group_accuracy (default: FitConfig's).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local weights file (.safetensors or state-dict .pt) to start from.")] = None,
@@ -63,6 +63,10 @@ def train(
                "optimizer": optimizer, "balance": balance, "select": select, "amp": amp, "workers": job.workers,
                "seed": job.seed}
     cfg = configure(FitConfig, FIT_FIELDS, options)
+    if image_size is None:
+        from fairdeploy.models.checkpoint import ModelSpec
+
+        image_size = ModelSpec.image_size  # the one default input size
     check_train_options(arch, image_size, cfg.balance, cfg)  # before the manifest or any model is loaded
     manifest = job.images.read(data)
     on_interrupt(lambda: describe_kept_run(out), "--resume")
@@ -116,27 +120,34 @@ def evaluate(
     model: ModelOpt,
     data: DataOpt,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
-    split: SplitOpt = "test",
-    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for confidence intervals (0 = none).")] = 1000,
-    batch_size: BatchSizeOpt = 64,
+    split: Annotated[str | None, typer.Option("--split", help="Manifest split: train, val or test (default: "
+                                              "evaluate_checkpoint's, test).")] = None,
+    bootstrap: Annotated[int | None, typer.Option(min=0, help="Bootstrap resamples for confidence intervals (0 = none; "
+                                                  "default: evaluate_checkpoint's).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size (default: "
+                                                   "evaluate_checkpoint's).")] = None,
     job: Job = Job(),
 ) -> None:
     """Per-group accuracy, macro P/R/F1 and fairness gaps of a checkpoint on one split."""
     import contextlib
+    import inspect
 
     from fairdeploy.training.train import evaluate_checkpoint
 
     claim = contextlib.nullcontext() if out is None else claim_output(
         out, OUT_POLICIES["evaluate"], overwrite=job.overwrite,
         inputs={"--model": model, "--data": data, "--images-root": job.images.images_root})
-    check_split(split)  # before the manifest or the model is loaded
+    if split is not None:
+        check_split(split)  # before the manifest or the model is loaded
     with claim:
         manifest = job.images.read(data)
         with RichProgress() as progress:
-            given = {k: v for k, v in (("workers", job.workers), ("seed", job.seed)) if v is not None}
-            report = evaluate_checkpoint(model, manifest, split, job.device, batch_size, bootstrap=bootstrap,
-                                         progress=progress, **given)
-        console.print(metrics_table(report, title=f"{model} on {split}"))
+            # an option not given keeps evaluate_checkpoint's default (written there once)
+            given = {k: v for k, v in (("split", split), ("batch_size", batch_size), ("bootstrap", bootstrap),
+                                       ("workers", job.workers), ("seed", job.seed)) if v is not None}
+            report = evaluate_checkpoint(model, manifest, device=job.device, progress=progress, **given)
+        shown = split or inspect.signature(evaluate_checkpoint).parameters["split"].default
+        console.print(metrics_table(report, title=f"{model} on {shown}"))
         console.print(fairness_table(report))
         if out is not None:
             write_json(out, report.to_dict())

@@ -123,7 +123,7 @@ def _train_plan(cfg: PipelineConfig) -> Path | TrainPlan:
     model_cfg = dict(cfg.model)
     if "checkpoint" in model_cfg:
         return resolve_checkpoint(model_cfg["checkpoint"])
-    arch = str(model_cfg.pop("arch", "resnet18"))
+    arch = str(model_cfg.pop("arch"))  # load_pipeline_config checked that [model] has one
     if arch not in ARCHITECTURES:
         raise FairdeployError(f"{cfg.source}: [model] unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     image_size = int(model_cfg.pop("image_size", ModelSpec.image_size))
