@@ -9,13 +9,11 @@ import typer
 
 from fairdeploy.cli.common import (
     OUT_POLICIES,
-    BatchSizeOpt,
     DataOpt,
     Job,
     ModelOpt,
     OutDirOpt,
     RichProgress,
-    SplitOpt,
     check_split,
     configure,
     console,
