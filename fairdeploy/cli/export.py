@@ -17,6 +17,7 @@ from fairdeploy.cli.common import (
     RichProgress,
     SeedOpt,
     console,
+    unset,
 )
 from fairdeploy.io import claim_output
 
@@ -37,7 +38,8 @@ CheckDataOpt = Annotated[
     Path | None,
     typer.Option("--data", "-d", help="Manifest whose --check-split images check every ONNX file (default: random tensors)."),
 ]
-CheckSplitOpt = Annotated[str, typer.Option("--check-split", help="Split of --data the exports are checked on.")]
+CheckSplitOpt = Annotated[str | None, typer.Option("--check-split", help="Split of --data the exports are checked "
+                                                   "on (default: run_export's, test).")]
 CalibDataOpt = Annotated[
     Path | None, typer.Option("--calib-data", help="Manifest the INT8 calibration set is drawn from (default --data).")
 ]
@@ -94,7 +96,7 @@ def export(
     profile: ProfileOpt = None,
     profiles_dir: ProfilesDirOpt = None,
     data: CheckDataOpt = None,
-    check_split: CheckSplitOpt = "test",
+    check_split: CheckSplitOpt = None,
     calib_data: CalibDataOpt = None,
     calib_size: CalibSizeOpt = None,
     calib_method: CalibMethodOpt = None,
@@ -118,7 +120,7 @@ def export(
     trt_implicit_int8: ImplicitOpt = None,
     images_root: ImagesRootOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
-    seed: SeedOpt = 0,
+    seed: unset(SeedOpt, "run_export's") = None,  # type: ignore[valid-type]
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32 + fp16/int8), check it against PyTorch, optionally build engines."""
@@ -151,9 +153,9 @@ def export(
               "--profile": Path(profile) if profile and profile.endswith(".toml") else None,
               "--profiles-dir": profiles_dir, "--recipes-dir": recipes_dir}
     with claim_output(out, OUT_POLICIES["export"], overwrite=overwrite, inputs=inputs), RichProgress() as progress:
+        given = {k: v for k, v in (("check_split", check_split), ("seed", seed)) if v is not None}
         result = run_export(model, out, options, data=data, calib_data=calib_data, images_root=images_root,
-                            check_split=check_split, seed=seed, progress=progress,
-                            allow_outside_root=allow_outside_root)
+                            progress=progress, allow_outside_root=allow_outside_root, **given)
     summary = result.summary
     check = summary.check_data
     console.print(f"{summary.checkpoint.spec.arch} checked on {check.source} (n={check.n}) against PyTorch:",
