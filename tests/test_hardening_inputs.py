@@ -97,6 +97,17 @@ def test_precision_may_be_one_string(tmp_path: Path) -> None:
         _export_options(load_pipeline_config(_config(tmp_path, BASE + '[export.onnx]\nprecision = 16\n')))
 
 
+def test_model_table_keys_are_checked_against_what_they_feed(tmp_path: Path) -> None:
+    from fairdeploy.pipeline.resolve import resolve_pipeline
+
+    with pytest.raises(FairdeployError, match=r"p\.toml: unknown key 'epoch' in \[model\]; valid keys: arch, image_size, "
+                                              r"epochs, batch_size"):
+        resolve_pipeline(load_pipeline_config(_config(tmp_path, BASE + "epoch = 3\n")))
+    given = '[data]\nsynth = { n_images = 60 }\n[model]\ncheckpoint = "ckpt"\nepochs = 3\n'
+    with pytest.raises(FairdeployError, match=r"p\.toml: \[model\] epochs: a given checkpoint is used as it is"):
+        resolve_pipeline(load_pipeline_config(_config(tmp_path, given)))
+
+
 WRONG_TYPES = [
     # (table text, what the one line must say)
     ('seed = "zero"\n' + BASE, r"p.toml: seed must be an integer, got 'zero' \(a string\)"),

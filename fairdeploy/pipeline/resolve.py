@@ -11,7 +11,7 @@ from typing import Any
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.pipeline.config import PipelineConfig, PruneEntry
-from fairdeploy.schema import Layer, check_type, load
+from fairdeploy.schema import Layer, check_type, keys, load
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,15 @@ def _train_plan(cfg: PipelineConfig) -> Path | TrainPlan:
 
     model_cfg = dict(cfg.model)
     if "checkpoint" in model_cfg:
+        extra = [k for k in model_cfg if k != "checkpoint"]
+        if extra:
+            raise FairdeployError(f"{cfg.source}: [model] {extra[0]}: a given checkpoint is used as it is; training "
+                                  "keys go with `arch = ...` instead of `checkpoint`")
         return resolve_checkpoint(model_cfg["checkpoint"])
+    valid = ["arch", "image_size", *keys(FitConfig)]
+    unknown = [k for k in model_cfg if k not in valid]
+    if unknown:
+        raise FairdeployError(f"{cfg.source}: unknown key {unknown[0]!r} in [model]; valid keys: {', '.join(valid)}")
     arch = str(model_cfg.pop("arch"))  # load_pipeline_config checked that [model] has one
     if arch not in ARCHITECTURES:
         raise FairdeployError(f"{cfg.source}: [model] unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
