@@ -301,22 +301,18 @@ def test_ctrl_c_during_training_says_what_was_kept_and_how_to_resume(tmp_path) -
     out = tmp_path / "run"
     args = [*TRAIN, "--epochs", "500", "--data", str(manifest), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # SIGINT as in a terminal: a suite started in the background of a non-interactive shell (`pytest &`) inherits
+    # SIGINT ignored, and a Python started with it ignored never turns Ctrl-C into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "fairdeploy", "--threads", "1", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (out / "trainer.json").is_file() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert (out / "trainer.json").is_file(), proc.stderr.read() if proc.poll() is not None else "no epoch"
         proc.send_signal(signal.SIGINT)
-        try:
-            _stdout, stderr = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            # Seen once in ~5 full-suite runs (a fresh clone, 2 cores): the first SIGINT was lost and training went
-            # on; cause not found (no handler in fairdeploy or its libraries ignores SIGINT). A user presses Ctrl-C
-            # again: so does the test; what is asserted below is what that interrupt must print and keep.
-            proc.send_signal(signal.SIGINT)
-            _stdout, stderr = proc.communicate(timeout=60)
+        _stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
