@@ -265,7 +265,7 @@ class Budget:
     input: ModelSize
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "fraction": self.fraction, "max": self.max, "input": self.input.to_dict()}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -280,8 +280,7 @@ class BudgetSelection:
     note: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "guard_passed": self.guard_passed, "size": self.size.to_dict(),
-                "macs_fraction": self.macs_fraction, "params_fraction": self.params_fraction, "note": self.note}
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import contextlib
 import datetime as _dt
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,8 +118,7 @@ class DataSummary:
     class_counts: dict[str, int]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"manifest": self.manifest, "manifest_sha256": self.manifest_sha256, "split": self.split,
-                "n": self.n, "group_counts": dict(self.group_counts), "class_counts": dict(self.class_counts)}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -280,7 +279,7 @@ class AgreementStats:
     groups: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"overall": self.overall, "groups": dict(self.groups)}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -290,8 +289,8 @@ class AbsDiff:
     max_abs: float
     mean_abs: float
 
-    def to_dict(self) -> dict[str, float]:
-        return {"max_abs": self.max_abs, "mean_abs": self.mean_abs}
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -303,8 +302,7 @@ class LogitDiff:
     groups: dict[str, AbsDiff]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_abs": self.max_abs, "mean_abs": self.mean_abs,
-                "groups": {g: d.to_dict() for g, d in self.groups.items()}}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -344,9 +342,8 @@ class GroupDeltas:
     recall_macro: float
     f1_macro: float
 
-    def to_dict(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "precision_macro": self.precision_macro,
-                "recall_macro": self.recall_macro, "f1_macro": self.f1_macro}
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
