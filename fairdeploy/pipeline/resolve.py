@@ -72,25 +72,16 @@ def _budget_options(entry: PruneEntry, seed: int) -> Any:
     """A budget [[prune]] table -> BudgetConfig by the generic loader: its fields by name, `finetune = {...}` the
     recovery fine-tuning after every round, and one of target_macs / target_params / speedup for the budget."""
     from fairdeploy.pipeline.config import BUDGET_KEYS
-    from fairdeploy.pruning.budget import BudgetConfig
+    from fairdeploy.pruning.budget import BudgetConfig, budget_from
 
     options = dict(entry.options)
     reserved = [k for k in _BUDGET_RESERVED if k in options]
     if reserved:
         raise FairdeployError(f"{entry.where}: {reserved[0]} is set by the table's criterion, its "
                               f"{' / '.join(BUDGET_KEYS)} and the pipeline's seed")
-    budget = {k: options.pop(k) for k in BUDGET_KEYS if k in options}
-    if len(budget) != 1:
-        raise FairdeployError(f"{entry.where}: a budget run needs exactly one of {', '.join(BUDGET_KEYS)} "
-                              f"(got {', '.join(budget) or 'none'})")
-    (key, value), = budget.items()
-    value = check_type(value, float, f"{entry.where}: {key}")
-    if key == "speedup":
-        if value <= 1.0:
-            raise FairdeployError(f"{entry.where}: speedup must be > 1, got {value}")
-        metric, fraction = "macs", 1.0 / value
-    else:
-        metric, fraction = ("macs" if key == "target_macs" else "params"), value
+    # exactly one of BUDGET_KEYS: checked by load_pipeline_config
+    budget = {k: check_type(options.pop(k), float, f"{entry.where}: {k}") for k in BUDGET_KEYS if k in options}
+    metric, fraction = budget_from(**budget, label=lambda k: f"{entry.where}: {k}")
     default = BudgetConfig()
     # control None: BudgetConfig picks the criterion's blind twin (fine-tuning alone for a blind criterion)
     base = replace(default, criterion=entry.criterion, metric=metric, target=fraction, seed=seed,

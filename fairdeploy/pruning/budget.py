@@ -11,6 +11,7 @@ import copy
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -133,17 +134,22 @@ class BudgetResult:
     record: BudgetRecord  # what prune.json holds
 
 
-def budget_from(speedup: float | None = None, target_macs: float | None = None,
-                target_params: float | None = None) -> tuple[str, float]:
-    """(metric, fraction kept) from exactly one of --speedup S (MACs / S), --target-macs F, --target-params F."""
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def budget_from(speedup: float | None = None, target_macs: float | None = None, target_params: float | None = None,
+                label: Callable[[str], str] = _flag) -> tuple[str, float]:
+    """(metric, fraction kept) from exactly one of --speedup S (MACs / S), --target-macs F, --target-params F;
+    `label` says how the user wrote a key (a flag, or a pipeline table's key)."""
     given = {k: v for k, v in (("speedup", speedup), ("target_macs", target_macs),
                                ("target_params", target_params)) if v is not None}
     if len(given) != 1:
         raise FairdeployError("give exactly one budget: --target-macs F, --target-params F or --speedup S "
-                              f"(got {', '.join('--' + k.replace('_', '-') for k in given) or 'none'})")
+                              f"(got {', '.join(label(k) for k in given) or 'none'})")
     if speedup is not None:
         if speedup <= 1.0:
-            raise FairdeployError(f"--speedup must be > 1, got {speedup}")
+            raise FairdeployError(f"{label('speedup')} must be > 1, got {speedup}")
         return "macs", 1.0 / speedup
     return ("macs", float(target_macs)) if target_macs is not None else ("params", float(target_params))  # type: ignore[arg-type]
 
