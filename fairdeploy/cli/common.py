@@ -324,10 +324,9 @@ def rank_job(command: str, out: Path, job: Job, inputs: dict[str, Any],
 
 def checkpoint_job(command: str, run: Callable[..., Any], model: Path, data: Path, out: Path, cfg: Any,
                    job: Job) -> Any:
-    """The body of prune and finetune: `cfg` checked before the manifest is read, then
+    """The body of prune and finetune: `cfg` (built and checked by `configure`, before the manifest is read), then
     `run(model, manifest, out, cfg, device, progress)` as a `rank_job`. Returns its result on the process that
     reports, None on the others (under torchrun)."""
-    cfg.validate()  # option mistakes are reported before the manifest is read
     manifest = job.images.read(data)
     with rank_job(command, out, job, {"--model": model, "--data": data}) as (device, progress, reports):
         result = run(model, manifest, out, cfg, device, progress)

@@ -65,7 +65,7 @@ def train(
         from fairdeploy.models.checkpoint import ModelSpec
 
         image_size = ModelSpec.image_size  # the one default input size
-    check_train_options(arch, image_size, cfg.balance, cfg)  # before the manifest or any model is loaded
+    check_train_options(arch, image_size, cfg.balance)  # before the manifest or any model is loaded (cfg: configure)
     manifest = job.images.read(data)
     on_interrupt(lambda: describe_kept_run(out), "--resume")
     inputs = {"--data": data, "--weights": weights}
@@ -83,7 +83,7 @@ def train(
     console.print(f"checkpoint: {result.best_dir}")
 
 
-def check_train_options(arch: str, image_size: int, balance: str, cfg: object) -> None:
+def check_train_options(arch: str, image_size: int, balance: str) -> None:
     """Every train option that can be wrong on its own, checked before any data or model is loaded."""
     from fairdeploy.data.loading import BALANCE_CHOICES
     from fairdeploy.errors import FairdeployError
@@ -95,7 +95,6 @@ def check_train_options(arch: str, image_size: int, balance: str, cfg: object) -
         raise FairdeployError(f"--image-size must be at least 16, got {image_size}")
     if balance not in BALANCE_CHOICES:
         raise FairdeployError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE_CHOICES)}")
-    cfg.validate()  # type: ignore[attr-defined]
 
 
 def describe_kept_run(out: Path) -> str:

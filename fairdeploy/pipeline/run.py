@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -60,11 +61,9 @@ def run_pipeline(
 ) -> PipelineResult:
     """Run every stage of `cfg` under run_dir; a stage whose inputs are unchanged is not run again."""
     plan = resolve_pipeline(cfg)  # every section parsed and checked before anything is written
-    if cfg.manifest is not None:
-        read_manifest(cfg.manifest, cfg.images_root, allow_outside_root=cfg.allow_outside_root)
     run = Path(run_dir)
+    stages, models = plan_stages(plan, run, progress, allow_missing_trt)  # reads a given manifest: checked too
     run.mkdir(parents=True, exist_ok=True)
-    stages, models = plan_stages(plan, run, progress, allow_missing_trt)
     outcomes = [stage.execute() for stage in stages]
     notes = [n for o in outcomes for n in o.notes]
     run_stages, gate_failures = collect(plan, run, models, notes)
@@ -82,19 +81,6 @@ class ModelOut:
     name: str
     checkpoint: Path
     entry: PruneEntry | None = None
-
-
-class _Manifest:
-    """The pipeline's manifest, read once when a stage first needs it (the data stage may write it first)."""
-
-    def __init__(self, path: Path, root: str | None, allow_outside_root: bool) -> None:
-        self.path, self.root, self.allow = path, root, allow_outside_root
-        self._value: Any = None
-
-    def __call__(self) -> Any:
-        if self._value is None:
-            self._value = read_manifest(self.path, self.root, allow_outside_root=self.allow)
-        return self._value
 
 
 def plan_stages(plan: ResolvedPipeline, run: Path, progress: Progress = no_progress,
@@ -122,7 +108,11 @@ def plan_stages(plan: ResolvedPipeline, run: Path, progress: Progress = no_progr
         manifest_path, images_root = run / "data" / "manifest.csv", None
     else:
         manifest_path, images_root = Path(cfg.manifest or ""), cfg.images_root
-    manifest = _Manifest(manifest_path, images_root, cfg.allow_outside_root)
+    # read once, when a stage first needs it (the data stage writes a synthetic one first); a given one: now
+    manifest = functools.cache(lambda: read_manifest(manifest_path, images_root,
+                                                     allow_outside_root=cfg.allow_outside_root))
+    if plan.synth is None:
+        manifest()
     data = HashOf(manifest_path)
 
     # 2. train (or a given checkpoint)

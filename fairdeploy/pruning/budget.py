@@ -171,6 +171,11 @@ class PointMetrics:
     def worst_group_accuracy(self) -> float:
         return min(self.group_accuracy.values())
 
+    @classmethod
+    def from_report(cls, report: MetricsReport) -> PointMetrics:
+        return cls(report.overall_accuracy, report.overall_f1_macro, {g: m.accuracy for g, m in report.groups},
+                   {g: m.n for g, m in report.groups}, dict(report.fairness))
+
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "f1_macro": self.f1_macro, "group_accuracy": dict(self.group_accuracy),
                 "worst_group_accuracy": self.worst_group_accuracy, "group_n": dict(self.group_n),
@@ -375,8 +380,7 @@ def _point(report: MetricsReport, size: ModelSize, base: MetricsReport, cfg: Bud
         reasons.append(f"macro-F1 fell {f1_drop:.4f} (> {cfg.max_f1_drop})")
     shortfall = sum(max(0.0, -d - cfg.max_group_drop) for d in delta.values()) + max(0.0, f1_drop - cfg.max_f1_drop)
     return BudgetPoint(
-        val=PointMetrics(report.overall_accuracy, report.overall_f1_macro, acc, {g: m.n for g, m in report.groups},
-                         dict(report.fairness)),
+        val=PointMetrics.from_report(report),
         group_accuracy_change=delta, size=size, ineligible_because=tuple(reasons), shortfall=shortfall,
     )
 
@@ -594,7 +598,7 @@ def compress_checkpoint(
             comparison = paired_comparison(pa, pb, spec.groups, spec.num_classes, cfg.bootstrap, cfg.seed)
         record = BudgetRecord(
             config=cfg, budget=budget, source=str(src), source_sha256=sha256_file(src / WEIGHTS_FILE),
-            arch=spec.arch, input_val=_point(base_report, base_size, base_report, cfg).val, groups=roles,
+            arch=spec.arch, input_val=PointMetrics.from_report(base_report), groups=roles,
             manifest=manifest.source, score_samples_per_group=len(ids[present[0]]), val_images=len(val_ds),
             device=str(dev), runs=run_records, selected=selection, comparison=comparison,
             verdict=("no control was run: no fairness claim about the criterion is made" if comparison is None
