@@ -56,7 +56,10 @@ class PruneEntry:
 
         fit = load(FitConfig, self.finetune_after_table, self.where, "finetune_after",
                    base=FitConfig(lr=FINETUNE_LR, seed=seed))
-        return fit if fit.epochs > 0 else None
+        if fit.epochs <= 0:
+            return None
+        fit.validate()  # resolve_pipeline calls this before anything is written
+        return fit
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,11 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def beside(config_file: Path, path: str) -> str:
+    """A path written in a pipeline file: absolute as given, relative to the file's folder."""
+    return path if os.path.isabs(path) else str((config_file.parent / path).resolve())
+
+
 def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     p = Path(path)
     if not p.is_file():
@@ -156,17 +164,17 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     if (synth is None) == (manifest is None):
         raise FairdeployError(f"{source}: [data] needs exactly one of `synth = {{...}}` or `manifest = \"path\"`")
     if manifest is not None:
-        manifest = str((p.parent / manifest).resolve()) if not os.path.isabs(manifest) else manifest
+        manifest = beside(p, manifest)
     images_root = data.images_root
-    if images_root is not None and not os.path.isabs(images_root):
-        images_root = str((p.parent / images_root).resolve())
+    if images_root is not None:
+        images_root = beside(p, images_root)
     model = dict(top.model)
     _check_keys(model, {"checkpoint": str, "arch": str, "image_size": int}, f"{source}: [model]")
     if ("checkpoint" in model) == ("arch" in model):
         raise FairdeployError(f"{source}: [model] needs exactly one of `arch = \"resnet18\"` (train one) or "
                               "`checkpoint = \"path\"` (use it)")
-    if "checkpoint" in model and not os.path.isabs(model["checkpoint"]):
-        model["checkpoint"] = str((p.parent / model["checkpoint"]).resolve())
+    if "checkpoint" in model:
+        model["checkpoint"] = beside(p, model["checkpoint"])
     entries = []
     names: set[str] = set()
     for i, e in enumerate(top.prune):
@@ -205,7 +213,7 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
 
 
 def _check_keys(table: dict[str, Any], hints: dict[str, Any], where: str) -> dict[str, Any]:
-    """Check the keys of a table that map onto no dataclass field (the others: `dataclass_from_options`)."""
+    """Type-check the keys of a table that map onto no dataclass field (the others: fairdeploy.schema)."""
     for key, hint in hints.items():
         if key in table:
             check_type(table[key], hint, f"{where} {key}")
@@ -217,6 +225,6 @@ def _export_table(table: dict[str, Any], source: str) -> dict[str, Any]:
     .toml path is relative to the pipeline file, like the manifest."""
     export = dict(table)
     prof = export.get("profile")
-    if isinstance(prof, str) and prof.endswith(".toml") and not os.path.isabs(prof):
-        export["profile"] = str((Path(source).parent / prof).resolve())
+    if isinstance(prof, str) and prof.endswith(".toml"):
+        export["profile"] = beside(Path(source), prof)
     return export
