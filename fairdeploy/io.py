@@ -417,5 +417,10 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_if_file(path: str | os.PathLike[str]) -> str | None:
+    """The file's SHA-256, or None when `path` is not a file (a manifest given as something else)."""
+    return sha256_file(path) if Path(path).is_file() else None
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -50,7 +50,7 @@ from fairdeploy.models.checkpoint import (
     resolve_checkpoint,
 )
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.validation.validate import AgreementStats, agreement_stats
+from fairdeploy.validation.validate import AgreementStats, agreement_stats, named_groups
 
 MIXED_PRECISION_SPLIT = "val"  # group-aware mixed precision measures layers here: never the test split
 SELF_CHECK_SAMPLES = 64  # real images run at every check batch size against PyTorch
@@ -251,8 +251,7 @@ def _evaluate(logits: np.ndarray, check: CheckData, torch_ref: np.ndarray, fp32_
     names: np.ndarray | None = None
     order: tuple[str, ...] = ()
     if check.groups is not None:
-        names = np.asarray(spec.groups)[check.groups]
-        order = tuple(g for i, g in enumerate(spec.groups) if np.any(check.groups == i))
+        names, order = named_groups(check.groups, spec.groups)
     accuracy = None
     if check.labels is not None and names is not None:
         accuracy = agreement_stats(check.labels, logits.argmax(1), names, order)

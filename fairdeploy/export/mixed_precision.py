@@ -146,11 +146,10 @@ def graph_logits(model: Any, inputs: np.ndarray, batch_size: int = GRAPH_BATCH_S
 def evaluate(logits: np.ndarray, reference: np.ndarray, data: EvalSet, tol: Tolerances) -> Evaluation:
     """`logits` against the FP32 `reference` logits on `data`: per-group numbers and the gate's checks."""
     from fairdeploy.metrics import compute_metrics
-    from fairdeploy.validation.validate import agreement_stats, logit_diff_stats
+    from fairdeploy.validation.validate import agreement_stats, logit_diff_stats, named_groups
 
-    names = np.asarray(data.group_names)[data.groups]
+    names, order = named_groups(data.groups, data.group_names)
     pred, ref_pred = logits.argmax(1), reference.argmax(1)
-    order = [g for i, g in enumerate(data.group_names) if np.any(data.groups == i)]
     same = agreement_stats(ref_pred, pred, names, order)
     correct = agreement_stats(data.labels, pred, names, order)  # accuracy: top-1 agreement with the labels
     ref_correct = agreement_stats(data.labels, ref_pred, names, order)

@@ -17,7 +17,7 @@ from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.distributed import barrier, main_scratch, world
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import atomic_dir, sha256_file, write_json
+from fairdeploy.io import atomic_dir, sha256_file, sha256_if_file, write_json
 from fairdeploy.metrics import METRIC_DEFINITIONS, MetricsReport
 from fairdeploy.models.checkpoint import WEIGHTS_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint
 from fairdeploy.models.size import ModelSize, model_size
@@ -207,7 +207,7 @@ def prune_checkpoint(
     baseline = evaluate_model(model, val_ds, spec, dev, cfg.batch_size, cfg.workers, progress=progress)
     roles = decide_roles(baseline, cfg.privileged)
     present = sorted(set(score_ds.groups))
-    data_info = PruneData(manifest=manifest.source, manifest_sha256=_maybe_hash(manifest.source),
+    data_info = PruneData(manifest=manifest.source, manifest_sha256=sha256_if_file(manifest.source),
                           score_split=score_split, val_images=len(val_ds))
     if cfg.method == "fairprune":
         role_ids = [spec.groups.index(roles.unprivileged), spec.groups.index(roles.privileged)]
@@ -267,8 +267,3 @@ def prune_checkpoint(
                     shutil.move(str(f), tmp / f.name)
         barrier()
     return PruneResult(out_dir=out, record=record)
-
-
-def _maybe_hash(path: str) -> str | None:
-    p = Path(path)
-    return sha256_file(p) if p.is_file() else None

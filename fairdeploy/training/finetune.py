@@ -93,7 +93,7 @@ def finetune_checkpoint(
             "masks_held": sorted(masks),
         }
         if world().is_main:
-            write_spec(result.best_dir, replace(spec).with_history(entry))
+            write_spec(result.best_dir, spec.with_history(entry))
     held = None
     if masks:  # the best epoch's model, as written to OUT/best
         held = sparsity(masks_from_model(model, spec.sparsity["layers"]))  # type: ignore[index]

@@ -15,7 +15,7 @@ import numpy as np
 from fairdeploy.data.loading import Encoding, check_batch, eval_transform, make_loader, split_dataset
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import sha256_file
+from fairdeploy.io import sha256_if_file
 from fairdeploy.metrics import (
     METRIC_DEFINITIONS,
     MetricsReport,
@@ -369,6 +369,11 @@ class MetricDeltas:
         return out
 
 
+def named_groups(index: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Each sample's group name from its group index, and the groups present, in `names` order."""
+    return np.asarray(names)[index], tuple(g for i, g in enumerate(names) if np.any(index == i))
+
+
 def agreement_stats(ref_pred: np.ndarray, cand_pred: np.ndarray, groups: np.ndarray,
                     group_order: Sequence[str]) -> AgreementStats:
     same = ref_pred == cand_pred
@@ -511,7 +516,7 @@ def _data_summary(manifest: Manifest, split: str, labels: np.ndarray, groups: np
     src = Path(manifest.source)
     return DataSummary(
         manifest=manifest.source,
-        manifest_sha256=sha256_file(src) if src.is_file() else None,
+        manifest_sha256=sha256_if_file(src),
         split=split,
         n=len(labels),
         group_counts={g: int((groups == g).sum()) for g in group_order},
