@@ -17,7 +17,7 @@ from fairdeploy.models import ModelSpec, create_model, read_spec, save_checkpoin
 from fairdeploy.runtime import runner_from_artifact
 from fairdeploy.training.train import evaluate_checkpoint
 from fairdeploy.validation import LatencyConfig, Tolerances, ValidationConfig, validate
-from fairdeploy.validation.validate import flip_stats
+from fairdeploy.validation.compare import flip_stats
 
 FAST = LatencyConfig(batch_sizes=(1, 4), warmup=1, iterations=3)
 
@@ -253,7 +253,7 @@ def test_typed_comparison_writes_what_the_dicts_did(order: tuple[str, ...]) -> N
     """The typed deltas / agreement / flips / |Δlogit| serialise to the very JSON text (same keys, same order,
     same values) the dict-building code wrote, with and without paired intervals, with one group (gaps None)."""
     from fairdeploy.metrics import bootstrap_difference_intervals, compute_metrics
-    from fairdeploy.validation.validate import agreement_stats, logit_diff_stats, metric_deltas
+    from fairdeploy.validation.compare import agreement_stats, logit_diff_stats, metric_deltas
 
     rng = np.random.default_rng(1)
     n, classes = 300, ("a", "b", "c")

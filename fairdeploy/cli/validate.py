@@ -35,7 +35,8 @@ from fairdeploy.runtime.base import BACKENDS
 
 if TYPE_CHECKING:
     from fairdeploy.metrics import MetricsReport
-    from fairdeploy.validation.validate import MetricDeltas, ValidationResult
+    from fairdeploy.validation.compare import MetricDeltas
+    from fairdeploy.validation.validate import ValidationResult
 
 
 def _delta(value: float | None, delta: float | None, digits: int = 3) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 from fairdeploy.errors import FairdeployError
 from fairdeploy.runtime.base import ArtifactInfo, infer_batches
 from fairdeploy.runtime.ort_runner import OrtRunner
-from fairdeploy.validation.validate import agreement_stats, logit_diff_stats
+from fairdeploy.validation.compare import agreement_stats, logit_diff_stats
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from fairdeploy.models.checkpoint import (
     resolve_checkpoint,
 )
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.validation.validate import AgreementStats, agreement_stats, named_groups
+from fairdeploy.validation.compare import AgreementStats, agreement_stats, named_groups
 
 MIXED_PRECISION_SPLIT = "val"  # group-aware mixed precision measures layers here: never the test split
 SELF_CHECK_SAMPLES = 64  # real images run at every check batch size against PyTorch

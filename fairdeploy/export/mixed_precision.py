@@ -146,7 +146,7 @@ def graph_logits(model: Any, inputs: np.ndarray, batch_size: int = GRAPH_BATCH_S
 def evaluate(logits: np.ndarray, reference: np.ndarray, data: EvalSet, tol: Tolerances) -> Evaluation:
     """`logits` against the FP32 `reference` logits on `data`: per-group numbers and the gate's checks."""
     from fairdeploy.metrics import compute_metrics
-    from fairdeploy.validation.validate import agreement_stats, logit_diff_stats, named_groups
+    from fairdeploy.validation.compare import agreement_stats, logit_diff_stats, named_groups
 
     names, order = named_groups(data.groups, data.group_names)
     pred, ref_pred = logits.argmax(1), reference.argmax(1)
