@@ -19,6 +19,7 @@ import numpy as np
 from fairdeploy.artifact.metadata import metadata_of_model, set_onnx_metadata
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.calibration import CalibrationRecipe, CalibrationSet, batch_reader_class, reader_class
+from fairdeploy.export.entropy import entropy_ranges
 from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan, plan_group_aware, with_fp32_layers
 from fairdeploy.export.qdq_placement import (
     DEFAULT_PLACEMENT,
@@ -85,35 +86,6 @@ def qdq_summary(model) -> QdqSummary:
     )
 
 
-# TensorRT's entropy calibration: a 2048-bin histogram folded onto 128 quantized bins. onnxruntime's
-# quantize_static does not pass bin counts to its EntropyCalibrater, whose defaults (128 and 128) leave a
-# single candidate threshold, the full range: "entropy" through quantize_static is MinMax. So entropy ranges
-# are computed here with these bins and handed to quantize_static as TensorQuantOverrides (rmin/rmax).
-ENTROPY_BINS = 2048
-ENTROPY_QUANTIZED_BINS = 128
-
-
-def entropy_ranges(model_path: Path, op_types: Sequence[str], reader: Any, work: Path) -> dict[str, tuple[float, float]]:
-    """KL-optimal (entropy) activation ranges of the tensors quantize_static would calibrate."""
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator
-
-    calibrator = create_calibrator(
-        model_path, list(op_types), augmented_model_path=str(work / "entropy.augmented.onnx"),
-        calibrate_method=CalibrationMethod.Entropy,
-        extra_options={"symmetric": True, "num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS},
-    )
-    calibrator.collect_data(reader)
-    ranges = calibrator.compute_data()
-    reader.rewind()
-    out = {}
-    for name in ranges:
-        value = ranges[name]
-        lo, hi = value.range_value if hasattr(value, "range_value") else value[:2]
-        out[name] = (float(np.asarray(lo).item()), float(np.asarray(hi).item()))
-    return out
-
-
 def _calibrate_method(name: str):
     from onnxruntime.quantization import CalibrationMethod
 
@@ -174,7 +146,7 @@ def quantize_qdq(
                 fp32_model = onnx.load(str(pre))
                 exclude = [*keep_fp32, *adds_fused_into(fp32_model, keep_fp32)] if keep_fp32 else []
                 if method == "entropy":
-                    ranges = entropy_ranges(pre, op_types, reader, Path(work))
+                    ranges = entropy_ranges(pre, op_types, reader)  # TensorRT's search (export/entropy.py)
                     extra["TensorQuantOverrides"] = {
                         name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
                 quantize_static(
