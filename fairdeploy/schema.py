@@ -32,6 +32,23 @@ from fairdeploy.errors import FairdeployError
 T = TypeVar("T")
 
 
+def read_toml(path: Any) -> dict[str, Any]:
+    """A TOML file (a Path or an importlib Traversable) as a table; one line naming the file when it is missing,
+    unreadable or not TOML."""
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise FairdeployError(f"{path}: not valid TOML ({exc})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FairdeployError(f"{path}: cannot be read ({exc})") from exc
+
+
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
             convert: Callable[[Any], Any] | None = None, internal: bool = False) -> Any:
     """A dataclass field with loader metadata: `convert` the raw TOML/flag value first; `internal`: not a key."""

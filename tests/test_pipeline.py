@@ -12,7 +12,7 @@ from fairdeploy.models.checkpoint import load_checkpoint
 from fairdeploy.models.size import model_size
 from fairdeploy.pipeline.config import DEMO_CONFIG, PruneEntry, load_pipeline_config
 from fairdeploy.pipeline.resolve import _budget_options, _split_options
-from fairdeploy.pipeline.run import _trajectory, run_pipeline
+from fairdeploy.pipeline.run import _trajectories, run_pipeline
 from fairdeploy.pipeline.stages import run_stage
 from fairdeploy.pruning.budget import BudgetConfig
 
@@ -138,9 +138,11 @@ def test_budget_table_maps_onto_budget_config():
     assert (cfg.criterion, cfg.metric, cfg.target, cfg.rounds, cfg.seed) == ("taylor", "macs", 0.25, 2, 7)
     assert (cfg.finetune.lr, cfg.finetune.group_weight, cfg.finetune.seed) == (0.01, "balanced", 7)
     assert cfg.finetune.distill == BudgetConfig().finetune.distill  # unset finetune keys keep BudgetConfig's defaults
-    assert cfg.control == "finetune-only"  # a blind criterion's control is fine-tuning alone, as on the CLI
+    assert cfg.control_run == "finetune-only"  # a blind criterion's control is fine-tuning alone, as on the CLI
     gt = _budget_options(PruneEntry("g", "budget", {"target_params": 0.3}, criterion="group-taylor"), 0)
-    assert (gt.metric, gt.target, gt.control) == ("params", 0.3, "magnitude")
+    assert (gt.metric, gt.target, gt.control_run) == ("params", 0.3, "magnitude")
+    search = _budget_options(PruneEntry("s", "budget", {"max_group_drop": 0.04}, criterion="fairprune"), 0)
+    assert search.is_search and search.max_group_drop == 0.04 and search.control_run == "magnitude"
 
 
 def test_method_tables_still_parse_and_old_prune_json_still_plots():
@@ -149,7 +151,7 @@ def test_method_tables_still_parse_and_old_prune_json_still_plots():
     assert cfg.method == "snnl" and cfg.stop.steps == 1 and cfg.finetune.epochs == 1 and cfg.finetune.seed == 3
     old = {"steps": [{"step": s, "val": {"accuracy": 0.5 + s / 10, "f1_macro": 0.4, "fairness": {"eodd": 0.2 - s / 20}}}
                      for s in range(3)]}
-    t = _trajectory("fairprune", old)
+    [t] = _trajectories("fairprune", old)
     assert [p["step"] for p in t.points] == [0, 1, 2] and t.points[2]["eodd"] == pytest.approx(0.1)
 
 

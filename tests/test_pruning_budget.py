@@ -228,7 +228,7 @@ def test_budget_reached_when_one_layer_scores_lowest_everywhere(one_thread) -> N
 
 
 def test_paired_comparison_by_hand() -> None:
-    from fairdeploy.pruning.budget import paired_comparison, verdict
+    from fairdeploy.pruning.paired import paired_comparison, verdict
     from fairdeploy.training.predict import Predictions
 
     labels = np.tile([0, 1, 0, 1, 0, 1, 0, 1], 10)  # 40 images per group: intervals narrow enough to exclude 0
@@ -322,7 +322,7 @@ def test_compress_run_meets_budget_with_control_on_the_same_data_order(biased_ch
 
 
 def test_verdict_does_not_call_levelling_down_a_win() -> None:
-    from fairdeploy.pruning.budget import Difference, PairedComparison, verdict
+    from fairdeploy.pruning.paired import Difference, PairedComparison, verdict
 
     def diff(d: float, lo: float, hi: float) -> Difference:
         return Difference(d, (lo, hi))
@@ -339,7 +339,8 @@ def test_verdict_does_not_call_levelling_down_a_win() -> None:
 def test_selection_without_an_eligible_model_prefers_the_closest_to_passing() -> None:
     from fairdeploy.metrics import compute_metrics
     from fairdeploy.models.size import ModelSize
-    from fairdeploy.pruning.budget import BudgetConfig, _point, _Run, _select
+    from fairdeploy.pruning.budget import BudgetConfig, _Model, _point, _Run, _select
+    from fairdeploy.training.loop import FitConfig
 
     def report(dark: int, light: int):  # 10 images per group, 2 classes; `dark`/`light` of them right
         y = np.array([0, 1] * 10)
@@ -354,5 +355,6 @@ def test_selection_without_an_eligible_model_prefers_the_closest_to_passing() ->
     levelled = _point(report(6, 5), size, base, cfg)  # worst group 0.5 (light fell by half)
     close = _point(report(5, 10), size, base, cfg)  # worst group 0.5 (dark lost one image)
     assert not levelled.eligible and not close.eligible
-    run = _Run("candidate", "group-taylor", candidates=[("r1-pruned", None, levelled), ("r1-finetuned", None, close)])
+    run = _Run("candidate", "group-taylor", FitConfig(),
+               candidates=[_Model("r1-pruned", None, levelled, 1), _Model("r1-finetuned", None, close, 1)])
     assert _select(run, 10, "macs")[0] == "r1-finetuned"

@@ -7,6 +7,7 @@ import typer
 from fairdeploy.cli import data as data_cmd
 from fairdeploy.cli import export as export_cmd
 from fairdeploy.cli import pipeline as pipeline_cmd
+from fairdeploy.cli import compress as compress_cmd
 from fairdeploy.cli import prune as prune_cmd
 from fairdeploy.cli import report as report_cmd
 from fairdeploy.cli import train as train_cmd
@@ -64,4 +65,5 @@ app.command("export")(export_cmd.export)
 app.command("pipeline")(pipeline_cmd.pipeline)
 app.command("demo")(pipeline_cmd.demo)
 app.command("prune")(prune_cmd.prune)
+app.command("compress")(compress_cmd.compress)
 app.command("finetune")(prune_cmd.finetune)

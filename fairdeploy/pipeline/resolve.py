@@ -44,18 +44,17 @@ def resolve_pipeline(cfg: PipelineConfig) -> ResolvedPipeline:
 def _split_options(entry: PruneEntry, seed: int) -> Any:
     """A method [[prune]] table -> PruneConfig by the generic loader: its top-level keys are PruneConfig's
     (privileged, batch_size = the evaluation batch, workers), the sub-tables its parts (`fairprune = {...}`,
-    `snnl = {...}`, `stop`, `guard`, and `finetune`: per-step fine-tuning, lr defaulting to FINETUNE_LR,
-    epochs = 0 for none)."""
+    `snnl = {...}`, `stop`, `guard`, and `finetune`: per-step fine-tuning, keys left out keeping FINETUNE_CONFIG's
+    values as `prune --finetune-epochs N` does, epochs = 0 for none)."""
     from fairdeploy.pruning.run import PruneConfig
-    from fairdeploy.training.finetune import FINETUNE_LR
-    from fairdeploy.training.loop import FitConfig
+    from fairdeploy.training.finetune import FINETUNE_CONFIG
 
     options = dict(entry.options)
     if "method" in options or "seed" in options:
         raise FairdeployError(f"{entry.where}: {'method' if 'method' in options else 'seed'} is set by the table's "
                               "`method` and the pipeline's `seed`")
     base = PruneConfig(method=entry.method, seed=seed,
-                       finetune=FitConfig(lr=FINETUNE_LR, seed=seed) if "finetune" in options else None)
+                       finetune=replace(FINETUNE_CONFIG, seed=seed) if "finetune" in options else None)
     cfg = load(PruneConfig, options, entry.where, base=base)
     if cfg.finetune is not None and cfg.finetune.epochs == 0:  # as `prune --finetune-epochs 0`
         cfg = replace(cfg, finetune=None)
@@ -81,9 +80,9 @@ def _budget_options(entry: PruneEntry, seed: int) -> Any:
                               f"{' / '.join(BUDGET_KEYS)} and the pipeline's seed")
     # exactly one of BUDGET_KEYS: checked by load_pipeline_config
     budget = {k: check_type(options.pop(k), float, f"{entry.where}: {k}") for k in BUDGET_KEYS if k in options}
-    metric, fraction = budget_from(**budget, label=lambda k: f"{entry.where}: {k}")
+    metric, fraction = budget_from(**budget, label=lambda k: f"{entry.where}: {k}", required=False)
     default = BudgetConfig()
-    # control None: BudgetConfig picks the criterion's blind twin (fine-tuning alone for a blind criterion)
+    # control None: BudgetConfig.control_run picks the default for the criterion and recovery
     base = replace(default, criterion=entry.criterion, metric=metric, target=fraction, seed=seed,
                    finetune=replace(default.finetune, seed=seed), control=None)
     cfg = load(BudgetConfig, options, entry.where, base=base)

@@ -30,27 +30,35 @@ class PipelineResult:
     notes: tuple[str, ...]
 
 
-def _trajectory(name: str, prune_json: dict[str, Any]) -> Trajectory:
-    """Validation accuracy, macro-F1 and Eodd of every pruning step (step 0 = the input model); for a budget run,
-    of the candidate's rounds after fine-tuning (step = round; step 0 = the input model)."""
+def _trajectories(name: str, prune_json: dict[str, Any]) -> list[Trajectory]:
+    """Validation accuracy, macro-F1 and Eodd of every pruning step (step 0 = the input model); for a compression
+    run, the frontier: every round of the candidate and of its control after fine-tuning (step = round; step 0 =
+    the input model), with the MACs kept and whether the guard accepted the round."""
     if prune_json.get("kind") == "budget":
-        def point(step: int, val: dict[str, Any], size: dict[str, Any] | None) -> dict[str, Any]:
+        def point(step: int, val: dict[str, Any], size: dict[str, Any] | None, passed: bool) -> dict[str, Any]:
             p = {"step": step, "accuracy": val["accuracy"], "f1_macro": val["f1_macro"],
-                 "eodd": val["fairness"].get("eodd"), "worst_group_accuracy": val["worst_group_accuracy"]}
+                 "eodd": val["fairness"].get("eodd"), "worst_group_accuracy": val["worst_group_accuracy"],
+                 "passed": passed}
             if size:
                 p["macs"] = size["macs"]
             return p
 
-        points = [point(0, prune_json["input"]["val"], prune_json.get("budget", {}).get("input"))]
-        for r in prune_json["runs"]["candidate"]["rounds"]:
-            points.append(point(r["round"], r["finetuned"]["val"], r["finetuned"].get("size")))
-        return Trajectory(name, tuple(points))
+        inp = prune_json["input"]
+        start = point(0, inp["val"], inp.get("size") or (prune_json.get("budget") or {}).get("input"), True)
+        out = []
+        for run_name, run in prune_json["runs"].items():
+            points = [start] + [point(r["round"], r["finetuned"]["val"], r["finetuned"].get("size"),
+                                      r.get("passed", r["finetuned"].get("eligible", False)))
+                                for r in run["rounds"]]
+            label = name if run_name == "candidate" else f"{name}-control ({run['criterion']})"
+            out.append(Trajectory(label, tuple(points)))
+        return out
     points = []
     for rec in prune_json.get("steps", []):
         val = rec["val"]
         points.append({"step": rec["step"], "accuracy": val["accuracy"], "f1_macro": val["f1_macro"],
                        "eodd": val["fairness"]["eodd"]})
-    return Trajectory(name, tuple(points))
+    return [Trajectory(name, tuple(points))]
 
 
 def run_pipeline(
@@ -135,7 +143,7 @@ def plan_stages(plan: ResolvedPipeline, run: Path, progress: Progress = no_progr
         out = stage_dir / "model"
         common = {"source": HashOf(_weights_path(vanilla)), "data": data, "device": cfg.device, **nproc}
         if entry.is_budget:
-            has_control = pcfg.control != "none"
+            has_control = pcfg.control_run != "none"
             stages.append(Stage(
                 f"prune {entry.name}", stage_dir, {"criterion": entry.criterion, "config": asdict(pcfg), **common},
                 ("model", "model/prune.json", *(("model/control",) if has_control else ())),
@@ -203,7 +211,7 @@ def collect(plan: ResolvedPipeline, run: Path, models: list[ModelOut], notes: li
     trajectories: list[Trajectory] = []
     for entry, pcfg in zip(plan.cfg.prune, plan.prune):
         rec = read_json(run / f"prune-{entry.name}" / "model" / "prune.json")
-        trajectories.append(_trajectory(entry.name, rec))
+        trajectories.extend(_trajectories(entry.name, rec))
         notes.extend(_budget_notes(entry, pcfg, rec) if entry.is_budget else _method_notes(entry, rec))
     all_stages: list[StageRecord] = []
     gate_failures: list[str] = []
@@ -266,18 +274,27 @@ def _report_code_hash() -> str:
 
 
 def _budget_notes(entry: PruneEntry, bcfg: Any, rec: dict[str, Any]) -> list[str]:
-    """What a budget run did, its control, the paired verdict and, when no model passed the guard, what was handed
-    on (from its prune.json)."""
-    sel, budget = rec["selected"], rec["budget"]
-    line = (f"{entry.name}: {rec['criterion']} pruning to {budget['metric']} x{budget['fraction']:g} of the input "
-            f"model; selected {sel['model']} keeps x{sel['macs_fraction']:.3f} of its MACs "
-            f"(x{sel['params_fraction']:.3f} of its parameters)")
-    if bcfg.control != "none":
+    """What a compression run did, its control, how far each reached (tolerance search), the paired verdict and,
+    when no model passed the guard, what was handed on (from its prune.json)."""
+    sel, budget = rec["selected"], rec.get("budget")
+    if budget is not None:
+        line = (f"{entry.name}: {rec['criterion']} pruning to {budget['metric']} x{budget['fraction']:g} of the input "
+                f"model; selected {sel['model']} keeps x{sel['macs_fraction']:.3f} of its MACs "
+                f"(x{sel['params_fraction']:.3f} of its parameters)")
+    else:
+        tol = rec["tolerance"]
+        line = (f"{entry.name}: {rec['criterion']} compressing as far as every group stays within "
+                f"{tol['max_group_drop']:g} validation accuracy of the input model (rounds of x{tol['step']:g} "
+                f"{tol['metric']}); it hands on {sel['model']}, x{sel['macs_fraction']:.3f} of the MACs "
+                f"(x{sel['params_fraction']:.3f} of the parameters); {rec['runs']['candidate']['stopped_because']}")
+    input_macs = rec["input"].get("size", budget["input"] if budget else {})["macs"]
+    if bcfg.control_run != "none":
         ctrl = rec["runs"]["control"]
-        what = ("fine-tuning alone (no pruning)" if rec["control"] == "finetune-only"
-                else f"the fairness-blind {rec['control']} criterion at the same budget")
-        line += (f"; stage {entry.name}-control is its control: {what}, with the same rounds, fine-tuning, data order "
-                 f"and seed; x{ctrl['selected_size']['macs'] / budget['input']['macs']:.3f} of the MACs")
+        what = {"finetune-only": "fine-tuning alone (no pruning)",
+                "plain-recovery": f"{rec['criterion']} with plain recovery (no per-group constraint)"}.get(
+            rec["control"], f"the fairness-blind {rec['control']} criterion")
+        line += (f"; stage {entry.name}-control is its control: {what}, with the same schedule, fine-tuning, data "
+                 f"order and seed; x{ctrl['selected_size']['macs'] / input_macs:.3f} of the MACs")
     notes = [line, f"{entry.name}: {rec['comparison']['verdict']}"]
     if not sel["guard_passed"]:
         where = (f"kept under prune-{entry.name}/model/rounds" if bcfg.keep_rounds

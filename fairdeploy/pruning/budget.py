@@ -1,8 +1,10 @@
-"""compress_checkpoint: prune a checkpoint to a MAC / parameter budget in rounds of global channel removal and
-recovery fine-tuning, with a fairness-blind control run under the identical schedule, data order and seed.
+"""compress_checkpoint: compress a checkpoint in rounds of global channel removal and recovery fine-tuning, either
+to a MAC / parameter budget or as far as every group allows (a per-group tolerance on validation accuracy), with
+a control run under the identical schedule, data order and seed.
 
 Selection uses the validation split only; the test split is never read. prune.json holds every round of both
-runs, the selection and the candidate-vs-control comparison with paired bootstrap intervals.
+runs (the frontier of worst-group accuracy against MACs kept), the selection, how far each run reached and the
+candidate-vs-control comparison with paired bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.distributed import barrier, main_scratch, world
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_dir, sha256_file, write_json
-from fairdeploy.metrics import METRIC_DEFINITIONS, MetricsReport, compute_metrics
+from fairdeploy.metrics import MetricsReport
+from fairdeploy.metrics.bootstrap import DEFAULT_N_BOOT
 from fairdeploy.models.checkpoint import (
     WEIGHTS_FILE,
     ModelSpec,
@@ -40,8 +43,29 @@ from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.criteria import BLIND, CRITERIA, ScoreData, prepare_importance
 from fairdeploy.pruning.curvature import DEFAULT_ESTIMATOR
-from fairdeploy.pruning.removal import BUDGET_METRICS, DEFAULT_MAX_LAYER_RATIO, budget_value, remove_to_budget
-from fairdeploy.pruning.roles import GroupRoles, decide_roles
+from fairdeploy.pruning.compress_records import (
+    Budget,
+    BudgetPoint,
+    BudgetRecord,
+    BudgetRound,
+    BudgetSelection,
+    PointMetrics,
+    ReachComparison,
+    Reached,
+    RoundFinetune,
+    RoundPruning,
+    RunRecord,
+    Tolerance,
+)
+from fairdeploy.pruning.paired import paired_comparison, verdict
+from fairdeploy.pruning.removal import (
+    BUDGET_METRICS,
+    DEFAULT_MAX_LAYER_RATIO,
+    BudgetUnreachable,
+    budget_value,
+    remove_to_budget,
+)
+from fairdeploy.pruning.roles import decide_roles
 from fairdeploy.pruning.run import PRUNE_FILE
 from fairdeploy.pruning.saliency import DEFAULT_BETA
 from fairdeploy.pruning.scoresets import (
@@ -56,26 +80,34 @@ from fairdeploy.pruning.snnl import DEFAULT_SNNL_BATCH_SIZE, DEFAULT_SNNL_BATCHE
 from fairdeploy.pruning.structured import DEFAULT_ROUND_TO, dependency_graph
 from fairdeploy.training.finetune import finetune_model
 from fairdeploy.training.loop import FitConfig, evaluate_model
-from fairdeploy.training.predict import DEFAULT_EVAL_BATCH_SIZE, Predictions, predict
+from fairdeploy.training.predict import DEFAULT_EVAL_BATCH_SIZE, predict
 from fairdeploy.training.train import spec_datasets
 
-CONTROLS = ("magnitude", "taylor", "finetune-only", "none")
-# A budget run's recovery fine-tuning LR (per round, with distillation), deliberately not FINETUNE_LR
+# The control run: a fairness-blind criterion under the same schedule, fine-tuning alone (budget runs), the same
+# criterion with plain recovery (when the candidate recovers with the per-group constraint), or none.
+CONTROLS = ("magnitude", "taylor", "finetune-only", "plain-recovery", "none")
+# A compression run's recovery fine-tuning LR (per round, with distillation), deliberately not FINETUNE_LR
 # (training/finetune.py): 1e-3 undid the minority group's accuracy even without pruning (RESULTS.md).
 BUDGET_FINETUNE_LR = 3e-4
 
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """A budget run: criterion, budget, schedule, recovery fine-tuning, control and guard."""
+    """A compression run: criterion, budget (or none: as far as the tolerance allows), schedule, recovery
+    fine-tuning, control and guard."""
 
     criterion: str = "group-taylor"
-    # the control run: None = the fairness-blind twin (magnitude), or fine-tuning alone when the criterion is itself
-    # fairness-blind; "none" runs no control (and no fairness claim is made)
+    # the control run: None = the fairness-blind twin (magnitude) of a fairness-aware criterion; for a blind one,
+    # the same criterion with plain recovery when the candidate recovers with the constraint, else fine-tuning
+    # alone (budget run) or none (tolerance search: the blind search is itself the reference)
     control: str | None = None
     metric: str = "macs"  # macs or params
-    target: float = 0.5  # fraction of the input model's `metric` to keep (0.5 = 2x fewer MACs)
-    rounds: int = 3  # budget reached geometrically: round r keeps target ** (r / rounds)
+    # fraction of the input model's `metric` to keep (0.5 = 2x fewer); None: compress as far as the guard allows
+    target: float | None = None
+    rounds: int = 3  # budget run: the budget is reached geometrically, round r keeps target ** (r / rounds)
+    step: float = 0.75  # tolerance search: each round keeps this fraction of the previous round's metric
+    min_fraction: float = 0.05  # tolerance search: no round goes below this fraction of the input's metric
+    patience: int = 1  # tolerance search: stop after this many rounds in a row fail the guard
     round_to: int = DEFAULT_ROUND_TO
     max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO  # share of a layer's channels one round may remove
     score_samples: int = DEFAULT_SCORE_SAMPLES  # per group (class-stratified); the blind sample: as many in all
@@ -85,40 +117,63 @@ class BudgetConfig:
     temperature: float = DEFAULT_SNNL_TEMPERATURE  # snnl
     snnl_batches: int = DEFAULT_SNNL_BATCHES
     snnl_batch_size: int = DEFAULT_SNNL_BATCH_SIZE
-    # recovery fine-tuning per round (distilling from the input model)
+    # recovery fine-tuning per round (distilling from the input model); `finetune.constrained` = per-group
+    # constrained recovery (its tolerance defaults to max_group_drop)
     finetune: FitConfig = field(default_factory=lambda: FitConfig(epochs=1, lr=BUDGET_FINETUNE_LR, distill=0.5))
     max_group_drop: float = Guard.max_group_drop  # guard: no group may lose more validation accuracy than this
     max_f1_drop: float = 0.05
     privileged: str | None = None
-    bootstrap: int = 500
+    bootstrap: int = DEFAULT_N_BOOT  # the paired comparison's 95 % intervals, as validate's and evaluate's
     batch_size: int = DEFAULT_EVAL_BATCH_SIZE  # evaluation
     keep_rounds: bool = True  # every round's checkpoints under OUT/rounds
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.control is None:
-            object.__setattr__(self, "control", "finetune-only" if self.criterion in BLIND else "magnitude")
+    @property
+    def control_run(self) -> str:
+        """The control that runs: `control`, or (None) the default for the criterion and recovery."""
+        if self.control is not None:
+            return self.control
+        if self.criterion not in BLIND:
+            return "magnitude"
+        if getattr(self.finetune, "constrained", None) is not None:  # TODO(constrained): plain attribute
+            return "plain-recovery"
+        return "finetune-only" if self.target is not None else "none"
+
+    @property
+    def is_search(self) -> bool:
+        """No budget: compress as far as every group stays within the tolerance."""
+        return self.target is None
 
     def validate(self) -> None:
         if self.criterion not in CRITERIA:
             raise FairdeployError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
-        if self.control not in CONTROLS:
-            raise FairdeployError(f"unknown control {self.control!r}; choose one of {', '.join(CONTROLS)}")
-        if self.control == self.criterion:
-            raise FairdeployError(f"the control {self.control!r} is the criterion itself; choose another control")
+        control = self.control_run
+        if control not in CONTROLS:
+            raise FairdeployError(f"unknown control {control!r}; choose one of {', '.join(CONTROLS)}")
+        if control == self.criterion:
+            raise FairdeployError(f"the control {control!r} is the criterion itself; choose another control "
+                                  "(plain-recovery: the same criterion without the recovery constraint)")
+        if control == "plain-recovery" and getattr(self.finetune, "constrained", None) is None:
+            raise FairdeployError("the plain-recovery control compares constrained with plain recovery: it needs "
+                                  "constrained recovery (--recovery constrained)")
+        if control == "finetune-only" and self.is_search:
+            raise FairdeployError("fine-tuning alone does not compress, so it cannot search to a tolerance: give a "
+                                  "budget, or choose the control magnitude, taylor, plain-recovery or none")
         if self.metric not in BUDGET_METRICS:
             raise FairdeployError(f"unknown budget metric {self.metric!r}; choose one of {', '.join(BUDGET_METRICS)}")
-        if not 0.0 < self.target < 1.0:
+        if self.target is not None and not 0.0 < self.target < 1.0:
             raise FairdeployError(f"the budget must keep a fraction in (0, 1) of the {self.metric}, got {self.target}")
-        if self.rounds < 1:
-            raise FairdeployError(f"rounds must be >= 1, got {self.rounds}")
-        if self.round_to < 1:
-            raise FairdeployError(f"round_to must be >= 1, got {self.round_to}")
-        if not 0.0 < self.max_layer_ratio < 1.0:
-            raise FairdeployError(f"max layer ratio must be in (0, 1), got {self.max_layer_ratio}")
-        for name in ("score_samples", "score_batch_size", "snnl_batches", "bootstrap", "batch_size"):
+        if not 0.0 < self.step < 1.0:
+            raise FairdeployError(f"the search step must keep a fraction in (0, 1) of the {self.metric} per round, "
+                                  f"got {self.step}")
+        if not 0.0 < self.min_fraction < 1.0:
+            raise FairdeployError(f"the search floor must be a fraction in (0, 1), got {self.min_fraction}")
+        for name in ("rounds", "patience", "round_to", "score_samples", "score_batch_size", "snnl_batches",
+                     "bootstrap", "batch_size"):
             if getattr(self, name) < 1:
                 raise FairdeployError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.max_layer_ratio < 1.0:
+            raise FairdeployError(f"max layer ratio must be in (0, 1), got {self.max_layer_ratio}")
         if not 0.0 <= self.max_group_drop <= 1.0 or not 0.0 <= self.max_f1_drop <= 1.0:
             raise FairdeployError(f"guard tolerances must be in [0, 1], got max group drop {self.max_group_drop}, "
                                   f"max F1 drop {self.max_f1_drop}")
@@ -139,234 +194,22 @@ def _flag(key: str) -> str:
 
 
 def budget_from(speedup: float | None = None, target_macs: float | None = None, target_params: float | None = None,
-                label: Callable[[str], str] = _flag) -> tuple[str, float]:
-    """(metric, fraction kept) from exactly one of --speedup S (MACs / S), --target-macs F, --target-params F;
-    `label` says how the user wrote a key (a flag, or a pipeline table's key)."""
+                label: Callable[[str], str] = _flag, required: bool = True) -> tuple[str, float | None]:
+    """(metric, fraction kept) from at most one of --speedup S (MACs / S), --target-macs F, --target-params F;
+    `label` says how the user wrote a key (a flag, or a pipeline table's key). With none given: an error when
+    `required`, else ("macs", None) (a search to the tolerance)."""
     given = {k: v for k, v in (("speedup", speedup), ("target_macs", target_macs),
                                ("target_params", target_params)) if v is not None}
-    if len(given) != 1:
+    if len(given) > 1 or (required and not given):
         raise FairdeployError("give exactly one budget: --target-macs F, --target-params F or --speedup S "
                               f"(got {', '.join(label(k) for k in given) or 'none'})")
+    if not given:
+        return "macs", None
     if speedup is not None:
         if speedup <= 1.0:
             raise FairdeployError(f"{label('speedup')} must be > 1, got {speedup}")
         return "macs", 1.0 / speedup
     return ("macs", float(target_macs)) if target_macs is not None else ("params", float(target_params))  # type: ignore[arg-type]
-
-
-# ---- records ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PointMetrics:
-    """A model's validation figures in a budget run: overall accuracy and macro-F1, each group's accuracy (and
-    the worst), each group's image count, the fairness gaps."""
-
-    accuracy: float
-    f1_macro: float
-    group_accuracy: dict[str, float]
-    group_n: dict[str, int]
-    fairness: dict[str, float | None]
-
-    @property
-    def worst_group_accuracy(self) -> float:
-        return min(self.group_accuracy.values())
-
-    @classmethod
-    def from_report(cls, report: MetricsReport) -> PointMetrics:
-        return cls(report.overall_accuracy, report.overall_f1_macro, {g: m.accuracy for g, m in report.groups},
-                   {g: m.n for g, m in report.groups}, dict(report.fairness))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "f1_macro": self.f1_macro, "group_accuracy": dict(self.group_accuracy),
-                "worst_group_accuracy": self.worst_group_accuracy, "group_n": dict(self.group_n),
-                "fairness": dict(self.fairness)}
-
-
-@dataclass(frozen=True)
-class BudgetPoint:
-    """One model of a budget run against the input model on validation, and the guard's verdict."""
-
-    val: PointMetrics
-    group_accuracy_change: dict[str, float]
-    size: ModelSize
-    ineligible_because: tuple[str, ...]
-    shortfall: float  # how far from passing the guard: summed accuracy/F1 losses beyond the tolerances
-
-    @property
-    def eligible(self) -> bool:
-        return not self.ineligible_because
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"shortfall": self.shortfall, "val": self.val.to_dict(),
-                "group_accuracy_change": dict(self.group_accuracy_change), "size": self.size.to_dict(),
-                "eligible": self.eligible, "ineligible_because": list(self.ineligible_because)}
-
-
-@dataclass(frozen=True)
-class RoundPruning:
-    """What a round of a pruning run removed (a fine-tuning-only control has none)."""
-
-    target: float  # the round's budget value (MACs or params)
-    channel_ratio: float
-    channels_removed: int
-    removed: dict[str, Any]  # root layer -> removed channel indices
-    criterion_notes: dict[str, object]
-    score_seconds: float
-    pruned: BudgetPoint  # before fine-tuning
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "channel_ratio": self.channel_ratio, "channels_removed": self.channels_removed,
-                "removed": self.removed, "criterion_notes": self.criterion_notes,
-                "score_seconds": self.score_seconds, "pruned": self.pruned.to_dict()}
-
-
-@dataclass(frozen=True)
-class RoundFinetune:
-    """A round's recovery fine-tuning: best epoch, epochs run, each epoch's data-order hash, mean throughput."""
-
-    best_epoch: int
-    epochs: int
-    data_order: tuple[Any, ...]
-    train_samples_per_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"best_epoch": self.best_epoch, "epochs": self.epochs, "data_order": list(self.data_order),
-                "train_samples_per_s": self.train_samples_per_s}
-
-
-@dataclass(frozen=True)
-class BudgetRound:
-    """One round of a run: the removal (None for fine-tuning alone), the fine-tuned model, the fine-tuning."""
-
-    round: int
-    pruning: RoundPruning | None
-    finetuned: BudgetPoint
-    finetune: RoundFinetune
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"round": self.round, **({} if self.pruning is None else self.pruning.to_dict()),
-                "finetuned": self.finetuned.to_dict(), "finetune": self.finetune.to_dict(), "seconds": self.seconds}
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """A run (candidate or control): its rounds and the model selected among them."""
-
-    criterion: str  # a criterion, or "finetune-only"
-    rounds: tuple[BudgetRound, ...]
-    selected: str  # "r<round>-pruned" or "r<round>-finetuned"
-    point: BudgetPoint  # the selected model's
-    guard_passed: bool
-    model: str | None = None  # the folder of OUT its checkpoint was written to (the control's)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"criterion": self.criterion, "rounds": [r.to_dict() for r in self.rounds], "selected": self.selected,
-                "selected_val": self.point.val.to_dict(), "selected_size": self.point.size.to_dict(),
-                "guard_passed": self.guard_passed, **({} if self.model is None else {"model": self.model})}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What a budget run must reach: `fraction` of the input model's `metric`, i.e. at most `max`."""
-
-    metric: str
-    fraction: float
-    max: float
-    input: ModelSize
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class BudgetSelection:
-    """The candidate's selected model (OUT's checkpoint) and its size against the input model's."""
-
-    model: str  # rounds/candidate-<name>
-    guard_passed: bool
-    size: ModelSize
-    macs_fraction: float
-    params_fraction: float
-    note: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Difference:
-    """Candidate minus control of one quantity, with its 95 % percentile interval."""
-
-    difference: float
-    ci95: tuple[float, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"difference": self.difference, "ci95": list(self.ci95)}
-
-
-@dataclass(frozen=True)
-class PairedComparison:
-    """Candidate minus control on the same validation images (paired_comparison)."""
-
-    worst_group_accuracy: Difference
-    eodd: Difference
-    f1_macro: Difference
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"worst_group_accuracy": self.worst_group_accuracy.to_dict(), "eodd": self.eodd.to_dict(),
-                "f1_macro": self.f1_macro.to_dict()}
-
-
-@dataclass(frozen=True)
-class BudgetRecord:
-    """What a budget run's prune.json holds (to_dict() is the file)."""
-
-    config: BudgetConfig
-    budget: Budget
-    source: str  # the input checkpoint
-    source_sha256: str  # of its weights
-    arch: str
-    input_val: PointMetrics
-    groups: GroupRoles
-    manifest: str
-    score_samples_per_group: int
-    val_images: int
-    device: str
-    runs: dict[str, RunRecord]  # candidate, then control
-    selected: BudgetSelection
-    comparison: PairedComparison | None  # None: no control run
-    verdict: str
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        cfg = self.config
-        control_definition = CRITERIA.get(cfg.control, "fine-tuning alone under the same schedule, no pruning"
-                                          if cfg.control == "finetune-only" else "no control run")
-        comparison = {"verdict": self.verdict} if self.comparison is None else {
-            "split": "val", "candidate_minus_control": self.comparison.to_dict(), "verdict": self.verdict}
-        return {
-            "kind": "budget",
-            "criterion": cfg.criterion,
-            "criterion_definition": CRITERIA[cfg.criterion],
-            "criterion_is_fairness_aware": cfg.criterion not in BLIND,
-            "control": cfg.control,
-            "control_definition": control_definition,
-            "params": cfg.to_dict(),
-            "budget": self.budget.to_dict(),
-            "input": {"checkpoint": self.source, "sha256": self.source_sha256, "arch": self.arch,
-                      "val": self.input_val.to_dict()},
-            "groups": self.groups.to_dict(),
-            "data": {"manifest": self.manifest, "score_split": "train",
-                     "score_samples_per_group": self.score_samples_per_group, "val_images": self.val_images,
-                     "test_split_used": False},
-            "device": self.device,
-            "runs": {name: r.to_dict() for name, r in self.runs.items()},
-            "metric_definitions": METRIC_DEFINITIONS,
-            "selected": self.selected.to_dict(),
-            "comparison": comparison,
-            "seconds": self.seconds,
-        }
 
 
 def _point(report: MetricsReport, size: ModelSize, base: MetricsReport, cfg: BudgetConfig) -> BudgetPoint:
@@ -385,61 +228,6 @@ def _point(report: MetricsReport, size: ModelSize, base: MetricsReport, cfg: Bud
     )
 
 
-def paired_comparison(a: Predictions, b: Predictions, group_names: tuple[str, ...], num_classes: int,
-                      n_boot: int, seed: int) -> PairedComparison:
-    """Candidate `a` minus control `b` on the same images: worst-group accuracy, Eodd and macro-F1 differences
-    with 95 % percentile intervals from one shared within-group resampling of the images."""
-    if not (np.array_equal(a.labels, b.labels) and np.array_equal(a.groups, b.groups)):
-        raise FairdeployError("paired comparison needs predictions of the same images in the same order")
-    names = np.asarray(group_names)[a.groups]
-    order = [g for g in group_names if g in set(names.tolist())]
-
-    def stats(pred: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        r = compute_metrics(a.labels[idx], pred[idx], names[idx], num_classes, group_order=order)
-        return np.array([min(m.accuracy for _, m in r.groups), r.gap("eodd") or 0.0, r.overall_f1_macro])
-
-    full = np.arange(len(a.labels))
-    pa, pb = a.predicted, b.predicted
-    point = stats(pa, full) - stats(pb, full)
-    rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(names == g) for g in order]
-    diffs = np.empty((n_boot, 3))
-    for i in range(n_boot):
-        idx = np.concatenate([rng.choice(m, len(m), replace=True) for m in members])
-        diffs[i] = stats(pa, idx) - stats(pb, idx)
-    lo, hi = np.percentile(diffs, [2.5, 97.5], axis=0)
-    return PairedComparison(*(Difference(float(point[i]), (float(lo[i]), float(hi[i]))) for i in range(3)))
-
-
-def verdict(criterion: str, control: str, comparison: PairedComparison) -> str:
-    """One line: did the criterion beat the control (a 95 % interval of the difference that excludes 0)?"""
-    wga, eodd, f1 = comparison.worst_group_accuracy, comparison.eodd, comparison.f1_macro
-    better, worse = [], []
-    if wga.ci95[0] > 0:
-        better.append(f"higher worst-group accuracy ({wga.difference:+.4f})")
-    if eodd.ci95[1] < 0:
-        if wga.difference < 0:  # a smaller gap bought with a worse worst group is levelling down, not a win
-            worse.append(f"lower Eodd ({eodd.difference:+.4f}) only by levelling down (worst-group accuracy "
-                         f"{wga.difference:+.4f})")
-        else:
-            better.append(f"lower Eodd ({eodd.difference:+.4f})")
-    if f1.ci95[1] < 0:
-        worse.append(f"lower macro-F1 ({f1.difference:+.4f})")
-    if wga.ci95[1] < 0:
-        worse.append(f"lower worst-group accuracy ({wga.difference:+.4f})")
-    if eodd.ci95[0] > 0:
-        worse.append(f"higher Eodd ({eodd.difference:+.4f})")
-    ci = (f"worst-group accuracy {wga.difference:+.4f} [{wga.ci95[0]:+.4f}, {wga.ci95[1]:+.4f}], "
-          f"Eodd {eodd.difference:+.4f} [{eodd.ci95[0]:+.4f}, {eodd.ci95[1]:+.4f}]")
-    if better and not worse:
-        return f"{criterion} beat the {control} control on validation: {', '.join(better)}; {ci}"
-    if better and worse:
-        return f"{criterion} vs the {control} control on validation: mixed, {', '.join(better)} but {', '.join(worse)}; {ci}"
-    if worse and not better:
-        return f"{criterion} did worse than the {control} control on validation: {', '.join(worse)}; {ci}"
-    return f"{criterion} vs the {control} control: no difference shown on validation (95 % intervals include 0); {ci}"
-
-
 # ---- one run (candidate or control) ------------------------------------------------------------------------
 
 @dataclass
@@ -450,6 +238,7 @@ class _Ctx:
     val_ds: Any
     scores: ScoreData
     base_report: MetricsReport
+    base_size: ModelSize
     head: str
     device: torch.device
     cfg: BudgetConfig
@@ -457,68 +246,153 @@ class _Ctx:
     progress: Progress
 
 
+@dataclass(frozen=True)
+class _Model:
+    """A model a run produced: its name (r<round>-pruned / r<round>-finetuned), weights (CPU copy), validation
+    point, round and whether the round was forced (a control run past its own stop)."""
+
+    name: str
+    module: nn.Module
+    point: BudgetPoint
+    round: int
+    forced: bool = False
+
+
 @dataclass
 class _Run:
     name: str
     criterion: str  # a criterion, or "finetune-only"
+    finetune: FitConfig  # its recovery fine-tuning
     rounds: list[BudgetRound] = field(default_factory=list)
-    candidates: list[tuple[str, nn.Module, BudgetPoint]] = field(default_factory=list)
+    candidates: list[_Model] = field(default_factory=list)
+    stopped_because: str = ""
 
 
 def _evaluate(model: nn.Module, ctx: _Ctx) -> MetricsReport:
     return evaluate_model(model, ctx.val_ds, ctx.spec, ctx.device, ctx.cfg.batch_size, progress=ctx.progress)
 
 
-def _run(run: _Run, model: nn.Module, ctx: _Ctx) -> _Run:
+def round_fraction(cfg: BudgetConfig, r: int) -> float:
+    """The fraction of the input model's metric that round r (from 1) keeps: the budget approached geometrically
+    over cfg.rounds, or cfg.step ** r in a tolerance search."""
+    return cfg.target ** (r / cfg.rounds) if cfg.target is not None else cfg.step ** r
+
+
+def _multipliers(history: tuple[dict[str, Any], ...]) -> dict[str, float] | None:
+    last = history[-1] if history else {}
+    value = last.get("multipliers")
+    return None if value is None else {str(k): float(v) for k, v in value.items()}
+
+
+def _run(run: _Run, model: nn.Module, ctx: _Ctx, min_rounds: int = 0) -> _Run:
+    """The run's rounds: a budget run does cfg.rounds; a tolerance search goes on until `patience` rounds in a row
+    fail the guard (but at least `min_rounds`, the candidate's reach, so the control has a model at the candidate's
+    budget), the floor, or a budget channel removal cannot reach."""
     cfg = ctx.cfg
     seed_everything(cfg.seed)  # candidate and control start from the same random state
-    base_value = budget_value(model_size(model, ctx.spec.image_size, ctx.device), cfg.metric)
-    for r in range(1, cfg.rounds + 1):
+    base_value = budget_value(ctx.base_size, cfg.metric)
+    failing, r = 0, 0
+    while True:
+        r += 1
+        if not cfg.is_search and r > cfg.rounds:
+            run.stopped_because = f"the budget was reached in {cfg.rounds} round(s)"
+            break
+        fraction = round_fraction(cfg, r)
+        if cfg.is_search and fraction < cfg.min_fraction - 1e-12 and r > min_rounds:
+            run.stopped_because = (f"the next round would keep x{fraction:.3f} of the {cfg.metric}, below the "
+                                   f"floor x{cfg.min_fraction:g}")
+            break
+        forced = cfg.is_search and failing >= cfg.patience  # only a control run past its stop gets here
         t0 = time.perf_counter()
         pruning = None
         if run.criterion != "finetune-only":
-            target = base_value * cfg.target ** (r / cfg.rounds)
             dg = dependency_graph(model, ctx.spec.image_size, ctx.device)
             modules = dict(model.named_modules())
             table, notes = prepare_importance(run.criterion, model, dg, [modules[ctx.head]], ctx.scores, ctx.device)
             t_score = time.perf_counter() - t0
-            removal = remove_to_budget(model, table, target, cfg.metric, ctx.head, ctx.spec.image_size,
-                                       cfg.round_to, cfg.max_layer_ratio, ctx.device)
+            target = base_value * fraction
+            try:
+                removal = remove_to_budget(model, table, target, cfg.metric, ctx.head, ctx.spec.image_size,
+                                           cfg.round_to, cfg.max_layer_ratio, ctx.device)
+            except BudgetUnreachable as exc:
+                if not cfg.is_search:
+                    raise
+                run.stopped_because = f"round {r}: {exc}"
+                break
             size = removal.size
             pruning = RoundPruning(target=target, channel_ratio=removal.ratio,
                                    channels_removed=removal.channels_removed, removed=removal.removed,
                                    criterion_notes=notes, score_seconds=t_score,
                                    pruned=_point(_evaluate(model, ctx), size, ctx.base_report, cfg))
-            run.candidates.append((f"r{r}-pruned", copy.deepcopy(model).cpu(), pruning.pruned))
+            run.candidates.append(_Model(f"r{r}-pruned", copy.deepcopy(model).cpu(), pruning.pruned, r, forced))
         else:
             size = model_size(model, ctx.spec.image_size, ctx.device)
-        model, fit = finetune_model(model, ctx.spec, ctx.train_ds, ctx.val_ds, cfg.finetune,
+        model, fit = finetune_model(model, ctx.spec, ctx.train_ds, ctx.val_ds, run.finetune,
                                     ctx.scratch / f"{run.name}-r{r}", ctx.device, None, ctx.progress,
                                     task=f"{run.name} round {r} finetune", teacher=ctx.teacher)
         finetuned = _point(_evaluate(model, ctx), size, ctx.base_report, cfg)
         finetune = RoundFinetune(best_epoch=fit.best_epoch, epochs=len(fit.history),
                                  data_order=tuple(h["data_order"] for h in fit.history),
-                                 train_samples_per_s=float(np.mean([h["train_samples_per_s"] for h in fit.history])))
-        run.rounds.append(BudgetRound(round=r, pruning=pruning, finetuned=finetuned, finetune=finetune,
-                                      seconds=time.perf_counter() - t0))
-        run.candidates.append((f"r{r}-finetuned", copy.deepcopy(model).cpu(), finetuned))
-        ctx.progress(f"{run.name}: round {r}/{cfg.rounds} worst-group {finetuned.val.worst_group_accuracy:.4f}",
-                     r, cfg.rounds)
+                                 train_samples_per_s=float(np.mean([h["train_samples_per_s"] for h in fit.history])),
+                                 multipliers=_multipliers(fit.history))
+        done = BudgetRound(round=r, pruning=pruning, finetuned=finetuned, finetune=finetune,
+                           seconds=time.perf_counter() - t0, forced=forced)
+        run.rounds.append(done)
+        run.candidates.append(_Model(f"r{r}-finetuned", copy.deepcopy(model).cpu(), finetuned, r, forced))
+        kept = budget_value(size, cfg.metric) / base_value
+        worst = finetuned.val.worst_group_accuracy
+        guard = "guard ok" if done.passed else "guard failed: " + "; ".join(finetuned.ineligible_because)
+        ctx.progress(f"{run.name} ({run.criterion}) round {r}: x{kept:.3f} {cfg.metric}, worst-group accuracy "
+                     f"{worst:.4f}, {guard}{' (forced: at the candidate budget)' if forced else ''}",
+                     r, cfg.rounds if not cfg.is_search else r)
+        if cfg.is_search:
+            failing = 0 if done.passed else failing + 1
+            if failing >= cfg.patience and r >= min_rounds:
+                run.stopped_because = (f"round {r} (x{kept:.3f} {cfg.metric}) failed the guard: "
+                                       + "; ".join(finetuned.ineligible_because)
+                                       + (f" ({failing} failing rounds in a row)" if failing > 1 else ""))
+                break
     return run
 
 
 def _select(run: _Run, budget_value_max: float, metric: str) -> tuple[str, nn.Module, BudgetPoint, bool]:
-    """Among the run's models that meet the budget, the best worst-group validation accuracy the guard accepts;
-    when none passes, the one closest to passing (smallest summed shortfall beyond the tolerances), flagged."""
-    within = [(n, m, p) for n, m, p in run.candidates if budget_value(p.size, metric) <= budget_value_max]
+    """Budget run: among the run's models that meet the budget, the best worst-group validation accuracy the guard
+    accepts; when none passes, the one closest to passing (smallest summed shortfall beyond the tolerances),
+    flagged."""
+    within = [c for c in run.candidates if budget_value(c.point.size, metric) <= budget_value_max]
     if not within:
         raise FairdeployError("no model of the run meets the budget")
-    ok = [c for c in within if c[2].eligible]
+    ok = [c for c in within if c.point.eligible]
     if ok:
-        name, model, point = max(ok, key=lambda c: (c[2].val.worst_group_accuracy, c[2].val.f1_macro))
+        best = max(ok, key=lambda c: (c.point.val.worst_group_accuracy, c.point.val.f1_macro))
     else:  # closest to passing: the smallest total shortfall, so a levelled-down model is not preferred
-        name, model, point = min(within, key=lambda c: (c[2].shortfall, -c[2].val.worst_group_accuracy))
-    return name, model, point, bool(ok)
+        best = min(within, key=lambda c: (c.point.shortfall, -c.point.val.worst_group_accuracy))
+    return best.name, best.module, best.point, bool(ok)
+
+
+def reached_model(candidates: list[_Model], metric: str) -> _Model | None:
+    """Tolerance search: the most compressed model the guard accepted (ties: better worst group, then macro-F1),
+    not counting rounds forced past the run's own stop; None when no model passed."""
+    ok = [c for c in candidates if c.point.eligible and not c.forced]
+    if not ok:
+        return None
+    return min(ok, key=lambda c: (budget_value(c.point.size, metric), -c.point.val.worst_group_accuracy,
+                                  -c.point.val.f1_macro))
+
+
+def reach_line(cfg: BudgetConfig, candidate: Reached, control: Reached | None) -> str:
+    """`compression reached at max group drop 0.02: fairprune x0.316 of the MACs (round 4), ...`"""
+    def where(r: Reached) -> str:
+        return "none (not even round 1 kept every group)" if r.round == 0 else \
+            f"x{r.macs_fraction:.3f} of the MACs (round {r.round}, {r.model})"
+
+    line = (f"compression reached at max group drop {cfg.max_group_drop:g} (macro-F1 drop {cfg.max_f1_drop:g}): "
+            f"{cfg.criterion} {where(candidate)}")
+    if control is not None:
+        ratio = control.macs_fraction / candidate.macs_fraction
+        line += (f"; {cfg.control_run} control {where(control)}; the candidate's MAC reduction is {ratio:.2f}x the "
+                 "control's")
+    return line
 
 
 # ---- the library call --------------------------------------------------------------------------------------
@@ -531,18 +405,21 @@ def compress_checkpoint(
     device: str = "auto",
     progress: Progress = no_progress,
 ) -> BudgetResult:
-    """Compress a checkpoint to the budget with `cfg.criterion` and (unless "none") the control; write
-    OUT/model.* (the selected candidate), OUT/control/model.* (the control's selected model), OUT/rounds/* and
-    OUT/prune.json. Nothing is written unless the run succeeds."""
+    """Compress a checkpoint to the budget, or as far as the guard allows (cfg.target None), with `cfg.criterion`
+    and (unless "none") the control; write OUT/model.* (the candidate's selected or reached model), OUT/control/
+    model.* (the control's), OUT/rounds/* and OUT/prune.json. Nothing is written unless the run succeeds."""
     cfg.validate()
-    cfg = replace(cfg, finetune=replace(cfg.finetune, seed=cfg.seed))  # one seed: scores, data order, fine-tuning
+    ft = replace(cfg.finetune, seed=cfg.seed)  # one seed: scores, data order, fine-tuning
+    if getattr(ft, "constrained", None) is not None and ft.constrained.max_group_drop is None:  # the constraint's ε: the guard's
+        ft = replace(ft, constrained=replace(ft.constrained, max_group_drop=cfg.max_group_drop))
+    cfg = replace(cfg, finetune=ft)
     t_start = time.perf_counter()
     dev = resolve_device(device)
     src = resolve_checkpoint(model_dir)
     teacher, spec = load_checkpoint(src, dev)
     if spec.sparsity:
-        raise FairdeployError(f"{src}: budget runs start from a dense checkpoint (this one has {spec.sparsity.get('kind')} "
-                              "masks); use the checkpoint before weight-level pruning")
+        raise FairdeployError(f"{src}: compression runs start from a dense checkpoint (this one has "
+                              f"{spec.sparsity.get('kind')} masks); use the checkpoint before weight-level pruning")
     head = classifier_head_name(spec.arch)
     enc = Encoding(spec.classes, spec.groups)
     train_ds, val_ds = spec_datasets(manifest, spec)
@@ -551,7 +428,7 @@ def compress_checkpoint(
     roles = decide_roles(base_report, cfg.privileged)
     present = sorted(set(score_ds.groups))
     if len(present) < 2:
-        raise FairdeployError("a budget run needs at least two groups in the train split to score with")
+        raise FairdeployError("a compression run needs at least two groups in the train split to score with")
     ids = group_score_sets(score_ds.labels, score_ds.groups, present, cfg.score_samples, cfg.seed)
     blind_n = sum(len(v) for v in ids.values())
     blind = stratified_sample(score_ds.labels, blind_n, np.random.default_rng(cfg.seed))
@@ -562,55 +439,86 @@ def compress_checkpoint(
                        snnl_batches=Subset(score_ds, order), snnl_batch_size=bs, batch_size=cfg.score_batch_size,
                        beta=cfg.beta, curvature=cfg.curvature, temperature=cfg.temperature, seed=cfg.seed)
     base_size = model_size(teacher, spec.image_size, dev)
-    budget = Budget(cfg.metric, cfg.target, budget_value(base_size, cfg.metric) * cfg.target, base_size)
+    base_value = budget_value(base_size, cfg.metric)
+    budget = None if cfg.is_search else Budget(cfg.metric, cfg.target, base_value * cfg.target, base_size)
+    tolerance = None if not cfg.is_search else Tolerance(cfg.metric, cfg.max_group_drop, cfg.max_f1_drop, cfg.step,
+                                                         cfg.min_fraction, cfg.patience, base_size)
+    input_point = _point(base_report, base_size, base_report, cfg)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with main_scratch(out) as scratch:  # under torchrun only rank 0 writes (scratch and output)
         ctx = _Ctx(spec=spec, teacher=teacher, train_ds=train_ds, val_ds=val_ds, scores=scores,
-                   base_report=base_report, head=head, device=dev, cfg=cfg, scratch=scratch,
+                   base_report=base_report, base_size=base_size, head=head, device=dev, cfg=cfg, scratch=scratch,
                    progress=progress)
-        runs = [_run(_Run("candidate", cfg.criterion), copy.deepcopy(teacher), ctx)]
-        if cfg.control != "none":
-            runs.append(_run(_Run("control", cfg.control), copy.deepcopy(teacher), ctx))
+        cand = _run(_Run("candidate", cfg.criterion, cfg.finetune), copy.deepcopy(teacher), ctx)
+        runs = [cand]
+        cand_reached = reached_model(cand.candidates, cfg.metric) if cfg.is_search else None
+        if cfg.control_run != "none":
+            plain = cfg.control_run == "plain-recovery"
+            control = _Run("control", cfg.criterion if plain else cfg.control_run,
+                           replace(cfg.finetune, constrained=None) if plain else cfg.finetune)  # type: ignore[call-arg]
+            runs.append(_run(control, copy.deepcopy(teacher), ctx,
+                             min_rounds=cand_reached.round if cand_reached is not None else 0))
         selected: dict[str, tuple[str, nn.Module, BudgetPoint, bool]] = {}
         run_records: dict[str, RunRecord] = {}
+        reached: dict[str, Reached] = {}
         for run in runs:
-            budget_cap = budget.max if run.criterion != "finetune-only" else float("inf")
-            selected[run.name] = _select(run, budget_cap, cfg.metric)
+            if cfg.is_search:
+                got = reached_model(run.candidates, cfg.metric)
+                selected[run.name] = ((got.name, got.module, got.point, True) if got is not None else
+                                      ("input", copy.deepcopy(teacher).cpu(), input_point, True))
+                size = selected[run.name][2].size
+                reached[run.name] = Reached(model=selected[run.name][0], round=0 if got is None else got.round,
+                                            macs_fraction=size.macs / base_size.macs,
+                                            params_fraction=size.params / base_size.params)
+            else:
+                budget_cap = budget.max if run.criterion != "finetune-only" else float("inf")  # type: ignore[union-attr]
+                selected[run.name] = _select(run, budget_cap, cfg.metric)
             name, _m, point, guard_ok = selected[run.name]
             run_records[run.name] = RunRecord(criterion=run.criterion, rounds=tuple(run.rounds), selected=name,
                                               point=point, guard_passed=guard_ok,
-                                              model="control" if run.name == "control" else None)
-        cand = selected["candidate"]
+                                              model="control" if run.name == "control" else None,
+                                              reached=reached.get(run.name), stopped_because=run.stopped_because)
+        chosen = selected["candidate"]
         selection = BudgetSelection(
-            model=f"rounds/candidate-{cand[0]}", guard_passed=cand[3], size=cand[2].size,
-            macs_fraction=cand[2].size.macs / base_size.macs, params_fraction=cand[2].size.params / base_size.params,
-            note=("best worst-group validation accuracy among the models at the budget that the guard accepts"
-                  if cand[3] else
-                  "no model at the budget passed the guard (every group within "
-                  f"{cfg.max_group_drop} accuracy of the input model, macro-F1 within "
-                  f"{cfg.max_f1_drop}); the output is the best one anyway, flagged"
-                  + ("; every round's checkpoint is under rounds/" if cfg.keep_rounds else "")))
-        comparison = None
+            model="input" if chosen[0] == "input" else f"rounds/candidate-{chosen[0]}", guard_passed=chosen[3],
+            size=chosen[2].size, macs_fraction=chosen[2].size.macs / base_size.macs,
+            params_fraction=chosen[2].size.params / base_size.params, note=_selection_note(cfg, chosen))
+        # the paired comparison: budget run, the two selected models; tolerance search, the control's model at the
+        # candidate's budget (the same round and state), so both are compared at the same MACs
+        comparison, reach, against = None, None, None
         if "control" in selected:
-            pa = predict(selected["candidate"][1].to(dev), val_ds, dev, cfg.batch_size)
-            pb = predict(selected["control"][1].to(dev), val_ds, dev, cfg.batch_size)
-            comparison = paired_comparison(pa, pb, spec.groups, spec.num_classes, cfg.bootstrap, cfg.seed)
+            if not cfg.is_search:
+                against = selected["control"][1]
+            elif chosen[0] != "input":
+                at = [c for c in runs[1].candidates if c.name == chosen[0]]
+                against = at[0].module if at else None
+            if against is not None:
+                pa = predict(chosen[1].to(dev), val_ds, dev, cfg.batch_size)
+                pb = predict(against.to(dev), val_ds, dev, cfg.batch_size)
+                comparison = paired_comparison(pa, pb, spec.groups, spec.num_classes, cfg.bootstrap, cfg.seed)
+            if cfg.is_search:
+                reach = ReachComparison(
+                    candidate=reached["candidate"].macs_fraction, control=reached["control"].macs_fraction,
+                    reduction_ratio=reached["control"].macs_fraction / reached["candidate"].macs_fraction,
+                    at_candidate_budget=None if against is None else chosen[0],
+                    line=reach_line(cfg, reached["candidate"], reached["control"]))
         record = BudgetRecord(
-            config=cfg, budget=budget, source=str(src), source_sha256=sha256_file(src / WEIGHTS_FILE),
-            arch=spec.arch, input_val=PointMetrics.from_report(base_report), groups=roles,
-            manifest=manifest.source, score_samples_per_group=len(ids[present[0]]), val_images=len(val_ds),
-            device=str(dev), runs=run_records, selected=selection, comparison=comparison,
-            verdict=("no control was run: no fairness claim about the criterion is made" if comparison is None
-                     else verdict(cfg.criterion, cfg.control, comparison)),
+            config=cfg, budget=budget, tolerance=tolerance, source=str(src),
+            source_sha256=sha256_file(src / WEIGHTS_FILE), arch=spec.arch, input_val=PointMetrics.from_report(base_report),
+            input_size=base_size, groups=roles, manifest=manifest.source,
+            score_samples_per_group=len(ids[present[0]]), val_images=len(val_ds), device=str(dev), runs=run_records,
+            selected=selection, comparison=comparison, reach=reach,
+            verdict=_verdict(cfg, comparison, chosen[0], reach),
         )
         if world().is_main:
             staged = scratch / "final"
-            history = {"stage": "prune", "kind": "budget", "criterion": cfg.criterion, "control": cfg.control,
-                       "budget": budget.to_dict(), "source": str(src), "source_sha256": record.source_sha256,
-                       "manifest": manifest.source, "selected": cand[0]}
+            history = {"stage": "prune", "kind": "budget", "mode": record.mode, "criterion": cfg.criterion,
+                       "control": cfg.control_run, "budget": None if budget is None else budget.to_dict(),
+                       "tolerance": None if tolerance is None else tolerance.to_dict(), "source": str(src),
+                       "source_sha256": record.source_sha256, "manifest": manifest.source, "selected": chosen[0]}
             out_spec = replace(spec, sparsity=None).with_history(history)
-            save_checkpoint(cand[1], out_spec, staged)
+            save_checkpoint(chosen[1], out_spec, staged)
             if "control" in selected:
                 ctrl = selected["control"]
                 save_checkpoint(ctrl[1], replace(spec, sparsity=None).with_history({**history, "run": "control",
@@ -618,8 +526,8 @@ def compress_checkpoint(
                                 staged / "control")
             if cfg.keep_rounds:
                 for run in runs:
-                    for name, m, _p in run.candidates:
-                        save_checkpoint(m, out_spec, staged / "rounds" / f"{run.name}-{name}")
+                    for c in run.candidates:
+                        save_checkpoint(c.module, out_spec, staged / "rounds" / f"{run.name}-{c.name}")
             record = replace(record, seconds=time.perf_counter() - t_start)
             write_json(staged / PRUNE_FILE, record.to_dict())
             with atomic_dir(out, owner=PRUNE_FILE) as tmp:
@@ -628,3 +536,29 @@ def compress_checkpoint(
         barrier()
     return BudgetResult(out_dir=out, record=record)
 
+
+def _selection_note(cfg: BudgetConfig, chosen: tuple[str, nn.Module, BudgetPoint, bool]) -> str:
+    guard = (f"every group within {cfg.max_group_drop} validation accuracy of the input model, macro-F1 within "
+             f"{cfg.max_f1_drop}")
+    if cfg.is_search:
+        if chosen[0] == "input":
+            return (f"no compressed model kept the guard ({guard}), not even after round 1 (x{cfg.step:g} of the "
+                    f"{cfg.metric}): the output is the input model, uncompressed")
+        return f"the most compressed model the guard accepted ({guard})"
+    if chosen[3]:
+        return "best worst-group validation accuracy among the models at the budget that the guard accepts"
+    return (f"no model at the budget passed the guard ({guard}); the output is the best one anyway, flagged"
+            + ("; every round's checkpoint is under rounds/" if cfg.keep_rounds else ""))
+
+
+def _verdict(cfg: BudgetConfig, comparison: Any, chosen: str, reach: ReachComparison | None) -> str:
+    control = cfg.control_run
+    if control == "none":
+        return "no control was run: no fairness claim about the criterion is made"
+    if comparison is None:
+        head = f"{cfg.criterion} kept no compression within the tolerance: nothing to compare at its budget"
+        return head if reach is None else f"{reach.line}. {head}"
+    line = verdict(cfg.criterion, control, comparison)
+    if reach is None:
+        return line
+    return f"{reach.line}. At the candidate's budget ({chosen}): {line}"

@@ -21,6 +21,10 @@ BUDGET_METRICS = ("macs", "params")
 DEFAULT_MAX_LAYER_RATIO = 0.9  # no layer loses more than this share of its channels in one removal
 
 
+class BudgetUnreachable(FairdeployError):
+    """Channel removal cannot bring the model down to the budget (every layer at its removal limit)."""
+
+
 @dataclass(frozen=True)
 class Removal:
     """What one removal did: the channel ratio used, the size after, and {root layer: removed channel indices
@@ -119,7 +123,7 @@ def remove_to_budget(model: nn.Module, table: Mapping[str, torch.Tensor], target
 
     lo, hi = 0.0, removable_fraction(protected(table, round_to, max_layer_ratio)) * 0.999
     if trial(hi) > target:
-        raise FairdeployError(
+        raise BudgetUnreachable(
             f"the {metric} budget {target:,.0f} cannot be reached by channel removal (at most {max_layer_ratio:.0%} "
             f"of each layer's channels); ask for a larger budget or more rounds"
         )

@@ -246,9 +246,49 @@ def tradeoff(stages: Sequence[StageRecord], split: str = "test") -> bytes | None
     return _png(fig)
 
 
+def is_frontier(t: Trajectory) -> bool:
+    """A compression run's rounds (with the MACs each kept), drawn by `frontier`, not by `trajectories`."""
+    return bool(t.points) and all("macs" in p for p in t.points)
+
+
+def frontier(trajs: Sequence[Trajectory]) -> bytes | None:
+    """The compression frontier on the validation split: worst-group accuracy, Eodd and macro-F1 against the
+    fraction of the input model's MACs kept, one line per run (candidate and control), a filled marker where the
+    guard accepted the round and a hollow one where it did not."""
+    runs = [t for t in trajs if is_frontier(t) and len(t.points) > 1]
+    if not runs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13.0, 3.8))
+    panels = (("worst_group_accuracy", "worst-group accuracy"), ("eodd", "Eodd, lower is fairer"),
+              ("f1_macro", "macro-F1"))
+    for i, t in enumerate(runs):
+        base = t.points[0]["macs"]
+        x = [p["macs"] / base for p in t.points]
+        color = f"C{i}"
+        for ax, (key, _label) in zip(axes, panels):
+            y = [p.get(key) if p.get(key) is not None else float("nan") for p in t.points]
+            ax.plot(x, y, color=color, label=text(t.name))
+            ok = [j for j, p in enumerate(t.points) if p.get("passed", True)]
+            bad = [j for j, p in enumerate(t.points) if not p.get("passed", True)]
+            ax.scatter([x[j] for j in ok], [y[j] for j in ok], color=color, zorder=3)
+            ax.scatter([x[j] for j in bad], [y[j] for j in bad], facecolors="white", edgecolors=color, zorder=3)
+    for ax, (_key, label) in zip(axes, panels):
+        ax.set_xscale("log")
+        ax.invert_xaxis()  # compression grows to the right
+        ax.set_xlabel("MACs kept (fraction of the input model, log scale)")
+        ax.set_ylabel(f"{label} (validation)")
+        ax.grid(alpha=0.3, which="both")
+    axes[1].set_ylim(bottom=0.0)
+    axes[0].legend(fontsize=8, title="filled: guard passed", title_fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def trajectories(trajs: Sequence[Trajectory]) -> bytes | None:
-    """Accuracy and Eodd per pruning step of each run, on the validation split (the split pruning selects on)."""
-    runs = [t for t in trajs if any(p.get("eodd") is not None for p in t.points)]
+    """Accuracy and Eodd per pruning step of each FairPrune / SNNL step run, on the validation split (the split
+    pruning selects on); compression runs are drawn by `frontier`."""
+    runs = [t for t in trajs if not is_frontier(t) and any(p.get("eodd") is not None for p in t.points)]
     if not runs:
         return None
     plt = _plt()
@@ -262,7 +302,7 @@ def trajectories(trajs: Sequence[Trajectory]) -> bytes | None:
     a2.set_ylabel("Eodd (validation split)")
     a2.set_ylim(bottom=0.0)
     for ax in (a1, a2):
-        ax.set_xlabel("pruning step / round (0 = input model)")
+        ax.set_xlabel("pruning step (0 = input model)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -58,8 +58,9 @@ def control_legend(run: RunStages) -> str | None:
     if not pairs:
         return None
     shown = ", ".join(f"`{n}` controls `{n.removesuffix(CONTROL_SUFFIX)}`" for n in sorted(pairs))
-    return (f"Stages named `NAME{CONTROL_SUFFIX}` (and their artifacts) are the fairness-blind control of budget run "
-            f"`NAME`: a blind criterion at the same budget (or fine-tuning alone), with the same rounds, fine-tuning, "
+    return (f"Stages named `NAME{CONTROL_SUFFIX}` (and their artifacts) are the control of compression run `NAME`: a "
+            f"fairness-blind criterion (or fine-tuning alone, or plain recovery), searching to the same tolerance or "
+            f"pruning to the same budget, with the same rounds, fine-tuning, "
             f"data order and seed ({shown}). "
             "Compare each pair row by row; the notes give the paired comparison on validation.")
 
@@ -81,6 +82,9 @@ def _figures(run: RunStages) -> list[tuple[str, str, bytes]]:
         ("f1_by_group.png", f"Per-group macro-F1 per stage ({split} split)",
          plots.group_bars(stages, "f1_macro", "macro-F1", split)),
         ("tradeoff.png", f"Accuracy against Eodd per stage ({split} split)", plots.tradeoff(stages, split)),
+        ("frontier.png", "Compression frontier: worst-group accuracy, Eodd and macro-F1 against the MACs kept, every "
+         "round of each compression run and of its control (validation split; hollow markers: the guard rejected "
+         "the round)", plots.frontier(run.trajectories)),
         ("trajectory.png", "Pruning steps: accuracy and Eodd (validation split)", plots.trajectories(run.trajectories)),
         ("confusion_delta.png", confusion_title, plots.confusion_deltas(panels, classes)),
         ("size_latency.png", "Artifact file size and latency per stage", plots.size_latency(stages)),
