@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from numerics_oracles import agreement_floor, fp16_logit_bound
 
 from fairdeploy.errors import FairdeployError, MissingDependencyError
 from fairdeploy.models import ModelSpec, create_model, load_checkpoint, save_checkpoint
@@ -18,7 +20,13 @@ from fairdeploy.runtime import (
     choose_backend,
     runner_from_artifact,
 )
-from fairdeploy.runtime.ort_runner import OrtRunner, check_providers, missing_providers
+from fairdeploy.runtime.ort_runner import (
+    GRAPH_OPT_ENV,
+    OrtRunner,
+    check_providers,
+    missing_providers,
+    session_options,
+)
 from fairdeploy.runtime.torch_runner import TorchRunner
 from fairdeploy.validation.fingerprint import environment_fingerprint
 
@@ -73,6 +81,7 @@ def test_wrong_input_shape_is_named(trained_checkpoint: Path) -> None:
             runner.infer(_batch(2, size=48))
 
 
+@pytest.mark.numerics
 def test_ort_fp32_matches_pytorch(trained_checkpoint: Path, runtime_fp32_onnx: Path) -> None:
     batch = _batch(7, seed=1)
     runner = runner_from_artifact(runtime_fp32_onnx, device="cpu")
@@ -89,6 +98,7 @@ def test_ort_fp32_matches_pytorch(trained_checkpoint: Path, runtime_fp32_onnx: P
     assert runner.info.source_sha256 is not None and runner.info.precision == "fp32"
 
 
+@pytest.mark.numerics
 def test_ort_matches_pytorch_on_another_architecture(tmp_path: Path) -> None:
     """mobilenet_v3_small (hardswish, squeeze-excitation), untrained: ONNX Runtime == PyTorch."""
     from fairdeploy.export.onnx_export import export_onnx
@@ -105,10 +115,12 @@ def test_ort_matches_pytorch_on_another_architecture(tmp_path: Path) -> None:
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
 
+@pytest.mark.numerics
 def test_ort_fp16_and_int8_stay_close_to_pytorch(
     trained_checkpoint: Path, runtime_fp32_onnx: Path, synth_manifest: Path, tmp_path: Path
 ) -> None:
-    """FP16 within a small |Δlogit|; INT8 (Q/DQ on the CPU provider) within a loose top-1 agreement."""
+    """FP16 within FP16's rounding of the logits; INT8 (Q/DQ on the CPU provider) at least halfway between an exact
+    copy and a model that ignores the image (numerics_oracles: how many decisions INT8 flips depends on the CPU)."""
     from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
     from fairdeploy.data.manifest import read_manifest
     from fairdeploy.export.calibration import CalibrationRecipe, draw_calibration_set
@@ -129,9 +141,9 @@ def test_ort_fp16_and_int8_stay_close_to_pytorch(
         assert r16.info.precision == "fp16" and r8.info.precision == "int8"
         out16, out8 = r16.infer(images), r8.infer(images)
     assert out16.dtype == np.float32 and out8.dtype == np.float32 and out8.shape == expected.shape
-    assert np.abs(out16 - expected).max() < 0.05
+    assert np.abs(out16 - expected).max() < fp16_logit_bound(expected)
     agreement8 = float((out8.argmax(1) == expected.argmax(1)).mean())
-    assert agreement8 >= 0.8, agreement8
+    assert agreement8 >= agreement_floor(expected.argmax(1)), agreement8
     assert np.abs(out8 - expected).max() > 0  # it really is a different (quantized) graph
 
 
@@ -147,6 +159,7 @@ def test_provider_fallback_is_an_error_naming_requested_and_active(runtime_fp32_
     assert not runner.is_active
 
 
+@pytest.mark.numerics
 def test_allowed_fallback_is_recorded_in_the_fingerprint(trained_checkpoint: Path, runtime_fp32_onnx: Path) -> None:
     batch = _batch(3, seed=3)
     with runner_from_artifact(runtime_fp32_onnx, backend="ort-cuda", device="cpu", allow_fallback=True) as runner:
@@ -158,6 +171,40 @@ def test_allowed_fallback_is_recorded_in_the_fingerprint(trained_checkpoint: Pat
     assert entry["providers_active"] == ["CPUExecutionProvider"]
     assert entry["providers_requested"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     np.testing.assert_allclose(out, _torch_logits(trained_checkpoint, batch), rtol=0, atol=1e-4)
+
+
+@pytest.mark.numerics
+def test_graph_optimisation_level_is_read_from_the_environment(runtime_fp32_onnx: Path, run_main, tmp_path: Path,
+                                                              synth_manifest: Path, trained_checkpoint: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """$FAIRDEPLOY_ORT_GRAPH_OPT sets every session's level (recorded by the runner); unset, ONNX Runtime's default
+    holds; anything else is one line naming the valid levels, exit 2 from the CLI."""
+    batch = _batch(4, seed=5)
+    monkeypatch.delenv(GRAPH_OPT_ENV, raising=False)
+    assert session_options().graph_optimization_level == ort.SessionOptions().graph_optimization_level
+    with runner_from_artifact(runtime_fp32_onnx, device="cpu") as runner:
+        fused = runner.infer(batch)
+        assert "graph_optimization" not in runner.describe()
+    monkeypatch.setenv(GRAPH_OPT_ENV, "disable")
+    options = session_options(threads=2)
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert options.intra_op_num_threads == 2
+    with runner_from_artifact(runtime_fp32_onnx, device="cpu") as runner:
+        plain = runner.infer(batch)
+        assert runner.describe()["graph_optimization"] == "disable"
+    # the same graph without fusions: float32 rounding apart, the same logits (BatchNorm no longer folded)
+    np.testing.assert_allclose(plain, fused, rtol=0, atol=1e-4 * max(1.0, float(np.abs(fused).max())))
+    monkeypatch.setenv(GRAPH_OPT_ENV, "fast")
+    message = (f"{GRAPH_OPT_ENV}='fast' is not a graph optimisation level; choose one of disable, basic, extended, "
+               "all (or leave it unset for ONNX Runtime's default)")
+    with pytest.raises(FairdeployError) as err:
+        runner_from_artifact(runtime_fp32_onnx, device="cpu").activate()
+    assert str(err.value) == message
+    code, _, stderr = run_main("validate", "-r", str(trained_checkpoint), "-c", str(runtime_fp32_onnx), "--data",
+                               str(synth_manifest), "--out", str(tmp_path / "val"), "--device", "cpu",
+                               "--bootstrap", "0", "--no-latency")
+    assert code == 2 and stderr.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "val").exists()
 
 
 def test_check_providers_rules() -> None:

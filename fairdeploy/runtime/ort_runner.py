@@ -38,6 +38,40 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
+# $FAIRDEPLOY_ORT_GRAPH_OPT: ONNX Runtime's graph optimisation level for every session fairdeploy creates (unset:
+# ONNX Runtime's default, all). Fused kernels differ by instruction set; "disable" runs the graph's own operators,
+# which scripts/test-isa.sh uses to check that results do not rest on one CPU's fusions.
+GRAPH_OPT_ENV = "FAIRDEPLOY_ORT_GRAPH_OPT"
+GRAPH_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                    "all": "ORT_ENABLE_ALL"}
+
+
+def graph_optimization_level() -> str | None:
+    """The level named by $FAIRDEPLOY_ORT_GRAPH_OPT (a key of GRAPH_OPT_LEVELS), None when it is unset or empty."""
+    value = os.environ.get(GRAPH_OPT_ENV, "").strip()
+    if not value:
+        return None
+    if value not in GRAPH_OPT_LEVELS:
+        raise FairdeployError(f"{GRAPH_OPT_ENV}={value!r} is not a graph optimisation level; choose one of "
+                              f"{', '.join(GRAPH_OPT_LEVELS)} (or leave it unset for ONNX Runtime's default)")
+    return value
+
+
+def session_options(threads: int = 0) -> Any:
+    """The onnxruntime.SessionOptions every fairdeploy session is created with: errors-only logging (a provider
+    that fails to load is reported by us), `threads` intra-op threads (0: ONNX Runtime's default) and the graph
+    optimisation level of $FAIRDEPLOY_ORT_GRAPH_OPT."""
+    ort = import_onnxruntime()
+    level = graph_optimization_level()  # checked before anything is created
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if level is not None:
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPT_LEVELS[level])
+    return options
+
+
 def available_providers() -> list[str]:
     return list(import_onnxruntime().get_available_providers())
 
@@ -126,6 +160,7 @@ class OrtRunner(BaseRunner):
         self.requested: tuple[str, ...] = ORT_BACKENDS[backend]
         self.active_providers: tuple[str, ...] = ()
         self.fallback: tuple[str, ...] = ()
+        self.graph_optimization: str | None = None
         self._session: Any = None
         self._input_name = ""
         self._output_name = ""
@@ -148,10 +183,8 @@ class OrtRunner(BaseRunner):
             # ONNX Runtime would log a warning and quietly use the CPU: refuse before creating the session.
             check_providers(str(self.path), self.requested, [p for p in self.requested if p in available],
                             available, False)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: a provider that fails to load is reported by us
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        options = session_options(self.threads)
+        self.graph_optimization = graph_optimization_level()  # as the session was made (None: ORT's default)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "provider not in available names": checked below, loudly
             try:
@@ -206,4 +239,5 @@ class OrtRunner(BaseRunner):
             "fallback": bool(self.fallback),
             "providers_missing": list(self.fallback),
             **({"threads": self.threads} if self.threads else {}),
+            **({"graph_optimization": self.graph_optimization} if self.graph_optimization is not None else {}),
         }
