@@ -1,7 +1,11 @@
-"""Each option's default is written once, and the CLI and the pipeline TOML mean the same by it (issue 12 §1)."""
+"""Each option's default is defined once, and every way of running the library means the same by it (issue 12
+§1, issue 18 item 5): the configuration a command, a pipeline table and the library function itself run with when
+an option is not given, observed by recording what the library functions are called with, not by reading source."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from pathlib import Path
 
@@ -9,7 +13,7 @@ import pytest
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.pipeline.config import PruneEntry, load_pipeline_config
-from fairdeploy.pipeline.resolve import _export_options, _split_options
+from fairdeploy.pipeline.resolve import _export_options, _split_options, resolve_pipeline
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fairdeploy"
 
@@ -20,36 +24,120 @@ def _pipeline(tmp_path: Path, export: str = "", name: str = "p.toml") -> Path:
     return path
 
 
-# ---- 1. the fine-tuning learning rate ----
+# ---- 1. the effective configuration: what the library functions receive from a command and a pipeline ----
 
-def test_finetune_lr_literal_is_written_once():
-    from fairdeploy.training.finetune import FINETUNE_LR
-
-    # any `lr ... = <number>` / `lr=<number>` default in the package, FitConfig's training LR aside
-    pattern = re.compile(r"\b(?:finetune_)?(?:after_)?lr\b[^=\n]*=\s*([0-9.]+e-?[0-9]+|0\.0\d+)")
-    hits = []
-    for py in PACKAGE.rglob("*.py"):
-        for line in py.read_text().splitlines():
-            for m in pattern.finditer(line):
-                hits.append((py.relative_to(PACKAGE).as_posix(), float(m.group(1))))
-    fine_tune_values = [h for h in hits if h[0] != "training/loop.py"]  # FitConfig.lr: training from scratch
-    assert fine_tune_values == [], fine_tune_values
-    text = (PACKAGE / "training" / "finetune.py").read_text()
-    assert [float(v) for v in re.findall(r"^FINETUNE_LR = (.+)$", text, flags=re.MULTILINE)] == [FINETUNE_LR]
+# The library functions the commands and the pipeline's stages call: their homes (where the callers look them up)
+# and the position of the configuration argument.
+LIBRARY_CALLS = {
+    "train_model": (("fairdeploy.training.train",), 3),
+    "prune_checkpoint": (("fairdeploy.pruning", "fairdeploy.pruning.run"), 3),
+    "compress_checkpoint": (("fairdeploy.pruning.budget",), 3),
+    "finetune_checkpoint": (("fairdeploy.training.finetune",), 3),
+    "run_export": (("fairdeploy.export.exporter",), 2),
+    "validate": (("fairdeploy.validation", "fairdeploy.validation.validate"), 3),
+    "generate_synthetic": (("fairdeploy.data.synth",), 1),
+}
 
 
-def test_pipeline_finetune_lr_defaults_to_the_library_constant():
-    from fairdeploy.training.finetune import FINETUNE_LR
+class Calls(dict):
+    """Function name -> the arguments of each call; `config(name)` the configuration of its calls."""
 
-    per_step = _split_options(PruneEntry("fp", "fairprune", {"finetune": {"epochs": 2}}), seed=3).finetune
-    assert (per_step.epochs, per_step.lr, per_step.seed) == (2, FINETUNE_LR, 3)
-    given = _split_options(PruneEntry("fp", "fairprune", {"finetune": {"epochs": 1, "lr": 0.02}}), 0).finetune
-    assert given.lr == 0.02
-    after = PruneEntry("fp", "fairprune", finetune_after_table={"epochs": 4}).finetune_after(seed=1)
-    assert (after.epochs, after.lr, after.seed) == (4, FINETUNE_LR, 1)
-    assert PruneEntry("fp", "fairprune", finetune_after_table={"epochs": 4, "lr": 0.03}).finetune_after(0).lr == 0.03
-    assert PruneEntry("fp", "fairprune", finetune_after_table={"epochs": 0}).finetune_after(0) is None
-    assert PruneEntry("fp", "fairprune").finetune_after(0) is None
+    def config(self, name: str) -> list:
+        index = LIBRARY_CALLS[name][1]
+        return [args[index] for args, _ in self[name]]
+
+
+def _record_library_calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
+    """Replace the library functions that run a command or a pipeline stage with recorders: each keeps the
+    arguments it was called with and stops its caller with a FairdeployError("captured") (a command: exit 2)."""
+    calls = Calls({name: [] for name in LIBRARY_CALLS})
+    for name, (homes, _) in LIBRARY_CALLS.items():
+        def record(*args, _name=name, **kwargs):
+            calls[_name].append((args, kwargs))
+            raise FairdeployError("captured")
+
+        for home in homes:
+            monkeypatch.setattr(importlib.import_module(home), name, record)
+    return calls
+
+
+def _run_command(run_main, *args: str) -> None:
+    code, _, err = run_main(*args)
+    assert code == 2 and "captured" in err, (args, err)
+
+
+def _run_pipeline_stages(tmp_path: Path, manifest: Path, tables: str, seed: int = 0) -> None:
+    """Plan the pipeline `[model] arch = "resnet18"` on `manifest` with `tables` as `fairdeploy pipeline` plans it,
+    and run every stage (with the library recorded, each stops at its library call)."""
+    from fairdeploy.pipeline.run import plan_stages
+
+    path = tmp_path / "p.toml"
+    path.write_text(f'seed = {seed}\n[data]\nmanifest = "{manifest}"\n[model]\narch = "resnet18"\n{tables}')
+    stages, _ = plan_stages(resolve_pipeline(load_pipeline_config(path)), tmp_path / "run")
+    for stage in stages:
+        with pytest.raises(FairdeployError, match="captured"):
+            stage.run()
+
+
+def _settings(obj):
+    """A configuration's settings as nested dicts: the fields a file or flag sets, not those code records."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    return {f.name: _settings(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+
+
+def _default(fn, name: str):
+    return inspect.signature(fn).parameters[name].default
+
+
+def test_finetune_after_fine_tunes_as_the_finetune_command(run_main, monkeypatch, synth_manifest, tmp_path):
+    """A pipeline's `finetune_after = {}` is `fairdeploy finetune` with no options is finetune_checkpoint called
+    without a config: the same FitConfig (it was 10 epochs in the pipeline, FitConfig's, and 5 on the command line,
+    FINETUNE_CONFIG's); the keys given override the same fields as the flags."""
+    from dataclasses import replace
+
+    from fairdeploy.training.finetune import finetune_checkpoint
+
+    calls = _record_library_calls(monkeypatch)
+    model = ("--model", str(tmp_path), "--data", str(synth_manifest))
+    _run_command(run_main, "finetune", *model, "--out", str(tmp_path / "f1"), "--seed", "3")
+    _run_command(run_main, "finetune", *model, "--out", str(tmp_path / "f2"), "--seed", "3", "--epochs", "2",
+                 "--lr", "0.02")
+    prune = '[[prune]]\nname = "{}"\nmethod = "fairprune"\nfinetune_after = {}\n'
+    _run_pipeline_stages(tmp_path, synth_manifest, prune.format("a", "{}") + prune.format("b", "{ epochs = 2, lr = 0.02 }")
+                         + prune.format("c", "{ epochs = 0 }") + '[[prune]]\nname = "d"\nmethod = "fairprune"\n',
+                         seed=3)
+    # c (epochs = 0) and d (no table) have no fine-tuning stage
+    cli_default, cli_given, pipeline_default, pipeline_given = calls.config("finetune_checkpoint")
+    assert pipeline_default == cli_default == replace(_default(finetune_checkpoint, "cfg"), seed=3)
+    assert pipeline_given == cli_given == replace(cli_default, epochs=2, lr=0.02)
+
+
+def test_fine_tuning_after_every_step_is_the_same_in_a_prune_table_and_on_the_command(run_main, monkeypatch,
+                                                                                     synth_manifest, tmp_path):
+    """`[[prune]] finetune = { epochs = 2 }` is `prune --finetune-epochs 2`: the same PruneConfig (fine-tuning as
+    `fairdeploy finetune` does it, for 2 epochs); `finetune = {}` fine-tunes as `fairdeploy finetune` does."""
+    from dataclasses import replace
+
+    from fairdeploy.pruning.run import PruneConfig
+    from fairdeploy.training.finetune import FINETUNE_CONFIG
+
+    calls = _record_library_calls(monkeypatch)
+    model = ("--model", str(tmp_path), "--data", str(synth_manifest))
+    for method in ("fairprune", "snnl"):
+        _run_command(run_main, "prune", *model, "--out", str(tmp_path / method), "--method", method, "--seed", "3",
+                     "--finetune-epochs", "2")
+    _run_pipeline_stages(tmp_path, synth_manifest, '[[prune]]\nmethod = "fairprune"\nfinetune = { epochs = 2 }\n'
+                         '[[prune]]\nmethod = "snnl"\nfinetune = { epochs = 2 }\n'
+                         '[[prune]]\nname = "all"\nmethod = "fairprune"\nfinetune = {}\n', seed=3)
+    cli_fp, cli_snnl, table_fp, table_snnl, table_all = calls.config("prune_checkpoint")
+    assert (table_fp, table_snnl) == (cli_fp, cli_snnl)
+    ft = replace(FINETUNE_CONFIG, epochs=2, seed=3)
+    assert (cli_fp, cli_snnl) == (PruneConfig(method="fairprune", finetune=ft, seed=3),
+                                  PruneConfig(method="snnl", finetune=ft, seed=3))
+    assert table_all.finetune == replace(FINETUNE_CONFIG, seed=3)
 
 
 def test_budget_runs_keep_their_own_named_recovery_lr():
@@ -59,29 +147,81 @@ def test_budget_runs_keep_their_own_named_recovery_lr():
     assert BudgetConfig().finetune.lr == BUDGET_FINETUNE_LR != FINETUNE_LR
 
 
-def _capture(monkeypatch: pytest.MonkeyPatch, target: str) -> list:
-    """Replace `target` (a dotted path) with a fake that records its config and stops the command."""
-    seen: list = []
+def test_each_stage_of_a_pipeline_runs_with_its_commands_configuration(run_main, monkeypatch, synth_manifest,
+                                                                       tmp_path):
+    """Tables left empty, options not given: `train`, `prune` (steps and a budget run), `compress`, `export` and
+    `validate` hand the library the same configurations as the pipeline's stages (the pipeline's seed given as
+    --seed), and those are the dataclasses' own defaults."""
+    from dataclasses import replace
 
-    def fake(model, manifest, out, cfg, *args, **kwargs):
-        seen.append(cfg)
-        raise FairdeployError("captured")
+    from fairdeploy.export.profiles import ExportOptions
+    from fairdeploy.models.checkpoint import ModelSpec
+    from fairdeploy.pruning.budget import BudgetConfig
+    from fairdeploy.pruning.run import PruneConfig
+    from fairdeploy.training.loop import FitConfig
+    from fairdeploy.validation import ValidationConfig
 
-    monkeypatch.setattr(target, fake)
-    return seen
+    calls = _record_library_calls(monkeypatch)
+    data, seed = ("--data", str(synth_manifest)), ("--seed", "3")
+    model = ("--model", str(tmp_path), *data)
+    _run_command(run_main, "train", *data, "--out", str(tmp_path / "t"), *seed)
+    _run_command(run_main, "prune", *model, "--out", str(tmp_path / "p"), "--method", "snnl", *seed)
+    _run_command(run_main, "prune", *model, "--out", str(tmp_path / "b"), "--criterion", "group-taylor",
+                 "--target-macs", "0.5", *seed)
+    _run_command(run_main, "compress", *model, "--out", str(tmp_path / "c"), "--target-macs", "0.5", *seed)
+    _run_command(run_main, "export", "--model", str(tmp_path), "--out", str(tmp_path / "e"))
+    _run_command(run_main, "validate", "-r", str(tmp_path), "-c", str(tmp_path / "x.onnx"), *data,
+                 "--out", str(tmp_path / "v"), *seed)
+    _run_pipeline_stages(tmp_path, synth_manifest, '[[prune]]\nmethod = "snnl"\n[[prune]]\n'
+                         'criterion = "group-taylor"\ntarget_macs = 0.5\n[export]\n[validate]\n', seed=3)
+
+    cli_fit, pipeline_fit = calls.config("train_model")
+    assert pipeline_fit == cli_fit == FitConfig(seed=3)
+    assert [args[4] for args, _ in calls["train_model"]] == [ModelSpec.image_size] * 2
+    cli_steps, pipeline_steps = calls.config("prune_checkpoint")
+    assert pipeline_steps == cli_steps == PruneConfig(method="snnl", seed=3)
+    cli_budget, cli_compress, pipeline_budget = calls.config("compress_checkpoint")
+    assert pipeline_budget == cli_budget == cli_compress
+    default = BudgetConfig()
+    assert cli_budget == replace(default, criterion="group-taylor", target=0.5, seed=3,
+                                 finetune=replace(default.finetune, seed=3))
+    cli_export, *pipeline_exports = calls.config("run_export")  # the pipeline: one export per model
+    assert pipeline_exports and all(o == cli_export for o in pipeline_exports)
+    # no flag, no profile: the defaults (the default recipe file sets nothing; which file was read is recorded)
+    assert _settings(cli_export) == _settings(ExportOptions())
+    cli_validation, *pipeline_validations = calls.config("validate")
+    assert pipeline_validations and all(v == cli_validation for v in pipeline_validations)
+    assert cli_validation == ValidationConfig(seed=3)
 
 
-def test_cli_finetune_lr_defaults_to_the_library_constant(run_main, monkeypatch, synth_manifest, tmp_path):
-    from fairdeploy.training.finetune import FINETUNE_LR
+def test_every_95_percent_interval_resamples_as_often(run_main, monkeypatch, synth_manifest, tmp_path):
+    """The bootstrap intervals of `evaluate` (compute_metrics), `validate` (paired differences against the reference)
+    and a budget run's candidate-vs-control comparison are the same statistic, a 95 % percentile interval: with
+    no option given, each resamples as often (it was 1000, 1000 and 500)."""
+    from fairdeploy.metrics import bootstrap_difference_intervals, bootstrap_intervals
+    from fairdeploy.metrics.fairness import compute_metrics
+    from fairdeploy.training.train import evaluate_checkpoint
 
-    seen = _capture(monkeypatch, "fairdeploy.training.finetune.finetune_checkpoint")
-    code, _, err = run_main("finetune", "--model", str(tmp_path), "--data", str(synth_manifest),
-                            "--out", str(tmp_path / "ft"), "--epochs", "1")
-    assert code != 0 and "captured" in err
-    assert seen[0].lr == FINETUNE_LR
-    run_main("finetune", "--model", str(tmp_path), "--data", str(synth_manifest), "--out", str(tmp_path / "ft2"),
-             "--epochs", "1", "--lr", "0.05")
-    assert seen[1].lr == 0.05
+    calls = _record_library_calls(monkeypatch)
+    data = ("--data", str(synth_manifest))
+    _run_command(run_main, "prune", "--model", str(tmp_path), *data, "--out", str(tmp_path / "b"),
+                 "--criterion", "magnitude", "--speedup", "2")
+    _run_command(run_main, "validate", "-r", str(tmp_path), "-c", str(tmp_path / "x.onnx"), *data,
+                 "--out", str(tmp_path / "v"))
+    _run_pipeline_stages(tmp_path, synth_manifest, '[[prune]]\ncriterion = "magnitude"\nspeedup = 2\n')
+    counts = {
+        "prune --criterion": calls.config("compress_checkpoint")[0].bootstrap,
+        "[[prune]] criterion": calls.config("compress_checkpoint")[1].bootstrap,
+        "validate": calls.config("validate")[0].bootstrap,
+        "[validate]": calls.config("validate")[-1].bootstrap,
+        "evaluate (evaluate_checkpoint)": _default(evaluate_checkpoint, "bootstrap"),
+        "bootstrap_intervals": _default(bootstrap_intervals, "n_boot"),
+        "bootstrap_difference_intervals": _default(bootstrap_difference_intervals, "n_boot"),
+    }
+    assert len(set(counts.values())) == 1, counts
+    # and each is a 95 % interval: the interval functions' level, the one compute_metrics passes
+    assert {_default(bootstrap_intervals, "confidence"), _default(bootstrap_difference_intervals, "confidence"),
+            _default(compute_metrics, "confidence")} == {0.95}
 
 
 # ---- 2. finetune_epochs = 0 means no fine-tuning, on the CLI and in a [[prune]] table ----
@@ -96,13 +236,14 @@ def test_zero_finetune_epochs_is_none_in_the_pipeline():
 def test_zero_finetune_epochs_is_none_on_the_cli(run_main, monkeypatch, synth_manifest, tmp_path):
     from fairdeploy.training.finetune import FINETUNE_LR
 
-    seen = _capture(monkeypatch, "fairdeploy.pruning.prune_checkpoint")
+    calls = _record_library_calls(monkeypatch)
     common = ("prune", "--model", str(tmp_path), "--data", str(synth_manifest))
-    code, _, err = run_main(*common, "--out", str(tmp_path / "a"), "--finetune-epochs", "0")
-    assert code != 0 and "captured" in err
-    run_main(*common, "--out", str(tmp_path / "b"), "--finetune-epochs", "2")
-    assert seen[0].finetune is None
-    assert (seen[1].finetune.epochs, seen[1].finetune.lr) == (2, FINETUNE_LR)
+    _run_command(run_main, *common, "--out", str(tmp_path / "a"), "--finetune-epochs", "0")
+    _run_command(run_main, *common, "--out", str(tmp_path / "b"), "--finetune-epochs", "2")
+    _run_command(run_main, *common, "--out", str(tmp_path / "c"), "--finetune-epochs", "2", "--finetune-lr", "0.05")
+    none, two, given = calls.config("prune_checkpoint")
+    assert none.finetune is None
+    assert (two.finetune.epochs, two.finetune.lr, given.finetune.lr) == (2, FINETUNE_LR, 0.05)
 
 
 # ---- 3. a [[prune]] batch_size is the evaluation batch; the method's scoring batch is its own key ----
@@ -188,18 +329,6 @@ def test_validate_flags_left_unset_keep_the_dataclass_defaults():
     assert validation_config("test", latency=False).latency is None
 
 
-def test_validate_cli_writes_no_tolerance_or_latency_literal():
-    import typer
-
-    from fairdeploy.cli.app import app
-
-    cmd = typer.main.get_command(app).commands["validate"]  # type: ignore[attr-defined]
-    defaults = {p.name: p.default for p in cmd.params}
-    for name in ("max_eodd_drift", "max_accuracy_drop", "max_group_accuracy_drop", "latency_batch",
-                 "latency_iterations", "latency_warmup", "bootstrap"):
-        assert defaults[name] is None, name
-
-
 # ---- 7. no command-line option repeats a library default: flags default to None and override ----
 
 def _commands() -> dict[str, object]:
@@ -233,12 +362,12 @@ def _configs() -> dict[str, list[type]]:
 
     return {"train": [FitConfig], "evaluate": [], "finetune": [FitConfig], "prune": [PruneConfig, BudgetConfig],
             "validate": [ValidationConfig], "export": [ExportOptions], "report": [], "pipeline": [], "demo": [],
-            "data prepare": [], "data inspect": [], "data synth": [SynthConfig]}
+            "data prepare": [], "data inspect": [], "data synth": [SynthConfig], "compress": [BudgetConfig]}
 
 
 def _mappings() -> dict[str, list[tuple[type, dict, dict]]]:
     """(dataclass, option -> field path(s), flag overrides) as each command hands them to cli.common.configure."""
-    from fairdeploy.cli import data, prune, train
+    from fairdeploy.cli import compress, data, prune, train
     from fairdeploy.data.synth import SynthConfig
     from fairdeploy.pruning.budget import BudgetConfig
     from fairdeploy.pruning.run import PruneConfig
@@ -247,7 +376,8 @@ def _mappings() -> dict[str, list[tuple[type, dict, dict]]]:
     return {"prune": [(PruneConfig, prune.STEP_FIELDS, {}), (FitConfig, prune.STEP_FINETUNE_FIELDS, {}),
                       (BudgetConfig, prune.BUDGET_FIELDS, {})],
             "train": [(FitConfig, train.FIT_FIELDS, {})], "finetune": [(FitConfig, train.FIT_FIELDS, {})],
-            "data synth": [(SynthConfig, data.SYNTH_FIELDS, data.SYNTH_FLAGS)]}
+            "data synth": [(SynthConfig, data.SYNTH_FIELDS, data.SYNTH_FLAGS)],
+            "compress": [(BudgetConfig, compress.FIELDS, {})]}
 
 
 def _field_names(cls: type) -> set[str]:
@@ -320,18 +450,6 @@ def test_option_maps_name_real_options_and_real_fields():
                     assert _path_exists(cls, path), (name, cls.__name__, path)
 
 
-def _stop_at(monkeypatch: pytest.MonkeyPatch, target: str, index: int = 3) -> list:
-    """Replace `target` with a fake that records its argument `index` (the config) and stops the command."""
-    seen: list = []
-
-    def fake(*args, **kwargs):
-        seen.append(args[index])
-        raise FairdeployError("captured")
-
-    monkeypatch.setattr(target, fake)
-    return seen
-
-
 def test_unset_options_build_exactly_the_dataclass_defaults(run_main, monkeypatch, synth_manifest, tmp_path):
     from dataclasses import replace
 
@@ -343,11 +461,7 @@ def test_unset_options_build_exactly_the_dataclass_defaults(run_main, monkeypatc
 
     data = ("--data", str(synth_manifest))
     checkpoint = ("--model", str(tmp_path), *data)
-    steps = _stop_at(monkeypatch, "fairdeploy.pruning.prune_checkpoint")
-    budget = _stop_at(monkeypatch, "fairdeploy.pruning.budget.compress_checkpoint")
-    finetuned = _stop_at(monkeypatch, "fairdeploy.training.finetune.finetune_checkpoint")
-    trained = _stop_at(monkeypatch, "fairdeploy.training.train.train_model")
-    synth = _stop_at(monkeypatch, "fairdeploy.data.synth.generate_synthetic", index=1)
+    calls = _record_library_calls(monkeypatch)
     runs = [("prune", *checkpoint, "--out", str(tmp_path / "p1")),
             ("prune", *checkpoint, "--out", str(tmp_path / "p2"), "--finetune-epochs", "2", "--seed", "7"),
             ("prune", *checkpoint, "--out", str(tmp_path / "p3"), "--criterion", "taylor", "--target-macs", "0.4"),
@@ -357,14 +471,16 @@ def test_unset_options_build_exactly_the_dataclass_defaults(run_main, monkeypatc
             ("data", "synth", "--out", str(tmp_path / "s1")),
             ("data", "synth", "--out", str(tmp_path / "s2"), "--format", "jpg", "--seed", "3")]
     for args in runs:
-        code, _, err = run_main(*args)
-        assert code == 2 and "captured" in err, (args, err)
+        _run_command(run_main, *args)
+    steps, budget = calls.config("prune_checkpoint"), calls.config("compress_checkpoint")
+    finetuned, trained = calls.config("finetune_checkpoint"), calls.config("train_model")
+    synth = calls.config("generate_synthetic")
     # nothing given: the dataclass itself, equal field by field
     assert steps[0] == PruneConfig()
     # --finetune-epochs N: fine-tuning as `fairdeploy finetune` does it, for N epochs; --seed reaches both
     assert steps[1] == PruneConfig(finetune=replace(FINETUNE_CONFIG, epochs=2, seed=7), seed=7)
     # a blind criterion gets its own control (fine-tuning alone), as BudgetConfig picks it
-    assert budget[0] == BudgetConfig(criterion="taylor", target=0.4) and budget[0].control == "finetune-only"
+    assert budget[0] == BudgetConfig(criterion="taylor", target=0.4) and budget[0].control_run == "finetune-only"
     default = BudgetConfig()
     assert budget[1] == replace(default, target=0.25, batch_size=16, finetune=replace(default.finetune, batch_size=16))
     assert finetuned[0] == FINETUNE_CONFIG
@@ -414,66 +530,7 @@ def test_synth_wrong_value_names_its_flag(run_main, tmp_path):
     assert code == 2 and err.strip().startswith("error: --format: image_format must be png or jpg")
 
 
-# ---- 8. the library's pruning, evaluation and interval defaults: each value written once, in its home ----
-
-# (home module, the constant or Class.field that holds the value, the names the setting goes by in the package).
-# The batch sizes are checked by agreement below: `batch_size` names several settings (training, evaluation,
-# scoring, calibration).
-LIBRARY_DEFAULTS = [
-    ("pruning.structured", "DEFAULT_ROUND_TO", ("round_to", "channels_per_round")),
-    ("pruning.removal", "DEFAULT_MAX_LAYER_RATIO", ("max_layer_ratio",)),
-    ("pruning.saliency", "DEFAULT_BETA", ("beta",)),
-    ("pruning.curvature", "DEFAULT_ESTIMATOR", ("curvature", "estimator")),
-    ("pruning.scoresets", "DEFAULT_SCORE_SAMPLES", ("score_samples",)),
-    ("pruning.scoresets", "DEFAULT_SCORE_BATCH_SIZE", ("score_batch_size",)),
-    ("pruning.snnl", "DEFAULT_SNNL_TEMPERATURE", ("temperature",)),
-    ("pruning.snnl", "DEFAULT_SNNL_BATCHES", ("snnl_batches", "batches")),
-    ("pruning.snnl", "DEFAULT_SNNL_BATCH_SIZE", ("snnl_batch_size",)),
-    ("metrics.bootstrap", "DEFAULT_N_BOOT", ("n_boot", "bootstrap")),
-    ("metrics.fairness", "DEFAULT_CONFIDENCE", ("confidence",)),
-    ("export.calibration", "CalibrationRecipe.percentile", ("percentile",)),
-    ("models.checkpoint", "ModelSpec.image_size", ("image_size",)),
-]
-_LITERAL = r"""(-?[0-9][0-9_]*(?:\.[0-9_]*)?(?:e-?[0-9]+)?|"[^"\n]*"|'[^'\n]*')"""
-
-
-def _literal_defaults(names: tuple[str, ...]) -> list[tuple[str, object]]:
-    """(file, value) of every literal a setting of one of `names` is given outside cli/ (whose flags section 7
-    checks): `name: type = v`, `name=v` and `.get("name", v)` / `.pop("name", v)`."""
-    import ast
-
-    alt = "|".join(names)
-    patterns = [re.compile(rf"\b(?:{alt})\b\s*(?::[^=\n]*)?=\s*{_LITERAL}"),
-                re.compile(rf"""\.(?:get|pop)\(\s*["'](?:{alt})["']\s*,\s*{_LITERAL}\s*\)""")]
-    hits = []
-    for py in sorted(PACKAGE.rglob("*.py")):
-        rel = py.relative_to(PACKAGE).as_posix()
-        if rel.startswith("cli/"):
-            continue
-        for line in py.read_text().splitlines():
-            for pattern in patterns:
-                hits += [(rel, ast.literal_eval(m.group(1) if m.group(1)[0] in "\"'" else m.group(1).replace("_", "")))
-                         for m in pattern.finditer(line)]
-    return hits
-
-
-@pytest.mark.parametrize("module, home, names", LIBRARY_DEFAULTS, ids=[h for _, h, _ in LIBRARY_DEFAULTS])
-def test_library_default_is_written_once_in_its_home(module, home, names):
-    import ast
-    import importlib
-
-    mod = importlib.import_module(f"fairdeploy.{module}")
-    holder, _, attr = home.rpartition(".")
-    value = getattr(getattr(mod, holder) if holder else mod, attr)
-    path = PACKAGE / (module.replace(".", "/") + ".py")
-    same = [h for h in _literal_defaults(names) if h[1] == value]
-    if holder:  # a dataclass field is the home: its own line is the one literal
-        assert same == [(path.relative_to(PACKAGE).as_posix(), value)], same
-    else:  # a module constant is the home: every user names it
-        assert same == [], same
-        text = path.read_text()
-        assert [ast.literal_eval(v) for v in re.findall(rf"^{attr} = (\S+)", text, flags=re.MULTILINE)] == [value]
-
+# ---- 8. the library's pruning, evaluation and calibration defaults: configs and functions agree ----
 
 def test_configs_and_functions_that_share_a_setting_agree():
     """The method configs, the budget run's config, the criteria's ScoreData and the library functions' keyword
@@ -484,7 +541,6 @@ def test_configs_and_functions_that_share_a_setting_agree():
 
     from fairdeploy.export.calibration import CalibrationRecipe
     from fairdeploy.export.int8 import quantize_qdq
-    from fairdeploy.metrics import bootstrap_difference_intervals, bootstrap_intervals, compute_metrics
     from fairdeploy.models.checkpoint import ModelSpec
     from fairdeploy.pruning._reference import group_curvature_loop
     from fairdeploy.pruning.budget import BudgetConfig
@@ -498,7 +554,6 @@ def test_configs_and_functions_that_share_a_setting_agree():
     from fairdeploy.training.loop import evaluate_model
     from fairdeploy.training.predict import predict
     from fairdeploy.training.train import evaluate_checkpoint, train_model
-    from fairdeploy.validation import ValidationConfig
 
     def default(fn, name):
         return inspect.signature(fn).parameters[name].default
@@ -526,11 +581,6 @@ def test_configs_and_functions_that_share_a_setting_agree():
     # the evaluation batch
     assert {default(predict, "batch_size"), default(evaluate_model, "batch_size"),
             default(evaluate_checkpoint, "batch_size"), PruneConfig().batch_size, budget.batch_size} == {64}
-    # bootstrap resamples and interval level
-    assert {default(bootstrap_intervals, "n_boot"), default(bootstrap_difference_intervals, "n_boot"),
-            default(evaluate_checkpoint, "bootstrap"), ValidationConfig().bootstrap} == {1000}
-    assert {default(bootstrap_intervals, "confidence"), default(bootstrap_difference_intervals, "confidence"),
-            default(compute_metrics, "confidence")} == {0.95}
     # INT8 calibration and the model's input size
     recipe = CalibrationRecipe()
     assert (default(quantize_qdq, "method"), default(quantize_qdq, "percentile")) == (recipe.method, recipe.percentile)

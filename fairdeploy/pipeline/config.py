@@ -33,8 +33,8 @@ class PruneEntry:
     method: str  # "fairprune", "snnl", or "budget" for a `criterion = ...` table
     options: dict[str, Any] = field(default_factory=dict)
     criterion: str | None = None  # budget runs only
-    # `finetune_after = { epochs = 2 }`: a separate fine-tuning stage after pruning (FitConfig; lr defaults to
-    # fairdeploy.training.finetune.FINETUNE_LR); None or epochs = 0: none
+    # `finetune_after = { epochs = 2 }`: a separate fine-tuning stage after pruning, `fairdeploy finetune` in the
+    # pipeline: keys left out keep FINETUNE_CONFIG's values (fairdeploy.training.finetune); None or epochs = 0: none
     finetune_after_table: dict[str, Any] | None = None
     source: str = "[[prune]]"  # where the table was written, for messages
 
@@ -47,15 +47,16 @@ class PruneEntry:
         return f"{self.source} {self.name}"
 
     def finetune_after(self, seed: int) -> Any:
-        """The FitConfig of the separate fine-tuning stage after pruning; None without one (or epochs = 0)."""
+        """The FitConfig of the separate fine-tuning stage after pruning: the table over `fairdeploy finetune`'s
+        defaults (FINETUNE_CONFIG) with the pipeline's seed; None without one (or epochs = 0)."""
         if self.finetune_after_table is None:
             return None
         from fairdeploy.schema import load
-        from fairdeploy.training.finetune import FINETUNE_LR
+        from fairdeploy.training.finetune import FINETUNE_CONFIG
         from fairdeploy.training.loop import FitConfig
 
         fit = load(FitConfig, self.finetune_after_table, self.where, "finetune_after",
-                   base=FitConfig(lr=FINETUNE_LR, seed=seed))
+                   base=replace(FINETUNE_CONFIG, seed=seed))
         if fit.epochs <= 0:
             return None
         fit.validate()  # resolve_pipeline calls this before anything is written
