@@ -28,6 +28,27 @@ def expected_selection(rec: dict) -> int:
     return best
 
 
+def expected_eligible(rec: dict, step: dict) -> bool:
+    """Oracle for the guard, read off prune.json: a step is eligible when the unprivileged group lost at most
+    max_group_drop of validation accuracy (if protected) and macro-F1 fell at most max_f1_drop, both against step
+    0 and recomputed from the steps' recorded validation figures under the recorded guard settings."""
+    guard, base, unprivileged = rec["params"]["guard"], rec["steps"][0]["val"], rec["groups"]["unprivileged"]
+    group_loss = base["group_accuracy"][unprivileged] - step["val"]["group_accuracy"][unprivileged]
+    f1_loss = base["f1_macro"] - step["val"]["f1_macro"]
+    return ((not guard["protect_unprivileged"] or group_loss <= guard["max_group_drop"] + 1e-12)
+            and f1_loss <= guard["max_f1_drop"] + 1e-12)
+
+
+def expected_fate(rec: dict, step: dict) -> float | None:
+    """FATE of a step on the selection target, from the recorded validation figures: relative macro-F1 change minus
+    relative gap change against step 0 (None where the input model's gap or F1 is 0 or a gap is undefined)."""
+    target, base = rec["selection"]["target"], rec["steps"][0]["val"]
+    gap_b, gap = base["fairness"].get(target), step["val"]["fairness"].get(target)
+    if gap_b is None or gap is None or gap_b == 0 or base["f1_macro"] == 0:
+        return None
+    return (step["val"]["f1_macro"] - base["f1_macro"]) / base["f1_macro"] - (gap - gap_b) / gap_b
+
+
 @torch.no_grad()
 def zero_channels(dg: tp.DependencyGraph, module: nn.Module, idxs: Sequence[int]) -> None:
     """Silence channels `idxs` of `module` without removing them: zero the output rows (weights and biases)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pruning_oracles import expected_selection
+from pruning_oracles import expected_eligible, expected_selection
 from typer.testing import CliRunner
 
 from fairdeploy.cli.app import app
@@ -23,7 +23,10 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def fairprune_run(biased_checkpoint: Path, synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`fairdeploy prune`: weight-level FairPrune, 2 steps of 0.2 % per layer (32 score images per group), one
-    fine-tuning epoch after each."""
+    fine-tuning epoch after each; `--select last` with the guard off, so the written checkpoint is the second step
+    whatever the steps did to the metrics (which depends on the CPU the fixture was trained on): the tests below
+    need a pruned, fine-tuned checkpoint on every machine. The guard's rule is checked on a default-guard run in
+    test_pruning_run.py and on hand-made reports."""
     out = tmp_path_factory.mktemp("cli_prune") / "fairprune"
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -32,6 +35,7 @@ def fairprune_run(biased_checkpoint: Path, synth_manifest: Path, tmp_path_factor
             "prune", "--model", str(biased_checkpoint), "--data", str(synth_manifest), "--out", str(out),
             "--method", "fairprune", "--ratio", "0.002", "--score-samples", "32", "--steps", "2",
             "--finetune-epochs", "1", "--finetune-lr", "1e-4", "--batch-size", "32", "--device", "cpu", "--seed", "0",
+            "--select", "last", "--no-guard", "--max-f1-drop", "1.0",
         ])
     finally:
         torch.set_num_threads(before)
@@ -40,22 +44,18 @@ def fairprune_run(biased_checkpoint: Path, synth_manifest: Path, tmp_path_factor
     return out
 
 
-def test_fairprune_selects_the_best_eligible_step_and_the_guard_holds(fairprune_run: Path) -> None:
-    """Fixed seed, synthetic bias: the written selection is the best step by the recorded rule (FATE on Eodd by
-    default) among the steps the guard accepted; the unprivileged group did not lose accuracy and macro-F1 stayed
-    within the budget. Whether Eodd itself falls is not asserted: FATE trades it against F1, and on this tiny
-    fixture the size and even the sign of the change depended on the CPU it was trained on (Eodd 0.40 -> 0.33 on
-    an Intel Xeon, 0.40 -> 0.40 on an AMD EPYC); fairness effects are measured against controls in
-    benchmarks/fair_compression.py."""
+def test_fairprune_records_the_options_and_selects_by_the_recorded_rule(fairprune_run: Path) -> None:
+    """The command's options reach prune.json; each step's guard verdict and the selection follow the recorded
+    rule (this file's oracles); with `last` and no guard that is the last step run."""
     rec = read_json(fairprune_run / "prune.json")
     assert rec["method"] == "fairprune" and rec["params"]["fairprune"]["granularity"] == "weight"
-    assert rec["groups"]["privileged"] == "light"  # the better-served group on validation, decided not assumed
-    base, sel = rec["steps"][0], rec["steps"][rec["selected_step"]]
-    assert rec["selected_step"] == expected_selection(rec) and sel["eligible"]
-    assert sel["fate"]["eodd"] >= base["fate"].get("eodd", 0.0)
-    assert sel["group_accuracy_change"]["dark"] >= 0.0 and sel["f1_macro_change"] >= -0.02
+    assert rec["params"]["guard"]["protect_unprivileged"] is False and rec["params"]["guard"]["max_f1_drop"] == 1.0
+    assert rec["selection"]["criterion"] == "last" and rec["selection"]["target"] == "eodd"
+    accuracy = rec["steps"][0]["val"]["group_accuracy"]  # the better-served group on validation, not assumed
+    assert rec["groups"]["privileged"] == max(accuracy, key=accuracy.get) != rec["groups"]["unprivileged"]
     for step in rec["steps"]:
-        assert step["eligible"] == (step["group_accuracy_change"]["dark"] >= 0 and step["f1_macro_change"] >= -0.02)
+        assert step["eligible"] == expected_eligible(rec, step)
+    assert rec["selected_step"] == expected_selection(rec) == len(rec["steps"]) - 1 == 2
     assert rec["data"]["score_samples_per_group"] == 32 and rec["data"]["test_split_used"] is False
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pruning_oracles import expected_selection
+from pruning_oracles import expected_eligible, expected_fate, expected_selection
 
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError
@@ -127,17 +127,18 @@ def test_stop_rule_patience_and_target_value() -> None:
     assert "reached the target 0.1" in tracker.update(0.09)
 
 
-def test_short_snnl_run_reduces_val_eodd_without_levelling_down(biased_checkpoint: Path, synth_manifest: Path,
-                                                                tmp_path: Path) -> None:
-    """Fixed seed, synthetic bias: the written selection is the best eligible step by the recorded rule, it
-    lowers validation Eodd and the guard holds.
+def test_short_snnl_run_selects_by_the_recorded_rule_and_writes_that_step(biased_checkpoint: Path,
+                                                                          synth_manifest: Path,
+                                                                          tmp_path: Path) -> None:
+    """Fixed seed, synthetic bias, default guard and selection (FATE on Eodd): what the code guarantees, checked
+    from prune.json with this file's own oracles, whatever the steps did to the metrics.
 
-    How much it lowers Eodd depends on the CPU the fixture was trained on (a 0.1 margin held on an Intel Xeon
-    and not on an AMD EPYC), and most of the gain comes from the fine-tuning epochs themselves (measured while
-    building this: a fine-tune-only control with the same schedule went from Eodd 0.48 to 0.27, this run to
-    0.26). So the test pins the pipeline's behaviour (selection, direction, guard, artifacts), not an effect of
-    the pruned channels; that comparison is in benchmarks/fair_compression.py against controls.
-    """
+    Whether a step lowers Eodd, and whether any step passes the guard, depends on the CPU the fixture was trained
+    on (step 1 lowered Eodd on an Intel Xeon and raised it on an AMD EPYC), so neither is asserted: each step's
+    verdict must follow the guard's rule under the recorded settings, its FATE the recorded figures, the selection
+    the best eligible step (step 0 when none beats the input model), the selected step's FATE must be above the
+    input model's 0 (so when F1 did not rise, Eodd fell), and the written checkpoint must be that step. Effects
+    of the pruned channels on fairness are measured against controls in benchmarks/fair_compression.py."""
     manifest = read_manifest(synth_manifest)
     cfg = PruneConfig(method="snnl", snnl=SnnlConfig(channels_per_round=8, batches=2),
                       stop=StopRule(steps=2, patience=2),
@@ -145,24 +146,36 @@ def test_short_snnl_run_reduces_val_eodd_without_levelling_down(biased_checkpoin
     out = tmp_path / "snnl"
     prune_checkpoint(biased_checkpoint, manifest, out, cfg, device="cpu")
     rec = read_json(out / "prune.json")
-    base, sel = rec["steps"][0], rec["steps"][rec["selected_step"]]
-    assert rec["selected_step"] == expected_selection(rec) > 0
-    assert sel["val"]["fairness"]["eodd"] < base["val"]["fairness"]["eodd"]
-    assert sel["group_accuracy_change"]["dark"] >= 0.0  # the unprivileged group did not lose
-    assert sel["f1_macro_change"] >= -0.02
-    assert rec["groups"]["unprivileged"] == "dark" and rec["groups"]["privileged"] == "light"
+    assert rec["params"]["guard"] == Guard().to_dict() and rec["selection"] == {
+        "criterion": "fate", "target": "eodd", "note": rec["selection"]["note"]}
+    accuracy = rec["steps"][0]["val"]["group_accuracy"]  # the less-served group on validation is protected
+    assert rec["groups"]["unprivileged"] == min(accuracy, key=accuracy.get) != rec["groups"]["privileged"]
     assert rec["data"]["test_split_used"] is False
+    steps = rec["steps"]
+    assert len(steps) == 3  # patience 2 cannot stop a 2-step run early
+    for step in steps:
+        assert step["eligible"] == expected_eligible(rec, step), step["step"]
+        want = expected_fate(rec, step)
+        assert step["fate"]["eodd"] == (None if want is None else pytest.approx(want, abs=1e-9))
+    # every step removed one round of channels from the coupled layer4 stream, whatever it did to the metrics
+    assert [s["removed"]["channels_removed"] for s in steps[1:]] == [8, 8]
+    assert [s["size"]["params"] for s in steps] == sorted((s["size"]["params"] for s in steps), reverse=True)
+    selected = rec["selected_step"]
+    sel = steps[selected]
+    assert selected == expected_selection(rec) and sel["eligible"]
+    if selected:
+        assert sel["fate"]["eodd"] > 0.0  # better than the input model by the rule (its FATE is 0)
+        if sel["val"]["f1_macro"] <= steps[0]["val"]["f1_macro"]:
+            assert sel["val"]["fairness"]["eodd"] < steps[0]["val"]["fairness"]["eodd"]
     # the written checkpoint is the selected step: evaluated independently it gives the recorded numbers
     report = evaluate_checkpoint(out, manifest, "val", "cpu", bootstrap=0)
     assert report.gap("eodd") == pytest.approx(sel["val"]["fairness"]["eodd"])
     assert report.overall_f1_macro == pytest.approx(sel["val"]["f1_macro"])
-    # channels really left: 16 of the coupled layer4 stream, and the size record says so
     model, spec = load_checkpoint(out)
-    removed = sum(r["removed"]["channels_removed"] for r in rec["steps"][1:rec["selected_step"] + 1])
+    removed = sum(r["removed"]["channels_removed"] for r in steps[1:selected + 1])
     assert model.layer4[1].conv2.out_channels == 512 - removed and model.fc.in_features == 512 - removed
-    assert rec["size"]["after"]["params"] < rec["size"]["before"]["params"]
-    assert rec["size"]["after"]["macs"] < rec["size"]["before"]["macs"]
-    assert spec.history[-1]["stage"] == "prune" and spec.history[-1]["selected_step"] == rec["selected_step"]
+    assert rec["size"]["after"] == sel["size"]
+    assert spec.history[-1]["stage"] == "prune" and spec.history[-1]["selected_step"] == selected
 
 
 def test_fairprune_channel_and_2_4_checkpoints(biased_checkpoint: Path, synth_manifest: Path, tmp_path: Path) -> None:

@@ -18,11 +18,14 @@ from fairdeploy.training.loop import FitConfig
 from fairdeploy.training.train import evaluate_checkpoint, train_model
 
 
-def test_trained_model_shows_a_gap_against_the_shortcut_hurt_group(trained_checkpoint, synth_manifest):
-    report = evaluate_checkpoint(trained_checkpoint, read_manifest(synth_manifest), "val", device="cpu", bootstrap=0)
-    light, dark = report.group("light").accuracy, report.group("dark").accuracy
-    assert light - dark > 0.05, (light, dark)
-    assert report.gap("eodd") > 0.02
+def test_trained_model_shows_a_gap_against_the_low_contrast_group(trained_checkpoint, synth_manifest):
+    """The synthetic data's contrast knob makes dark lesions harder (fairdeploy/data/synth.py). How large the gap of
+    a 3-epoch model comes out depends on the CPU it was trained on, so no margin is fixed: the gap must be real at
+    the validation split's own sampling noise, i.e. light's 95 % bootstrap interval entirely above dark's."""
+    report = evaluate_checkpoint(trained_checkpoint, read_manifest(synth_manifest), "val", device="cpu",
+                                 bootstrap=1000)
+    ci = dict(report.intervals)
+    assert ci["accuracy[light]"][0] > ci["accuracy[dark]"][1], (ci["accuracy[light]"], ci["accuracy[dark]"])
 
 
 def test_evaluate_equals_metrics_of_a_manual_prediction_loop(trained_checkpoint, synth_manifest):

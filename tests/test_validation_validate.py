@@ -13,6 +13,8 @@ from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
 from fairdeploy.data.manifest import read_manifest, write_manifest
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import sha256_file
+from fairdeploy.metrics import compute_metrics
+from fairdeploy.metrics.fairness import DEFAULT_CONFIDENCE
 from fairdeploy.models import ModelSpec, create_model, read_spec, save_checkpoint
 from fairdeploy.runtime import runner_from_artifact
 from fairdeploy.training.train import evaluate_checkpoint
@@ -20,6 +22,8 @@ from fairdeploy.validation import LatencyConfig, Tolerances, ValidationConfig, v
 from fairdeploy.validation.compare import flip_stats
 
 FAST = LatencyConfig(batch_sizes=(1, 4), warmup=1, iterations=3)
+
+pytestmark = pytest.mark.numerics  # the candidates are ONNX Runtime's FP32 kernels, compared with PyTorch's
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,7 +141,36 @@ def test_reference_metrics_equal_the_evaluate_path(result, trained_checkpoint: P
     assert got.overall_accuracy == expected.overall_accuracy
     assert [(g, m.accuracy, m.confusion) for g, m in got.groups] == \
         [(g, m.accuracy, m.confusion) for g, m in expected.groups]
-    assert dict(got.intervals)["eodd"][0] <= got.gap("eodd") <= dict(got.intervals)["eodd"][1]
+
+
+def test_reference_intervals_equal_a_brute_force_bootstrap(result, trained_checkpoint: Path,
+                                                           synth_manifest: Path) -> None:
+    """The reference's Eodd / accuracy intervals are the percentile bootstrap of its own test predictions with the
+    run's seed and resample count: redrawn here resample by resample (each group to its own size, in the RNG's
+    order) and recomputed with compute_metrics on the repeated rows. (A point estimate need not lie inside a
+    percentile interval, so that is not what is checked.)"""
+    res, _ = result
+    spec, x, y, g = _test_images(trained_checkpoint, synth_manifest)
+    with runner_from_artifact(trained_checkpoint, device="cpu") as ref:
+        pred = ref.infer(x).argmax(1)
+    cfg = res.config
+    rng = np.random.default_rng(cfg.seed)
+    draws = {}
+    for name in spec.groups:
+        rows = np.flatnonzero(g == name)
+        draws[name] = [np.repeat(rows, rng.multinomial(len(rows), np.full(len(rows), 1.0 / len(rows))))
+                       for _ in range(cfg.bootstrap)]
+    values: dict[str, list[float]] = {"eodd": [], "accuracy[dark]": []}
+    for i in range(cfg.bootstrap):
+        idx = np.concatenate([draws[name][i] for name in spec.groups])
+        again = compute_metrics(y[idx], pred[idx], g[idx], len(spec.classes), group_order=spec.groups)
+        values["eodd"].append(again.gap("eodd"))
+        values["accuracy[dark]"].append(again.group("dark").accuracy)
+    tail = (1 - DEFAULT_CONFIDENCE) / 2
+    intervals = dict(res.reference.metrics.intervals)
+    for key, v in values.items():
+        assert intervals[key] == pytest.approx((np.quantile(v, tail), np.quantile(v, 1 - tail))), key
+    assert cfg.bootstrap == 50 and intervals["eodd"][1] > intervals["eodd"][0]  # a real spread, not a point
 
 
 def test_perturbed_group_fails_the_per_group_check_and_is_named(result, flip_case: dict) -> None:
