@@ -68,8 +68,8 @@ def test_flags_override_the_profile_and_the_profile_overrides_defaults() -> None
 
 
 def test_bad_profiles_and_flags_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(FairdeployError, match=r"unknown profile 'jetson-nano'; choose one of jetson-agx-orin-int8-dla, "
-                                              r"jetson-orin-nano-fp16, workstation-int8"):
+    with pytest.raises(FairdeployError, match=r"unknown profile 'jetson-nano'; choose one of cpu-workstation-int8, "
+                                              r"jetson-agx-orin-int8-dla, jetson-orin-nano-fp16, workstation-int8"):
         resolve_options("jetson-nano", {}, DIRS)
     (tmp_path / "typo.toml").write_text('[tensorrt]\nmax_bacth = 4\n')
     with pytest.raises(FairdeployError, match=r"typo\.toml: unknown key 'max_bacth' in \[tensorrt\]; valid keys: "

@@ -211,7 +211,7 @@ def test_export_json_keeps_its_layout(exported: Path) -> None:
     assert list(summary["onnx"]["fp32"]) == [*head, "opset", "nodes", "self_check", "simplified", "zero_weights",
                                              "total_weights", *(k for k in check if k != "vs_fp32_onnx")]
     assert list(summary["onnx"]["fp16"]) == [*head, *check]
-    assert list(summary["onnx"]["int8"]) == [*head, "placement", "qdq", "calibration_sha256", *check]
+    assert list(summary["onnx"]["int8"]) == [*head, "target", "placement", "qdq", "calibration_sha256", *check]
     assert list(summary["onnx"]["int8"]["vs_pytorch"]) == ["n", "max_abs_logit_diff", "top1_agreement"]
 
 

@@ -59,7 +59,8 @@ def test_lookup_order_explicit_then_workdir_then_package(tmp_path: Path, monkeyp
     assert resolve_options("workstation-int8", {}).tensorrt.max_batch == 12
     assert Path(profile_layer("jetson-orin-nano-fp16").source) == inside / "jetson-orin-nano-fp16.toml"
     assert load_recipe().size == 33 and Path(load_recipe().source) == work / "calibration" / "default.toml"
-    assert set(list_profiles()) == {"my-board", "workstation-int8", "jetson-orin-nano-fp16", "jetson-agx-orin-int8-dla"}
+    assert set(list_profiles()) == {"my-board", "workstation-int8", "jetson-orin-nano-fp16", "jetson-agx-orin-int8-dla",
+                                    "cpu-workstation-int8"}
     # an explicit folder (--profiles-dir / FAIRDEPLOY_PROFILES) beats ./export; a .toml path is used as given
     mine = tmp_path / "mine"
     _write(mine / "workstation-int8.toml", "[tensorrt]\nmax_batch = 10\n")

@@ -60,13 +60,14 @@ class OnnxMetadata:
     checkpoint_sha256: str
     precision: str
     calibration_sha256: str | None = None
+    quantization_target: str | None = None  # int8: the runtime its Q/DQ types are for (export/quant_target.py)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def to_props(self) -> dict[str, str]:
-        """metadata_props as strings (JSON for lists); calibration_sha256 only when set."""
+        """metadata_props as strings (JSON for lists); calibration_sha256 and quantization_target only when set."""
         props = {
             "arch": self.arch,
             "classes": json.dumps(list(self.classes)),
@@ -79,6 +80,8 @@ class OnnxMetadata:
         }
         if self.calibration_sha256 is not None:
             props["calibration_sha256"] = self.calibration_sha256
+        if self.quantization_target is not None:
+            props["quantization_target"] = self.quantization_target
         return {PREFIX + k: v for k, v in props.items()}
 
     @classmethod
@@ -117,6 +120,13 @@ class OnnxMetadata:
         calib = props.get(PREFIX + "calibration_sha256")
         if precision == "int8" and not calib:
             raise FairdeployError(f"{source}: int8 model without {PREFIX}calibration_sha256 metadata")
+        target = props.get(PREFIX + "quantization_target") or None  # absent: an int8 export from before targets
+        if target is not None:
+            from fairdeploy.export.quant_target import TARGETS
+
+            if target not in TARGETS:
+                raise FairdeployError(f"{source}: metadata {PREFIX}quantization_target {target!r} is not one of "
+                                      f"{', '.join(TARGETS)}")
         return cls(
             arch=get("arch"),
             classes=json_list("classes", str),
@@ -127,6 +137,7 @@ class OnnxMetadata:
             checkpoint_sha256=get("checkpoint_sha256"),
             precision=precision,
             calibration_sha256=calib or None,
+            quantization_target=target,
         )
 
 

@@ -46,9 +46,15 @@ CalibDataOpt = Annotated[
 CalibSizeOpt = Annotated[int | None, typer.Option("--calib-size", help="Calibration images, balanced over group x class.")]
 CalibMethodOpt = Annotated[str | None, typer.Option("--calib-method", help="minmax, entropy or percentile.")]
 CalibSplitOpt = Annotated[str | None, typer.Option("--calib-split", help="Manifest split to calibrate on (train or val).")]
+Int8TargetOpt = Annotated[
+    str | None,
+    typer.Option("--int8-target", help="Runtime the INT8 graph is for: tensorrt (symmetric S8S8, GPU and Jetson) or "
+                 "ort-cpu (U8S8 for ONNX Runtime's CPU provider) (default: the profile's or recipe's)."),
+]
 Int8PlacementOpt = Annotated[
     str | None,
-    typer.Option("--int8-placement", help="Q/DQ placement: tensorrt (NVIDIA's guide) or ort-default (default: the recipe's)."),
+    typer.Option("--int8-placement", help="Q/DQ placement: tensorrt (NVIDIA's guide), ort-default or ort-cpu "
+                 "(default: the target's)."),
 ]
 Int8MixedOpt = Annotated[
     str | None,
@@ -101,6 +107,7 @@ def export(
     calib_size: CalibSizeOpt = None,
     calib_method: CalibMethodOpt = None,
     calib_split: CalibSplitOpt = None,
+    int8_target: Int8TargetOpt = None,
     int8_placement: Int8PlacementOpt = None,
     int8_mixed: Int8MixedOpt = None,
     calib_recipe: CalibRecipeOpt = None,
@@ -138,6 +145,7 @@ def export(
         "calibration.method": ("--calib-method", calib_method), "calibration.split": ("--calib-split", calib_split),
         "calibration.seed": ("--calib-seed", calib_seed), "calibration.placement": ("--int8-placement", int8_placement),
         "calibration.mixed_precision": ("--int8-mixed", int8_mixed),
+        "calibration.target": ("--int8-target", int8_target),
         "tensorrt.enabled": ("--trt", trt), "tensorrt.min_batch": ("--min-batch", min_batch),
         "tensorrt.opt_batch": ("--opt-batch", opt_batch), "tensorrt.max_batch": ("--max-batch", max_batch),
         "tensorrt.workspace_mib": ("--workspace-mib", workspace_mib),
@@ -171,13 +179,14 @@ def export(
     cal = summary.calibration
     if cal is not None:
         cells = ", ".join(f"{g}/{c} {n}" for g, c, n in cal.counts)
-        console.print(f"calibration: {cal.n} images ({cal.recipe.method}), {cells}; sha256 {cal.sha256[:16]}",
+        console.print(f"calibration: {cal.n} images ({cal.recipe.method}), {cells}; sha256 {cal.sha256[:16]}; "
+                      f"int8 for target {cal.recipe.target} ({cal.recipe.qdq_placement} Q/DQ placement)",
                       highlight=False, soft_wrap=True)
         int8 = summary.onnx["int8"].int8 if "int8" in summary.onnx else None
         mixed = int8.mixed_precision if int8 is not None else None
         if mixed is not None:
             kept = list(mixed.kept_fp32)
-            console.print(f"int8 ({cal.recipe.placement} Q/DQ placement), group-aware mixed precision on "
+            console.print(f"int8 ({cal.recipe.qdq_placement} Q/DQ placement), group-aware mixed precision on "
                           f"{mixed.data_source}: {len(kept)} layer(s) kept in FP32{': ' + ', '.join(kept) if kept else ''}",
                           highlight=False, soft_wrap=True)
     for p, path in result.engines.items():

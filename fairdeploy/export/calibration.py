@@ -19,7 +19,8 @@ from fairdeploy.data.loading import eval_transform
 from fairdeploy.data.manifest import SPLITS, Manifest
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.mixed_precision import DEFAULT_MIXED_PRECISION, check_mixed_precision
-from fairdeploy.export.qdq_placement import DEFAULT_PLACEMENT, check_placement
+from fairdeploy.export.qdq_placement import check_placement
+from fairdeploy.export.quant_target import DEFAULT_TARGET, check_target, target_of
 from fairdeploy.io import sha256_bytes, sha256_file, write_json
 from fairdeploy.models.checkpoint import ModelSpec
 from fairdeploy.resources import CALIBRATION, find_toml, search_folders
@@ -52,7 +53,9 @@ class CalibrationRecipe:
     percentile: float = 99.99
     seed: int = 0
     batch_size: int = 16
-    placement: str = DEFAULT_PLACEMENT  # where Q/DQ pairs go: qdq_placement.PLACEMENTS
+    target: str = DEFAULT_TARGET  # the runtime the INT8 graph is for: quant_target.TARGETS (tensorrt, ort-cpu)
+    placement: str | None = None  # where Q/DQ pairs go: qdq_placement.PLACEMENTS; None: the target's own
+    reduce_range: bool = False  # target ort-cpu: 7-bit weights (CPUs without VNNI, if the gate needs it)
     mixed_precision: str = DEFAULT_MIXED_PRECISION  # layers kept FP32: mixed_precision.MIXED_PRECISION_MODES
     source: str = setting("<built-in defaults>", internal=True)  # the recipe file read
     # Set when the options are resolved: True while the size is the recipe file's own (no --calib-size, no size in
@@ -77,15 +80,28 @@ class CalibrationRecipe:
             raise FairdeployError(f"{where('percentile')}: percentile must be in (50, 100], got {self.percentile!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise FairdeployError(f"{where('batch_size')}: batch_size must be a positive integer, got {self.batch_size!r}")
-        check_placement(self.placement, where("placement"))
+        check_target(self.target, where("target"))
+        if self.placement is not None:
+            check_placement(self.placement, where("placement"))
+        if self.reduce_range and self.target != "ort-cpu":
+            raise FairdeployError(f"{where('reduce_range')}: reduce_range (7-bit weights) is for target 'ort-cpu', "
+                                  f"not {self.target!r}")
         check_mixed_precision(self.mixed_precision, where("mixed_precision"))
-        if self.mixed_precision != "off" and self.placement != "tensorrt":
+        if self.mixed_precision != "off" and self.target != "tensorrt":
+            raise FairdeployError(f"{where('mixed_precision')}: mixed_precision {self.mixed_precision!r} needs "
+                                  "target 'tensorrt'")
+        if self.mixed_precision != "off" and self.qdq_placement != "tensorrt":
             raise FairdeployError(f"{where('mixed_precision')}: mixed_precision {self.mixed_precision!r} needs "
                                   "placement 'tensorrt'")
         return self
 
+    @property
+    def qdq_placement(self) -> str:
+        """The Q/DQ placement in effect: the one given, else the target's own."""
+        return self.placement or target_of(self.target).placement
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "placement": self.qdq_placement}
 
 
 def default_recipe_dirs(explicit: Path | None = None) -> list[Traversable]:

@@ -1,4 +1,5 @@
-"""INT8 ONNX with explicit Q/DQ (symmetric, zero point 0, per-channel weights) from a calibration set."""
+"""INT8 ONNX with explicit Q/DQ from a calibration set, for a quantization target (quant_target: TensorRT's
+symmetric S8S8 or ONNX Runtime CPU's U8S8), per-channel weights."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ from fairdeploy.export.calibration import CalibrationRecipe, CalibrationSet, bat
 from fairdeploy.export.entropy import entropy_ranges
 from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan, plan_group_aware, with_fp32_layers
 from fairdeploy.export.qdq_placement import (
-    DEFAULT_PLACEMENT,
     adds_fused_into,
     check_placement,
     ort_settings,
     place_qdq,
 )
+from fairdeploy.export.quant_target import DEFAULT_TARGET, check_quantized_graph, target_of
 from fairdeploy.io import atomic_path
 from fairdeploy.validation.tolerances import Tolerances
 
@@ -43,6 +44,8 @@ class QdqSummary:
     zero_point_types: tuple[int, ...]  # ONNX data types of the zero points (3 = int8)
     per_channel_weights: int  # weight DequantizeLinear nodes with a 1-D scale
     per_tensor_weights: int
+    activation_zero_point_types: tuple[int, ...] = ()  # ONNX data types of QuantizeLinear zero points (2 = uint8)
+    nonzero_weight_zero_points: tuple[str, ...] = ()  # zero points of 8-bit weights that are not all 0
 
     @property
     def symmetric(self) -> bool:
@@ -72,6 +75,7 @@ def qdq_summary(model) -> QdqSummary:
         if np.any(numpy_helper.to_array(consts[name]) != 0):
             nonzero.append(name)
     per_channel = per_tensor = 0
+    weight_nonzero = []
     for n in dq:
         if n.input[0] in consts:  # a weight (constant) being dequantized
             scale = consts.get(n.input[1])
@@ -79,10 +83,17 @@ def qdq_summary(model) -> QdqSummary:
                 per_channel += 1
             else:
                 per_tensor += 1
+            zp = n.input[2] if len(n.input) > 2 else ""
+            if consts[n.input[0]].data_type in (2, 3) and zp in nonzero:  # 8-bit weights, not int32 biases
+                weight_nonzero.append(zp)
+    activation_types = {consts[n.input[2]].data_type if n.input[2] in consts else 0
+                        for n in q if len(n.input) > 2 and n.input[2]}
     return QdqSummary(
         quantize_nodes=len(q), dequantize_nodes=len(dq), zero_points=len(zp_names),
         nonzero_zero_points=tuple(nonzero), zero_point_types=tuple(sorted(types)),
         per_channel_weights=per_channel, per_tensor_weights=per_tensor,
+        activation_zero_point_types=tuple(sorted(activation_types)),
+        nonzero_weight_zero_points=tuple(sorted(set(weight_nonzero))),
     )
 
 
@@ -117,24 +128,32 @@ def quantize_qdq(
     reader: Any,
     method: str = CalibrationRecipe.method,
     percentile: float = CalibrationRecipe.percentile,
-    placement: str = DEFAULT_PLACEMENT,
+    placement: str | None = None,
     keep_fp32: Collection[str] = (),
+    target: str = DEFAULT_TARGET,
+    reduce_range: bool = False,
 ):
     """The Q/DQ onnx.ModelProto of an FP32 ONNX file, calibrated on `reader`'s batches (no metadata change).
 
-    Activations and weights are signed int8 and symmetric (every zero point 0); weights per output channel;
-    biases stay float (TensorRT folds them). `placement` decides where the Q/DQ pairs go (qdq_placement);
-    `keep_fp32` names weighted layers left in FP32 (ORT's nodes_to_exclude, then the placement pass)."""
+    `target` (quant_target.TARGETS) decides the types: "tensorrt" signed int8 activations and weights, symmetric
+    (every zero point 0), float biases (TensorRT folds them); "ort-cpu" U8 activations with their calibrated zero
+    points, S8 weights with zero point 0 (7-bit with `reduce_range`), int32 biases. Weights are per output channel
+    for both. `placement` decides where the Q/DQ pairs go (qdq_placement; None: the target's own); `keep_fp32`
+    names weighted layers left in FP32 (ORT's nodes_to_exclude, then the placement pass)."""
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    check_placement(placement)
+    kind = target_of(target)
+    placement = check_placement(placement or kind.placement)
     if keep_fp32 and placement != "tensorrt":
         raise FairdeployError(f"layers kept in FP32 need the 'tensorrt' Q/DQ placement, not {placement!r}")
+    if reduce_range and kind.name != "ort-cpu":
+        raise FairdeployError(f"reduce_range (7-bit weights) is for target 'ort-cpu', not {kind.name!r}")
     src = Path(fp32_path)
     op_types, extra = ort_settings(placement)
-    extra["CalibPercentile"] = float(percentile)
+    options = kind.quantize_static_options(reduce_range)
+    extra = {**options.pop("extra_options"), **extra, "CalibPercentile": float(percentile)}
     with tempfile.TemporaryDirectory(prefix=".int8.") as work:
         pre = Path(work) / "pre.onnx"
         raw = Path(work) / "qdq.onnx"
@@ -151,10 +170,8 @@ def quantize_qdq(
                         name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
                 quantize_static(
                     str(pre), str(raw), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
-                    per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8,
                     calibrate_method=_calibrate_method("minmax" if method == "entropy" else method),
-                    nodes_to_exclude=exclude, extra_options=extra,
+                    nodes_to_exclude=exclude, extra_options=extra, **options,
                 )
             except FairdeployError:
                 raise
@@ -169,13 +186,6 @@ def quantize_qdq(
     return model
 
 
-def check_symmetric(model, name: str) -> QdqSummary:
-    summary = qdq_summary(model)
-    if summary.quantize_nodes == 0 or not summary.symmetric:
-        raise FairdeployError(f"{name}: quantization produced no symmetric Q/DQ graph ({summary.to_dict()})")
-    return summary
-
-
 def quantize_int8(
     fp32_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -183,12 +193,13 @@ def quantize_int8(
     keep_fp32: Collection[str] = (),
     model: Any | None = None,
 ) -> Path:
-    """Write a Q/DQ INT8 ONNX calibrated on `cal` (method, percentile, batch size and Q/DQ placement from its
-    recipe), with the layers in `keep_fp32` left in FP32. `model`: an already quantized ModelProto of this
-    FP32 file to write instead (mixed precision builds it from the calibrated all-INT8 graph).
+    """Write a Q/DQ INT8 ONNX calibrated on `cal` (method, percentile, batch size, quantization target and Q/DQ
+    placement from its recipe), with the layers in `keep_fp32` left in FP32. `model`: an already quantized
+    ModelProto of this FP32 file to write instead (mixed precision builds it from the calibrated all-INT8 graph).
 
-    The result runs on ONNX Runtime's CPU provider and is what TensorRT 10.x and 11.x accept as explicit
-    quantization.
+    Every target's graph runs on ONNX Runtime's CPU provider; the "tensorrt" one is what TensorRT 10.x and 11.x
+    accept as explicit quantization, the "ort-cpu" one is what ORT's CPU kernels run fastest. The target is
+    checked against the graph and written into its metadata (fairdeploy.quantization_target).
     """
     import onnx
 
@@ -199,9 +210,10 @@ def quantize_int8(
     if model is None:
         recipe = cal.recipe
         model = quantize_qdq(src, reader_class()(cal, recipe.batch_size), recipe.method, recipe.percentile,
-                             recipe.placement, keep_fp32)
-    set_onnx_metadata(model, dataclasses.replace(meta, precision="int8", calibration_sha256=cal.sha256))
-    check_symmetric(model, out.name)
+                             recipe.qdq_placement, keep_fp32, recipe.target, recipe.reduce_range)
+    set_onnx_metadata(model, dataclasses.replace(meta, precision="int8", calibration_sha256=cal.sha256,
+                                                 quantization_target=cal.recipe.target))
+    check_quantized_graph(model, cal.recipe.target, out.name)
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
     return out
@@ -214,8 +226,9 @@ def group_aware_int8(fp32_path: str | os.PathLike[str], cal: CalibrationSet, dat
     import onnx
 
     recipe = cal.recipe
-    if recipe.placement != "tensorrt":
-        raise FairdeployError(f"group-aware mixed precision needs the 'tensorrt' Q/DQ placement, not {recipe.placement!r}")
+    if recipe.qdq_placement != "tensorrt" or recipe.target != "tensorrt":
+        raise FairdeployError("group-aware mixed precision needs the 'tensorrt' target and Q/DQ placement, not "
+                              f"{recipe.target!r} / {recipe.qdq_placement!r}")
     full = quantize_qdq(fp32_path, reader_class()(cal, recipe.batch_size), recipe.method, recipe.percentile)
     fp32 = onnx.load(str(fp32_path))
     plan = plan_group_aware(full, fp32, data, tolerances, threads)

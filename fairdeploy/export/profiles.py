@@ -25,6 +25,7 @@ from fairdeploy.artifact.metadata import PRECISIONS
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.calibration import CalibrationRecipe, finish_recipe, read_toml, resolve_recipe
 from fairdeploy.export.onnx_export import DEFAULT_BATCH_SIZES, DEFAULT_FP32_ATOL, DEFAULT_OPSET, check_opset
+from fairdeploy.export.quant_target import check_engine_target
 from fairdeploy.resources import PROFILES, find_toml, search_folders, toml_names
 from fairdeploy.schema import Layer, Provenance, build, check_type, setting
 
@@ -167,6 +168,9 @@ class ExportOptions:
         if self.tensorrt.enabled and self.tensorrt.implicit_int8 and "int8" not in self.engine_precisions:
             raise FairdeployError(f"{at('tensorrt.implicit_int8')}: the implicit INT8 calibrator builds the int8 "
                                   "engine; add --precision int8")
+        explicit_int8 = not self.tensorrt.implicit_int8 and self.tensorrt.dla_core is None  # DLA on 10.x: implicit
+        if self.tensorrt.enabled is True and "int8" in self.engine_precisions and explicit_int8:
+            check_engine_target(self.calibration.target, at("calibration.target"))
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,8 +24,7 @@ from typing import Any
 
 from fairdeploy.errors import FairdeployError
 
-PLACEMENTS = ("tensorrt", "ort-default")
-DEFAULT_PLACEMENT = "tensorrt"
+PLACEMENTS = ("tensorrt", "ort-default", "ort-cpu")
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # The op types handed to ORT: the weighted ops and Add (whose inputs ORT calibrates, so a shortcut has a scale).
 QUANTIZED_OP_TYPES = (*WEIGHTED_OPS, "Add")
@@ -38,14 +37,20 @@ def check_placement(placement: str, where: str = "INT8 options") -> str:
 
 
 def ort_settings(placement: str) -> tuple[list[str], dict[str, Any]]:
-    """(op_types_to_quantize, extra_options) for onnxruntime.quantization.quantize_static.
+    """(op_types_to_quantize, extra_options) for onnxruntime.quantization.quantize_static: where the Q/DQ pairs go
+    (the types and symmetry are the quantization target's, quant_target).
 
-    Both placements: signed symmetric INT8 (zero point 0, as TensorRT requires), per-channel weights,
-    float biases. "tensorrt" also keeps ORT from quantizing the outputs of the quantized ops; place_qdq then
-    removes what TensorRT does not want. "ort-default" is ORT's own placement, unchanged."""
-    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+    "tensorrt" also keeps ORT from quantizing the outputs of the quantized ops; place_qdq then removes what
+    TensorRT does not want. "ort-default" is ORT's own placement over the weighted ops and Add, unchanged.
+    "ort-cpu" is ORT's own placement over every op type ORT quantizes (its default when no op type is given:
+    pooling, Mul, Flatten, ... too), so its CPU provider fuses whole chains into QLinear* kernels."""
+    extra: dict[str, Any] = {}
     if check_placement(placement) == "tensorrt":
         extra["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OP_TYPES)
+    if placement == "ort-cpu":
+        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+        return sorted({*QLinearOpsRegistry, *QDQRegistry}), extra
     return list(QUANTIZED_OP_TYPES), extra
 
 
