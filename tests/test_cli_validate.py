@@ -49,6 +49,7 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.numerics
 def test_passing_candidate_exits_0_and_writes_validation_json(
     trained_checkpoint: Path, runtime_fp32_onnx: Path, synth_manifest: Path, tmp_path: Path
 ) -> None:

@@ -72,6 +72,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, onnx.ModelP
     return path, fp32, data, calibration
 
 
+@pytest.mark.numerics
 def test_group_aware_keeps_the_hostile_layer_and_passes_the_gate(hostile) -> None:
     path, fp32, data, calibration = hostile
     full = quantize_qdq(path, array_reader(calibration), "minmax")
@@ -92,6 +93,7 @@ def test_group_aware_keeps_the_hostile_layer_and_passes_the_gate(hostile) -> Non
         plan.sensitivity[0].evaluation.accuracy_drop_per_group
 
 
+@pytest.mark.numerics
 def test_sensitivity_ranking_equals_a_brute_force_requantization_loop(hostile) -> None:
     path, fp32, data, calibration = hostile
     full = quantize_qdq(path, array_reader(calibration), "minmax")
@@ -108,6 +110,7 @@ def test_sensitivity_ranking_equals_a_brute_force_requantization_loop(hostile) -
         assert s.evaluation.harm == pytest.approx(harm, abs=1e-6)
 
 
+@pytest.mark.numerics
 def test_fast_fp32_layers_equal_ort_exclusion(hostile) -> None:
     path, fp32, data, calibration = hostile
     fast = with_fp32_layers(quantize_qdq(path, array_reader(calibration), "minmax"), fp32, [HOSTILE])
@@ -118,6 +121,7 @@ def test_fast_fp32_layers_equal_ort_exclusion(hostile) -> None:
                                rtol=0, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_export_records_the_plan(trained_checkpoint: Path, synth_manifest: Path, tmp_path: Path) -> None:
     options = resolve_options(None, {"onnx": {"precision": ("int8",)}, "calibration": {"size": 24, "mixed_precision": "group-aware"}})
     result = run_export(trained_checkpoint, tmp_path / "out", options, data=synth_manifest)

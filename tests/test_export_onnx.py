@@ -24,6 +24,7 @@ from fairdeploy.models import (
     read_spec,
     save_checkpoint,
 )
+from fairdeploy.runtime.ort_runner import session_options
 
 CLASSES = ("cross", "disc", "ring")
 GROUPS = ("dark", "light")
@@ -71,6 +72,7 @@ def conv_out_channels_onnx(model: onnx.ModelProto) -> list[int]:
     return sorted(int(inits[n.input[1]].dims[0]) for n in model.graph.node if n.op_type == "Conv")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "channel-pruned"])
 def test_fp32_onnx_matches_pytorch(arch: str, pruned: bool, tmp_path: Path) -> None:
@@ -93,7 +95,7 @@ def test_fp32_onnx_matches_pytorch(arch: str, pruned: bool, tmp_path: Path) -> N
 
     result = export_onnx(ckpt, tmp_path / "out" / "model.fp32.onnx", batch_sizes=(1, 8))
     assert result.max_abs_logit_diff < tol and result.top1_agreement == 1.0
-    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(result.path), session_options(), providers=["CPUExecutionProvider"])
     one = np.concatenate([sess.run(["logits"], {"input": x[i : i + 1].numpy()})[0] for i in range(8)])
     eight = sess.run(["logits"], {"input": x.numpy()})[0]
     assert np.abs(one - ref).max() < tol

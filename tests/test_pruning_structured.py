@@ -82,8 +82,11 @@ def test_physical_removal_equals_masked_model_and_reloads(arch: str, tmp_path: P
         torch.testing.assert_close(reloaded(x), got, rtol=0, atol=0)
 
 
+@pytest.mark.numerics
 def test_pruned_resnet18_exports_to_onnx() -> None:
     import onnxruntime as ort
+
+    from fairdeploy.runtime.ort_runner import session_options
 
     model = _model("resnet18")
     dg, groups, plan = _plan(model, "resnet18", seed=3)
@@ -94,7 +97,7 @@ def test_pruned_resnet18_exports_to_onnx() -> None:
     x = torch.randn(2, 3, 32, 32)
     buf = io.BytesIO()
     torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["input"], output_names=["logits"])
-    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(buf.getvalue(), session_options(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ref = model(x).numpy()
     np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], ref, rtol=1e-4, atol=1e-5)
