@@ -100,13 +100,12 @@ def onnx_latency_ms(ckpt: Path, work: Path, repeats: int = 30) -> float:
 
     from fairdeploy.export.onnx_export import export_onnx
     from fairdeploy.models.checkpoint import read_spec
+    from fairdeploy.runtime.ort_runner import session_options
 
     spec = read_spec(ckpt)
     path = work / f"{ckpt.parent.name}-{ckpt.name}.onnx"
     export_onnx(ckpt, path)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), session_options(threads=1), providers=["CPUExecutionProvider"])
     x = np.zeros((1, 3, spec.image_size, spec.image_size), np.float32)
     name = sess.get_inputs()[0].name
     for _ in range(5):
