@@ -12,6 +12,7 @@ from torch import nn
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.distributed import broadcast_module, main_writes, world
+from fairdeploy.errors import FairdeployError
 from fairdeploy.io import atomic_dir, sha256_file
 from fairdeploy.models.checkpoint import (
     WEIGHTS_FILE,
@@ -65,23 +66,37 @@ def finetune_checkpoint(
     cfg: FitConfig = FINETUNE_CONFIG,
     device: str = "auto",
     progress: Progress = no_progress,
+    reference: str | os.PathLike[str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a (pruned) checkpoint on the train split, select on validation, hold its masks.
+
+    With `cfg.constrained`: constrained recovery against the dense reference checkpoint `reference` (default: the
+    input checkpoint itself: no group may lose more than ε against the model you started from); an ε left unset is
+    the guard's tolerance (fairdeploy.pruning.selection.Guard.max_group_drop).
 
     Writes OUT/best (the checkpoint; `--model OUT` finds it), OUT/last and OUT/trainer.json, atomically:
     a failed run leaves no OUT behind.
     """
+    if cfg.constrained is not None:
+        from fairdeploy.pruning.selection import Guard  # here: fairdeploy.pruning imports this module
+
+        cfg = replace(cfg, constrained=cfg.constrained.resolved(Guard.max_group_drop))
+    elif reference is not None:
+        raise FairdeployError("a reference model is the dense reference of constrained recovery: it needs "
+                              "constrained recovery switched on (--constrained)")
     cfg.validate()
     dev = resolve_device(device)
     seed_everything(cfg.seed)
     src = resolve_checkpoint(model_dir)
     model, spec = load_checkpoint(src, dev)
     masks = spec_masks(model, spec)
+    teacher = _reference_model(reference if reference is not None else src, spec, dev) if cfg.constrained else None
     train_ds, val_ds = spec_datasets(manifest, spec)
     out = Path(out_dir)
     # replaces only an earlier finetune output; under torchrun only rank 0 writes
     with main_writes(lambda: atomic_dir(out, owner="trainer.json"), out) as tmp:
-        model, result = finetune_model(model, spec, train_ds, val_ds, cfg, tmp, dev, masks, progress)
+        model, result = finetune_model(model, spec, train_ds, val_ds, cfg, tmp, dev, masks, progress,
+                                       teacher=teacher)
         entry = {
             "stage": "finetune",
             "config": asdict(cfg),
@@ -92,9 +107,24 @@ def finetune_checkpoint(
             "manifest": manifest.source,
             "masks_held": sorted(masks),
         }
+        if teacher is not None:
+            ref = resolve_checkpoint(reference) if reference is not None else src
+            entry["reference"] = {"path": str(ref), "sha256": sha256_file(ref / WEIGHTS_FILE)}
         if world().is_main:
             write_spec(result.best_dir, spec.with_history(entry))
     held = None
     if masks:  # the best epoch's model, as written to OUT/best
         held = sparsity(masks_from_model(model, spec.sparsity["layers"]))  # type: ignore[index]
     return FinetuneResult(out_dir=out, best_dir=out / "best", fit=replace(result, best_dir=out / "best"), sparsity=held)
+
+
+def _reference_model(path: str | os.PathLike[str], spec: ModelSpec, device: torch.device) -> nn.Module:
+    """The dense reference of constrained recovery: a checkpoint that reads the same inputs (image size,
+    normalisation) and predicts the same classes for the same groups as the model being fine-tuned."""
+    ref_dir = resolve_checkpoint(path)
+    ref, ref_spec = load_checkpoint(ref_dir, device)
+    for what in ("classes", "groups", "image_size", "mean", "std"):
+        if getattr(ref_spec, what) != getattr(spec, what):
+            raise FairdeployError(f"reference model {ref_dir}: {what} {getattr(ref_spec, what)}, the fine-tuned model "
+                                  f"has {getattr(spec, what)}; use the dense model it was pruned from")
+    return ref.eval()

@@ -36,6 +36,7 @@ from fairdeploy.io import atomic_path, write_json
 from fairdeploy.metrics import MetricsReport, compute_metrics
 from fairdeploy.models.checkpoint import ModelSpec, check_resumable, load_checkpoint, save_checkpoint
 from fairdeploy.progress import Progress, no_progress
+from fairdeploy.training.constrained import ConstrainedRecovery, GroupDropConstraint
 from fairdeploy.training.predict import DEFAULT_EVAL_BATCH_SIZE, predict
 
 SELECT_CHOICES = ("f1_macro", "accuracy", "worst_group_accuracy")
@@ -61,6 +62,9 @@ class FitConfig:
     distill_temperature: float = 4.0
     # "balanced": each sample's loss weighted by N / (G * n_g) of its group (worst-group emphasis)
     group_weight: str = "none"
+    # constrained recovery (fairdeploy.training.constrained): no group may lose more than ε accuracy against the
+    # teacher given to fit() (the dense reference); None: off
+    constrained: ConstrainedRecovery | None = None
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -79,6 +83,8 @@ class FitConfig:
             raise FairdeployError(f"distillation temperature must be > 0, got {self.distill_temperature}")
         if self.group_weight not in GROUP_WEIGHTS:
             raise FairdeployError(f"unknown group weighting {self.group_weight!r}; choose one of {', '.join(GROUP_WEIGHTS)}")
+        if self.constrained is not None:
+            self.constrained.validate()
 
 
 @dataclass(frozen=True)
@@ -164,12 +170,20 @@ def fit(
 
     `after_step` runs after every optimiser step (fine-tuning re-applies pruning masks there).
     With `resume`, continue from out_dir/last when it exists. With `teacher` and `cfg.distill` > 0, the loss
-    mixes in distillation from the teacher's logits. Each epoch's history records a hash of the order in which
-    the training samples were seen (two runs with the same seed see the same order).
+    mixes in distillation from the teacher's logits. With `cfg.constrained`, the teacher is the dense reference of
+    constrained recovery (fairdeploy.training.constrained): its penalty joins the loss, its dual step follows each
+    optimiser step, and each epoch's history records the multipliers and each group's drop (`constraint`). Each
+    epoch's history records a hash of the order in which the training samples were seen (two runs with the same
+    seed see the same order).
     """
     cfg.validate()
     if cfg.distill > 0 and teacher is None:
         raise FairdeployError("distillation needs a teacher model (the input model of the pruning run)")
+    if cfg.constrained is not None and teacher is None:
+        raise FairdeployError("constrained recovery needs a dense reference model (the teacher) to measure each "
+                              "group's accuracy drop against")
+    # under torchrun every rank holds the same multipliers (the dual step gathers the whole global batch)
+    constraint = GroupDropConstraint(cfg.constrained, len(spec.groups)) if cfg.constrained is not None else None
     ranks = world()
     if cfg.batch_size % ranks.size:
         raise FairdeployError(f"--batch-size {cfg.batch_size} (the global batch) cannot be split evenly over "
@@ -222,6 +236,8 @@ def fit(
         start_epoch = int(state["epoch"])  # epochs done (1-based: the last one finished)
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         history = list(state["history"])
+        if constraint is not None and "constraint_state" in state:  # else (it was off before) λ starts at 0
+            constraint.load_state(state["constraint_state"])
 
     gen = torch.Generator()
     steps_per_epoch = max(1, len(train_ds) // cfg.batch_size)
@@ -250,17 +266,24 @@ def fit(
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 logits = trained(x)
                 loss = (loss_fn(logits.float(), y) * group_w[g.to(device)]).mean()
-                if cfg.distill > 0 and teacher is not None:
+                t_logits = None
+                if teacher is not None and (cfg.distill > 0 or constraint is not None):
                     with torch.no_grad():
                         t_logits = teacher(x).float()
+                if cfg.distill > 0 and t_logits is not None:
                     loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(
                         logits.float(), t_logits, cfg.distill_temperature)
+                # the Lagrangian; `loss` (what train_loss reports) stays the objective of plain fine-tuning
+                objective = loss + constraint.penalty(logits, t_logits, y, g) if constraint is not None else loss
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             scaler.step(opt)
             scaler.update()
             if after_step is not None:
                 after_step(model)
+            if constraint is not None and t_logits is not None:
+                with torch.no_grad():
+                    constraint.dual_step(logits.argmax(1) == y, t_logits.argmax(1) == y, g)
             seen += len(y)
             loss_sum += float(loss.detach()) * len(y)
             progress(f"{task} epoch {epoch + 1}/{cfg.epochs}", step + 1, steps_per_epoch)
@@ -284,6 +307,8 @@ def fit(
             "val_eodd": report.gap("eodd"),
             "score": score,
         }
+        if constraint is not None:
+            entry["constraint"] = constraint.record(spec.groups)
         history.append(entry)
         better = score > best_score
         if better:
@@ -292,7 +317,7 @@ def fit(
         # one finished task per epoch: a plain log line (`train ... > log`) with the time and the key metrics
         progress(f"{task} epoch {epoch + 1}/{cfg.epochs} done: train loss {entry['train_loss']:.4f}, "
                  f"val {cfg.select} {score:.4f}, worst-group accuracy {worst:.4f}"
-                 f"{' (best so far)' if better else ''}", 1, 1)
+                 f"{_constraint_summary(entry)}{' (best so far)' if better else ''}", 1, 1)
         if ranks.is_main:
             if better:
                 save_checkpoint(model, spec, best_dir)
@@ -303,6 +328,7 @@ def fit(
                 "best_score": best_score,
                 "config": asdict(cfg), "history": history, "optimizer": opt_meta, "device": str(device),
                 "processes": ranks.size,
+                **({"constraint_state": constraint.state()} if constraint is not None else {}),
             })
         barrier()
     if best_epoch < 1:
@@ -310,6 +336,17 @@ def fit(
     if ranks.is_main and not keep_optimizer_state:
         (last_dir / OPTIMIZER_FILE).unlink(missing_ok=True)  # the run is finished: nothing will resume it
     return FitResult(best_epoch=best_epoch, best_score=best_score, history=tuple(history), best_dir=best_dir)
+
+
+def _constraint_summary(entry: dict[str, Any]) -> str:
+    """', multipliers dark 0.41 light 0, train drop dark 0.025 light -0.025 (max 0.01)' for an epoch of constrained
+    recovery (the drop over each group's window of recent training samples; n/a: not full yet), else ''."""
+    c = entry.get("constraint")
+    if c is None:
+        return ""
+    lam = " ".join(f"{g} {v:.3g}" for g, v in c["multipliers"].items())
+    drop = " ".join(f"{g} {'n/a' if v is None else format(v, '.3f')}" for g, v in c["group_drop"].items())
+    return f", multipliers {lam}, train drop {drop} (max {c['max_group_drop']:g})"
 
 
 def _one_based(state: dict[str, Any]) -> dict[str, Any]:
