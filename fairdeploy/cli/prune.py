@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -22,7 +24,7 @@ from fairdeploy.cli.common import (
     unset,
 )
 from fairdeploy.cli.tables import fmt_number
-from fairdeploy.cli.train import describe_kept_run
+from fairdeploy.cli.train import FIT_FIELDS, describe_kept_run
 from fairdeploy.errors import FairdeployError
 
 if TYPE_CHECKING:
@@ -291,6 +293,10 @@ def _budget_table(record: BudgetRecord) -> Table:
 
 
 FT = "FINETUNE_CONFIG"  # fairdeploy.training.finetune: `fairdeploy finetune`'s defaults (a FitConfig)
+CR = "ConstrainedRecovery"  # fairdeploy.training.constrained: constrained recovery's defaults
+# `finetune`: FitConfig's options as `train` has them, and constrained recovery's (with --constrained)
+FINETUNE_FIELDS: dict[str, str | tuple[str, ...]] = {
+    **FIT_FIELDS, "max_group_drop": "constrained.max_group_drop", "dual_lr": "constrained.dual_lr"}
 
 
 @option_blocks
@@ -306,21 +312,40 @@ def finetune(
     select: Annotated[str | None, _opt("Validation metric that picks the best epoch: f1_macro, accuracy, "
                                        "worst_group_accuracy.", default=FT)] = None,
     amp: Annotated[bool | None, _opt("Mixed precision on CUDA.", "--amp/--no-amp", default=FT)] = None,
+    constrained: Annotated[bool, _opt("Constrained recovery: one Lagrange multiplier per group keeps every group's "
+                                      "training accuracy within --max-group-drop of the --reference model.",
+                                      "--constrained")] = False,
+    max_group_drop: Annotated[float | None, _opt(
+        "With --constrained: the most accuracy a group may lose against the reference, in [0, 1] (default: the "
+        "guard's, fairdeploy.pruning.selection.Guard.max_group_drop).")] = None,
+    dual_lr: Annotated[float | None, _opt("With --constrained: step of the multipliers' dual ascent per batch, > 0.",
+                                          default=CR)] = None,
+    reference: Annotated[Path | None, _opt("With --constrained: the dense reference checkpoint (default: --model "
+                                           "itself, the model you start from).", "--reference")] = None,
     batch_size: unset(BatchSizeOpt, f"{FT}'s") = None,  # type: ignore[valid-type]
     job: Job = Job(),
 ) -> None:
     """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best.
 
-    Options left unset keep fairdeploy.training.finetune.FINETUNE_CONFIG's values."""
-    from fairdeploy.cli.train import FIT_FIELDS
+    Options left unset keep fairdeploy.training.finetune.FINETUNE_CONFIG's values (and, with --constrained,
+    fairdeploy.training.constrained.ConstrainedRecovery's)."""
+    from functools import partial
+
+    from fairdeploy.training.constrained import ConstrainedRecovery
     from fairdeploy.training.finetune import FINETUNE_CONFIG, finetune_checkpoint
     from fairdeploy.training.loop import FitConfig
 
+    given = [flag for flag, v in (("--max-group-drop", max_group_drop), ("--dual-lr", dual_lr),
+                                  ("--reference", reference)) if v is not None]
+    if given and not constrained:
+        raise FairdeployError(f"{', '.join(given)} set constrained recovery: add --constrained")
     options = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "balance": balance,
-               "select": select, "amp": amp, "batch_size": batch_size, "workers": job.workers, "seed": job.seed}
-    cfg = configure(FitConfig, FIT_FIELDS, options, base=FINETUNE_CONFIG)
+               "select": select, "amp": amp, "batch_size": batch_size, "workers": job.workers, "seed": job.seed,
+               "max_group_drop": max_group_drop, "dual_lr": dual_lr}
+    base = replace(FINETUNE_CONFIG, constrained=ConstrainedRecovery()) if constrained else FINETUNE_CONFIG
+    cfg = configure(FitConfig, FINETUNE_FIELDS, options, base=base)
     on_interrupt(lambda: describe_kept_run(out))
-    result = checkpoint_job("finetune", finetune_checkpoint, model, data, out, cfg, job)
+    result = checkpoint_job("finetune", partial(finetune_checkpoint, reference=reference), model, data, out, cfg, job)
     if result is None:
         return
     best = result.fit.history[[h["epoch"] for h in result.fit.history].index(result.fit.best_epoch)]
@@ -332,4 +357,10 @@ def finetune(
     )
     if result.sparsity is not None:
         console.print(f"masks held: sparsity {result.sparsity:.4f}", highlight=False)
+    if constrained:
+        end = result.fit.history[-1]["constraint"]
+        console.print(f"constrained recovery (max group drop {end['max_group_drop']:g} against "
+                      f"{reference or model}): multipliers after the last epoch "
+                      + ", ".join(f"{g} {v:.3g}" for g, v in end["multipliers"].items()), highlight=False,
+                      soft_wrap=True)
     console.print(f"checkpoint: {result.best_dir}", highlight=False, soft_wrap=True)
