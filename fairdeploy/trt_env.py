@@ -38,6 +38,33 @@ def import_tensorrt(what: str = "building or running a TensorRT engine") -> Any:
     return tensorrt
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """A TensorRT message as one line of at most `limit` characters (its whitespace and newlines collapsed)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def tensorrt_logger(trt: Any) -> Any:
+    """An ILogger for Builder / OnnxParser / Runtime that keeps TensorRT's errors in `.errors` (for a one-line
+    FairdeployError after a call returns None or False) and passes its warnings on as Python warnings. The
+    bindings' ILogger is subclassed as NVIDIA's samples do (log(severity, msg); Severity is an arithmetic enum,
+    INTERNAL_ERROR 0 .. VERBOSE 4). Keep it alive as long as what it was given to."""
+    import warnings
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if int(severity) <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(str(msg))
+            elif int(severity) == int(trt.ILogger.Severity.WARNING):
+                warnings.warn(f"TensorRT: {one_line(msg)}", stacklevel=2)
+
+    return _Logger()
+
+
 def version_parts(version: str) -> tuple[int, ...]:
     """'10.3.0.30' -> (10, 3, 0): the leading numeric major.minor.patch (a build number is ignored;
     '11.0.0b1' -> (11, 0, 0)). An empty result is refused with the version named."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_tensorrt import ENGINE_MAGIC, fake_tensorrt, names, timing_cache_blob
+from fake_tensorrt import ENGINE_MAGIC, dla_exists, engine_bytes, fake_tensorrt, names, timing_cache_blob
 
 from fairdeploy.errors import FairdeployError, MissingDependencyError
 from fairdeploy.export import tensorrt_build as tb
@@ -98,17 +98,40 @@ def test_int8_on_dla_with_10x_is_the_implicit_int8_fp16_path() -> None:
     assert "INT8 *and* FP16" in text and "11.0-11.3 has no DLA" in text
 
 
-@pytest.mark.parametrize("version,platform", [("11.0.0", "linux"), ("11.1.0", "linux"), ("11.3.1", "linux"),
-                                              ("11.4.0", "linux")])
-def test_dla_is_refused_where_tensorrt_has_none(version: str, platform: str) -> None:
-    """Item 2: TensorRT 11.0-11.3 has no DLA; 11.4.0 only on Windows on ARM. One line, before any work."""
+DLA_VERSIONS = ("10.3.0", "10.7.0", "10.8.0", "10.13.2", "10.16.0", "11.0.0", "11.3.1", "11.4.0", "11.4.1",
+                "11.4.2", "11.5.0", "11.5.1")
+
+
+@pytest.mark.parametrize("platform", ["linux", "win32"])
+@pytest.mark.parametrize("version", DLA_VERSIONS)
+def test_dla_table_agrees_with_nvidias_statement(version: str, platform: str) -> None:
+    """Issue 19 §2: DLA by release as NVIDIA's 'Working with DLA' states it (the fake's own statement of it:
+    10.0-10.7 Jetson, none in 10.8+ or 11.0-11.3, 11.4.0 Windows on ARM, 11.4.1 Orin + Windows on ARM, 11.5
+    Windows on ARM). Where there is none, plan_build refuses in one line naming the row of fairdeploy's table."""
     opts = TrtOptions(min_batch=1, opt_batch=1, max_batch=1, dla_core=0)
-    with pytest.raises(FairdeployError, match=r"--dla-core 0: TensorRT 11\.(0-11\.3|4\.0) has (no DLA|DLA only)") as e:
+    if dla_exists(version, platform):
         tb.plan_build(version, "fp16", opts, 224, platform=platform)
+        return
+    with pytest.raises(FairdeployError, match=rf"--dla-core 0: TensorRT {version} has no DLA on {platform} "
+                                              r"\(DLA table row [^:]+: .+\)") as e:
+        tb.plan_build(version, "fp16", opts, 224, platform=platform)
+    row = tb.dla_row(*tb.version_parts(version))
+    assert row is not None and f"row {row.releases}: {row.says}" in str(e.value)
     assert "\n" not in str(e.value) and "--dla-core -1" in str(e.value)
     tb.plan_build(version, "fp16", TrtOptions(), 224, platform=platform)  # the GPU is fine
-    tb.plan_build("11.4.0", "fp16", opts, 224, platform="win32")
-    tb.plan_build("11.4.1", "fp16", opts, 224, platform="linux")
+
+
+def test_dla_after_the_table_is_left_to_the_machine(tmp_path: Path) -> None:
+    """A release newer than the table: planned with a note saying so; the machine's num_DLA_cores (0 in the fake,
+    which knows no DLA there either) then refuses before the build."""
+    opts = TrtOptions(min_batch=1, opt_batch=1, max_batch=1, dla_core=0, timing_cache=None)
+    plan = tb.plan_build("11.6.0", "fp16", opts, 224, platform="linux")
+    assert any("newer than fairdeploy's DLA table" in n for n in plan.notes)
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    trt = fake_tensorrt("11.6.0", dla_cores=2)
+    with pytest.raises(FairdeployError, match="--dla-core 0: this machine has no DLA"):
+        tb.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", plan, trt)
+    assert "build_serialized_network" not in names(trt.calls)
 
 
 @pytest.mark.parametrize("cores,core", [(0, 0), (1, 1), (2, 2)])
@@ -154,6 +177,8 @@ def test_builder_plumbing_per_version(version: str, tmp_path: Path) -> None:
     assert ("config.set_memory_pool_limit", "pool:workspace", 64 * 2**20) in calls
     assert ("config.builder_optimization_level", 4) in calls
     assert [c for c in calls if c[0] == "config.set_flag"] == [("config.set_flag", "flag:SPARSE_WEIGHTS")]
+    assert ("config.clear_flag", "flag:TF32") in calls and "flag:TF32" not in trt.built[0]["flags"]
+    assert plan.cleared_builder_flags == ("TF32",)
     assert ("profile.set_shape", "input", (1, 3, 32, 32), (1, 3, 32, 32), (1, 3, 32, 32)) in calls
     assert "config.default_device_type" not in names(calls) and "config.DLA_core" not in names(calls)
     assert ("config.create_timing_cache", b"") in calls and ("config.set_timing_cache", False, True) in calls
@@ -191,7 +216,7 @@ def test_timing_cache_from_another_version_or_gpu_falls_back_to_a_fresh_one(stal
 def _calibration_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batches, set_hash: str | None,
                        version: str = "10.3.0", opts: TrtOptions | None = None, dla_cores: int = 0):
     plan = tb.plan_build(version, "int8", opts or TrtOptions(implicit_int8=True, timing_cache=None), 32)
-    trt = fake_tensorrt(version, dla_cores=dla_cores)
+    trt = fake_tensorrt(version, dla_cores=dla_cores, memory="host")
     built = tb.build_engine(tmp_path / "model.fp32.onnx", tmp_path / "model.int8.engine", plan, trt,
                             calibration_batches=batches, calibration_batch_size=len(batches[0]),
                             calibration_sha256=set_hash, calibration_device="cpu")  # the fake reads host memory
@@ -258,9 +283,56 @@ def test_parse_or_build_failure_leaves_no_engine(tmp_path: Path) -> None:
     plan = tb.plan_build("11.0.0", "fp16", TrtOptions(timing_cache=None), 32)
     with pytest.raises(FairdeployError, match=r"TensorRT cannot parse m\.onnx: In node 3 \(Foo\): No importer"):
         tb.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", plan, fake_tensorrt("11.0.0", parse_ok=False))
-    with pytest.raises(FairdeployError, match=r"TensorRT could not build an engine from m\.onnx"):
-        tb.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", plan, fake_tensorrt("11.0.0", build_ok=False))
+    with pytest.raises(FairdeployError, match=r"TensorRT could not build an engine from m\.onnx: out of memory$"):
+        tb.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", plan,
+                        fake_tensorrt("11.0.0", build_error="out of\nmemory"))
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def _pooling_onnx(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["logits"], name="/head/GlobalAveragePool")], "pool",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 1, 1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_layer_the_dla_rejects_at_build_time_is_one_line(tmp_path: Path) -> None:
+    """Issue 19 §2: build_serialized_network returns None (the reason goes to the logger) for a layer the DLA
+    cannot run without GPU fallback; fairdeploy says so in one line naming the layer, and writes nothing. With GPU
+    fallback the same network builds (the control)."""
+    onnx_path = _pooling_onnx(tmp_path / "m.onnx")
+    opts = TrtOptions(min_batch=1, opt_batch=1, max_batch=1, dla_core=0, gpu_fallback=False, timing_cache=None)
+    plan = tb.plan_build("10.3.0", "fp16", opts, 32)
+    trt = fake_tensorrt("10.3.0", dla_cores=2, dla_unsupported=("GlobalAveragePool",))
+    with pytest.raises(FairdeployError) as e:
+        tb.build_engine(onnx_path, tmp_path / "m.engine", plan, trt)
+    assert str(e.value) == ("TensorRT could not build an engine from m.onnx: /head/GlobalAveragePool "
+                            "(GlobalAveragePool): layer cannot run on DLA and GPU fallback is not enabled")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    fallback = tb.plan_build("10.3.0", "fp16", TrtOptions(min_batch=1, opt_batch=1, max_batch=1, dla_core=0,
+                                                          timing_cache=None), 32)
+    built = tb.build_engine(onnx_path, tmp_path / "m.engine", fallback,
+                            fake_tensorrt("10.3.0", dla_cores=2, dla_unsupported=("GlobalAveragePool",)))
+    assert built.path.read_bytes() == engine_bytes(0)
+
+
+def test_calibration_batches_must_be_device_memory(tmp_path: Path) -> None:
+    """The real builder reads get_batch's pointers as device memory: host memory (a CPU tensor) is refused, the
+    build returns None, and fairdeploy's message carries the reason (the fake in its real-API mode; on a machine
+    without CUDA it has no device memory at all)."""
+    (tmp_path / "model.fp32.onnx").write_bytes(b"onnx")
+    plan = tb.plan_build("10.3.0", "int8", TrtOptions(implicit_int8=True, timing_cache=None), 32)
+    with pytest.raises(FairdeployError, match=r"could not build an engine from model\.fp32\.onnx: Calibration "
+                                              r"failure: (address 0x[0-9a-f]+ is not CUDA device memory|the bindings "
+                                              r"read device memory and there is no CUDA device here)"):
+        tb.build_engine(tmp_path / "model.fp32.onnx", tmp_path / "model.int8.engine", plan, fake_tensorrt("10.3.0"),
+                        calibration_batches=[np.ones((2, 3, 32, 32), np.float32)], calibration_batch_size=2,
+                        calibration_sha256="d" * 64, calibration_device="cpu")
 
 
 def test_export_writes_sidecar_from_the_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,13 +348,17 @@ def test_export_writes_sidecar_from_the_build(tmp_path: Path, monkeypatch: pytes
                                      image_size=32), tmp_path / "ckpt")
     monkeypatch.setattr(tb, "gpu_identity", lambda device_index=0: ("Fake GPU", "8.7"))
     options = resolve_options(None, {"onnx": {"precision": ("fp16",)}, "tensorrt": {"enabled": True, "max_batch": 4, "opt_batch": 2}})
-    result = run_export(ckpt, tmp_path / "out", options, trt_module=fake_tensorrt("10.3.0.30"))
+    trt = fake_tensorrt("10.3.0.30")
+    result = run_export(ckpt, tmp_path / "out", options, trt_module=trt)
     side = read_sidecar(tmp_path / "out" / "model.fp16.engine.json")
     assert side.tensorrt_version == "10.3.0.30" and side.gpu_name == "Fake GPU" and side.precision == "fp16"
     assert side.onnx_sha256 == sha256_file(tmp_path / "out" / "model.fp16.onnx") and side.calibration_sha256 is None
     assert (side.min_batch, side.opt_batch, side.max_batch) == (1, 2, 4) and side.classes == ("a", "b", "c")
     check_sidecar(side, "10.3.0.30", "Fake GPU", "8.7", result.engines["fp16"])
     recorded = read_json(tmp_path / "out" / "export.json")["engines"]
+    # TF32 (on by default in TensorRT) is cleared, and export.json says so beside the flags that were set.
+    assert recorded["fp16"]["build_settings"]["cleared_builder_flags"] == ["TF32"]
+    assert side.build_settings["builder_flags"] == [] and "flag:TF32" not in trt.built[0]["flags"]
     # Item 5: only the engine asked for; the fp32 ONNX is written (the others derive from it), no fp32 engine.
     assert set(recorded) == {"fp16"} and recorded["fp16"]["engine_sha256"] == side.engine_sha256
     assert set(result.engines) == {"fp16"} and not (tmp_path / "out" / "model.fp32.engine").exists()
@@ -341,7 +417,7 @@ def test_dla_int8_without_gpu_fallback_exports_on_10x(tmp_path: Path, monkeypatc
     monkeypatch.setattr(tb, "build_engine", functools.partial(tb.build_engine, calibration_device="cpu"))
     options = resolve_options(None, {"onnx": {"precision": ("int8",)}, "calibration": {"size": 12}, "tensorrt": {
         "enabled": True, "min_batch": 1, "opt_batch": 1, "max_batch": 1, "dla_core": 0, "gpu_fallback": False}})
-    trt = fake_tensorrt("10.3.0.30", dla_cores=2)
+    trt = fake_tensorrt("10.3.0.30", dla_cores=2, memory="host")
     result = run_export(_tiny_checkpoint(tmp_path), tmp_path / "out", options, data=synth_manifest,
                         trt_module=trt)
     assert set(result.engines) == {"int8"}
@@ -350,6 +426,58 @@ def test_dla_int8_without_gpu_fallback_exports_on_10x(tmp_path: Path, monkeypatc
     assert side.calibration_sha256 == result.summary.calibration.sha256
     assert (tmp_path / "out" / f"model.int8.engine.calib-{side.calibration_sha256[:16]}.cache").is_file()
     assert trt.calibration["batches"] == [1] * 12 and ("parse_from_file", "model.fp32.onnx") in trt.calls
+
+
+def test_group_aware_mixed_precision_is_refused_on_the_implicit_path() -> None:
+    """Issue 19 §2: the implicit INT8 path (DLA on 10.x, --trt-implicit-int8) builds from model.fp32.onnx with
+    TensorRT's calibrator, so the layers group-aware mixed precision keeps FP32 in model.int8.onnx would silently
+    not be kept: refused at planning, in one line. The Q/DQ paths keep them and plan as before."""
+    from fairdeploy.export.calibration import CalibrationRecipe
+
+    mixed = CalibrationRecipe(mixed_precision="group-aware")
+    dla = TrtOptions(min_batch=1, opt_batch=1, max_batch=1, dla_core=0)
+    for opts, why in ((dla, "INT8 on DLA with TensorRT 10.x"), (TrtOptions(implicit_int8=True), "--trt-implicit-int8")):
+        with pytest.raises(FairdeployError, match=rf"^--int8-mixed group-aware: {why} builds the int8 engine from "
+                                                  r"model\.fp32\.onnx") as e:
+            tb.plan_build("10.3.0", "int8", opts, 224, platform="linux", calibration=mixed)
+        assert "\n" not in str(e.value) and "--int8-mixed off" in str(e.value)
+        # The control: the same options without mixed precision plan the implicit path.
+        assert tb.plan_build("10.3.0", "int8", opts, 224, platform="linux",
+                             calibration=CalibrationRecipe()).implicit_calibrator
+    assert tb.plan_build("10.3.0", "int8", TrtOptions(), 224, calibration=mixed).quantization == "qdq"
+    assert tb.plan_build("11.4.1", "int8", dla, 224, platform="linux", calibration=mixed).quantization == "qdq"
+    assert not tb.plan_build("10.3.0", "fp16", dla, 224, platform="linux", calibration=mixed).implicit_calibrator
+
+
+def test_implicit_path_notes_a_recipe_method_other_than_entropy() -> None:
+    from fairdeploy.export.calibration import CalibrationRecipe
+
+    opts = TrtOptions(implicit_int8=True)
+    notes = tb.plan_build("10.3.0", "int8", opts, 32, calibration=CalibrationRecipe(method="minmax")).notes
+    assert any("calibrated with 'minmax'" in n for n in notes)
+    entropy = tb.plan_build("10.3.0", "int8", opts, 32, calibration=CalibrationRecipe(method="entropy")).notes
+    assert not any("calibrated with" in n for n in entropy)
+
+
+@pytest.mark.parametrize("case", ["mixed-on-dla", "no-dla-in-10.8"])
+def test_export_refuses_at_planning_before_any_work(case: str, tmp_path: Path, synth_manifest: Path) -> None:
+    """With TensorRT importable, run_export plans the engines before reading the data or exporting anything: the
+    refusal comes first and the output folder is never made."""
+    from fairdeploy.export.exporter import run_export
+    from fairdeploy.export.profiles import resolve_options
+
+    dla = {"enabled": True, "min_batch": 1, "opt_batch": 1, "max_batch": 1, "dla_core": 0}
+    if case == "mixed-on-dla":
+        flags = {"onnx": {"precision": ("int8",)}, "calibration": {"mixed_precision": "group-aware"}, "tensorrt": dla}
+        version, expected = "10.3.0.30", "--int8-mixed group-aware: INT8 on DLA"
+    else:
+        flags = {"onnx": {"precision": ("fp16",)}, "tensorrt": dla}
+        version, expected = "10.8.0", "--dla-core 0: TensorRT 10.8.0 has no DLA"
+    trt = fake_tensorrt(version, dla_cores=2)
+    with pytest.raises(FairdeployError, match=expected):
+        run_export(_tiny_checkpoint(tmp_path), tmp_path / "out", resolve_options(None, flags), data=synth_manifest,
+                   trt_module=trt)
+    assert not (tmp_path / "out").exists() and names(trt.calls) == []
 
 
 # ---------------------------------------------------------------- real TensorRT (skipped here)

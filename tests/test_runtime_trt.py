@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from fake_tensorrt import fake_tensorrt, reference_logits
+from fake_tensorrt import engine_bytes, fake_tensorrt, reference_logits
 
 from fairdeploy.artifact.sidecar import EngineSidecar, write_sidecar
 from fairdeploy.errors import EXIT_MISSING_DEPENDENCY, FairdeployError, MissingDependencyError
@@ -73,7 +73,8 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch):
 
 
 def _install(monkeypatch: pytest.MonkeyPatch, **kw):
-    trt = fake_tensorrt("10.3.0.30", **kw)
+    """The fake as `tensorrt`; memory="host" unless given: the CPU tests bind CPU tensors (not the real API)."""
+    trt = fake_tensorrt("10.3.0.30", **{"memory": "host", **kw})
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     return trt
 
@@ -100,9 +101,11 @@ def test_runner_name_based_io_on_its_own_stream(tmp_path: Path, monkeypatch: pyt
 
 def test_runner_sets_the_dla_core_before_deserialising(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        fake_cuda) -> None:
-    """Item 2: runtime.DLA_core from the sidecar, set before deserialize_cuda_engine."""
+    """Item 2: runtime.DLA_core from the sidecar, set before deserialize_cuda_engine (a DLA engine does not
+    deserialize without it)."""
     trt = _install(monkeypatch, dla_cores=2)
-    runner = TensorRTRunner(_fake_engine(tmp_path, dla_core=1), torch.device("cpu"), environment=BUILT)
+    runner = TensorRTRunner(_fake_engine(tmp_path, dla_core=1, content=engine_bytes(1)), torch.device("cpu"),
+                            environment=BUILT)
     with runner:
         runner.infer(np.zeros((2, 3, 32, 32), np.float32))
     order = [c[0] for c in trt.calls]
@@ -111,12 +114,55 @@ def test_runner_sets_the_dla_core_before_deserialising(tmp_path: Path, monkeypat
     assert runner.describe()["dla_core"] == 1
 
 
+@pytest.mark.parametrize("version,cores,core", [("10.3.0.30", 0, 0), ("10.3.0.30", 2, 2), ("10.8.0", 2, 0)])
+def test_a_dla_core_the_machine_lacks_is_refused_before_tensorrt_reads_the_engine(
+        version: str, cores: int, core: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_cuda) -> None:
+    """IRuntime.DLA_core's setter never fails (NvInferRuntime.h: with no DLA it does nothing), so the runner checks
+    runtime.num_DLA_cores itself: one line naming the core, before deserialising (10.8 has no DLA at all)."""
+    trt = fake_tensorrt(version, dla_cores=cores, memory="host")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    here = EngineEnvironment(version, "Orin", "8.7")
+    engine = _fake_engine(tmp_path, env=here, dla_core=core, content=engine_bytes(core))
+    runner = TensorRTRunner(engine, torch.device("cpu"), environment=here)
+    where = "has no DLA" if cores == 0 or version == "10.8.0" else f"has DLA cores 0..{cores - 1}"
+    with pytest.raises(FairdeployError, match=rf"built for DLA core {core}, this machine {where}; rebuild it here"):
+        runner.activate()
+    assert "runtime.deserialize_cuda_engine" not in [c[0] for c in trt.calls]
+
+
+def test_the_fake_runtime_needs_the_core_for_a_dla_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control for the check above: the fake, like the real runtime, returns None (reason logged) for a DLA
+    engine when no valid core was set, and its setter does nothing without a DLA."""
+    trt = fake_tensorrt("10.3.0.30", dla_cores=2)
+    runtime = trt.Runtime(trt.Logger())
+    assert runtime.deserialize_cuda_engine(engine_bytes(1)) is None
+    runtime.DLA_core = 1
+    assert runtime.deserialize_cuda_engine(engine_bytes(1)) is not None
+    none = fake_tensorrt("10.3.0.30", dla_cores=0).Runtime(trt.Logger())
+    none.DLA_core = 1
+    assert none.DLA_core == -1
+
+
+def test_host_memory_is_not_what_the_real_engine_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       fake_cuda) -> None:
+    """The fake in its real-API mode reads device memory: the CPU tensors of the plumbing tests are refused
+    (execute_async_v3 returns False, the reason logged), and the runner's error carries the reason in one line."""
+    _install(monkeypatch, memory="device")
+    runner = TensorRTRunner(_fake_engine(tmp_path), torch.device("cpu"), environment=BUILT)
+    with runner, pytest.raises(FairdeployError, match=r"TensorRT execution failed: IExecutionContext::enqueueV3: "
+                                                      r"(address 0x[0-9a-f]+ is not CUDA device memory|the bindings "
+                                                      r"read device memory and there is no CUDA device here)"):
+        runner.infer(np.zeros((2, 3, 32, 32), np.float32))
+
+
 def test_runner_refuses_an_engine_tensorrt_cannot_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        fake_cuda) -> None:
     _install(monkeypatch)
     runner = TensorRTRunner(_fake_engine(tmp_path, content=b"corrupt bytes"), torch.device("cpu"), environment=BUILT)
-    with pytest.raises(FairdeployError, match="TensorRT could not deserialize the engine"):
+    with pytest.raises(FairdeployError, match="TensorRT could not deserialize the engine: IRuntime::deserializeCuda"
+                                              "Engine: Error Code 1: Serialization") as e:
         runner.activate()
+    assert "\n" not in str(e.value)
 
 
 def test_engine_for_another_tensorrt_version_is_refused(tmp_path: Path) -> None:
@@ -181,12 +227,53 @@ def test_cli_engine_without_tensorrt_exits_3(tmp_path: Path, trained_checkpoint:
     proc = subprocess.run(
         [sys.executable, "-m", "fairdeploy", "validate", "-r", str(trained_checkpoint), "-c", str(engine),
          "--data", str(synth_manifest), "--out", str(out), "--device", "cpu", "--no-latency", "--bootstrap", "0"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == EXIT_MISSING_DEPENDENCY, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "TensorRT engine needs a CUDA GPU" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.gpu
+def test_runner_cuda_path_against_the_device_memory_fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's CUDA path for real (torch CUDA buffers, its own stream, results read after it) against the fake
+    reading device memory as the real bindings do; a host address is refused by the same fake (the control)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: the fake engine reads the runner's device buffers through CUDA")
+    trt = _install(monkeypatch, memory="device", profile_batches=(1, 8, 4))
+    runner = TensorRTRunner(_fake_engine(tmp_path), torch.device("cuda"), environment=BUILT)
+    batch = np.random.default_rng(0).standard_normal((11, 3, 32, 32)).astype(np.float32)
+    with runner:
+        out = runner.infer(batch)
+    np.testing.assert_allclose(out, reference_logits(batch, 3), rtol=1e-5, atol=1e-6)
+    runs = [c for c in trt.calls if c[0] == "context.execute_async_v3"]
+    assert len(runs) == 3 and all(c[1] != 0 for c in runs)  # the runner's own stream, never the legacy default
+    context = trt.Runtime(trt.Logger()).deserialize_cuda_engine(b"x").create_execution_context()
+    host = torch.zeros((1, 3, 32, 32))
+    assert context.set_input_shape("input", (1, 3, 32, 32))
+    context.set_tensor_address("input", host.data_ptr())
+    context.set_tensor_address("logits", torch.zeros((1, 3), device="cuda").data_ptr())
+    assert context.execute_async_v3(torch.cuda.current_stream().cuda_stream) is False
+
+
+@pytest.mark.gpu
+def test_implicit_calibrator_feeds_device_memory(tmp_path: Path) -> None:
+    """make_entropy_calibrator on the current CUDA device (build_engine's default): the builder fake reads the
+    batches through their device pointers."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: the fake builder reads the calibrator's device pointers through CUDA")
+    from fairdeploy.export import tensorrt_build as tb
+    from fairdeploy.export.profiles import TrtOptions
+
+    (tmp_path / "model.fp32.onnx").write_bytes(b"onnx")
+    batches = [np.random.default_rng(i).standard_normal((2, 3, 32, 32)).astype(np.float32) for i in range(3)]
+    plan = tb.plan_build("10.3.0", "int8", TrtOptions(implicit_int8=True, timing_cache=None), 32)
+    trt = fake_tensorrt("10.3.0", memory="device")
+    tb.build_engine(tmp_path / "model.fp32.onnx", tmp_path / "model.int8.engine", plan, trt,
+                    calibration_batches=batches, calibration_batch_size=2, calibration_sha256="e" * 64)
+    np.testing.assert_allclose(trt.calibration["sums"], [float(b.astype(np.float64).sum()) for b in batches],
+                               rtol=1e-6)
 
 
 @pytest.mark.tensorrt

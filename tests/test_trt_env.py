@@ -69,3 +69,21 @@ def test_gpu_identity_of_a_cpu_device_refuses_without_touching_cuda(monkeypatch:
         monkeypatch.setattr(torch.cuda, name, boom)
     with pytest.raises(FairdeployError, match=r"CUDA device, not cpu; use --device cuda"):
         trt_env.gpu_identity(torch.device("cpu"))
+
+
+def test_tensorrt_logger_keeps_errors_and_passes_warnings_on() -> None:
+    """The ILogger given to Builder / OnnxParser / Runtime: errors (INTERNAL_ERROR, ERROR) kept for the one-line
+    message after a call returns None, warnings as Python warnings, INFO and VERBOSE dropped."""
+    from fake_tensorrt import Severity, fake_tensorrt
+
+    trt = fake_tensorrt("10.3.0")
+    logger = trt_env.tensorrt_logger(trt)
+    assert isinstance(logger, trt.ILogger)
+    with pytest.warns(UserWarning, match=r"^TensorRT: weights downcast to INT32$"):
+        logger.log(Severity.WARNING, "weights downcast\n  to INT32")
+    logger.log(Severity.INFO, "info")
+    logger.log(Severity.VERBOSE, "verbose")
+    logger.log(Severity.ERROR, "first\nerror")
+    logger.log(Severity.INTERNAL_ERROR, "second")
+    assert logger.errors == ["first\nerror", "second"]
+    assert trt_env.one_line("first\nerror") == "first error" and len(trt_env.one_line("x" * 500)) == 300

@@ -41,7 +41,6 @@ from fairdeploy.export.int8 import QdqSummary, group_aware_int8, qdq_summary, qu
 from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan
 from fairdeploy.export.onnx_export import OnnxExportResult, export_model_onnx, random_check_inputs
 from fairdeploy.export.profiles import ExportOptions, resolve_export_options
-from fairdeploy.export.quant_target import check_engine_target
 from fairdeploy.io import sha256_file, write_json
 from fairdeploy.models.checkpoint import (
     ModelSpec,
@@ -115,10 +114,8 @@ class OnnxCheck:
 
 @dataclass(frozen=True)
 class Int8Record:
-    """How the INT8 file was quantized: the target runtime, Q/DQ placement, the group-aware plan, what the graph
-    holds, the set."""
+    """How the INT8 file was quantized: Q/DQ placement, the group-aware plan, what the graph holds, the set."""
 
-    target: str  # quant_target.TARGETS: the runtime its types are for
     placement: str
     qdq: QdqSummary
     calibration_sha256: str
@@ -126,7 +123,7 @@ class Int8Record:
 
     def to_dict(self) -> dict[str, Any]:
         mixed = {} if self.mixed_precision is None else {"mixed_precision": self.mixed_precision.to_dict()}
-        return {"target": self.target, "placement": self.placement, **mixed, "qdq": self.qdq.to_dict(),
+        return {"placement": self.placement, **mixed, "qdq": self.qdq.to_dict(),
                 "calibration_sha256": self.calibration_sha256}
 
 
@@ -308,6 +305,9 @@ def run_export(
     options = (options or resolve_export_options()).validate()  # no options: the default recipe file's
     ckpt = resolve_checkpoint(checkpoint)
     spec = read_spec(ckpt)  # the calibration size is checked against the data before any model is loaded
+    early_trt = _tensorrt_if_importable(options, trt_module)
+    if early_trt is not None:
+        plan_engines(options, spec, early_trt)  # TensorRT's refusals (DLA, implicit INT8, ...) before any work
     ckpt_sha = checkpoint_hash(ckpt)
     check_manifest = (read_manifest(data, images_root, allow_outside_root=allow_outside_root)
                       if data is not None else None)
@@ -362,8 +362,7 @@ def run_export(
                 write_calibration_json(stage / CALIBRATION_FILE, cal)
                 import onnx
 
-                int8 = Int8Record(target=cal.recipe.target, placement=cal.recipe.qdq_placement,
-                                  qdq=qdq_summary(onnx.load(str(path))),
+                int8 = Int8Record(placement=cal.recipe.placement, qdq=qdq_summary(onnx.load(str(path))),
                                   calibration_sha256=cal.sha256, mixed_precision=plan)
             onnx_files[precision] = OnnxFile(path.name, precision, sha256_file(path),
                                              _evaluate(_ort_logits(path, check), check, torch_ref, fp32_logits, spec),
@@ -397,22 +396,42 @@ def run_export(
                         export_json=out / EXPORT_FILE, summary=summary)
 
 
+def _tensorrt_if_importable(options: ExportOptions, trt_module: Any | None) -> Any | None:
+    """The tensorrt module when engines are to be built and it imports; None otherwise (then the ONNX files are
+    written and build_engines says how to install it)."""
+    if not options.tensorrt.build_engines:
+        return None
+    if trt_module is not None:
+        return trt_module
+    from fairdeploy.export.tensorrt_build import import_tensorrt
+
+    try:
+        return import_tensorrt()
+    except MissingDependencyError:
+        return None
+
+
+def plan_engines(options: ExportOptions, spec: ModelSpec, trt: Any) -> list:
+    """One BuildPlan per engine asked for, for the installed TensorRT (plan_build: every refusal, one line)."""
+    from fairdeploy.export.tensorrt_build import plan_build
+
+    return [plan_build(str(trt.__version__), p, options.tensorrt, spec.image_size, calibration=options.calibration)
+            for p in options.engine_precisions]
+
+
 def build_engines(out: Path, onnx_paths: dict[str, Path], spec: ModelSpec, options: ExportOptions,
                   cal: CalibrationSet | None, trt_module: Any | None,
                   progress: Progress, summary: ExportSummary) -> ExportSummary:
     """One engine + sidecar per precision; export.json is rewritten with each engine's entry as it is built.
     Returns `summary` with the engines."""
-    from fairdeploy.export.tensorrt_build import build_engine, gpu_identity, import_tensorrt, plan_build
+    from fairdeploy.export.tensorrt_build import build_engine, gpu_identity, import_tensorrt
 
     try:
         trt = trt_module if trt_module is not None else import_tensorrt()
     except MissingDependencyError as exc:
         raise MissingDependencyError(f"ONNX files written to {out}, no engine built: {exc}") from exc
     version = str(trt.__version__)
-    plans = [plan_build(version, p, options.tensorrt, spec.image_size) for p in options.engine_precisions]  # refusals first
-    for plan in plans:
-        if plan.onnx_precision == "int8":  # built from the Q/DQ graph (the implicit calibrator reads the fp32 one)
-            check_engine_target(options.calibration.target, f"ONNX files written to {out}, no engine built")
+    plans = plan_engines(options, spec, trt)  # refusals first
     gpu_name, capability = gpu_identity()
     for plan in plans:
         onnx_path = onnx_paths[plan.onnx_precision]

@@ -12,13 +12,17 @@ builds an engine). API facts used, from NVIDIA's Python API docs and the 10.x ->
   ignored, so no flag is passed); BuilderFlag.FP16/INT8, IBuilderConfig.int8_calibrator and
   set_calibration_profile are removed; SPARSE_WEIGHTS, GPU_FALLBACK, timing caches,
   builder_optimization_level and IProgressMonitor remain.
-- DLA (Jetson AGX Orin): on 10.x INT8 runs on DLA only through the implicit path (weakly typed network,
-  INT8 and FP16 flags, IInt8EntropyCalibrator2: NvInfer.h calls it the calibrator DLA requires);
-  TensorRT 11.0-11.3 has no DLA at all, 11.4.0 only on Windows on ARM, 11.4.1+ on AGX Orin with
-  JetPack >= 7.2.2 (strongly typed: the precision comes from the ONNX, as on the GPU).
+- DLA (Jetson AGX Orin): which releases have it is the table DLA_SUPPORT below. On 10.x INT8 runs on DLA only
+  through the implicit path (weakly typed network, INT8 and FP16 flags, IInt8EntropyCalibrator2: NvInfer.h calls
+  it the calibrator DLA requires); on 11.4.1 strongly typed (the precision comes from the ONNX, as on the GPU).
   IBuilder.num_DLA_cores says how many DLA cores the machine has (0 on an ordinary GPU).
+- BuilderFlag.TF32 is on by default in every release (10.3 ... 11.1: "Allow ... computations on tensors of type
+  DataType.FLOAT to use TF32 ... Enabled by default"); IBuilderConfig.clear_flag clears it.
+- Per-layer precision (ILayer.precision, set_output_type, OBEY_PRECISION_CONSTRAINTS) exists on 10.x only.
 - IBuilderConfig.set_timing_cache(cache, ignore_mismatch) returns a bool: False for a cache from another
   TensorRT version or GPU; create_timing_cache returns None for bytes it cannot read.
+- build_serialized_network returns None when the build fails; the reason goes to the logger (trt_env's
+  tensorrt_logger keeps the errors for the message).
 """
 
 from __future__ import annotations
@@ -30,16 +34,73 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fairdeploy.artifact.metadata import INPUT_NAME, check_precision
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.profiles import MIB, TrtOptions
 from fairdeploy.io import atomic_path
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.trt_env import gpu_identity, import_tensorrt, version_parts  # noqa: F401 - exporter uses gpu_identity from here
+from fairdeploy.trt_env import (  # noqa: F401 - exporter uses gpu_identity from here
+    gpu_identity,
+    import_tensorrt,
+    one_line,
+    tensorrt_logger,
+    version_parts,
+)
+
+if TYPE_CHECKING:
+    from fairdeploy.export.calibration import CalibrationRecipe
 
 MIN_VERSION = (10, 3)
+ANY = 10**6  # "every minor / patch release" in a DLA_SUPPORT row
+# Builder flags cleared on every engine: FP32 tensors are computed in FP32, as in the ONNX that `validate` and the
+# per-group gate checked under ONNX Runtime (TF32 rounds a conv's / matmul's FP32 inputs to 10-bit mantissas).
+CLEARED_BUILDER_FLAGS = ("TF32",)
+
+
+@dataclass(frozen=True)
+class DlaRow:
+    """One row of DLA_SUPPORT: the TensorRT releases first..last (inclusive) and where they have a DLA."""
+
+    first: tuple[int, int, int]
+    last: tuple[int, int, int]
+    releases: str  # the row's name in messages
+    platforms: tuple[str, ...]  # sys.platform values with a DLA in these releases ("win32": Windows on ARM)
+    says: str
+
+    def holds(self, version: tuple[int, int, int]) -> bool:
+        return self.first <= version <= self.last
+
+
+# DLA by TensorRT release, the one place fairdeploy keeps it. Source: NVIDIA, "Working with DLA" in the TensorRT
+# 11.4.1 and 11.5.0 documentation (docs.nvidia.com/deeplearning/tensorrt/<version>/inference-library/
+# work-with-dla.html: "TensorRT 10.7 was the last 10.x release that supported DLA. DLA was unavailable in TensorRT
+# 11.0 through 11.3 ... TensorRT 11.4.0 supported DLA only on Windows on ARM"; 11.4.1: Jetson AGX Orin with JetPack
+# 7.2.2 or later, Windows on ARM in beta, not Jetson Thor, not DriveOS; 11.5.0: "NVIDIA JetPack is not supported
+# in TensorRT 11.5.0", Windows on ARM only), and the 11.4.0, 11.4.1 and 11.5.0 release notes.
+# Not confirmed by any document read, so marked here: later patch releases of 11.4 (after 11.4.1) and of 11.5 are
+# taken to be like 11.4.1 and 11.5.0; releases after 11.5 are not in the table (plan_build notes that, and the
+# machine's num_DLA_cores decides); the JetPack version (>= 7.2.2 for 11.4.1) cannot be checked from here.
+DLA_SUPPORT: tuple[DlaRow, ...] = (
+    DlaRow((10, 0, 0), (10, 7, ANY), "10.0-10.7", ("linux",),
+           "DLA on Jetson AGX Orin (JetPack 6 ships 10.3); INT8 only through the implicit calibrator"),
+    DlaRow((10, 8, 0), (10, ANY, ANY), "10.8 and later 10.x", (), "no DLA: 10.7 was the last 10.x release with DLA"),
+    DlaRow((11, 0, 0), (11, 3, ANY), "11.0-11.3", (), "no DLA"),
+    DlaRow((11, 4, 0), (11, 4, 0), "11.4.0", ("win32",), "DLA only on Windows on ARM (beta)"),
+    DlaRow((11, 4, 1), (11, 4, ANY), "11.4.1+", ("linux", "win32"),
+           "DLA on Jetson AGX Orin with JetPack >= 7.2.2 (strongly typed), and Windows on ARM (beta)"),
+    DlaRow((11, 5, 0), (11, 5, ANY), "11.5", ("win32",),
+           "no JetPack support (Jetson stays on 11.4.1): DLA only on Windows on ARM (beta)"),
+)
+DLA_SOURCE = "NVIDIA's 'Working with DLA', TensorRT 11.4.1 / 11.5.0 documentation"
+
+
+def dla_row(major: int, minor: int, patch: int) -> DlaRow | None:
+    """The DLA_SUPPORT row of a release; None for a release newer than the table."""
+    return next((row for row in DLA_SUPPORT if row.holds((major, minor, patch))), None)
+
+
 @dataclass(frozen=True)
 class TrtApi:
     """What the installed TensorRT's Python API offers, from its version alone."""
@@ -56,12 +117,13 @@ class TrtApi:
 
 
 def dla_refusal(major: int, minor: int, patch: int, platform: str) -> str | None:
-    """Why TensorRT major.minor.patch has no DLA on `platform` (sys.platform), or None when it has one."""
-    if major == 11 and minor <= 3:
-        return "TensorRT 11.0-11.3 has no DLA"
-    if (major, minor, patch) == (11, 4, 0) and platform != "win32":
-        return "TensorRT 11.4.0 has DLA only on Windows on ARM"
-    return None
+    """Why TensorRT major.minor.patch has no DLA on `platform` (sys.platform), naming its DLA_SUPPORT row; None
+    when the row has a DLA there or the release is newer than the table."""
+    row = dla_row(major, minor, patch)
+    if row is None or platform in row.platforms:
+        return None
+    return (f"TensorRT {major}.{minor}.{patch} has no DLA on {platform} (DLA table row {row.releases}: {row.says}; "
+            f"{DLA_SOURCE})")
 
 
 def trt_api(version: str, platform: str | None = None) -> TrtApi:
@@ -91,7 +153,8 @@ class BuildPlan:
     precision: str  # of the engine
     onnx_precision: str  # which model.<p>.onnx it is built from
     network_flags: tuple[str, ...]  # NetworkDefinitionCreationFlag names
-    builder_flags: tuple[str, ...]  # BuilderFlag names
+    builder_flags: tuple[str, ...]  # BuilderFlag names set
+    cleared_builder_flags: tuple[str, ...]  # BuilderFlag names cleared (TF32: on by default)
     implicit_calibrator: bool
     quantization: str | None  # "qdq", "implicit-calibrator" or None
     min_shape: tuple[int, int, int, int]
@@ -117,32 +180,51 @@ def network_flags(api: TrtApi, implicit_calibrator: bool) -> tuple[str, ...]:
 
 
 def plan_build(version: str, precision: str, options: TrtOptions, image_size: int,
-               platform: str | None = None) -> BuildPlan:
-    """Decide how to build the `precision` engine with TensorRT `version` and the given options."""
+               platform: str | None = None, calibration: CalibrationRecipe | None = None) -> BuildPlan:
+    """Decide how to build the `precision` engine with TensorRT `version` and the given options; `calibration`
+    (the export's recipe) is what the int8 ONNX was made with. Every refusal is one line, before any work."""
     api = trt_api(version, platform)
     check_precision(precision)
     options.validate("TensorRT options")
+    platform = sys.platform if platform is None else platform
     dla = options.dla_core is not None
+    notes: list[str] = []
     if dla and not api.dla:
-        reason = dla_refusal(api.major, api.minor, api.patch, sys.platform if platform is None else platform)
         raise FairdeployError(
-            f"--dla-core {options.dla_core}: {reason} (11.4.1 and later have it on Jetson AGX Orin with JetPack "
-            f">= 7.2.2); use TensorRT 10.x (JetPack 6) for DLA, or build for the GPU with --dla-core -1"
+            f"--dla-core {options.dla_core}: {dla_refusal(api.major, api.minor, api.patch, platform)}; DLA needs "
+            "TensorRT 10.3-10.7 (JetPack 6) or 11.4.1 with JetPack >= 7.2.2 on Jetson AGX Orin; or build for the "
+            "GPU with --dla-core -1"
         )
+    if dla and dla_row(api.major, api.minor, api.patch) is None:
+        notes.append(f"TensorRT {version} is newer than fairdeploy's DLA table ({DLA_SOURCE}); whether it has a DLA "
+                     "here is left to the machine (builder.num_DLA_cores)")
     # INT8 on DLA with TensorRT 10.x: DLA does not take explicit Q/DQ, so the implicit calibrator is the
     # only INT8 path (weakly typed network, INT8 + FP16 flags, entropy calibrator on the fp32 ONNX).
     dla_implicit = dla and precision == "int8" and api.implicit_calibrator
     implicit = bool(precision == "int8" and (options.implicit_int8 or dla_implicit))
-    notes: list[str] = []
     if implicit and not api.implicit_calibrator:
         raise FairdeployError(
             f"TensorRT {version} has no implicit INT8 calibrator (removed in 11.0); drop --trt-implicit-int8 to "
             "build from the explicit Q/DQ model.int8.onnx"
         )
+    why_implicit = "INT8 on DLA with TensorRT 10.x" if dla_implicit else "--trt-implicit-int8"
+    if implicit and calibration is not None and calibration.mixed_precision != "off":
+        # Refused, not honoured: the plan's FP32 layers were chosen (and the gate passed) on the Q/DQ graph, with
+        # its INT8 layers and scales; the implicit engine picks its own INT8 layers and scales, so the same layers
+        # kept FP32 there would not make the gate's result hold. On DLA an FP32 layer cannot run at all.
+        raise FairdeployError(
+            f"--int8-mixed {calibration.mixed_precision}: {why_implicit} builds the int8 engine from model.fp32.onnx "
+            "with TensorRT's own calibrator, so the layers kept FP32 in model.int8.onnx (and its gate result) would "
+            "not carry over; use --int8-mixed off, or build the Q/DQ engine (drop --trt-implicit-int8; on DLA: "
+            "--dla-core -1 or TensorRT 11.4.1)"
+        )
     builder: list[str] = []
     if implicit:
         builder.append("INT8")  # deprecated since 10.1 but present on 10.x; weakly typed network
         notes.append("implicit INT8 calibration (TensorRT 10.x only) from the fp32 ONNX and the balanced set")
+        if calibration is not None and calibration.method != "entropy":
+            notes.append(f"the engine's INT8 scales are TensorRT's entropy calibration; model.int8.onnx was "
+                         f"calibrated with {calibration.method!r} (method 'entropy' gives it the same search)")
     if dla_implicit:
         builder.append("FP16")  # layers without an INT8 DLA kernel run FP16 on the DLA, not FP32 on the GPU
         notes.append("INT8 on DLA (TensorRT 10.x): explicit Q/DQ does not run on DLA, so the engine is calibrated "
@@ -156,10 +238,12 @@ def plan_build(version: str, precision: str, options: TrtOptions, image_size: in
             if not options.gpu_fallback:
                 raise FairdeployError("DLA runs only FP16 and INT8 layers; build fp16/int8 or allow --gpu-fallback")
             notes.append("DLA runs FP16/INT8 only: an fp32 engine falls back to the GPU entirely")
+    notes.append("TF32 cleared: FP32 layers compute in FP32, as the ONNX checked under ONNX Runtime")
     s = int(image_size)
     return BuildPlan(
         tensorrt_version=str(version), precision=precision, onnx_precision="fp32" if implicit else precision,
-        network_flags=network_flags(api, implicit), builder_flags=tuple(builder), implicit_calibrator=implicit,
+        network_flags=network_flags(api, implicit), builder_flags=tuple(builder),
+        cleared_builder_flags=CLEARED_BUILDER_FLAGS, implicit_calibrator=implicit,
         quantization="implicit-calibrator" if implicit else ("qdq" if precision == "int8" else None),
         min_shape=(options.min_batch, 3, s, s), opt_shape=(options.opt_batch, 3, s, s),
         max_shape=(options.max_batch, 3, s, s), workspace_bytes=int(options.workspace_mib) * MIB,
@@ -326,7 +410,7 @@ def build_engine(
     t0 = time.perf_counter()
     if plan.implicit_calibrator and (not calibration_batches or not calibration_batch_size):
         raise FairdeployError("the implicit INT8 calibrator needs the calibration set's batches")
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = tensorrt_logger(trt)  # keeps TensorRT's errors for the one-line messages below
     builder = trt.Builder(logger)
     if plan.dla_core is not None:
         check_dla_cores(builder, plan.dla_core)
@@ -336,14 +420,17 @@ def build_engine(
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise FairdeployError(f"TensorRT cannot parse {Path(onnx_path).name}: {errors[0] if errors else 'unknown error'}")
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] + logger.errors
+        raise FairdeployError(f"TensorRT cannot parse {Path(onnx_path).name}: "
+                              f"{one_line(errors[0]) if errors else 'unknown error'}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
     config.builder_optimization_level = plan.optimization_level
     for name in plan.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in plan.cleared_builder_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, name))
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, plan.min_shape, plan.opt_shape, plan.max_shape)
     config.add_optimization_profile(profile)
@@ -372,7 +459,9 @@ def build_engine(
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise FairdeployError(f"TensorRT could not build an engine from {Path(onnx_path).name} (see its log above)")
+        why = one_line(logger.errors[0]) if logger.errors else "no reason logged"
+        more = f" (and {len(logger.errors) - 1} more errors)" if len(logger.errors) > 1 else ""
+        raise FairdeployError(f"TensorRT could not build an engine from {Path(onnx_path).name}: {why}{more}")
     if cache_file is not None:
         notes.append(save_timing_cache(config, cache_file))
     for note in notes:

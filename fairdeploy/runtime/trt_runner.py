@@ -1,4 +1,6 @@
-"""TensorRTRunner: a serialized engine (TensorRT >= 10, name-based I/O) on torch CUDA buffers; sidecar checked."""
+"""TensorRTRunner: a serialized engine (TensorRT >= 10, name-based I/O) on torch CUDA buffers; sidecar checked.
+The addresses bound with set_tensor_address are device pointers (torch CUDA tensors' data_ptr()): the engine reads
+and writes device memory on the stream execute_async_v3 is given."""
 
 from __future__ import annotations
 
@@ -11,7 +13,13 @@ import torch
 
 from fairdeploy.errors import FairdeployError, MissingDependencyError
 from fairdeploy.runtime.base import ArtifactInfo, BaseRunner, InputSpec
-from fairdeploy.trt_env import EngineEnvironment, engine_environment, import_tensorrt
+from fairdeploy.trt_env import (
+    EngineEnvironment,
+    engine_environment,
+    import_tensorrt,
+    one_line,
+    tensorrt_logger,
+)
 
 
 def detect_environment(device: torch.device, engine: str = "engine") -> EngineEnvironment:
@@ -80,18 +88,25 @@ class TensorRTRunner(BaseRunner):
         self._context: Any = None
         self._stream: Any = None
         self._io: dict[str, Any] = {}
+        self._logger: Any = None
 
     def _activate(self) -> InputSpec:
         trt = import_tensorrt(f"running {self.path}")
-        logger = trt.Logger(trt.Logger.WARNING)
+        self._logger = logger = tensorrt_logger(trt)  # lives as long as the runtime and engine it was given to
         runtime = trt.Runtime(logger)
         dla_core = getattr(self.sidecar, "dla_core", None)
         if dla_core is not None:
+            # IRuntime.DLA_core's setter never fails (it does nothing without a DLA): check the core exists first.
+            have = int(getattr(runtime, "num_DLA_cores", 0) or 0)
+            if not 0 <= int(dla_core) < have:
+                where = "this machine has no DLA" if have == 0 else f"this machine has DLA cores 0..{have - 1}"
+                raise FairdeployError(f"{self.path}: built for DLA core {dla_core}, {where}; rebuild it here "
+                                      "(export --dla-core N, or -1 for the GPU)")
             runtime.DLA_core = int(dla_core)  # before deserialising: the engine runs on the core it was built for
         with torch.cuda.device(self.device):
             engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
             if engine is None:
-                raise FairdeployError(f"{self.path}: TensorRT could not deserialize the engine (see its log above)")
+                raise FairdeployError(f"{self.path}: TensorRT could not deserialize the engine: {self._why()}")
             context = engine.create_execution_context()
             stream = torch.cuda.Stream(device=self.device)  # our own stream, not the legacy default one
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -130,16 +145,22 @@ class TensorRTRunner(BaseRunner):
                     and ctx.set_tensor_address(io["output"], out.data_ptr())):
                 raise FairdeployError(f"{self.path}: TensorRT refused the I/O buffers")
             if not ctx.execute_async_v3(stream.cuda_stream):
-                raise FairdeployError(f"{self.path}: TensorRT execution failed")
+                raise FairdeployError(f"{self.path}: TensorRT execution failed: {self._why()}")
             result = out.float().cpu()  # ordered after the engine on the same stream
             stream.synchronize()
             return result.numpy()
+
+    def _why(self) -> str:
+        """TensorRT's first error since activation, as one line."""
+        errors = self._logger.errors if self._logger is not None else []
+        return one_line(errors[0]) if errors else "no reason logged"
 
     def _deactivate(self) -> None:
         self._context = None
         self._engine = None
         self._stream = None
         self._io = {}
+        self._logger = None
 
     def _describe(self) -> dict[str, Any]:
         return {
