@@ -41,6 +41,7 @@ from fairdeploy.export.int8 import QdqSummary, group_aware_int8, qdq_summary, qu
 from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan
 from fairdeploy.export.onnx_export import OnnxExportResult, export_model_onnx, random_check_inputs
 from fairdeploy.export.profiles import ExportOptions, resolve_export_options
+from fairdeploy.export.quant_target import check_engine_target
 from fairdeploy.io import sha256_file, write_json
 from fairdeploy.models.checkpoint import (
     ModelSpec,
@@ -114,8 +115,10 @@ class OnnxCheck:
 
 @dataclass(frozen=True)
 class Int8Record:
-    """How the INT8 file was quantized: Q/DQ placement, the group-aware plan, what the graph holds, the set."""
+    """How the INT8 file was quantized: the target runtime, Q/DQ placement, the group-aware plan, what the graph
+    holds, the set."""
 
+    target: str  # quant_target.TARGETS: the runtime its types are for
     placement: str
     qdq: QdqSummary
     calibration_sha256: str
@@ -123,7 +126,7 @@ class Int8Record:
 
     def to_dict(self) -> dict[str, Any]:
         mixed = {} if self.mixed_precision is None else {"mixed_precision": self.mixed_precision.to_dict()}
-        return {"placement": self.placement, **mixed, "qdq": self.qdq.to_dict(),
+        return {"target": self.target, "placement": self.placement, **mixed, "qdq": self.qdq.to_dict(),
                 "calibration_sha256": self.calibration_sha256}
 
 
@@ -362,7 +365,8 @@ def run_export(
                 write_calibration_json(stage / CALIBRATION_FILE, cal)
                 import onnx
 
-                int8 = Int8Record(placement=cal.recipe.placement, qdq=qdq_summary(onnx.load(str(path))),
+                int8 = Int8Record(target=cal.recipe.target, placement=cal.recipe.qdq_placement,
+                                  qdq=qdq_summary(onnx.load(str(path))),
                                   calibration_sha256=cal.sha256, mixed_precision=plan)
             onnx_files[precision] = OnnxFile(path.name, precision, sha256_file(path),
                                              _evaluate(_ort_logits(path, check), check, torch_ref, fp32_logits, spec),
@@ -432,6 +436,9 @@ def build_engines(out: Path, onnx_paths: dict[str, Path], spec: ModelSpec, optio
         raise MissingDependencyError(f"ONNX files written to {out}, no engine built: {exc}") from exc
     version = str(trt.__version__)
     plans = plan_engines(options, spec, trt)  # refusals first
+    for plan in plans:
+        if plan.onnx_precision == "int8":  # built from the Q/DQ graph (the implicit calibrator reads the fp32 one)
+            check_engine_target(options.calibration.target, f"ONNX files written to {out}, no engine built")
     gpu_name, capability = gpu_identity()
     for plan in plans:
         onnx_path = onnx_paths[plan.onnx_precision]
