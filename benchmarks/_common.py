@@ -151,16 +151,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -169,11 +159,19 @@ def load_average() -> list[float] | None:
 
 
 def machine(device: Any = None) -> dict[str, Any]:
-    """What the numbers were measured on: CPU, cores, threads, library versions, GPU, load average."""
+    """What the numbers were measured on: CPU (with its instruction-set features: INT8 / FP16 kernels depend on
+    them), cores, threads, library versions, GPU, load average. The CPU fields come from the validation
+    fingerprint's reader (fairdeploy.validation.fingerprint.cpu_record)."""
     import torch
 
+    from fairdeploy.validation.fingerprint import cpu_record
+
+    cpu = cpu_record()
     info: dict[str, Any] = {
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu["model"],
+        "cpu_isa": cpu["isa"],
+        "torch_cpu_capability": cpu["torch_capability"],
+        "cpu_isa_limits": cpu["isa_limits"],
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -202,9 +200,15 @@ def machine(device: Any = None) -> dict[str, Any]:
     return info
 
 
+def describe_isa(isa: dict[str, bool] | None) -> str:
+    """'ISA avx2 fma ... amx_int8' (the features present), or 'ISA unknown' where /proc/cpuinfo was not read."""
+    return "ISA unknown" if isa is None else "ISA " + (" ".join(k for k, v in isa.items() if v) or "none of interest")
+
+
 def describe_machine(info: dict[str, Any]) -> str:
     gpu = info["gpu"]["name"] if info.get("gpu") else "no GPU"
-    return (f"{info['cpu_model']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads), {gpu}; "
+    return (f"{info['cpu_model']} ({describe_isa(info.get('cpu_isa'))}), {info['cpu_cores']} cores "
+            f"({info['torch_threads']} torch threads), {gpu}; "
             f"torch {info['torch']}, onnxruntime {info.get('onnxruntime')}; load average {info['load_average_1_5_15']}")
 
 

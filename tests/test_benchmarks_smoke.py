@@ -69,3 +69,23 @@ def test_tree_rss_counts_children():
     finally:
         child.kill()
         child.wait()
+
+
+def test_machine_header_records_the_cpu_features(monkeypatch, tmp_path):
+    """The benchmark header's CPU comes from the validation fingerprint's /proc/cpuinfo reader (hand-written here)."""
+    import torch
+
+    from fairdeploy.validation import fingerprint
+
+    common = _load("_common")
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse4_2 fma f16c avx2 sha_ni\n")
+    monkeypatch.setattr(fingerprint, "CPUINFO", fake)
+    info = common.machine()
+    assert info["cpu_model"] == "AMD EPYC 7B12"
+    assert {k for k, v in info["cpu_isa"].items() if v} == {"avx2", "fma", "f16c"}
+    assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert common.describe_machine(info).startswith("AMD EPYC 7B12 (ISA avx2 fma f16c), ")
+    json.dumps(info)
+    monkeypatch.setattr(fingerprint, "CPUINFO", tmp_path / "absent")  # no /proc/cpuinfo: unknown, not "none"
+    assert "(ISA unknown)" in common.describe_machine(common.machine())
