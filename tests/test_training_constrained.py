@@ -172,6 +172,67 @@ def test_fit_refuses_constrained_recovery_without_a_reference_or_a_tolerance(
             torch.device("cpu"), teacher=model)  # type: ignore[arg-type]
 
 
+def test_an_interrupted_constrained_run_resumes_with_its_multipliers_and_windows(
+        trained_checkpoint: Path, synth_manifest: Path, tmp_path: Path, one_thread: None) -> None:
+    """The student starts with its classifier zeroed (every group far below the reference), so the multipliers
+    bind; a run cut in its second epoch and resumed must end where the uninterrupted one does, multipliers and
+    windows included (they are in trainer.json, not rebuilt from nothing)."""
+    from fairdeploy.data.manifest import Manifest, read_manifest
+    from fairdeploy.models import load_checkpoint
+    from fairdeploy.training.loop import FitConfig, fit
+    from fairdeploy.training.train import spec_datasets
+
+    full = read_manifest(synth_manifest)
+    manifest = Manifest(tuple(full.split("train")[:64] + full.split("val")[:32]), full.root, full.source)
+    cfg = FitConfig(epochs=2, batch_size=16, lr=1e-3, seed=1,
+                    constrained=ConstrainedRecovery(max_group_drop=0.0, dual_lr=0.5, buffer=8))
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_second_epoch(task: str, done: int, total: int) -> None:
+        if task.startswith("train epoch 2/"):
+            raise Stop
+
+    def run(out: Path, **kw):
+        model, spec = load_checkpoint(trained_checkpoint)
+        with torch.no_grad():
+            model.fc.weight.zero_()
+            model.fc.bias.zero_()
+        train_ds, val_ds = spec_datasets(manifest, spec)
+        return fit(model, spec, train_ds, val_ds, cfg, out, torch.device("cpu"),
+                   teacher=load_checkpoint(trained_checkpoint)[0], **kw)
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(Stop):
+        run(tmp_path / "cut", progress=stop_in_second_epoch)
+    resumed = run(tmp_path / "cut", resume=True)
+    assert max(whole.history[0]["constraint"]["multipliers"].values()) > 0  # it bound
+    assert [h["constraint"] for h in resumed.history] == [h["constraint"] for h in whole.history]
+    states = [json.loads((tmp_path / d / "trainer.json").read_text())["constraint_state"] for d in ("whole", "cut")]
+    assert states[0] == states[1]
+    a, b = (load_checkpoint(tmp_path / d / "last")[0].state_dict() for d in ("whole", "cut"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_the_settings_are_a_sub_table_of_fit_config() -> None:
+    from fairdeploy.schema import load
+    from fairdeploy.training.loop import FitConfig
+
+    assert load(FitConfig, {"constrained": {"max_group_drop": 0.02}}, "p.toml").constrained == \
+        ConstrainedRecovery(max_group_drop=0.02)
+    assert load(FitConfig, {"constrained": True}, "p.toml").constrained == ConstrainedRecovery()
+    assert load(FitConfig, {"constrained": False}, "p.toml", base=FitConfig(
+        constrained=ConstrainedRecovery())).constrained is None
+    assert FitConfig().constrained is None  # off unless asked for
+    with pytest.raises(FairdeployError, match="unknown key 'dual' in \\[constrained\\]; valid keys: max_group_drop, "
+                                              "dual_lr, buffer"):
+        load(FitConfig, {"constrained": {"dual": 1.0}}, "p.toml")
+    with pytest.raises(FairdeployError, match="dual lr must be > 0"):
+        load(FitConfig, {"constrained": {"dual_lr": -1}}, "p.toml").validate()
+
+
 # ---- 4. a constructed case: plain recovery loses the minority, the constrained one keeps it -------------------
 
 def phi(z: float) -> float:  # the standard normal CDF
