@@ -156,6 +156,8 @@ def validate(
         if cand.run.runtime.get("fallback"):
             console.print(f"[yellow]note[/yellow] {cand.label}: ONNX Runtime fell back "
                           f"(missing {', '.join(cand.run.runtime['providers_missing'])})", highlight=False)
+    for line in result.warnings():
+        console.print(f"[yellow]slower[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
     for reason in result.degenerate:
         console.print(f"[yellow]degenerate[/yellow] {escape(reason)}", highlight=False, soft_wrap=True)
     console.print(f"validation: {path}", highlight=False, soft_wrap=True)

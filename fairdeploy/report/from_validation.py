@@ -22,9 +22,9 @@ def _latency(entries: list[dict[str, Any]]) -> dict[str, float] | None:
 
 
 def _stage(run: dict[str, Any], name: str, candidate: dict[str, Any] | None, ref_name: str,
-           size: dict[str, Any] | None) -> StageRecord:
+           size: dict[str, Any] | None, names: dict[str, str] | None = None) -> StageRecord:
     """One stage; `size` (the reference checkpoint's params / MACs) applies to the reference and to a candidate
-    exported from it."""
+    exported from it; `names` maps validation labels to stage names."""
     art = run["artifact"]
     same_model = candidate is None or candidate.get("source_matches_reference") is True
     return StageRecord(
@@ -44,7 +44,15 @@ def _stage(run: dict[str, Any], name: str, candidate: dict[str, Any] | None, ref
         gate_failures=() if candidate is None else tuple(  # the stage's name says whose failure it is
             f.removeprefix(f"{candidate.get('label')}: ") for f in candidate.get("failures", ())),
         delta_intervals=None if candidate is None else candidate.get("deltas", {}).get("intervals"),
+        latency_vs_fp32=_vs_fp32(None if candidate is None else candidate.get("latency_vs_fp32"), names or {}),
     )
+
+
+def _vs_fp32(record: dict[str, Any] | None, names: dict[str, str]) -> dict[str, Any] | None:
+    """validation's latency_vs_fp32 with the FP32 artifact named as its stage is."""
+    if not record:
+        return None
+    return {**record, "fp32": names.get(record["fp32"], record["fp32"])}
 
 
 def short_labels(labels: list[str]) -> list[str]:
@@ -66,13 +74,15 @@ def stages_from_validation(d: dict[str, Any], source: str = "validation.json", p
         size = d.get("model_size")
         stages = [_stage(d["reference"], ref_name, None, ref_name, size)]
         shown = short_labels([str(c["label"]) for c in d["candidates"]])
+        names = {"reference": ref_name}
         for c, short in zip(d["candidates"], shown):
             if prefix:  # inside a pipeline: "<model>/<runtime>-<precision>", e.g. "fairprune/onnx-int8"
                 art = c["artifact"]
-                label = f"{prefix}/{_KIND.get(art['kind'], art['kind'])}-{art['precision']}"
+                names[str(c["label"])] = f"{prefix}/{_KIND.get(art['kind'], art['kind'])}-{art['precision']}"
             else:
-                label = short
-            stages.append(_stage(c, label, c, ref_name, size))
+                names[str(c["label"])] = short
+        for c in d["candidates"]:
+            stages.append(_stage(c, names[str(c["label"])], c, ref_name, size, names))
     except (KeyError, TypeError) as exc:
         raise FairdeployError(f"{source}: not a fairdeploy validation file (missing {exc})") from exc
     notes = tuple(f"Fairness figures are degenerate, the gate does not pass on them: {reason}"

@@ -33,6 +33,9 @@ class StageRecord:
     gate_failures: tuple[str, ...] = ()
     delta_intervals: dict[str, list[float]] | None = None  # paired CIs of (this - reference), validation deltas
     guard_failure: str | None = None  # why the model this artifact comes from failed its pruning guard
+    # validation's latency_vs_fp32: its median latency against the FP32 artifact timed on the same runtime
+    # ({"fp32": that artifact's stage name, "runtime", "slower", "batches": [{batch_size, p50_ms, fp32_p50_ms, ...}]})
+    latency_vs_fp32: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

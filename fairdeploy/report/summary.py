@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fairdeploy.report.stages import RunStages, StageRecord
+from fairdeploy.speed import SpeedVsFp32
 
 FAIRNESS_LABELS = {"eodd": "Eodd", "eopp0": "Eopp0", "eopp1": "Eopp1", "dp": "DP"}
 
@@ -48,6 +49,16 @@ def p50_ms(stage: StageRecord) -> tuple[float, int] | None:
     return None if not batches else (float(lat[f"batch{batches[0]}_p50_ms"]), batches[0])
 
 
+def speed_vs_fp32(stage: StageRecord) -> SpeedVsFp32 | None:
+    """Its latency against the FP32 artifact timed on the same runtime, when validation measured both."""
+    return None if not stage.latency_vs_fp32 else SpeedVsFp32.from_dict(stage.latency_vs_fp32)
+
+
+def slower_than_fp32(stage: StageRecord) -> bool:
+    speed = speed_vs_fp32(stage)
+    return speed is not None and speed.slower
+
+
 def gated(run: RunStages) -> list[StageRecord]:
     """The artifacts a gate was applied to (every candidate of a validation)."""
     return [s for s in run.stages if s.gate_passed is not None]
@@ -66,15 +77,18 @@ def _inf(v: float | None) -> float:
     return float("inf") if not v else float(v)
 
 
-def _rank(s: StageRecord) -> tuple[float, float, float, float]:
-    """Highest worst-group accuracy first, then the smallest file, the fewest MACs, the lowest latency."""
+def _rank(s: StageRecord) -> tuple[float, bool, float, float, float]:
+    """Highest worst-group accuracy first, then not slower than FP32 on its runtime, the smallest file, the fewest
+    MACs, the lowest latency."""
     lat = p50_ms(s)
-    return (-worst_group(s).accuracy, _inf(s.size_bytes), _inf(s.macs), lat[0] if lat else float("inf"))
+    return (-worst_group(s).accuracy, slower_than_fp32(s), _inf(s.size_bytes), _inf(s.macs),
+            lat[0] if lat else float("inf"))
 
 
 def best_passing(run: RunStages) -> StageRecord | None:
-    """Of the artifacts that pass every gate, the one whose worst group does best (ties: the smallest file, then
-    the fewest MACs, then the lowest latency); None when none passes."""
+    """Of the artifacts that pass every gate, the one whose worst group does best (ties: one not slower than the
+    FP32 artifact on its runtime, then the smallest file, the fewest MACs, the lowest latency); None when none
+    passes."""
     passing = [s for s in gated(run) if passes(s)]
     return min(passing, key=_rank) if passing else None
 
@@ -151,7 +165,7 @@ def fmt_ci(value: float | None, ci: tuple[float, float] | None, digits: int = 3,
     return show(value) + ("" if ci is None else f" [{show(ci[0])}, {show(ci[1])}]")
 
 
-def _size_words(s: StageRecord) -> str:
+def _size_words(s: StageRecord, esc: Escape = _same) -> str:
     parts = []
     if s.size_bytes:
         parts.append(f"{s.size_bytes / 1e6:.2f} MB file")
@@ -160,7 +174,9 @@ def _size_words(s: StageRecord) -> str:
     lat = p50_ms(s)
     if lat:
         parts.append(f"{lat[0]:.2f} ms median latency at batch {lat[1]}")
-    return ", ".join(parts) or "size and latency not recorded"
+    words = ", ".join(parts) or "size and latency not recorded"
+    speed = speed_vs_fp32(s)
+    return f"{words}; {esc(speed.describe())}" if speed is not None and speed.slower else words
 
 
 def _fairness_words(run: RunStages, s: StageRecord, esc: Escape) -> str:
@@ -181,7 +197,7 @@ def _fairness_words(run: RunStages, s: StageRecord, esc: Escape) -> str:
 
 def _art_words(s: StageRecord, esc: Escape) -> str:
     wg = worst_group(s)
-    return f"{esc(s.name)} ({_size_words(s)}; worst group {esc(wg.name)} {fmt_ci(wg.accuracy, wg.ci)})"
+    return f"{esc(s.name)} ({_size_words(s, esc)}; worst group {esc(wg.name)} {fmt_ci(wg.accuracy, wg.ci)})"
 
 
 def headline(run: RunStages, esc: Escape = _same) -> list[str]:
@@ -202,11 +218,14 @@ def headline(run: RunStages, esc: Escape = _same) -> list[str]:
     best = best_passing(run)
     assert best is not None
     wg = worst_group(best)
-    tied = sum(1 for s in passing if s is not best and worst_group(s).accuracy == wg.accuracy)
-    how = f" (tied with {tied} other{'s' if tied > 1 else ''}; the smallest file of them)" if tied else ""
+    ties = [s for s in passing if s is not best and worst_group(s).accuracy == wg.accuracy]
+    tied = len(ties)
+    rule = ("the smallest file of them not slower than FP32 on its runtime"
+            if any(slower_than_fp32(s) for s in ties) and not slower_than_fp32(best) else "the smallest file of them")
+    how = f" (tied with {tied} other{'s' if tied > 1 else ''}; {rule})" if tied else ""
     lines = [
         f"{len(passing)} of {len(arts)} artifacts pass every gate. Of these, {esc(best.name)} does best on its "
-        f"worst group{how}: {_size_words(best)}.",
+        f"worst group{how}: {_size_words(best, esc)}.",
         f"Its worst group is {esc(wg.name)} (n = {wg.n}): accuracy {fmt_ci(wg.accuracy, wg.ci)}; overall accuracy "
         f"{best.metrics['overall']['accuracy']:.3f} on {best.metrics.get('n', sum(group_sizes(best).values()))} "
         f"images.",
@@ -224,6 +243,10 @@ def headline(run: RunStages, esc: Escape = _same) -> list[str]:
     others = [s for s in passing if s not in (best, smallest, fastest)]
     if others:
         lines.append("Also passing: " + ", ".join(esc(s.name) for s in sorted(others, key=_rank)) + ".")
+    slow = [s for s in others if slower_than_fp32(s)]
+    if slow:
+        lines.append("Slower than FP32 on the runtime it was timed on: " + "; ".join(
+            f"{esc(s.name)}, {esc(speed.describe())}" for s in slow if (speed := speed_vs_fp32(s)) is not None) + ".")
     failing = [s for s in arts if not passes(s)]
     if failing:
         # artifacts that fail for the same reasons are named together, the reasons once

@@ -26,6 +26,7 @@ from fairdeploy.metrics.bootstrap import DEFAULT_N_BOOT
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.runtime.base import ArtifactInfo, InputSpec, Runner, check_logits, runner_from_artifact
 from fairdeploy.runtime.torch_runner import TorchRunner
+from fairdeploy.speed import SpeedVsFp32, TimedArtifact, runtime_name, speed_vs_fp32
 from fairdeploy.validation.compare import (
     AgreementStats,
     GroupFlips,
@@ -69,6 +70,10 @@ VALIDATION_DEFINITIONS = {
     "latency": "wall time of one infer call (host array in, host logits out) after warm-up, each runner timed "
     "alone (re-opened after the accuracy pass, every other runner closed): p50/p95/mean/min "
     "in ms, throughput in images/s = batch_size * iterations / timed seconds; informative, never gated",
+    "latency_vs_fp32": "a non-FP32 candidate's median latency against the FP32 artifact timed on the same runtime "
+    "in this validation (the one from the same model when there are several), per batch size: speed = FP32 p50 / "
+    "its p50; slower = its p50 above the FP32 artifact's p95 (beyond FP32's own call-to-call spread). A slower one "
+    "is listed under warnings; never gated",
     "size_bytes": "artifact size on disk: the weights file of a checkpoint, the .onnx (+ external data), "
     "the engine",
     "source_matches_reference": "the artifact's recorded source checkpoint SHA-256 equals the reference's "
@@ -170,6 +175,7 @@ class CandidateResult:
     other_source_allowed: bool = False
     reference_sha256: str | None = None
     degenerate: tuple[str, ...] = ()  # why this candidate's fairness figures (or the reference's) are degenerate
+    speed_vs_fp32: SpeedVsFp32 | None = None  # against the FP32 artifact timed on the same runtime, if any
 
     @property
     def label(self) -> str:
@@ -210,6 +216,7 @@ class CandidateResult:
             "checks": [c.to_dict() for c in self.checks],
             "passed": self.passed,
             "failures": self.failures(),
+            "latency_vs_fp32": None if self.speed_vs_fp32 is None else self.speed_vs_fp32.to_dict(),
         }
 
 
@@ -234,6 +241,11 @@ class ValidationResult:
     def failures(self) -> list[str]:
         return [line for c in self.candidates for line in c.failures()]
 
+    def warnings(self) -> list[str]:
+        """One line per candidate slower than the FP32 artifact on the runtime both were timed on (never gated)."""
+        return [f"{c.label}: {c.speed_vs_fp32.describe()}" for c in self.candidates
+                if c.speed_vs_fp32 is not None and c.speed_vs_fp32.slower]
+
     def candidate(self, label: str) -> CandidateResult:
         for c in self.candidates:
             if c.label == label:
@@ -244,6 +256,7 @@ class ValidationResult:
         """validation.json (schema_version 1). Layout, top level:
 
         - passed (bool: the gate), failures (one line per failing check: "<candidate>: <check>"),
+          warnings (one line per candidate slower than the FP32 artifact on its runtime; not gated),
           degenerate (why the fairness figures are degenerate: "<split|reference|candidate>: <reason>")
         - model_size: the reference checkpoint's params, nonzero_params, macs (null when not a checkpoint)
         - data: manifest, manifest_sha256, split, n, group_counts, class_counts
@@ -258,7 +271,8 @@ class ValidationResult:
           intervals (paired CIs of the differences, when bootstrap > 0 and two groups or more)}, agreement
           {overall, groups}, flips {group: {n, changed, broken, fixed, transitions [{from, to, count}]}},
           confusion_delta {group: K x K}, logit_diff {max_abs, mean_abs, groups}, checks [CheckResult
-          + message], passed, failures
+          + message], passed, failures, latency_vs_fp32 {fp32, runtime, slower, batches [{batch_size, p50_ms,
+          fp32_p50_ms, fp32_p95_ms, speed, slower}]} | null
         - fingerprint: python, platform, packages, cpu, gpu, onnxruntime_available_providers, runners
           {runner name: describe()};  definitions: VALIDATION_DEFINITIONS (what each quantity means)
         """
@@ -268,6 +282,7 @@ class ValidationResult:
             "created_utc": self.created_utc,
             "passed": self.passed,
             "failures": self.failures(),
+            "warnings": self.warnings(),
             "degenerate": list(self.degenerate),
             "model_size": None if self.model_size is None else self.model_size.to_dict(),
             "data": self.data.to_dict(),
@@ -480,6 +495,8 @@ def validate(
     shared = [r for r in (split_reason, ref_reason and f"the reference {ref_reason}") if r]
     degenerate = [f"split {config.split!r}: {split_reason}"] if split_reason else []
     degenerate += [f"reference: {ref_reason}"] if ref_reason else []
+    speeds = speed_vs_fp32([TimedArtifact(label, r.info.precision, runtime_name(rt), r.info.source_sha256, lat)
+                            for label, r, rt, lat in zip(["reference", *labels], runners, runtimes, latency)])
     results = []
     for i, label in enumerate(labels, start=1):
         cand_report = report(preds[i])
@@ -501,6 +518,7 @@ def validate(
             other_source_allowed=config.allow_other_source,
             reference_sha256=ref_info.source_sha256,
             degenerate=tuple(shared + ([own] if own else [])),
+            speed_vs_fp32=speeds.get(label),
         ))
         degenerate += [f"{label}: {own}"] if own else []
     return ValidationResult(
