@@ -191,6 +191,11 @@ def test_cli_compress_builds_the_config_it_was_given(run_main, monkeypatch, tmp_
     assert cfg.is_search and cfg.control_run == "magnitude"
     run_main(*base, "--speedup", "4")
     assert seen["cfg"].target == 0.25 and seen["cfg"].metric == "macs" and not seen["cfg"].is_search
+    run_main(*base, "--criterion", "magnitude", "--recovery", "constrained")
+    from fairdeploy.training.constrained import ConstrainedRecovery
+
+    assert seen["cfg"].finetune.constrained == ConstrainedRecovery()
+    assert seen["cfg"].control_run == "plain-recovery"
     (tmp_path / "c.toml").write_text("criterion = 'snnl'\nmin_fraction = 0.2\n[finetune]\nepochs = 3\n")
     run_main(*base, "--config", str(tmp_path / "c.toml"), "--epochs", "4")
     assert (seen["cfg"].criterion, seen["cfg"].min_fraction, seen["cfg"].finetune.epochs) == ("snnl", 0.2, 4)
@@ -220,3 +225,28 @@ def test_compress_help_shows_each_default_from_the_config() -> None:
                         ("--rounds", d.rounds), ("--epochs", d.finetune.epochs), ("--distill", d.finetune.distill)):
         assert helps[flag].endswith(f"(default: {value}).")
     assert len({p.name for p in command.params}) <= 20
+
+
+def test_constrained_recovery_in_a_compression_run_against_its_plain_twin(biased_checkpoint, synth_manifest,
+                                                                           tmp_path, one_thread) -> None:
+    """--recovery constrained with a blind criterion: the control is the same criterion with plain recovery (same
+    removal, schedule and seed), the constraint's epsilon is the guard's, and the candidate records its multipliers."""
+    from fairdeploy.data.manifest import read_manifest
+    from fairdeploy.pruning.budget import BudgetConfig, compress_checkpoint
+    from fairdeploy.training.constrained import ConstrainedRecovery
+    from fairdeploy.training.loop import FitConfig
+
+    cfg = BudgetConfig(criterion="magnitude", target=0.7, rounds=1, max_group_drop=0.04, score_samples=4, bootstrap=20,
+                       keep_rounds=False, finetune=FitConfig(epochs=1, lr=3e-4, batch_size=32,
+                                                             constrained=ConstrainedRecovery(buffer=8)))
+    assert cfg.control_run == "plain-recovery"
+    rec = compress_checkpoint(biased_checkpoint, read_manifest(synth_manifest), tmp_path / "out", cfg, "cpu").record
+    assert rec.config.finetune.constrained.max_group_drop == 0.04  # unset epsilon: the guard's tolerance
+    cand, ctrl = rec.runs["candidate"], rec.runs["control"]
+    assert cand.criterion == ctrl.criterion == "magnitude"
+    # the same removal: magnitude scores of the same input model, the same budget
+    assert cand.rounds[0].pruning.removed == ctrl.rounds[0].pruning.removed
+    assert set(cand.rounds[0].finetune.multipliers) == {"dark", "light"}
+    assert all(v >= 0 for v in cand.rounds[0].finetune.multipliers.values())
+    assert ctrl.rounds[0].finetune.multipliers is None
+    assert "the plain-recovery control" in rec.verdict

@@ -135,7 +135,7 @@ class BudgetConfig:
             return self.control
         if self.criterion not in BLIND:
             return "magnitude"
-        if getattr(self.finetune, "constrained", None) is not None:  # TODO(constrained): plain attribute
+        if self.finetune.constrained is not None:
             return "plain-recovery"
         return "finetune-only" if self.target is not None else "none"
 
@@ -153,7 +153,7 @@ class BudgetConfig:
         if control == self.criterion:
             raise FairdeployError(f"the control {control!r} is the criterion itself; choose another control "
                                   "(plain-recovery: the same criterion without the recovery constraint)")
-        if control == "plain-recovery" and getattr(self.finetune, "constrained", None) is None:
+        if control == "plain-recovery" and self.finetune.constrained is None:
             raise FairdeployError("the plain-recovery control compares constrained with plain recovery: it needs "
                                   "constrained recovery (--recovery constrained)")
         if control == "finetune-only" and self.is_search:
@@ -279,9 +279,9 @@ def round_fraction(cfg: BudgetConfig, r: int) -> float:
 
 
 def _multipliers(history: tuple[dict[str, Any], ...]) -> dict[str, float] | None:
-    last = history[-1] if history else {}
-    value = last.get("multipliers")
-    return None if value is None else {str(k): float(v) for k, v in value.items()}
+    """The Lagrange multipliers at the end of constrained recovery's last epoch (None: plain recovery)."""
+    constraint = history[-1].get("constraint") if history else None
+    return None if constraint is None else {str(k): float(v) for k, v in constraint["multipliers"].items()}
 
 
 def _run(run: _Run, model: nn.Module, ctx: _Ctx, min_rounds: int = 0) -> _Run:
@@ -410,8 +410,8 @@ def compress_checkpoint(
     model.* (the control's), OUT/rounds/* and OUT/prune.json. Nothing is written unless the run succeeds."""
     cfg.validate()
     ft = replace(cfg.finetune, seed=cfg.seed)  # one seed: scores, data order, fine-tuning
-    if getattr(ft, "constrained", None) is not None and ft.constrained.max_group_drop is None:  # the constraint's ε: the guard's
-        ft = replace(ft, constrained=replace(ft.constrained, max_group_drop=cfg.max_group_drop))
+    if ft.constrained is not None:  # the constraint's ε, where unset: the guard's tolerance
+        ft = replace(ft, constrained=ft.constrained.resolved(cfg.max_group_drop))
     cfg = replace(cfg, finetune=ft)
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -456,7 +456,7 @@ def compress_checkpoint(
         if cfg.control_run != "none":
             plain = cfg.control_run == "plain-recovery"
             control = _Run("control", cfg.criterion if plain else cfg.control_run,
-                           replace(cfg.finetune, constrained=None) if plain else cfg.finetune)  # type: ignore[call-arg]
+                           replace(cfg.finetune, constrained=None) if plain else cfg.finetune)
             runs.append(_run(control, copy.deepcopy(teacher), ctx,
                              min_rounds=cand_reached.round if cand_reached is not None else 0))
         selected: dict[str, tuple[str, nn.Module, BudgetPoint, bool]] = {}
