@@ -398,7 +398,8 @@ def test_cli_reference_with_other_classes_is_refused(run_main, trained_checkpoin
     spec["classes"] = [c + "_x" for c in spec["classes"]]  # same shape, other classes
     (other / "model.json").write_text(json.dumps(spec))
     code, _, err = run_main("finetune", "--model", str(trained_checkpoint), "--data", str(synth_manifest),
-                            "--out", str(tmp_path / "ft"), "--device", "cpu", "--constrained", "--reference", str(other))
+                            "--out", str(tmp_path / "ft"), "--device", "cpu", "--constrained",
+                            "--reference", str(other))
     assert code == 2
     assert f"reference model {other}: classes" in _one_line(err)
 
