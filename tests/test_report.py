@@ -1,11 +1,15 @@
 """The report: the answer first (which artifact passes, its size, latency, worst group with n and CI), per-group
 intervals equal to the bootstrap's, paired fairness differences, Pareto points, figures, self-contained HTML,
-a headless-Chromium screenshot, and a pipeline rerun that leaves the report alone."""
+the page as headless Chromium lays it out (answer shown, no overprinted labels, every plot with data),
+and a pipeline rerun that leaves the report alone."""
 
 from __future__ import annotations
 
 import base64
+import html as html_lib
+import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -343,31 +347,310 @@ def test_report_cli_and_missing_inputs(tmp_path):
         build_report(tmp_path / "nope")
 
 
+# ---- the report in a real browser: headless Chromium lays the page out; the checks read what it computed ----
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# .ci/run installs Chromium and sets this: there a missing browser fails the test instead of skipping it
+REQUIRE_CHROMIUM = bool(os.environ.get("FAIRDEPLOY_REQUIRE_CHROMIUM"))
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,2000")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None and not REQUIRE_CHROMIUM,
+                                    reason="headless Chromium not installed (apt-get install chromium; CI installs it)")
+
+# Run on the page's load event, after layout and image decoding: writes what the browser computed into
+# <pre id="fd-layout"> as JSON, which `chromium --dump-dom` prints with the rest of the DOM.
+_MEASURE_JS = """
+window.addEventListener('load', () => {
+  const box = r => [r.left + scrollX, r.top + scrollY, r.right + scrollX, r.bottom + scrollY];
+  const style = el => getComputedStyle(el);
+  const opacity = el => { let o = 1; for (; el; el = el.parentElement) o *= Number(style(el).opacity); return o; };
+  const background = el => {
+    for (; el; el = el.parentElement) {
+      const c = style(el).backgroundColor;
+      if (c !== 'rgba(0, 0, 0, 0)' && c !== 'transparent') return c;
+    }
+    return 'rgb(255, 255, 255)';
+  };
+  const textNodes = root => {
+    const out = [], walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    for (let n = walker.nextNode(); n; n = walker.nextNode())
+      if (n.textContent.trim() && !n.parentElement.closest('script, style')) out.push(n);
+    return out;
+  };
+  const texts = [];
+  for (const n of textNodes(document.body)) {
+    const range = document.createRange();
+    range.selectNodeContents(n);
+    for (const r of range.getClientRects())
+      if (r.width > 0 && r.height > 0) texts.push({text: n.textContent.trim().slice(0, 80), box: box(r)});
+  }
+  const answerBox = document.querySelector('.answer');
+  const answer = [...document.querySelectorAll('.answer p')].map(p => ({
+    text: p.innerText, box: box(p.getBoundingClientRect()), display: style(p).display,
+    visibility: style(p).visibility, opacity: opacity(p),
+    colours: textNodes(p).map(n => [style(n.parentElement).color, background(n.parentElement)])}));
+  const images = [...document.images].map(img => {
+    let colours = 0;
+    if (img.complete && img.naturalWidth > 0) {
+      const c = document.createElement('canvas');
+      c.width = img.naturalWidth; c.height = img.naturalHeight;
+      const ctx = c.getContext('2d');
+      ctx.drawImage(img, 0, 0);
+      const d = ctx.getImageData(0, 0, c.width, c.height).data, seen = new Set();
+      for (let i = 0; i < d.length && seen.size < 256; i += 4)
+        seen.add(((d[i] * 256 + d[i + 1]) * 256 + d[i + 2]) * 256 + d[i + 3]);
+      colours = seen.size;
+    }
+    return {alt: img.alt, complete: img.complete, natural: [img.naturalWidth, img.naturalHeight],
+            box: box(img.getBoundingClientRect()), colours};
+  });
+  const tops = [...document.querySelectorAll('table, img')].map(el => el.getBoundingClientRect().top + scrollY);
+  const pre = document.createElement('pre');
+  pre.id = 'fd-layout';
+  pre.textContent = JSON.stringify({texts, answer, images, answer_box: answerBox ? box(answerBox.getBoundingClientRect()) : null,
+                                    first_table_or_figure_top: tops.length ? Math.min(...tops) : null});
+  document.body.appendChild(pre);
+});
+"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)")
-def test_report_html_screenshot_in_headless_chromium(tmp_path):
+def _layout_in_chromium(page_html: str, work: Path) -> dict:
+    """Open the page in headless Chromium (fresh profile) and return the layout the browser computed: every text
+    fragment's box, the answer's paragraphs (rendered text, box, display, visibility, opacity, text and background
+    colours), each image's load state, natural size and number of distinct pixel colours (up to 256)."""
+    if CHROMIUM is None:
+        pytest.fail("FAIRDEPLOY_REQUIRE_CHROMIUM is set but neither chromium nor chromium-browser is on PATH")
+    work.mkdir(parents=True, exist_ok=True)
+    page = work / "measured.html"
+    page.write_text(page_html.replace("</body>", f"<script>{_MEASURE_JS}</script></body>"), encoding="utf-8")
+    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={work / 'profile'}", "--dump-dom",
+                           page.as_uri()], check=False, capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="fd-layout">(.*?)</pre>', proc.stdout, flags=re.DOTALL)
+    assert found, f"Chromium did not lay the page out (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    return json.loads(html_lib.unescape(found.group(1)))
+
+
+# Two text boxes overlap when they share more than half a CSS pixel both across and down: layout positions are
+# fractional, and neighbours that merely touch (a bold run and the text after it) share a rounding error far
+# below that, while two labels drawn over each other share whole glyphs (the broken page below: about 1 em).
+OVERLAP_PX = 0.5
+
+
+def overlapping_text(layout: dict) -> list[str]:
+    """Every pair of rendered text fragments that overprint each other, and any fragment pushed off the page's top
+    or left edge (where no scrolling reaches it)."""
+    texts = layout["texts"]
+    boxes = np.array([t["box"] for t in texts], dtype=float).reshape(-1, 4)
+    across = np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0])
+    down = np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1])
+    first, second = np.nonzero(np.triu((across > OVERLAP_PX) & (down > OVERLAP_PX), k=1))
+    problems = [f"{texts[i]['text']!r} overprints {texts[j]['text']!r} ({across[i, j]:.1f} x {down[i, j]:.1f} px)"
+                for i, j in zip(first, second)]
+    problems += [f"{t['text']!r} is off the page at {t['box'][:2]}" for t in texts if min(t["box"][:2]) < 0]
+    return problems
+
+
+def _rgba(css: str) -> tuple[np.ndarray, float]:
+    """A CSS rgb() / rgba() colour as (r, g, b in 0..255, alpha)."""
+    values = [float(v) for v in re.findall(r"[\d.]+", css)]
+    return np.array(values[:3]), values[3] if len(values) > 3 else 1.0
+
+
+def contrast_ratio(fg: str, bg: str, opacity: float = 1.0) -> float:
+    """WCAG 2 contrast ratio of text colour `fg` drawn at `opacity` (times its own alpha) over the opaque `bg`
+    (1: the text is the background's colour, 21: black on white)."""
+    def luminance(rgb: np.ndarray) -> float:
+        c = rgb / 255.0
+        lin = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return float(lin @ np.array([0.2126, 0.7152, 0.0722]))
+
+    (text, alpha), (back, _) = _rgba(fg), _rgba(bg)
+    drawn = alpha * opacity * text + (1 - alpha * opacity) * back
+    hi, lo = sorted((luminance(drawn), luminance(back)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+WCAG_AA_CONTRAST = 4.5  # WCAG 2 level AA minimum for body text
+
+
+def answer_problems(layout: dict, expected: list[str]) -> list[str]:
+    """The answer box shows, before any table or figure, exactly the headline sentences the report computed,
+    each one displayed, visible, on the page, in a colour readable on its background (opacity included)."""
+    def words(text: str) -> str:
+        return " ".join(text.split())
+
+    shown = layout["answer"]
+    problems = []
+    if [words(p["text"]) for p in shown] != [words(line) for line in expected]:
+        problems.append(f"the answer reads {[words(p['text']) for p in shown]}, the report computed {expected}")
+    for p in shown:
+        x0, y0, x1, y1 = p["box"]
+        label = repr(words(p["text"])[:60])
+        if p["display"] == "none" or p["visibility"] != "visible":
+            problems.append(f"answer line {label} is hidden (display {p['display']}, visibility {p['visibility']})")
+        if x1 <= x0 or y1 <= y0 or x0 < 0 or y0 < 0:
+            problems.append(f"answer line {label} has no area on the page: {p['box']}")
+        for fg, bg in p["colours"]:
+            ratio = contrast_ratio(fg, bg, p["opacity"])
+            if ratio < WCAG_AA_CONTRAST:
+                problems.append(f"answer line {label}: text {fg} (opacity {p['opacity']:g}) on {bg}, contrast "
+                                f"{ratio:.2f} < {WCAG_AA_CONTRAST}")
+    box, first = layout["answer_box"], layout["first_table_or_figure_top"]
+    if box is None:
+        problems.append("no answer box")
+    elif first is not None and box[3] > first:
+        problems.append(f"the answer (bottom {box[3]:.0f} px) is not above the first table or figure ({first:.0f} px)")
+    return problems
+
+
+def plot_problems(layout: dict, figures: int) -> list[str]:
+    """Each of the report's `figures` is an image the browser loaded and shows, and its pixels are not one colour."""
+    images = layout["images"]
+    problems = [] if len(images) == figures else [f"{len(images)} images on the page, the report drew {figures}"]
+    for img in images:
+        x0, y0, x1, y1 = img["box"]
+        if not img["complete"] or min(img["natural"]) == 0:
+            problems.append(f"plot {img['alt']!r} did not load")
+        elif x1 <= x0 or y1 <= y0:
+            problems.append(f"plot {img['alt']!r} is not shown (box {img['box']})")
+        elif img["colours"] < 2:
+            problems.append(f"plot {img['alt']!r} is one flat colour")
+    return problems
+
+
+def axes_without_data(fig) -> list[str]:
+    """The axes of a matplotlib figure that show no data in their view: no bar of finite height, no finite line
+    or scatter point, no image, inside the axes' limits (a panel switched off, e.g. an empty grid slot, is not
+    drawn and is skipped)."""
+    from matplotlib.patches import Rectangle
+
+    problems = []
+    for k, ax in enumerate(fig.axes):
+        if not ax.axison:
+            continue
+        points = [(p.get_x() + p.get_width() / 2, p.get_y() + p.get_height())
+                  for p in ax.patches if isinstance(p, Rectangle) and p.get_visible()]
+        for line in ax.lines:
+            if line.get_visible():
+                points += zip(np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float))
+        for coll in ax.collections:
+            if coll.get_visible():
+                points += [tuple(o) for o in np.ma.filled(np.ma.asarray(coll.get_offsets(), float), np.nan)]
+        xy = np.array(points, dtype=float).reshape(-1, 2)
+        (xlo, xhi), (ylo, yhi) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        inside = (xy[:, 0] >= xlo) & (xy[:, 0] <= xhi) & (xy[:, 1] >= ylo) & (xy[:, 1] <= yhi)
+        images = [im for im in ax.images if np.isfinite(np.asarray(im.get_array(), float)).any()]
+        if not inside.any() and not images:
+            problems.append(f"axes {k} ({ax.get_ylabel() or ax.get_title() or 'untitled'}) shows no data")
+    return problems
+
+
+def _built_with_figures(monkeypatch, run_dir: Path) -> tuple[object, list[str]]:
+    """build_report(run_dir), checking every matplotlib figure it draws before it becomes a PNG."""
+    drawn, problems = [], []
+    to_png = plots._png
+
+    def checked(fig):
+        drawn.append(fig)
+        problems.extend(f"figure {len(drawn)}: {p}" for p in axes_without_data(fig))
+        return to_png(fig)
+
+    monkeypatch.setattr(plots, "_png", checked)
+    paths = build_report(run_dir)
+    assert len(drawn) == len(paths.figures)
+    return paths, problems
+
+
+def _failing_pipeline_run(tmp_path: Path) -> Path:
+    """A run as a budget pipeline leaves it: 18 artifacts with long names, none passing its gate, notes, a control
+    pair, a step run's trajectory and a compression run's rounds."""
+    stages = [replace(s, gate_passed=False, gate_failures=(f"{s.name}: agreement 0.9000 below 0.9900 (overall)",))
+              if s.gate_passed is not None else s for s in _pipeline_like_stages(6)]
+    steps = Trajectory("fairprune", tuple({"step": i, "accuracy": 0.7 + 0.01 * i, "f1_macro": 0.7,
+                                           "eodd": 0.1 - 0.02 * i} for i in range(4)))
+    rounds = Trajectory("group-taylor", tuple({"step": i, "accuracy": 0.7, "f1_macro": 0.68 - 0.01 * i,
+                                               "eodd": 0.05 + 0.01 * i, "worst_group_accuracy": 0.6 - 0.02 * i,
+                                               "macs": 100_000_000 * 0.75 ** i, "passed": i < 3} for i in range(5)))
+    write_stages(tmp_path / "stages.json", RunStages(tuple(stages), (steps, rounds), "test", "a pipeline's report",
+                                                     ("group-taylor: no difference shown on validation",)))
+    return tmp_path
+
+
+@needs_chromium
+@pytest.mark.parametrize("kind", ["validation", "pipeline"])
+def test_report_reads_right_in_headless_chromium(tmp_path, monkeypatch, kind):
+    """In the page Chromium lays out: the answer shows the headline the report computed, first and readable; no
+    two text labels overprint; every figure loaded with more than one colour, and each of its axes drew data."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if kind == "validation":
+        _validation(run_dir)
+    else:
+        _failing_pipeline_run(run_dir)
+    paths, figure_problems = _built_with_figures(monkeypatch, run_dir)
+    layout = _layout_in_chromium(paths.html.read_text(), tmp_path / "browser")
+    run = load_stages(run_dir)
+    assert (summary.best_passing(run) is None) == (kind == "pipeline")  # both answers: a pass and none passing
+    assert answer_problems(layout, summary.headline(run)) == []
+    assert overlapping_text(layout) == []
+    assert len(layout["texts"]) > 100  # the tables' cells were measured too
+    assert figure_problems == []
+    assert plot_problems(layout, len(paths.figures)) == []
+
+
+def _flat_png_like(b64_png: str) -> str:
+    """A white PNG of the size of the given one (base64 in and out)."""
     from PIL import Image
 
-    (tmp_path / "run").mkdir()
-    run_dir, _ = _validation(tmp_path / "run")
-    paths = build_report(run_dir)
-    png = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1280,2000",
-           paths.html.resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert png.is_file() and png.stat().st_size > 20_000, proc.stderr[-2000:]
-    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
-    assert img.shape[:2] == (2000, 1280)
-    ink = (img.sum(axis=2) < 600)  # not white / near-white
-    assert ink[:300].mean() > 0.01  # the title and the answer are drawn at the top
-    # the answer box is green (an artifact passes) and sits in the top 600 pixels
-    green = (np.abs(img[:600] - np.array([0xee, 0xf9, 0xf2])).sum(axis=2) < 6).mean()
-    assert green > 0.02
-    assert ink[1000:2000].mean() > 0.005  # the tables and the first figures fill the page below
+    size = Image.open(io.BytesIO(base64.b64decode(b64_png))).size
+    buf = io.BytesIO()
+    Image.new("RGB", size, "white").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@needs_chromium
+def test_the_browser_checks_fail_on_a_broken_report(tmp_path):
+    """The same report, broken four ways, as a reader would meet them: section sentences pulled up over their
+    headings, the answer in its box's background colour with its last line gone, one figure a flat white image
+    and one that does not decode. Each check names what it found."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _validation(run_dir)
+    page = build_report(run_dir).html.read_text()
+    imgs = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    broken = page.replace(imgs[0], _flat_png_like(imgs[0])).replace(imgs[1], "AAAA")
+    broken = broken.replace("</style>", "h2+p{margin-top:-2.2em}.answer p{color:#eef9f2}</style>")
+    answer_lines = re.findall(r"<div class='answer pass'>.*?</div>", broken, flags=re.DOTALL)[0]
+    last = answer_lines.rsplit("<p>", 1)[1].split("</p>")[0]
+    broken = broken.replace(f"<p>{last}</p>", "", 1)
+    layout = _layout_in_chromium(broken, tmp_path / "browser")
+
+    overprints = overlapping_text(layout)
+    assert any("'Artifacts' overprints" in p or "overprints 'Artifacts'" in p for p in overprints), overprints
+    answer = answer_problems(layout, summary.headline(load_stages(run_dir)))
+    assert any(p.startswith("the answer reads") for p in answer), answer
+    assert any("contrast 1.00" in p for p in answer), answer
+    figures = plot_problems(layout, len(imgs))
+    assert len(figures) == 2 and figures[0].endswith("is one flat colour") and figures[1].endswith("did not load"), \
+        figures
+
+
+def test_figure_data_check_finds_empty_axes():
+    """axes_without_data flags axes with nothing drawn, with only NaN bars, and with data outside the limits; a
+    drawn bar, a line point or an image is data."""
+    plt = plots._plt()
+    fig, axes = plt.subplots(1, 6)
+    axes[1].bar([0, 1], [np.nan, np.nan])
+    axes[2].plot([0, 1], [5, 6])
+    axes[2].set_ylim(0, 1)
+    axes[3].bar([0, 1], [0.2, 0.4])
+    axes[4].plot([0.5], [0.5], "o")
+    axes[5].imshow(np.eye(3))
+    assert [p.split(" (")[0] for p in axes_without_data(fig)] == ["axes 0", "axes 1", "axes 2"]
+    axes[0].axis("off")  # a switched-off panel is not drawn
+    assert [p.split(" (")[0] for p in axes_without_data(fig)] == ["axes 1", "axes 2"]
+    plt.close(fig)
 
 
 def _pipeline_like_stages(models: int) -> list[StageRecord]:
