@@ -1,21 +1,44 @@
-"""Run by tests/test_distributed.py, under torchrun (2 ranks) or as a plain process (1); rank 0 writes to OUT.
+"""Run by tests/test_distributed.py: a list of scenarios in ONE process, either as a plain process (a world of 1,
+the reference) or as each rank of ONE torchrun job (2 ranks) -- instead of a Python process (or a torchrun job of
+three) per scenario, which is what made the file the suite's largest cost.
 
-scores: FairPrune (Fisher, first-order) and SNNL scores and selections on a fixed model and score set
-        (OUT/scores.safetensors, OUT/picks.json).
-fit:    one epoch of the training loop on a BatchNorm-free convnet with deterministic inputs, SGD and
-        group x class balanced sampling (OUT/last, OUT/trainer.json): with no per-rank statistics and no
-        augmentation, two ranks must reproduce one process up to float rounding.
+usage: python [-m torch.distributed.run --standalone --nproc-per-node N] tests/distributed_worker.py PLAN.json
 
-usage: python [-m torch.distributed.run --nproc-per-node N] tests/distributed_worker.py scores|fit MANIFEST OUT
+PLAN.json: {"results": DIR, "scenarios": [{"name": ..., "run": "fit" | "scores" | "cli", "args": [...]}, ...]}
+
+fit MANIFEST OUT:    one epoch of the training loop on a BatchNorm-free convnet with deterministic inputs, SGD and
+                     group x class balanced sampling (OUT/last, OUT/trainer.json): with no per-rank statistics and
+                     no augmentation, two ranks must reproduce one process up to float rounding.
+scores MANIFEST OUT: FairPrune (Fisher, first-order) and SNNL scores and selections on a fixed model and score set
+                     (OUT/scores.safetensors, OUT/picks.json).
+cli ARGS...:         `fairdeploy ARGS...` through fairdeploy.cli.main, as `[torchrun -m] fairdeploy ARGS...` runs it.
+
+Every rank writes DIR/rank{R}.json after each scenario: {name: {"code", "stdout", "stderr", "seconds"}} (code: the
+command's exit status; for fit/scores 0, or 1 with the traceback in "stderr"), so the test can check what each
+rank printed and that the others print nothing.
+
+Each scenario joins its own process group, as a separate torchrun job would: fairdeploy's `distributed_run` inits
+the default group from the environment (env://) and destroys it at the end. A second init against the SAME store
+is racy (a rank can read its peer's address left by the previous group and fail with "Connection refused"), so
+before each scenario rank 0 picks a free port, as `torchrun --standalone` does, and hosts a fresh store there
+(TORCHELASTIC_USE_AGENT_STORE=False); the others learn the port through torchrun's own store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import socket
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import torch
+
+PORT_KEY = "fairdeploy-test-worker/port/{}"
 
 
 def fit_one_epoch(manifest_path: str, out: str) -> None:
@@ -36,7 +59,6 @@ def fit_one_epoch(manifest_path: str, out: str) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(torch.relu(self.conv1(x)).mean((2, 3)))
 
-    torch.set_num_threads(1)
     with distributed_run("cpu"):
         manifest = read_manifest(manifest_path)
         spec = ModelSpec(arch="resnet18", classes=tuple(manifest.classes), groups=tuple(manifest.groups),
@@ -50,7 +72,7 @@ def fit_one_epoch(manifest_path: str, out: str) -> None:
         fit(model, spec, train, val, cfg, Path(out), torch.device("cpu"))
 
 
-def main(manifest_path: str, out: str) -> None:
+def scores(manifest_path: str, out: str) -> None:
     from safetensors.torch import save_file
 
     from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
@@ -63,7 +85,6 @@ def main(manifest_path: str, out: str) -> None:
     from fairdeploy.pruning.scoresets import balanced_batch_order, group_score_sets
     from fairdeploy.pruning.snnl_prune import SnnlConfig, SnnlStep
 
-    torch.set_num_threads(1)
     with distributed_run("cpu"):
         manifest = read_manifest(manifest_path)
         enc = Encoding(tuple(manifest.classes), tuple(manifest.groups))
@@ -96,5 +117,75 @@ def main(manifest_path: str, out: str) -> None:
             (Path(out) / "picks.json").write_text(json.dumps(picks, indent=1))
 
 
+def cli(*args: str) -> int:
+    from fairdeploy.cli import main
+
+    saved = sys.argv
+    sys.argv = ["fairdeploy", *args]
+    try:
+        main()
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _agent_store():
+    """torchrun's own key-value store (the launcher hosts it at MASTER_ADDR:MASTER_PORT), or None outside torchrun."""
+    from fairdeploy.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+
+
+def _fresh_rendezvous(store, index: int) -> None:
+    """This scenario's process group gets a store of its own: rank 0 hosts it on a new free port."""
+    if store is None:
+        return
+    key = PORT_KEY.format(index)
+    if int(os.environ["RANK"]) == 0:
+        store.set(key, str(_free_port()))
+    os.environ["MASTER_PORT"] = store.get(key).decode()
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+
+
+RUNS = {"fit": fit_one_epoch, "scores": scores, "cli": cli}
+
+
+def main(plan_path: str) -> None:
+    plan = json.loads(Path(plan_path).read_text())
+    torch.set_num_threads(1)  # this process's one setting: the references and the ranks compute alike
+    rank = int(os.environ.get("RANK", "0"))
+    results_dir = Path(plan["results"])
+    results_dir.mkdir(parents=True, exist_ok=True)
+    store = _agent_store()
+    results: dict[str, dict] = {}
+    for index, scenario in enumerate(plan["scenarios"]):
+        _fresh_rendezvous(store, index)
+        out, err = io.StringIO(), io.StringIO()
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = RUNS[scenario["run"]](*scenario["args"]) or 0
+            except Exception:  # noqa: BLE001 - recorded for the test to show; the next scenario still runs
+                traceback.print_exc()
+                code = 1
+        results[scenario["name"]] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
+                                     "seconds": round(time.perf_counter() - start, 2)}
+        tmp = results_dir / f".rank{rank}.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(results_dir / f"rank{rank}.json")
+
+
 if __name__ == "__main__":
-    {"scores": main, "fit": fit_one_epoch}[sys.argv[1]](sys.argv[2], sys.argv[3])
+    main(sys.argv[1])
