@@ -342,38 +342,72 @@ def progress_on_main() -> contextlib.AbstractContextManager[Any]:
 
 
 class RichProgress:
-    """Render the library's progress callbacks as rich progress bars (one bar per task name)."""
+    """Render the library's progress callbacks: rich progress bars on a terminal (one bar per task name, with
+    the time elapsed and left), else the plain lines of fairdeploy.progress.ProgressLog on stdout (a line per
+    finished task and at least one every `interval_s` seconds while the command runs, a timer thread giving it
+    when no callback does)."""
 
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    def __init__(self, clock: Callable[[], float] = time.monotonic, interval_s: float | None = None) -> None:
+        import threading
+
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        from fairdeploy.progress import LINE_INTERVAL_S, ProgressLog
 
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err_console, transient=True,
+            TimeRemainingColumn(), console=err_console, transient=True,
         )
         self._tasks: dict[str, int] = {}
-        # `cmd > log`: one plain line per finished task on stdout (the log), none on stderr (kept for errors)
+        # `cmd > log`: plain lines on stdout (the log), none on stderr (kept for errors)
         self._plain = not console.is_terminal
-        self._start = time.perf_counter()
-        self._done: set[str] = set()
+        self._log = ProgressLog(clock, LINE_INTERVAL_S if interval_s is None else interval_s)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
 
     def __enter__(self) -> RichProgress:
         if self._plain:
+            import threading
+
+            self._timer = threading.Thread(target=self._heartbeats, name="fairdeploy-progress", daemon=True)
+            self._timer.start()
             return self
         self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._stop.set()
+            self._timer.join()
+            self._timer = None
         if not self._plain:
             self._progress.__exit__(*exc)  # type: ignore[arg-type]
 
+    def _print(self, line: str | None) -> None:
+        if line is not None:
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+    def _heartbeats(self) -> None:
+        while True:
+            with self._lock:
+                wait = self._log.next_due()
+            if self._stop.wait(wait):
+                return
+            with self._lock:
+                self._print(self._log.heartbeat())
+
     def __call__(self, task: str, completed: int, total: int) -> None:
         if self._plain:
-            if completed >= total and task not in self._done:
-                self._done.add(task)
-                count = f": {completed}/{total}" if total > 1 else ""  # a one-shot task is its own line
-                console.print(f"[{time.perf_counter() - self._start:7.1f} s] {task}{count}",
-                                  highlight=False, soft_wrap=True, markup=False)
+            with self._lock:
+                self._print(self._log.update(task, completed, total))
             return
         if task not in self._tasks:
             self._tasks[task] = self._progress.add_task(task, total=total)
