@@ -25,6 +25,8 @@ from fairdeploy.models.checkpoint import build_model
 
 ARCHS = ("resnet18", "mobilenet_v3_small")
 NOT_QUANTIZED_INPUTS = ("HardSwish", "HardSigmoid")
+# Pooling ops and Flatten next to INT8 layers read Q/DQ too (ModelOpt's rule; tests/test_export_qdq_modelopt.py).
+POOLED = ("MaxPool", "AveragePool", "GlobalAveragePool", "Flatten")
 # The agreement control: every activation scale divided by this (ranges clipped to 1/16), a quantization that is
 # wrong the way a one-group or far too small calibration set makes it wrong (its top-1 agreement is near chance).
 CLIPPED_SCALE_DIVISOR = 16
@@ -110,7 +112,7 @@ def placement_violations(model: onnx.ModelProto, arch: str) -> list[str]:
                 bad.append(f"{n.name}: zero point {zp} is not int8 0")
         if n.op_type == "DequantizeLinear" and w.activation_dq(n.output[0]):
             readers = {c.op_type for c in w.consumers.get(n.output[0], [])}
-            if not readers <= {"Conv", "Gemm", "MatMul", "Add"}:
+            if not readers <= {"Conv", "Gemm", "MatMul", "Add", *POOLED}:
                 bad.append(f"{n.name}: read by {sorted(readers)}")
     adds = w.residual_adds()
     assert len(adds) == {"resnet18": 8, "mobilenet_v3_small": 6}[arch]  # torchvision's residual blocks
@@ -153,7 +155,8 @@ def test_tensorrt_placement_has_fewer_qdq_nodes(quantized, arch: str) -> None:
     # One Q per distinct tensor read by a weighted op or as a residual shortcut; weights have no Q node.
     activations = {w.producer[n.input[0]].input[0] for n in w.nodes if n.op_type in ("Conv", "Gemm")}
     shortcuts = {w.producer[t].input[0] for a in w.residual_adds() for t in a.input if w.activation_dq(t)}
-    assert trt == len(activations | shortcuts) < ort_default
+    pooled = {w.producer[n.input[0]].input[0] for n in w.nodes if n.op_type in POOLED and w.activation_dq(n.input[0])}
+    assert trt == len(activations | shortcuts | pooled) < ort_default
 
 
 def clipped_control(model: onnx.ModelProto) -> onnx.ModelProto:

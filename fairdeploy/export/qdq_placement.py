@@ -7,8 +7,22 @@ explicit-quantization guide places Q/DQ differently, and TensorRT fuses better w
 * on the inputs of weighted ops (Conv, Gemm, MatMul): the activation input and the weight (per channel);
 * on a residual Add, only on the shortcut input, so the Add fuses into the convolution that produces the
   other input (which stays float between that conv and the Add);
+* on the input of a pooling op (MaxPool, AveragePool, GlobalAveragePool) or a Flatten next to an INT8 weighted
+  op, directly or through data-movement ops (Flatten, Reshape, ...), so it runs in INT8 between INT8 layers;
 * nowhere else: no Q/DQ on the input of HardSwish, HardSigmoid, Mul, ... (ops TensorRT runs in higher
   precision) and none on a conv output whose consumers are all such ops.
+
+NVIDIA's Model Optimizer (modelopt.onnx.quantization, int8.py / partitioning.py / ort_utils.py) is the reference
+for the pooling rule: its find_quantizable_nodes quantizes a pooling op's input when the op has a quantized
+consumer or producer, through copy ops (`_has_quantizable_consumer` / `_has_quantizable_producer`), with ORT's
+ForceQuantizeNoInputCheck and no output quantization. Two departures, on purpose:
+* Flatten: ModelOpt quantizes every Flatten it does not partition; here Flatten follows the pooling rule, so a
+  Flatten whose neighbours are kept FP32 (mixed precision) gets no lone Q/DQ pair. On an all-INT8 graph the two
+  agree (resnet18's Flatten feeds the INT8 Gemm).
+* Unquantized ops stay FP32; ModelOpt converts them to FP16 by default (high_precision_dtype="fp16"). The Q/DQ
+  graph is also what ONNX Runtime's CPU provider runs for `validate` and the per-group gate (where FP16 is slower
+  and adds casts), and the gate and mixed precision compare INT8 with FP32: FP16 elsewhere would make a layer
+  "kept FP32" not FP32. A TensorRT engine from this graph therefore runs its unquantized ops in FP32 (TF32 off).
 
 `place_qdq` takes ORT's graph (quantized with `ort_settings(placement)`) and rewires every consumer that
 should read the float tensor back to the tensor before the Q/DQ pair, then drops the pairs nobody reads.
@@ -28,6 +42,13 @@ PLACEMENTS = ("tensorrt", "ort-default", "ort-cpu")
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # The op types handed to ORT: the weighted ops and Add (whose inputs ORT calibrates, so a shortcut has a scale).
 QUANTIZED_OP_TYPES = (*WEIGHTED_OPS, "Add")
+POOLING_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool")
+# Data-movement ops the neighbour rule looks through (ModelOpt's copy ops that torchvision graphs contain).
+COPY_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+# Quantized at their input when next to an INT8 weighted op (place_qdq; ModelOpt's pooling rule).
+NEIGHBOUR_QUANTIZED_OPS = (*POOLING_OPS, "Flatten")
+# The "tensorrt" placement's op types for ORT: pooling and Flatten too (place_qdq keeps what the rule says).
+TENSORRT_OP_TYPES = (*QUANTIZED_OP_TYPES, *NEIGHBOUR_QUANTIZED_OPS)
 
 
 def check_placement(placement: str, where: str = "INT8 options") -> str:
@@ -46,7 +67,11 @@ def ort_settings(placement: str) -> tuple[list[str], dict[str, Any]]:
     pooling, Mul, Flatten, ... too), so its CPU provider fuses whole chains into QLinear* kernels."""
     extra: dict[str, Any] = {}
     if check_placement(placement) == "tensorrt":
-        extra["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OP_TYPES)
+        # As ModelOpt configures ORT: no output quantization, and pooling / Flatten inputs quantized even where
+        # the producer is not (ORT's default quantizes such "direct 8-bit" ops only after a quantized input).
+        extra["OpTypesToExcludeOutputQuantization"] = list(TENSORRT_OP_TYPES)
+        extra["ForceQuantizeNoInputCheck"] = True
+        return list(TENSORRT_OP_TYPES), extra
     if placement == "ort-cpu":
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
@@ -155,6 +180,29 @@ def residual_adds(model: Any) -> list[ResidualAdd]:
     return found
 
 
+def neighbour_quantized(model: Any, int8: Collection[str]) -> set[str]:
+    """The pooling ops and Flattens (NEIGHBOUR_QUANTIZED_OPS) whose input TensorRT's placement quantizes: those
+    that feed an INT8 weighted op or are fed by one, directly or through COPY_OPS (a graph output's producer
+    excluded, as ModelOpt's skipped output layers). `int8`: the weighted nodes left INT8."""
+    g = _Graph(model)
+    int8 = set(int8)
+
+    def feeds_int8(node: Any) -> bool:
+        for c, _ in g.float_consumers(node.output[0]):
+            if c.name in int8 or (c.op_type in COPY_OPS and feeds_int8(c)):
+                return True
+        return False
+
+    def fed_by_int8(node: Any) -> bool:
+        p = g.producer.get(g.float_source(node.input[0]))
+        while p is not None and p.op_type in (*COPY_OPS, "Cast"):
+            p = g.producer.get(g.float_source(p.input[0]))
+        return p is not None and p.name in int8
+
+    return {n.name for n in model.graph.node if n.op_type in NEIGHBOUR_QUANTIZED_OPS
+            and g.float_source(n.output[0]) not in g.outputs and (feeds_int8(n) or fed_by_int8(n))}
+
+
 def adds_fused_into(model: Any, layers: Collection[str]) -> list[str]:
     """The residual Adds that fuse into one of `layers` (they follow their conv's precision)."""
     wanted = set(layers)
@@ -164,10 +212,11 @@ def adds_fused_into(model: Any, layers: Collection[str]) -> list[str]:
 def place_qdq(model: Any, fp32_model: Any, keep_fp32: Collection[str] = ()) -> Any:
     """TensorRT's Q/DQ placement on ORT's Q/DQ `model` (modified in place and returned).
 
-    Kept: the Q/DQ of each weighted op's activation inputs and weight, and of each residual Add's shortcut
-    input; every other consumer of a Q/DQ pair is rewired to the float tensor. Layers named in `keep_fp32`
-    (weighted nodes) become FP32: float activation input, the FP32 model's weight, and their residual Add
-    unquantized. Q/DQ nodes and initializers nobody reads any more are removed."""
+    Kept: the Q/DQ of each weighted op's activation inputs and weight, of each residual Add's shortcut input and
+    of the input of each pooling op / Flatten next to an INT8 weighted op (neighbour_quantized); every other
+    consumer of a Q/DQ pair is rewired to the float tensor. Layers named in `keep_fp32` (weighted nodes) become
+    FP32: float activation input, the FP32 model's weight, their residual Add unquantized, and they no longer
+    count as INT8 neighbours. Q/DQ nodes and initializers nobody reads any more are removed."""
     g = _Graph(model)
     weighted = weighted_nodes(model)
     unknown = sorted(set(keep_fp32) - set(weighted))
@@ -176,6 +225,7 @@ def place_qdq(model: Any, fp32_model: Any, keep_fp32: Collection[str] = ()) -> A
                               f"(weighted layers: {', '.join(weighted[:5])}{', ...' if len(weighted) > 5 else ''})")
     int8 = set(weighted) - set(keep_fp32)
     shortcut = {(a.node, a.shortcut_input) for a in residual_adds(model) if a.fused_into in int8}
+    inputs_kept = shortcut | {(name, 0) for name in neighbour_quantized(model, int8)}  # (node, input index)
     fp32_nodes = {n.name: n for n in fp32_model.graph.node}
     fp32_inits = {i.name: i for i in fp32_model.graph.initializer}
     for n in model.graph.node:
@@ -183,7 +233,7 @@ def place_qdq(model: Any, fp32_model: Any, keep_fp32: Collection[str] = ()) -> A
             continue
         for i, t in enumerate(n.input):
             if g.is_activation_dq(t):
-                keep = (n.name in int8 and not g.is_constant(t)) or (n.name, i) in shortcut
+                keep = (n.name in int8 and not g.is_constant(t)) or (n.name, i) in inputs_kept
                 if not keep:
                     n.input[i] = g.float_source(t)
             elif n.name in keep_fp32 and i > 0 and g.is_constant(t) and t not in g.inits:
