@@ -25,9 +25,10 @@ BUDGET_KEYS = ("target_macs", "target_params", "speedup")
 @dataclass(frozen=True)
 class PruneEntry:
     """One [[prune]] table: FairPrune / SNNL steps (`method = ...`: PruneConfig's fields, its sub-tables
-    `fairprune`, `snnl`, `stop`, `guard`, `finetune`, and `finetune_after`), or a budget run (`criterion = ...`:
-    BudgetConfig's fields, `finetune` its recovery fine-tuning, and one of target_macs / target_params / speedup)
-    that also runs its fairness-blind control."""
+    `fairprune`, `snnl`, `stop`, `guard`, `finetune`, and `finetune_after`), or a compression run (`criterion =
+    ...`: BudgetConfig's fields, `finetune` its recovery fine-tuning, and one of target_macs / target_params /
+    speedup, or none of them to compress as far as every group stays within max_group_drop) that also runs its
+    control."""
 
     name: str
     method: str  # "fairprune", "snnl", or "budget" for a `criterion = ...` table
@@ -181,7 +182,8 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     for i, e in enumerate(top.prune):
         if not isinstance(e, dict) or ("method" in e) == ("criterion" in e):
             raise FairdeployError(f"{source}: [[prune]] entry {i + 1} needs a `method` (fairprune or snnl) or, for a "
-                                  "budget run, a `criterion` (with target_macs, target_params or speedup), not both")
+                                  "compression run, a `criterion` (with target_macs, target_params or speedup, or "
+                                  "none of them to compress as far as the tolerance allows), not both")
         e = dict(e)
         _check_keys(e, {"name": str, "method": str, "criterion": str, "finetune_after": dict},
                     f"{source}: [[prune]] entry {i + 1}")
@@ -197,9 +199,10 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
                 raise FairdeployError(f"{where} {name}: a budget run fine-tunes after every round (its `finetune` "
                                       "table); finetune_after is for method tables")
             given = [k for k in BUDGET_KEYS if k in e]
-            if len(given) != 1:
-                raise FairdeployError(f"{where} {name}: a budget run needs exactly one of "
-                                      f"{', '.join(BUDGET_KEYS)} (got {', '.join(given) or 'none'})")
+            if len(given) > 1:  # none: compress as far as the guard's tolerance allows
+                raise FairdeployError(f"{where} {name}: a compression run takes at most one of "
+                                      f"{', '.join(BUDGET_KEYS)} (got {', '.join(given)}); none searches as far "
+                                      "as every group stays within max_group_drop")
             entries.append(PruneEntry(name=name, method="budget", options=e, criterion=criterion, source=where))
             continue
         method = str(e.pop("method"))
