@@ -41,8 +41,6 @@ from fairdeploy.models.checkpoint import (
 from fairdeploy.models.registry import classifier_head_name
 from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.pruning.criteria import BLIND, CRITERIA, ScoreData, prepare_importance
-from fairdeploy.pruning.curvature import DEFAULT_ESTIMATOR
 from fairdeploy.pruning.compress_records import (
     Budget,
     BudgetPoint,
@@ -57,6 +55,8 @@ from fairdeploy.pruning.compress_records import (
     RunRecord,
     Tolerance,
 )
+from fairdeploy.pruning.criteria import BLIND, CRITERIA, ScoreData, prepare_importance
+from fairdeploy.pruning.curvature import DEFAULT_ESTIMATOR
 from fairdeploy.pruning.paired import paired_comparison, verdict
 from fairdeploy.pruning.removal import (
     BUDGET_METRICS,
