@@ -22,7 +22,9 @@ from fairdeploy.pruning.budget import BudgetConfig
 TINY = dict(
     synth={"n_images": 300, "image_size": 32},
     model={"epochs": 2, "batch_size": 32},
-    prune={"group-taylor": {"rounds": 1, "score_samples": 4, "bootstrap": 20, "finetune": {"epochs": 1}}},
+    prune={"fairprune": {"step": 0.5, "min_fraction": 0.4, "score_samples": 4, "bootstrap": 20,
+                         "finetune": {"epochs": 1}},  # one search round (x0.5; x0.25 is below the floor)
+           "snnl": {"stop": {"steps": 1}, "finetune": {"epochs": 1}}},
     export={"onnx": {"precision": ["fp32", "int8"]}, "calibration": {"size": 48}},
     validate={"bootstrap": 20, "latency": {"batch_sizes": [1, 4], "iterations": 3, "warmup": 1}},
 )
@@ -38,11 +40,11 @@ def tiny_run(tmp_path_factory):
 def test_demo_pipeline_runs_every_stage_and_validates_every_artifact(tiny_run):
     cfg, run_dir, result = tiny_run
     ran = [o.name for o in result.outcomes if o.status == "ran"]
-    assert ran[:3] == ["data", "train", "prune group-taylor"]
-    assert {"export vanilla", "validate vanilla", "export group-taylor", "validate group-taylor",
-            "export group-taylor-control", "validate group-taylor-control"} <= set(ran)
+    assert ran[:4] == ["data", "train", "prune fairprune", "prune snnl"]
+    assert {"export vanilla", "validate vanilla", "export fairprune", "validate fairprune",
+            "export fairprune-control", "validate fairprune-control", "export snnl", "validate snnl"} <= set(ran)
     names = [s.name for s in result.stages.stages]
-    for model in ("vanilla", "group-taylor", "group-taylor-control"):
+    for model in ("vanilla", "fairprune", "fairprune-control", "snnl"):
         assert model in names
         assert f"{model}/onnx-fp32" in names and f"{model}/onnx-int8" in names
     # every ONNX stage's metrics come from running that artifact: FP32 ONNX agrees with PyTorch
@@ -88,48 +90,62 @@ def test_every_stage_reports_what_its_artifact_predicts(tiny_run):
                 assert s.metrics["groups"][group]["confusion"] == cm.tolist(), (s.name, group)
                 assert s.metrics["groups"][group]["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
             checked.append(s.name)
-    assert sorted(checked) == sorted(s.name for s in stages) and len(checked) == 9
+    assert sorted(checked) == sorted(s.name for s in stages) and len(checked) == 12
 
 
-def test_demo_budget_stage_halves_the_macs_and_validates_its_control(tiny_run):
+def test_demo_search_stage_hands_on_what_the_guard_accepted_and_validates_its_control(tiny_run):
+    """The demo's FairPrune stage compresses as far as the guard allows beside its magnitude control: whatever the
+    trained model makes of it on this CPU, the model handed on is the search's reached model (the input model when
+    round 1 failed), its guard passed, and every figure the notes and report show is prune.json's."""
     cfg, run_dir, result = tiny_run
-    out = run_dir / "prune-group-taylor" / "model"
+    out = run_dir / "prune-fairprune" / "model"
     rec = json.loads((out / "prune.json").read_text())
-    assert rec["kind"] == "budget" and rec["criterion"] == "group-taylor" and rec["control"] == "magnitude"
-    assert len(rec["runs"]["candidate"]["rounds"]) == 1  # the TINY override reached BudgetConfig
+    assert rec["kind"] == "budget" and rec["mode"] == "tolerance" and rec["budget"] is None
+    assert rec["criterion"] == "fairprune" and rec["control"] == "magnitude"
+    assert rec["tolerance"]["step"] == 0.5 and rec["tolerance"]["min_fraction"] == 0.4  # the TINY override arrived
+    assert len(rec["runs"]["candidate"]["rounds"]) == 1  # x0.5, then x0.25 is below the floor (or round 1 failed)
     sizes = {}
     for name, path in [("dense", run_dir / "train" / "best"), ("candidate", out), ("control", out / "control")]:
         model, spec = load_checkpoint(path)
         sizes[name] = model_size(model, spec.image_size)
-    assert sizes["candidate"].macs <= 0.5 * sizes["dense"].macs
-    assert sizes["control"].macs <= 0.5 * sizes["dense"].macs
-    # the control is a model of its own (another checkpoint), validated under "<name>-control"
-    assert (out / "control" / "model.safetensors").read_bytes() != (out / "model.safetensors").read_bytes()
-    vj = json.loads((run_dir / "validate-group-taylor-control" / "validation.json").read_text())
+    for name, run_name in (("candidate", "candidate"), ("control", "control")):
+        run = rec["runs"][run_name]
+        reached, first = run["reached"], run["rounds"][0]
+        assert run["guard_passed"] is True  # a search hands on only what the guard accepted
+        if reached["round"] == 0:  # not even round 1 passed: the input model, uncompressed
+            assert not first["passed"] and sizes[name].macs == sizes["dense"].macs
+        else:
+            assert first["passed"] and sizes[name].macs <= 0.5 * sizes["dense"].macs
+            assert sizes[name].macs == first[reached["model"].split("-", 1)[1]]["size"]["macs"]
+        assert reached["macs_fraction"] == pytest.approx(sizes[name].macs / sizes["dense"].macs)
+    reach = rec["comparison"]["reach"]
+    assert reach["reduction_ratio"] == pytest.approx(reach["control"] / reach["candidate"])
+    vj = json.loads((run_dir / "validate-fairprune-control" / "validation.json").read_text())
     assert vj["candidates"] and all(c["artifact"]["kind"] == "onnx" for c in vj["candidates"])
     stage = {s.name: s for s in result.stages.stages}
-    assert stage["group-taylor"].macs == sizes["candidate"].macs
-    assert stage["group-taylor-control/onnx-int8"].macs == sizes["control"].macs
+    assert stage["fairprune"].macs == sizes["candidate"].macs
+    assert stage["fairprune-control/onnx-int8"].macs == sizes["control"].macs
     assert stage["vanilla"].macs == sizes["dense"].macs
-    # a model that failed its pruning guard: none of its artifacts passes every gate in the report
-    for model, run_name in (("group-taylor", "candidate"), ("group-taylor-control", "control")):
-        failed = not rec["runs"][run_name]["guard_passed"]
-        for s in result.stages.stages:
-            if s.name == model or s.name.startswith(model + "/"):
-                assert (s.guard_failure is not None) == failed, s.name
-                assert "pruning guard failed" in (s.guard_failure or "pruning guard failed")
-    # notes: the verdict line and the achieved MAC fraction; the report says which stage is the control
-    assert f"group-taylor: {rec['comparison']['verdict']}" in result.notes
-    assert any(f"x{rec['selected']['macs_fraction']:.3f} of its MACs" in n for n in result.notes)
+    for model in ("fairprune", "fairprune-control"):  # both passed their guard: no artifact is marked failed by it
+        assert all(s.guard_failure is None for s in result.stages.stages if s.name.split("/")[0] == model)
+    # notes: the verdict line (with the reach) and the MACs handed on; the report says which stage is the control
+    assert f"fairprune: {rec['comparison']['verdict']}" in result.notes
+    assert "compression reached at max group drop" in rec["comparison"]["verdict"]
+    assert any(f"x{rec['selected']['macs_fraction']:.3f} of the MACs" in n for n in result.notes)
     md = (run_dir / "report.md").read_text()
-    assert "`group-taylor-control` controls `group-taylor`" in md
-    assert rec["comparison"]["verdict"].split(";")[0] in md  # the verdict's words (its intervals may be escaped)
-    # the trajectory is the candidate's rounds after fine-tuning, step 0 = the input model
+    assert "`fairprune-control` controls `fairprune`" in md
+    assert "frontier.png" in md
+    # the frontier: the candidate's and the control's rounds after fine-tuning, step 0 = the input model
     traj = json.loads((run_dir / "stages.json").read_text())["trajectories"]
-    assert [t["name"] for t in traj] == ["group-taylor"]
-    assert [p["step"] for p in traj[0]["points"]] == [0, 1]
-    assert traj[0]["points"][0]["accuracy"] == rec["input"]["val"]["accuracy"]
-    assert traj[0]["points"][1]["eodd"] == rec["runs"]["candidate"]["rounds"][0]["finetuned"]["val"]["fairness"]["eodd"]
+    assert [t["name"] for t in traj] == ["fairprune", "fairprune-control (magnitude)", "snnl"]
+    for t, run_name in zip(traj, ("candidate", "control")):
+        rounds = rec["runs"][run_name]["rounds"]
+        assert [p["step"] for p in t["points"]] == list(range(len(rounds) + 1))
+        assert t["points"][0]["accuracy"] == rec["input"]["val"]["accuracy"]
+        assert t["points"][0]["macs"] == rec["input"]["size"]["macs"]
+        assert t["points"][1]["eodd"] == rounds[0]["finetuned"]["val"]["fairness"]["eodd"]
+        assert t["points"][1]["macs"] == rounds[0]["finetuned"]["size"]["macs"]
+        assert t["points"][1]["passed"] == rounds[0]["passed"]
 
 
 def test_budget_table_maps_onto_budget_config():
@@ -222,7 +238,8 @@ def test_interrupted_stage_runs_again(tmp_path):
         ("[model]\narch = 'resnet18'\n[data]\nsynth = {n_imagez = 5}\n", r"unknown key 'n_imagez' in \[data\.synth\]; valid keys: n_images"),
         ("colour = 1\n[model]\narch = 'resnet18'\n[data]\nsynth = {}\n", "unknown key 'colour'"),
         ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\nname = 'x'\n", "needs a `method`"),
-        ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\n", "needs exactly one of target_macs"),
+        ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\nspeedup = 2\n"
+         "target_macs = 0.5\n", "takes at most one of target_macs"),
         ("[model]\narch = 'resnet18'\n[data]\nsynth = {}\n[[prune]]\ncriterion = 'group-taylor'\nspeedup = 2\nroundz = 2\n",
          "group-taylor: unknown key 'roundz'; valid keys: .*rounds"),
         ("[data\n", "not valid TOML"),
