@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
 # Install fairdeploy with its test dependencies into .venv and run the test suite.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+# One torch/OpenMP thread in every process the tests start (the pytest process itself: tests/conftest.py). The
+# models are tiny: on a small machine more threads only contend with each other and with the other processes.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 python -m pytest -q "$@"

@@ -17,6 +17,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """torch runs ONE intra-op thread in this process for the whole session (set here once, before any other
+    fixture: pytest instantiates autouse fixtures of a scope first). On a shared 2-core machine tiny models are
+    much faster so (threads contend with other processes'), and every number a test measures here (trained
+    weights, logits, INT8 agreement) comes from one setting. scripts/test.sh also exports OMP_NUM_THREADS=1 for
+    the subprocesses the tests start. A test that measures another thread count sets it and restores 1."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 # ---- synthetic data and a small trained model, shared by the model, pruning, export and runtime tests ----
 
 TINY_IMAGE_SIZE = 32
@@ -33,24 +45,17 @@ def synth_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """resnet18 trained 3 epochs on synth_manifest on the CPU with ONE thread, so its weights (and every number
-    the tests measure on it) do not depend on how many threads torch gets; returns the best/ checkpoint dir.
-    Light ~0.97, dark near chance on val: a large, measurable gap."""
-    import torch
-
+    """resnet18 trained 3 epochs on synth_manifest on the CPU with ONE thread (one_torch_thread), so its weights
+    (and every number the tests measure on it) do not depend on how many threads torch would get; returns the
+    best/ checkpoint dir. Light ~0.97, dark near chance on val: a large, measurable gap."""
     from fairdeploy.data.manifest import read_manifest
     from fairdeploy.training.loop import FitConfig
     from fairdeploy.training.train import train_model
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("train") / "run"
-        cfg = FitConfig(epochs=3, batch_size=32, lr=2e-3, seed=0)
-        result = train_model(read_manifest(synth_manifest), "resnet18", out, cfg, image_size=TINY_IMAGE_SIZE,
-                             device="cpu")
-    finally:
-        torch.set_num_threads(before)
+    out = tmp_path_factory.mktemp("train") / "run"
+    cfg = FitConfig(epochs=3, batch_size=32, lr=2e-3, seed=0)
+    result = train_model(read_manifest(synth_manifest), "resnet18", out, cfg, image_size=TINY_IMAGE_SIZE,
+                         device="cpu")
     return result.best_dir
 
 
@@ -70,15 +75,9 @@ def runtime_fp32_onnx(trained_checkpoint: Path, tmp_path_factory: pytest.TempPat
 # ---- pruning tests ----
 
 @pytest.fixture()
-def one_thread():
-    """Run a test with one intra-op thread (tiny models on a shared 2-core machine are much faster so);
-    the previous setting is restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread: None) -> None:
+    """The older per-test name for one_torch_thread (the whole session already runs one thread); kept because
+    test files outside issue 18's edits still request it, it does nothing of its own."""
 
 
 @pytest.fixture

@@ -28,17 +28,12 @@ def fairprune_run(biased_checkpoint: Path, synth_manifest: Path, tmp_path_factor
     need a pruned, fine-tuned checkpoint on every machine. The guard's rule is checked on a default-guard run in
     test_pruning_run.py and on hand-made reports."""
     out = tmp_path_factory.mktemp("cli_prune") / "fairprune"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = runner.invoke(app, [
-            "prune", "--model", str(biased_checkpoint), "--data", str(synth_manifest), "--out", str(out),
-            "--method", "fairprune", "--ratio", "0.002", "--score-samples", "32", "--steps", "2",
-            "--finetune-epochs", "1", "--finetune-lr", "1e-4", "--batch-size", "32", "--device", "cpu", "--seed", "0",
-            "--select", "last", "--no-guard", "--max-f1-drop", "1.0",
-        ])
-    finally:
-        torch.set_num_threads(before)
+    result = runner.invoke(app, [
+        "prune", "--model", str(biased_checkpoint), "--data", str(synth_manifest), "--out", str(out),
+        "--method", "fairprune", "--ratio", "0.002", "--score-samples", "32", "--steps", "2",
+        "--finetune-epochs", "1", "--finetune-lr", "1e-4", "--batch-size", "32", "--device", "cpu", "--seed", "0",
+        "--select", "last", "--no-guard", "--max-f1-drop", "1.0",
+    ])
     assert result.exit_code == 0, result.output
     assert "fairprune steps on validation" in result.output
     return out
@@ -86,8 +81,7 @@ def _subset_manifest(src: Path, dst: Path, per_split: dict[str, int]) -> Path:
     return dst
 
 
-def test_finetune_command_holds_masks_and_chains(fairprune_run: Path, synth_manifest: Path, tmp_path: Path,
-                                                 one_thread: None) -> None:
+def test_finetune_command_holds_masks_and_chains(fairprune_run: Path, synth_manifest: Path, tmp_path: Path) -> None:
     out = tmp_path / "ft"
     small = _subset_manifest(synth_manifest, tmp_path / "small.csv", {"train": 48, "val": 24})
     result = runner.invoke(app, ["finetune", "--model", str(fairprune_run), "--data", str(small),
@@ -142,7 +136,7 @@ def _one_group_manifest(src: Path, dst: Path, group: str) -> Path:
 @pytest.mark.parametrize("case", ["single_group", "unknown_privileged", "no_such_layer", "not_a_conv",
                                   "too_many_channels", "beta"])
 def test_bad_input_one_line_no_checkpoint(case: str, run_main, biased_checkpoint: Path, synth_manifest: Path,
-                                          tmp_path: Path, one_thread: None) -> None:
+                                          tmp_path: Path) -> None:
     out = tmp_path / "out"
     data = str(synth_manifest)
     extra: list[str] = []

@@ -25,17 +25,6 @@ from fairdeploy.models import ModelSpec, create_model, read_spec, save_checkpoin
 FAST = ["--device", "cpu", "--bootstrap", "0", "--no-latency", "--batch-size", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """2 shared cores: torch's intra-op threads contend with other processes' (10x slower); use one here."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
     return subprocess.run([sys.executable, "-m", "fairdeploy", "validate", *args], capture_output=True, text=True,
