@@ -10,6 +10,7 @@
 #   Jetson Orin (JetPack 6.1/6.2 = L4T r36.4, CUDA 12.6, TensorRT 10.3), built on the device or with buildx:
 #     docker build --target jetson -t fairdeploy:jetson .
 #     docker run --rm --runtime nvidia -v "$PWD:/work" fairdeploy:jetson export ... --profile jetson-orin-nano-fp16
+#   On Jetson the GPU runs TensorRT engines; ONNX Runtime in this image runs on the CPU (see the jetson stage).
 #
 # Engines are tied to the TensorRT version and GPU they were built with: build them inside the image that will
 # run them (the sidecar JSON beside each engine records both and is checked on load). The export profiles and
@@ -36,6 +37,18 @@ ARG JETSON_IMAGE=nvcr.io/nvidia/l4t-jetpack:r36.4.0
 # NVIDIA's Torch-TensorRT build for JetPack 6.1 installs). JetPack's TensorRT/torch Python builds are for
 # numpy 1.x: numpy<2. No `import tensorrt` (or torch) while building: libnvinfer needs the GPU driver, which
 # only the nvidia runtime provides when the container runs.
+#
+# ONNX Runtime runs on the CPU in this image. PyPI has no CUDA onnxruntime-gpu wheel for aarch64 (`pip download
+# onnxruntime-gpu` for cp310 manylinux aarch64 finds none; ONNX Runtime's maintainers: "no plans ... the best we
+# can do is a manual publish to jetson zoo", github.com/microsoft/onnxruntime/issues/20503), so the `onnxruntime`
+# installed here is PyPI's CPU build: `fairdeploy validate` of an ONNX file uses the Orin's CPU cores, a TensorRT
+# engine uses its GPU (and DLA). The GPU build for JetPack comes from NVIDIA's Jetson Zoo
+# (elinux.org/Jetson_Zoo#ONNX_Runtime: onnxruntime_gpu wheels per JetPack and Python); it must match this image's
+# JetPack (CUDA 12.6, cuDNN 9, Python 3.10). To use one, derive an image that runs
+# `pip uninstall -y onnxruntime && pip install <that wheel>` (the two packages install the same module: never both).
+#
+# cuda-python is pinned to the image's CUDA (12.6): the open range `<13` resolves to 12.9, whose bindings are
+# newer than JetPack 6's CUDA 12.6 driver.
 FROM ${JETSON_IMAGE} AS jetson
 
 ARG JETSON_TORCH_WHEEL=https://developer.download.nvidia.com/compute/redist/jp/v61/pytorch/torch-2.5.0a0+872d972e41.nv24.08.17622132-cp310-cp310-linux_aarch64.whl
@@ -45,6 +58,8 @@ ARG TORCHVISION_VERSION=0.20.0
 # NVIDIA's torch >= 24.06 wheels need cuSPARSELt, which JetPack 6 does not ship (archive and steps from
 # pytorch.org/TensorRT/getting_started/jetpack.html, "Ensure libcusparseLt.so exists").
 ARG CUSPARSELT_URL=https://developer.download.nvidia.com/compute/cusparselt/redist/libcusparse_lt/linux-sbsa/libcusparse_lt-linux-sbsa-0.5.2.1-archive.tar.xz
+# The image's CUDA major.minor (JetPack 6.1/6.2: 12.6): cuda-python's bindings for it.
+ARG CUDA_PYTHON_VERSION=12.6.*
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -72,11 +87,12 @@ COPY docker/base_requirements.py /tmp/base_requirements.py
 COPY pyproject.toml README.md ./
 COPY fairdeploy ./fairdeploy
 # fairdeploy without dependencies, then its requirements minus torch/torchvision (installed above), with
-# torch, torchvision, numpy and (when pip can see it) JetPack's tensorrt pinned; cuda-python 12.x for CUDA 12.6.
+# torch, torchvision, numpy and (when pip can see it) JetPack's tensorrt pinned; cuda-python for CUDA 12.6;
+# onnxruntime: PyPI's CPU build (see above).
 RUN python -m pip install --no-deps . \
     && python /tmp/base_requirements.py /tmp/requirements.txt /tmp/constraints.txt \
         --provided torch torchvision numpy --pin tensorrt \
-    && python -m pip install -r /tmp/requirements.txt -c /tmp/constraints.txt "cuda-python>=12.0,<13" \
+    && python -m pip install -r /tmp/requirements.txt -c /tmp/constraints.txt "cuda-python==${CUDA_PYTHON_VERSION}" \
     && fairdeploy --help > /dev/null
 
 WORKDIR /work
@@ -90,11 +106,13 @@ CMD ["--help"]
 # 12.8 build and TensorRT the base's; nothing here reinstalls either.
 # onnxruntime-gpu: PyPI's 1.19-1.22 wheels are built for CUDA 12.x + cuDNN 9.x ("Starting with version 1.19,
 # CUDA 12.x becomes the default", onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html); later
-# lines move to CUDA 13. Change ORT_GPU_VERSION together with PYTORCH_IMAGE (a CUDA 13 base takes a CUDA 13
-# onnxruntime-gpu and cuda-python 13).
+# lines move to CUDA 13. Change ORT_GPU_VERSION and CUDA_PYTHON_VERSION together with PYTORCH_IMAGE (a CUDA 13
+# base takes a CUDA 13 onnxruntime-gpu and cuda-python 13).
 FROM ${PYTORCH_IMAGE} AS workstation
 
 ARG ORT_GPU_VERSION=1.22.0
+# The base's CUDA major.minor (NGC 25.01: 12.8): cuda-python's bindings for it (`<13` would take 12.9).
+ARG CUDA_PYTHON_VERSION=12.8.*
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -112,12 +130,12 @@ COPY docker/base_requirements.py /tmp/base_requirements.py
 COPY pyproject.toml README.md ./
 COPY fairdeploy ./fairdeploy
 # fairdeploy without dependencies; its requirements minus torch/torchvision (the base's) and onnxruntime (replaced
-# by onnxruntime-gpu), with the base's torch, torchvision, tensorrt and numpy pinned; cuda-python 12.x for CUDA 12.8.
+# by onnxruntime-gpu), with the base's torch, torchvision, tensorrt and numpy pinned; cuda-python for CUDA 12.8.
 RUN python -m pip install --no-deps . \
     && python /tmp/base_requirements.py /tmp/requirements.txt /tmp/constraints.txt \
         --provided torch torchvision --replaced onnxruntime --pin tensorrt numpy \
     && python -m pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
-        "onnxruntime-gpu==${ORT_GPU_VERSION}" "cuda-python>=12.0,<13" \
+        "onnxruntime-gpu==${ORT_GPU_VERSION}" "cuda-python==${CUDA_PYTHON_VERSION}" \
     && fairdeploy --help > /dev/null
 
 WORKDIR /work

@@ -9,7 +9,9 @@ Run after `pip install --no-deps .`; it reads the installed fairdeploy's metadat
 
 --provided  must be installed already (the base's CUDA build of torch): left out of the requirements and pinned.
 --replaced  left out of the requirements (onnxruntime: the image installs onnxruntime-gpu instead; with both
-            installed, the CPU package's files hide the CUDA provider).
+            installed, the CPU package's files hide the CUDA provider). The Jetson image replaces nothing: PyPI has
+            no aarch64 onnxruntime-gpu, so it keeps PyPI's CPU onnxruntime (the Dockerfile says where the GPU
+            build for JetPack comes from).
 --pin       pinned to the installed version when installed (tensorrt, numpy from the base), skipped otherwise.
 
 Then `pip install -r requirements.txt -c constraints.txt ...` cannot reinstall or upgrade anything pinned.
