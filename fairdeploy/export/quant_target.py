@@ -7,10 +7,11 @@
   point the calibrated range implies (asymmetric), S8 per-channel weights with zero point 0, int32 biases, Q/DQ
   around every op ORT quantizes (placement "ort-cpu", ORT's own default): ORT fuses these into QLinearConv,
   QLinearAdd, QLinearGlobalAveragePool, QGemm, ... and runs the U8S8 kernels of MLAS (VNNI / AMX where the CPU
-  has them). Measured on ORT 1.32 (benchmarks/int8.py, RESULTS.md): the TensorRT-style S8S8 graph runs 0.2-0.5x
-  the FP32 speed on ORT's CPU provider, this one about 1.5x on resnet18 and about 1.0x on mobilenet_v3_small;
-  QOperator format was no faster than QDQ (and needs ORT's contrib ops), ORT's placement over Conv/Gemm/Add only
-  or the TensorRT placement with U8 were slower.
+  has them). Measured with ORT 1.32 on an Intel Xeon with VNNI / AMX, one thread (benchmarks/int8.py --part
+  targets, RESULTS.md §9): the TensorRT graph runs 0.13-0.69x the FP32 speed on ORT's CPU provider, this one
+  1.4-1.5x on resnet18 at 32 px, 3-4x at 64 px, 1.0-1.1x on mobilenet_v3_small; QOperator format was no faster
+  than QDQ (and needs ORT's contrib ops), ORT's placement over Conv/Gemm/MatMul/Add only and the TensorRT
+  placement with U8 were slower.
 * ``reduce_range`` (ort-cpu only) quantizes weights to 7 bits: on CPUs without VNNI (AVX2 only) MLAS's U8S8 kernel
   (vpmaddubsw) can saturate its 16-bit intermediate sums; 7-bit weights avoid that at some accuracy cost. Off by
   default: the per-group validation gate says whether a build needs it.
@@ -19,7 +20,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fairdeploy.errors import FairdeployError
@@ -111,19 +111,3 @@ def check_engine_target(target: str, where: str) -> None:
                               f"'tensorrt' (symmetric, zero point 0), this export's target is {target!r}; export "
                               "the engine separately with --int8-target tensorrt")
 
-
-# /proc/cpuinfo flags behind each feature that decides ORT's INT8 speed (and, without VNNI, the U8S8 saturation)
-ISA_FLAGS = {"avx2": ("avx2",), "avx512": ("avx512f",), "vnni": ("avx512_vnni", "avx_vnni"), "amx": ("amx_int8",)}
-
-
-def cpu_isa(cpuinfo: str | None = None) -> dict[str, bool]:
-    """avx2 / avx512 / vnni (AVX512-VNNI or AVX-VNNI) / amx (AMX-INT8) from the flags of /proc/cpuinfo (or the
-    text given); all False where there is no such file."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines()
-                  if line.startswith(("flags", "Features")) and ":" in line), set())
-    return {name: any(f in flags for f in names) for name, names in ISA_FLAGS.items()}
