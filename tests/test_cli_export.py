@@ -74,7 +74,8 @@ def test_export_with_profile_and_overriding_flags(small_ckpt: Path, synth_manife
     assert summary["options"]["precisions"] == ["fp32", "fp16"]  # from the profile
     assert summary["options"]["onnx"]["opset"] == 18 and summary["options"]["tensorrt"]["enabled"] is False  # flags win
     assert summary["options"]["profile"].endswith("jetson-orin-nano-fp16.toml")
-    assert summary["check_data"]["n"] == 94 and summary["onnx"]["fp32"]["self_check"]["max_abs_logit_diff"] < 1e-4
+    assert summary["check_data"]["n"] == 97 and summary["onnx"]["fp32"]["self_check"]["max_abs_logit_diff"] < 1e-4
+    assert summary["check_data"]["source"].endswith(":val")  # 97 val images: the self-check's default split
     # Only this export's files: the earlier int8 ONNX, engine and calibration list were removed.
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.fp16.onnx", "model.fp32.onnx"]
 

@@ -34,7 +34,7 @@ from fairdeploy.runtime.ort_runner import session_options
 def exported(trained_checkpoint: Path, synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("export") / "out"
     options = resolve_options(None, {"onnx": {"precision": ("fp16", "int8")}, "calibration": {"size": 48, "method": "minmax"}})
-    run_export(trained_checkpoint, out, options, data=synth_manifest)
+    run_export(trained_checkpoint, out, options, data=synth_manifest, check_split="test")  # the split test_split reads
     return out
 
 
@@ -255,7 +255,7 @@ def rotated_export(trained_checkpoint: Path, synth_manifest: Path, test_split, t
     options = resolve_options(None, {"onnx": {"precision": ("int8",)}, "calibration": {"size": 48, "method": "minmax"}})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(exporter, "quantize_int8", quantize_then_rotate)
-        run_export(trained_checkpoint, out, options, data=synth_manifest)
+        run_export(trained_checkpoint, out, options, data=synth_manifest, check_split="test")
     return out, seen["pred"], seen["chosen"]
 
 

@@ -3,6 +3,7 @@ while anything runs, with the time the current task still needs; a fake clock dr
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 
@@ -74,7 +75,7 @@ def test_a_long_task_gives_a_line_every_30_s_with_the_time_left_by_hand() -> Non
     advance_to(406)  # nothing runs a task now; still a line every 30 s: at 345, 375, 405
     assert lines[-1] == "[  405.0 s] working: 1 min 30 s since the last step (after curvature (step 1))"
     stamps = [0.0, *(_stamp(ln) for ln in lines)]
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert max(gaps) <= 30.0 and len(lines) == 14, lines
 
 
@@ -94,7 +95,8 @@ def test_finished_and_one_shot_tasks_give_their_line_once() -> None:
     clock.now += 2.5
     assert log.update("train epoch 1/2", 3, 3) == "[    2.5 s] train epoch 1/2: 3/3"
     assert log.update("train epoch 1/2", 3, 3) is None
-    assert log.update("train epoch 1/2 done: val f1_macro 0.5", 1, 1) == "[    2.5 s] train epoch 1/2 done: val f1_macro 0.5"
+    one_shot = "train epoch 1/2 done: val f1_macro 0.5"
+    assert log.update(one_shot, 1, 1) == f"[    2.5 s] {one_shot}"
 
 
 def test_rich_progress_off_a_terminal_uses_the_log_and_its_timer(capsys: pytest.CaptureFixture[str]) -> None:

@@ -38,8 +38,20 @@ CheckDataOpt = Annotated[
     Path | None,
     typer.Option("--data", "-d", help="Manifest whose --check-split images check every ONNX file (default: random tensors)."),
 ]
+
+
+def _check_split_default() -> str:
+    """run_export's check_split (defined there once): the split the export self-check uses unless asked."""
+    import inspect
+
+    from fairdeploy.export.exporter import run_export
+
+    return inspect.signature(run_export).parameters["check_split"].default
+
+
 CheckSplitOpt = Annotated[str | None, typer.Option("--check-split", help="Split of --data the exports are checked "
-                                                   "on (default: run_export's, test).")]
+                                                   f"on (default: {_check_split_default()}; test only when asked, "
+                                                   "while you still choose on validation).")]
 CalibDataOpt = Annotated[
     Path | None, typer.Option("--calib-data", help="Manifest the INT8 calibration set is drawn from (default --data).")
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,6 +23,9 @@ from fairdeploy.cli.common import (
 )
 from fairdeploy.cli.tables import fairness_table, metrics_table
 from fairdeploy.io import claim_output, write_json
+
+if TYPE_CHECKING:
+    from fairdeploy.models.size import ModelSize
 
 # `train` and `finetune`: each option sets the FitConfig field of its name (fairdeploy.cli.common.configure).
 FIT_FIELDS: dict[str, str | tuple[str, ...]] = {name: name for name in (
@@ -143,9 +146,22 @@ def evaluate(
             given = {k: v for k, v in (("split", split), ("batch_size", batch_size), ("bootstrap", bootstrap),
                                        ("workers", job.workers), ("seed", job.seed)) if v is not None}
             report = evaluate_checkpoint(model, manifest, device=job.device, progress=progress, **given)
+        size, image_size = checkpoint_size(model)
         shown = split or inspect.signature(evaluate_checkpoint).parameters["split"].default
+        console.print(f"{model}: {size.params:,} parameters ({size.nonzero_params:,} non-zero), "
+                      f"{size.macs / 1e6:.1f} M MACs per {image_size}x{image_size} image", highlight=False,
+                      soft_wrap=True)
         console.print(metrics_table(report, title=f"{model} on {shown}"))
         console.print(fairness_table(report))
         if out is not None:
-            write_json(out, report.to_dict())
+            write_json(out, {**report.to_dict(), "size": {**size.to_dict(), "image_size": image_size}})
             console.print(f"metrics: {out}")
+
+
+def checkpoint_size(model_dir: Path) -> tuple[ModelSize, int]:
+    """The checkpoint's parameter, non-zero parameter and MAC counts (fairdeploy.models.size) at its input size."""
+    from fairdeploy.models.checkpoint import load_checkpoint
+    from fairdeploy.models.size import model_size
+
+    net, spec = load_checkpoint(model_dir, "cpu")
+    return model_size(net, spec.image_size), spec.image_size

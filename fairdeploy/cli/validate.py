@@ -32,6 +32,7 @@ from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import EXIT_GATE_FAILED
 from fairdeploy.io import claim_output, write_json
 from fairdeploy.runtime.base import BACKENDS
+from fairdeploy.units import megabytes
 
 if TYPE_CHECKING:
     from fairdeploy.metrics import MetricsReport
@@ -82,7 +83,7 @@ def comparison_table(result: ValidationResult) -> Table:
 
     runs = (ref, *(c.run for c in cands))
     table.add_row("runtime", *[_runtime(r.runtime) for r in runs])
-    table.add_row("precision, size", *[f"{r.artifact.precision}, {r.artifact.size_bytes / 2**20:.1f} MB" for r in runs])
+    table.add_row("precision, size", *[f"{r.artifact.precision}, {megabytes(r.artifact.size_bytes)}" for r in runs])
     metric_row("accuracy", lambda m: m.overall_accuracy, lambda d: d.accuracy)
     for g in groups:
         metric_row(f"accuracy {g}", lambda m, g=g: m.group(g).accuracy, lambda d, g=g: d.groups[g].accuracy)

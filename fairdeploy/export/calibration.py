@@ -266,7 +266,7 @@ def fit_calibration_size(manifest: Manifest, spec: ModelSpec, recipe: Calibratio
     short = [(cell, len(by_cell[cell]), quotas[cell]) for cell in cells if len(by_cell[cell]) < quotas[cell]]
     if not short:
         return recipe
-    (g, c), have, need = short[0]
+    (g, c), have, need = min(short, key=lambda item: item[1])  # the smallest cell (the first of equals)
     smallest = min(len(v) for v in by_cell.values())
     fitted = largest_balanced_size([len(by_cell[cell]) for cell in cells], recipe.size)
     what = (f"{manifest.source}: too few {recipe.split} images of group {g!r}, class {c!r} for a balanced "

@@ -291,7 +291,7 @@ def run_export(
     data: str | os.PathLike[str] | None = None,
     calib_data: str | os.PathLike[str] | None = None,
     images_root: str | os.PathLike[str] | None = None,
-    check_split: str = "test",
+    check_split: str = "val",  # the split a user still chooses on; test only when asked (--check-split test)
     seed: int = 0,
     progress: Progress = no_progress,
     trt_module: Any | None = None,

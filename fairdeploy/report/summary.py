@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from fairdeploy.report.stages import RunStages, StageRecord
 from fairdeploy.speed import SpeedVsFp32
+from fairdeploy.units import BYTES_PER_MB, megabytes
 
 FAIRNESS_LABELS = {"eodd": "Eodd", "eopp0": "Eopp0", "eopp1": "Eopp1", "dp": "DP"}
 
@@ -168,7 +169,7 @@ def fmt_ci(value: float | None, ci: tuple[float, float] | None, digits: int = 3,
 def _size_words(s: StageRecord, esc: Escape = _same) -> str:
     parts = []
     if s.size_bytes:
-        parts.append(f"{s.size_bytes / 1e6:.2f} MB file")
+        parts.append(f"{megabytes(s.size_bytes)} file")
     if s.macs:
         parts.append(f"{s.macs / 1e6:.1f} M MACs per image")
     lat = p50_ms(s)
@@ -268,7 +269,7 @@ def artifact_table(run: RunStages, esc: Escape = _same) -> tuple[list[str], list
         gate += " (pruning guard failed)" if s.guard_failure else ""
         lat = p50_ms(s)
         wg = worst_group(s)
-        rows.append([esc(s.name), gate, f"{s.size_bytes / 1e6:.2f}" if s.size_bytes else "",
+        rows.append([esc(s.name), gate, f"{s.size_bytes / BYTES_PER_MB:.2f}" if s.size_bytes else "",
                      f"{s.macs / 1e6:.1f}" if s.macs else "", f"{lat[0]:.2f} ({lat[1]})" if lat else "",
                      f"{esc(wg.name)} ({wg.n})", fmt_ci(wg.accuracy, wg.ci),
                      fmt_ci(s.metrics["fairness"].get("eodd"), interval(s, "eodd"))])
