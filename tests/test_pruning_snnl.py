@@ -111,3 +111,15 @@ def test_feature_layer_resolution() -> None:
         resolve_feature_layers(model, "layer4.1.bn2", "resnet18")
     mnet = torchvision.models.mobilenet_v3_small(num_classes=3)
     assert resolve_feature_layers(mnet, "last", "mobilenet_v3_small") == ["features.12.0"]
+
+
+def test_feature_layers_of_one_residual_stream_are_refused() -> None:
+    """layer4.0.conv2 and layer4.1.conv2 write the same residual stream: removing a channel of one removes it from
+    the other, so an SNNL step cannot rank them as two layers (each layer must be its own coupled group)."""
+    from fairdeploy.pruning.snnl_prune import check_feature_layers
+
+    model = torchvision.models.resnet18(num_classes=3)
+    check_feature_layers(model, ["layer3.1.conv2", "layer4.1.conv2"], 32)  # two streams: fine
+    check_feature_layers(model, ["layer4.0.conv1"], 32)  # inside a block: its own group
+    with pytest.raises(FairdeployError, match="layers layer4.0.conv2 and layer4.1.conv2 are coupled"):
+        check_feature_layers(model, ["layer4.0.conv2", "layer4.1.conv2"], 32)

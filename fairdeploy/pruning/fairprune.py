@@ -1,8 +1,8 @@
-"""FairPrune steps: group curvatures -> saliency -> weight, 2:4 or physical channel removal."""
+"""FairPrune steps: FairPrune's importance (group curvatures -> saliency) -> weight or 2:4 masks, or physical
+channel removal by the pruner."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,20 +15,15 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.models.registry import classifier_head_name
 from fairdeploy.models.sparsity import Masks, apply_masks, masks_from_model
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.pruning.curvature import DEFAULT_ESTIMATOR, ESTIMATORS, group_curvature, group_gradient
-from fairdeploy.pruning.iterate import StepOutput
+from fairdeploy.pruning.criteria import FairPruneImportance, ScoreData
+from fairdeploy.pruning.curvature import DEFAULT_ESTIMATOR, ESTIMATORS
+from fairdeploy.pruning.iterate import StepOutput, step_progress
 from fairdeploy.pruning.layers import weight_layers
 from fairdeploy.pruning.masks import SCOPES, select_weights, two_four_eligible, two_four_mask
-from fairdeploy.pruning.saliency import DEFAULT_BETA, check_beta, fairprune_saliency
+from fairdeploy.pruning.removal import LowestShare, remove_lowest
+from fairdeploy.pruning.saliency import DEFAULT_BETA, check_beta
 from fairdeploy.pruning.scoresets import DEFAULT_SCORE_BATCH_SIZE, DEFAULT_SCORE_SAMPLES
-from fairdeploy.pruning.structured import (
-    DEFAULT_ROUND_TO,
-    channel_groups,
-    dependency_graph,
-    group_channel_scores,
-    lowest_channels,
-    prune_out_channels,
-)
+from fairdeploy.pruning.structured import DEFAULT_ROUND_TO, OriginalIds, channel_groups, dependency_graph
 
 GRANULARITIES = ("weight", "channel", "2:4")
 
@@ -76,7 +71,10 @@ class FairPruneConfig:
 
 
 class FairPruneStep:
-    """Callable step for the iterative loop; keeps the original ids of removed channels across steps."""
+    """Callable step for the iterative loop: FairPrune's importance (fairdeploy.pruning.criteria.FairPruneImportance)
+    scored on the two groups' score sets, then weight or 2:4 masks from its per-weight saliency, or channels
+    removed by the pruner (removal.remove_lowest with FairPrune's rule); keeps the original ids of removed channels
+    across steps."""
 
     def __init__(self, cfg: FairPruneConfig, arch: str, image_size: int, score_ds: Dataset,
                  score_sets: dict[str, Sequence[int]], unprivileged: str, privileged: str,
@@ -86,44 +84,32 @@ class FairPruneStep:
                      (("unprivileged", unprivileged), ("privileged", privileged))}
         self.names = {"unprivileged": unprivileged, "privileged": privileged}
         self.device, self.seed, self.progress = device, seed, progress
-        self.channel_ids: dict[str, list[int]] = {}
-        self.stats: dict[str, Any] = {}
+        # the channel step ranks FairPrune's raw per-channel sums (a compression run's criterion normalises them)
+        self.importance = FairPruneImportance(cfg.beta, cfg.curvature, mc_samples=cfg.mc_samples, probes=cfg.probes,
+                                              first_order=cfg.first_order, normalise=False)
+        self.ids = OriginalIds()
 
-    # -- importance ------------------------------------------------------------------------------------
-    def saliency(self, model: nn.Module, layers: list[str], step: int) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        h, g = {}, {}
-        t0, n = time.perf_counter(), 0
-        for role, subset in self.sets.items():
-            n += len(subset)
-            h[role] = group_curvature(
-                model, subset, cfg.curvature, self.device, layers=layers, batch_size=cfg.batch_size,
-                mc_samples=cfg.mc_samples, probes=cfg.probes, seed=self.seed * 1000 + step,
-                progress=self.progress, task=f"curvature {self.names[role]} (step {step})",
-            )
-            if cfg.first_order:
-                g[role] = group_gradient(model, subset, self.device, layers=layers, batch_size=cfg.batch_size)
-        seconds = time.perf_counter() - t0
-        self.stats = {"curvature": cfg.curvature, "samples": n, "seconds": seconds,
-                      "samples_per_s": n / max(seconds, 1e-9), "device": str(self.device)}
-        modules = dict(model.named_modules())
-        weights = {f"{n}.weight": modules[n].weight for n in layers}
-        return fairprune_saliency(weights, h["unprivileged"], h["privileged"], cfg.beta,
-                                  g.get("unprivileged"), g.get("privileged"))
+    def score_data(self, step: int) -> ScoreData:
+        """The score sets and the seed of step `step`'s curvature draws (seed * 1000 + step)."""
+        return ScoreData(per_group={self.names[r]: s for r, s in self.sets.items()},
+                         unprivileged=self.names["unprivileged"], privileged=self.names["privileged"],
+                         batch_size=self.cfg.batch_size, seed=self.seed * 1000 + step)
 
-    # -- removal ---------------------------------------------------------------------------------------
     def __call__(self, model: nn.Module, masks: Masks, step: int) -> StepOutput:
+        progress = step_progress(self.progress, step)
         if self.cfg.granularity == "channel":
-            return self._channel_step(model, masks, step)
-        return self._weight_step(model, masks, step)
+            return self._channel_step(model, masks, step, progress)
+        return self._mask_step(model, masks, step, progress)
 
-    def _weight_step(self, model: nn.Module, masks: Masks, step: int) -> StepOutput:
+    def _mask_step(self, model: nn.Module, masks: Masks, step: int, progress: Progress) -> StepOutput:
+        """Weight or 2:4 granularity: masks from the per-weight saliency (the weights stay, zeroed)."""
         cfg = self.cfg
         layers = weight_layers(model, self.arch, cfg.include_head)
-        scores = self.saliency(model, layers, step)
-        modules = dict(model.named_modules())
+        scores = self.importance.saliency(model, layers, self.score_data(step), self.device, progress)
+        stats = self.importance.stats
         keep = {k: (masks[k].cpu() if k in masks else torch.ones_like(scores[k], dtype=torch.bool)) for k in scores}
         if cfg.granularity == "2:4":
+            modules = dict(model.named_modules())
             eligible = [n for n in layers if two_four_eligible(modules[n].weight)]
             if not eligible:
                 raise FairdeployError("no layer of this model has a multiple-of-4 input dimension for 2:4 sparsity")
@@ -136,7 +122,7 @@ class FairPruneStep:
                        "skipped_layers": [n for n in layers if n not in eligible],
                        "weights_zeroed": int(sum(int((~new_masks[f"{n}.weight"]).sum()) for n in eligible))}
             return StepOutput(model=model, removed=removed, masks=new_masks,
-                              exhausted="2:4 sparsity is reached in a single step", stats=self.stats)
+                              exhausted="2:4 sparsity is reached in a single step", stats=stats)
         newly = select_weights(scores, keep, cfg.ratio, cfg.scope)
         new_masks = {**masks}
         per_layer = {}
@@ -147,32 +133,26 @@ class FairPruneStep:
         removed = {"kind": "weight", "weights_pruned": int(sum(per_layer.values())),
                    "per_layer": {n: c for n, c in per_layer.items() if c}}
         exhausted = None if any(bool(m.any()) for m in new_masks.values()) else "every weight is pruned"
-        return StepOutput(model=model, removed=removed, masks=new_masks, exhausted=exhausted, stats=self.stats)
+        return StepOutput(model=model, removed=removed, masks=new_masks, exhausted=exhausted, stats=stats)
 
-    def _channel_step(self, model: nn.Module, masks: Masks, step: int) -> StepOutput:
+    def _channel_step(self, model: nn.Module, masks: Masks, step: int, progress: Progress) -> StepOutput:
+        """Channel granularity: score every coupled group, then the pruner removes FairPrune's share."""
         cfg = self.cfg
-        layers = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Linear))]
-        scores = self.saliency(model, layers, step)
         head = classifier_head_name(self.arch)
         dg = dependency_graph(model, self.image_size, self.device)
         groups = channel_groups(dg, model, ignored=[head])
         if not groups:
             raise FairdeployError(f"the {self.arch} model has no prunable channel group")
-        channel_scores = [group_channel_scores(dg, g.group, scores) for g in groups]
-        plan = lowest_channels(channel_scores, cfg.ratio, cfg.round_to)
-        modules = dict(model.named_modules())
-        removed_ids: dict[str, list[int]] = {}
-        for g, idxs in zip(groups, plan):
-            if not idxs:
-                continue
-            ids = self.channel_ids.setdefault(g.root, list(range(g.channels)))
-            removed_ids[g.root] = [ids[i] for i in idxs]
-            prune_out_channels(dg, modules[g.root], idxs)
-            self.channel_ids[g.root] = [c for i, c in enumerate(ids) if i not in set(idxs)]
+        self.importance.prepare(model, dg, groups, self.score_data(step), self.device, progress)
+        removal = remove_lowest(model, self.importance, LowestShare(cfg.ratio, cfg.round_to), head, self.image_size,
+                                self.device, dg=dg)
+        removed_ids = {root: self.ids.remove(root, removal.channels_before[root], idxs)
+                       for root, idxs in removal.removed.items()}
         if masks:  # a weight-sparse model keeps its zeros; masks follow the new shapes
             masks = masks_from_model(model, [k.removesuffix(".weight") for k in masks])
-        total = sum(len(v) for v in removed_ids.values())
+        total = removal.channels_removed
         removed = {"kind": "channel", "channels_removed": total, "channels": removed_ids,
-                   "groups": {g.root: g.channels for g in groups}}
+                   "groups": dict(removal.channels_before)}
         exhausted = None if total else "no group can lose channels at this ratio and alignment"
-        return StepOutput(model=model, removed=removed, masks=masks, exhausted=exhausted, stats=self.stats)
+        return StepOutput(model=model, removed=removed, masks=masks, exhausted=exhausted,
+                          stats=self.importance.stats)

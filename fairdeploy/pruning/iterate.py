@@ -48,6 +48,14 @@ class StepOutput:
 StepFn = Callable[[nn.Module, Masks, int], StepOutput]
 
 
+def step_progress(progress: Progress, step: int) -> Progress:
+    """`progress` with each task named for step `step` ("curvature dark (step 2)")."""
+    def named(task: str, completed: int, total: int) -> None:
+        progress(f"{task} (step {step})", completed, total)
+
+    return named
+
+
 @dataclass(frozen=True)
 class LoopContext:
     spec: ModelSpec

@@ -1,12 +1,18 @@
-"""Score, then remove: Torch-Pruning's pruner (global ranking, round_to, head ignored) driven by a criterion's
-scores, to a channel ratio or down to a MAC / parameter budget."""
+"""Score, then remove: the pruner. A criterion (a Torch-Pruning `Importance`, fairdeploy.pruning.criteria) scores
+each coupled channel group; the pruner decides how many of the lowest-scored channels go and removes them.
+
+Two ways to decide, one loop over Torch-Pruning's coupled groups: `remove_channels` / `remove_to_budget` (a
+compression run: Torch-Pruning's global pruner, to a channel ratio or down to a MAC / parameter budget) and
+`remove_lowest` (a FairPrune / SNNL step: a `SelectionRule`, the method's own rule for how much one step cuts).
+"""
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch_pruning as tp
@@ -15,7 +21,13 @@ from torch import nn
 from fairdeploy.errors import FairdeployError
 from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.pruning.criteria import TableImportance
-from fairdeploy.pruning.structured import DEFAULT_ROUND_TO
+from fairdeploy.pruning.structured import (
+    DEFAULT_ROUND_TO,
+    channel_groups,
+    dependency_graph,
+    lowest_channels,
+    prune_out_channels,
+)
 
 BUDGET_METRICS = ("macs", "params")
 DEFAULT_MAX_LAYER_RATIO = 0.9  # no layer loses more than this share of its channels in one removal
@@ -33,6 +45,7 @@ class Removal:
     ratio: float
     size: ModelSize
     removed: dict[str, list[int]]
+    channels_before: dict[str, int] = field(default_factory=dict)  # each scored group's width before the removal
 
     @property
     def channels_removed(self) -> int:
@@ -138,3 +151,83 @@ def remove_to_budget(model: nn.Module, table: Mapping[str, torch.Tensor], target
         raise FairdeployError(f"channel removal missed the {metric} budget: {budget_value(result.size, metric):,} "
                               f"> {target:,.0f}")
     return result
+
+
+# ---- a step's rule: how many of the lowest-scored channels one FairPrune / SNNL step removes ----------------
+
+class SelectionRule(Protocol):
+    """Given each scored group's channel scores (low = removed first), the positions to remove from each."""
+
+    def plan(self, scores: Sequence[torch.Tensor]) -> list[list[int]]: ...
+
+
+@dataclass(frozen=True)
+class LowestShare:
+    """FairPrune's channel step: the `ratio` of all scored channels with the lowest scores (ranked over every group
+    together), each group's share then aligned so that its remaining count is the nearest multiple of `round_to`
+    (structured.lowest_channels)."""
+
+    ratio: float
+    round_to: int = DEFAULT_ROUND_TO
+
+    def plan(self, scores: Sequence[torch.Tensor]) -> list[list[int]]:
+        return lowest_channels(scores, self.ratio, self.round_to)
+
+
+@dataclass(frozen=True)
+class LowestCount:
+    """SNNL's step: the `count` lowest scores over the groups (ties: group order, then position), no group going
+    below `round_to` channels; each group's picks are then cut to a multiple of `round_to` by dropping its
+    highest-scored ones, so a step removes at most `count`."""
+
+    count: int
+    round_to: int = DEFAULT_ROUND_TO
+
+    def plan(self, scores: Sequence[torch.Tensor]) -> list[list[int]]:
+        keep = max(self.round_to, 1)
+        room = [max(0, len(s) - keep) for s in scores]
+        candidates = sorted((float(s[i]), gi, i) for gi, s in enumerate(scores) for i in range(len(s)))
+        chosen: list[list[int]] = [[] for _ in scores]
+        taken = 0
+        for _score, gi, pos in candidates:
+            if taken >= self.count:
+                break
+            if len(chosen[gi]) < room[gi]:
+                chosen[gi].append(pos)
+                taken += 1
+        return [sorted(c[:len(c) - len(c) % self.round_to]) for c in chosen]
+
+
+def remove_lowest(model: nn.Module, importance: tp.importance.Importance, rule: SelectionRule, head: str,
+                  image_size: int, device: torch.device | str = "cpu",
+                  dg: tp.DependencyGraph | None = None) -> Removal:
+    """One pruning step (in place): every coupled group the `importance` scores (rooted at a conv / linear layer,
+    the classifier `head`'s output untouched), in the order of the importance's table when it has one, loses the
+    positions `rule` picks from the scores. `dg`: the dependency graph of `model` as it is now, if already traced.
+    Removal.removed holds the positions (before removal) per group root; channels_before every scored group's
+    width."""
+    was_training = model.training
+    model.eval()
+    dg = dg if dg is not None else dependency_graph(model, image_size, device)
+    modules = dict(model.named_modules())
+    if head not in modules:
+        raise FairdeployError(f"classifier head {head!r} not found in the model")
+    scored = []
+    for g in channel_groups(dg, model, ignored=[head]):
+        scores = importance(g.group)
+        if scores is not None:
+            scored.append((g, scores.detach().to("cpu", torch.float64)))
+    order = list(getattr(importance, "table", {}))  # the criterion's own order of groups (ties follow it)
+    scored.sort(key=lambda item: order.index(item[0].root) if item[0].root in order else len(order))
+    plan = rule.plan([s for _, s in scored])
+    removed: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for (g, _), idxs in zip(scored, plan):
+            if idxs:
+                prune_out_channels(dg, modules[g.root], idxs)
+                removed[g.root] = sorted(int(i) for i in idxs)
+    model.train(was_training)
+    total = sum(len(s) for _, s in scored)
+    return Removal(ratio=sum(len(v) for v in removed.values()) / max(total, 1),
+                   size=model_size(model, image_size, device), removed=removed,
+                   channels_before={g.root: len(s) for g, s in scored})

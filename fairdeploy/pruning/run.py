@@ -29,7 +29,7 @@ from fairdeploy.pruning.layers import resolve_feature_layers
 from fairdeploy.pruning.roles import GroupRoles, decide_roles
 from fairdeploy.pruning.scoresets import balanced_batch_order, group_score_sets
 from fairdeploy.pruning.selection import Guard, StepRecord, StopRule
-from fairdeploy.pruning.snnl_prune import SnnlConfig, SnnlStep, check_channel_budget
+from fairdeploy.pruning.snnl_prune import SnnlConfig, SnnlStep, check_channel_budget, check_feature_layers
 from fairdeploy.training.loop import FitConfig, evaluate_model
 from fairdeploy.training.predict import DEFAULT_EVAL_BATCH_SIZE
 from fairdeploy.training.train import spec_datasets
@@ -200,6 +200,7 @@ def prune_checkpoint(
     if cfg.method == "snnl":  # a model without the layer the method needs fails before any work
         layers = resolve_feature_layers(model, cfg.snnl.layers, spec.arch)
         check_channel_budget(model, layers, cfg.snnl)
+        check_feature_layers(model, layers, spec.image_size)
     enc = Encoding(spec.classes, spec.groups)
     train_ds, val_ds = spec_datasets(manifest, spec)
     score_split = cfg.fairprune.score_split if cfg.method == "fairprune" else cfg.snnl.score_split

@@ -1,4 +1,5 @@
-"""SNNL sensitive-channel pruning steps: score a layer's channels, physically remove the lowest ones."""
+"""SNNL sensitive-channel pruning steps: SNNL's importance on the feature layers' channels, then the pruner
+physically removes the lowest ones."""
 
 from __future__ import annotations
 
@@ -11,17 +12,15 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from fairdeploy.errors import FairdeployError
+from fairdeploy.models.registry import classifier_head_name
 from fairdeploy.models.sparsity import Masks, masks_from_model
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.pruning.iterate import StepOutput
+from fairdeploy.pruning.criteria import ScoreData, SnnlImportance, feature_layer_groups
+from fairdeploy.pruning.iterate import StepOutput, step_progress
 from fairdeploy.pruning.layers import resolve_feature_layers
-from fairdeploy.pruning.snnl import (
-    DEFAULT_SNNL_BATCH_SIZE,
-    DEFAULT_SNNL_BATCHES,
-    DEFAULT_SNNL_TEMPERATURE,
-    snnl_channel_scores,
-)
-from fairdeploy.pruning.structured import DEFAULT_ROUND_TO, dependency_graph, prune_out_channels
+from fairdeploy.pruning.removal import LowestCount, remove_lowest
+from fairdeploy.pruning.snnl import DEFAULT_SNNL_BATCH_SIZE, DEFAULT_SNNL_BATCHES, DEFAULT_SNNL_TEMPERATURE
+from fairdeploy.pruning.structured import DEFAULT_ROUND_TO, OriginalIds, channel_groups, dependency_graph
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,16 @@ def check_channel_budget(model: nn.Module, layers: list[str], cfg: SnnlConfig) -
         )
 
 
+def check_feature_layers(model: nn.Module, layers: list[str], image_size: int) -> None:
+    """Each feature layer's channels form a coupled group of their own (two layers of one residual stream are the
+    same channels): checked before any work."""
+    dg = dependency_graph(model, image_size)
+    feature_layer_groups(dg, channel_groups(dg, model), layers)
+
+
 class SnnlStep:
-    """Callable step: score every channel of the feature layers, remove the lowest `channels_per_round`."""
+    """Callable step: SNNL's importance (fairdeploy.pruning.criteria.SnnlImportance) on the feature layers' outputs,
+    then the pruner (removal.remove_lowest) removes the lowest `channels_per_round` of them (SNNL's rule)."""
 
     def __init__(self, cfg: SnnlConfig, arch: str, image_size: int, score_ds: Dataset, batch_order: list[int],
                  batch_size: int, device: torch.device, progress: Progress = no_progress):
@@ -87,62 +94,46 @@ class SnnlStep:
         self.batches = Subset(score_ds, batch_order)
         self.batch_size = batch_size
         self.device, self.progress = device, progress
-        self.layers: list[str] | None = None
-        self.channel_ids: dict[str, list[int]] = {}
+        self.importance: SnnlImportance | None = None  # made on the first step, when the layers are resolved
+        self.ids = OriginalIds()
         self.removed_total = 0
 
-    def __call__(self, model: nn.Module, masks: Masks, step: int) -> StepOutput:
+    def budget(self) -> int:
+        """This round's channels: channels_per_round, at most what --max-channels leaves, a multiple of round_to."""
         cfg = self.cfg
-        if self.layers is None:
-            self.layers = resolve_feature_layers(model, cfg.layers, self.arch)
-        layers = self.layers
-        modules = dict(model.named_modules())
-        for n in layers:
-            self.channel_ids.setdefault(n, list(range(modules[n].out_channels)))
         budget = cfg.channels_per_round
         if cfg.max_channels is not None:
             budget = min(budget, cfg.max_channels - self.removed_total)
             budget -= budget % cfg.round_to if budget >= cfg.round_to else 0
+        return budget
+
+    def __call__(self, model: nn.Module, masks: Masks, step: int) -> StepOutput:
+        cfg = self.cfg
+        if self.importance is None:
+            self.importance = SnnlImportance(cfg.temperature, compat=cfg.compat, tie_break=False,
+                                             layers=resolve_feature_layers(model, cfg.layers, self.arch))
+        importance, layers = self.importance, list(self.importance.layers or ())
+        head = classifier_head_name(self.arch)
+        dg = dependency_graph(model, self.image_size, self.device)
+        data = ScoreData(snnl_batches=self.batches, snnl_batch_size=self.batch_size)
         t0 = time.perf_counter()
-        scores = snnl_channel_scores(model, layers, self.batches, self.device, cfg.temperature, cfg.compat,
-                                     self.batch_size, self.progress)
+        importance.prepare(model, dg, channel_groups(dg, model, ignored=[head]), data, self.device,
+                           step_progress(self.progress, step))
         seconds = time.perf_counter() - t0
         stats = {"snnl_images": len(self.batches), "seconds": seconds,
                  "images_per_s": len(self.batches) / max(seconds, 1e-9), "device": str(self.device)}
-        # candidates (score, layer, original id); a layer keeps at least round_to channels
-        keep = max(cfg.round_to, 1)
-        room = {n: max(0, len(self.channel_ids[n]) - keep) for n in layers}
-        candidates = sorted(
-            ((float(scores[n][i]), li, i) for li, n in enumerate(layers) for i in range(len(scores[n]))),
-        )
-        chosen: dict[str, list[int]] = {n: [] for n in layers}
-        for _score, li, pos in candidates:
-            if sum(len(v) for v in chosen.values()) >= budget:
-                break
-            n = layers[li]
-            if len(chosen[n]) < room[n]:
-                chosen[n].append(self.channel_ids[n][pos])
-        # keep each layer's count aligned: drop its highest-scoring picks beyond a multiple of round_to
-        for n in layers:
-            extra = len(chosen[n]) % cfg.round_to
-            if extra:
-                chosen[n] = chosen[n][: len(chosen[n]) - extra]
+        scores = {n: importance.layer_scores[n] for n in layers}
+        positions = dict(importance.layer_positions)  # before the removal
+        removal = remove_lowest(model, importance, LowestCount(self.budget(), cfg.round_to), head, self.image_size,
+                                self.device, dg=dg)
         removed: dict[str, list[int]] = {}
-        total = 0
-        dg = dependency_graph(model, self.image_size, self.device)
-        for n in layers:
-            ids = self.channel_ids[n]
-            current = sorted(ids.index(c) for c in chosen[n] if c in ids)  # coupled layers may have lost some
-            if not current:
-                continue
-            removed_now = prune_out_channels(dg, modules[n], current)
-            total += len(current)
-            for layer, idxs in removed_now.items():
-                if layer in self.channel_ids:
-                    old = self.channel_ids[layer]
-                    gone = set(idxs)
-                    removed.setdefault(layer, []).extend(old[i] for i in idxs)
-                    self.channel_ids[layer] = [c for i, c in enumerate(old) if i not in gone]
+        for n in layers:  # the feature layer's channels that went with its group's removed positions
+            root, at_root = positions[n]
+            gone = set(removal.removed.get(root, ()))
+            mine = [i for i, r in enumerate(at_root) if r in gone]
+            if mine:
+                removed[n] = self.ids.remove(n, len(at_root), mine)
+        total = removal.channels_removed
         self.removed_total += total
         if masks:
             masks = masks_from_model(model, [k.removesuffix(".weight") for k in masks])

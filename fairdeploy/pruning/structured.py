@@ -26,6 +26,22 @@ class ChannelGroup:
     group: tp.dependency.Group
 
 
+class OriginalIds:
+    """Each layer's remaining channels as ids of the input model's channels, across removals (a step's record names
+    the channels of the model the run started from, not positions in an already pruned layer)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, list[int]] = {}
+
+    def remove(self, name: str, width: int, positions: Sequence[int]) -> list[int]:
+        """Record that `positions` of `name` (a layer of `width` channels when first seen) were removed; returns
+        their original ids."""
+        ids = self.ids.setdefault(name, list(range(width)))
+        gone = {int(i) for i in positions}
+        self.ids[name] = [c for i, c in enumerate(ids) if i not in gone]
+        return [ids[i] for i in sorted(gone)]
+
+
 def dependency_graph(model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> tp.DependencyGraph:
     """Trace `model` (in eval mode, one image) into a dependency graph of coupled layers."""
     was_training = model.training
