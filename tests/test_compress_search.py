@@ -250,3 +250,21 @@ def test_constrained_recovery_in_a_compression_run_against_its_plain_twin(biased
     assert all(v >= 0 for v in cand.rounds[0].finetune.multipliers.values())
     assert ctrl.rounds[0].finetune.multipliers is None
     assert "the plain-recovery control" in rec.verdict
+
+
+def test_frontier_plot_takes_compression_runs_and_leaves_step_runs_to_the_trajectory_plot() -> None:
+    from fairdeploy.report import plots
+    from fairdeploy.report.stages import Trajectory
+
+    def pt(step: int, macs: float | None, wga: float, passed: bool = True) -> dict:
+        p = {"step": step, "accuracy": wga, "f1_macro": wga, "eodd": 0.1, "worst_group_accuracy": wga, "passed": passed}
+        return p if macs is None else {**p, "macs": macs}
+
+    search = Trajectory("fairprune", (pt(0, 100, 0.9), pt(1, 70, 0.9), pt(2, 49, 0.8, passed=False)))
+    control = Trajectory("fairprune-control (magnitude)", (pt(0, 100, 0.9), pt(1, 70, 0.7, passed=False)))
+    steps = Trajectory("snnl", (pt(0, None, 0.9), pt(1, None, 0.88)))
+    assert plots.is_frontier(search) and plots.is_frontier(control) and not plots.is_frontier(steps)
+    assert plots.frontier([steps]) is None and plots.trajectories([search, control]) is None
+    png = plots.frontier([search, control, steps])
+    assert png is not None and png.startswith(b"\x89PNG")
+    assert plots.trajectories([search, steps]) is not None

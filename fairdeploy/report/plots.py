@@ -273,9 +273,16 @@ def frontier(trajs: Sequence[Trajectory]) -> bytes | None:
             bad = [j for j, p in enumerate(t.points) if not p.get("passed", True)]
             ax.scatter([x[j] for j in ok], [y[j] for j in ok], color=color, zorder=3)
             ax.scatter([x[j] for j in bad], [y[j] for j in bad], facecolors="white", edgecolors=color, zorder=3)
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    xs = sorted({round(p["macs"] / t.points[0]["macs"], 2) for t in runs for p in t.points}, reverse=True)
+    ticks = [x for i, x in enumerate(xs) if i == 0 or xs[i - 1] / x > 1.15]  # labels at least ~15 % apart
     for ax, (_key, label) in zip(axes, panels):
         ax.set_xscale("log")
         ax.invert_xaxis()  # compression grows to the right
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"x{x:g}" for x in ticks])
         ax.set_xlabel("MACs kept (fraction of the input model, log scale)")
         ax.set_ylabel(f"{label} (validation)")
         ax.grid(alpha=0.3, which="both")
