@@ -6,12 +6,17 @@
 #   scripts/device-check.sh                 # summary: $OUT/device-check.json if OUT is set, else runs/device-check/
 #   scripts/device-check.sh --parts tests curvature --budget-s 300
 #
-# It installs nothing and creates no venv: it uses $PYTHON, else .venv/bin/python, else python3 -- the first that
-# imports torch -- and runs fairdeploy from this checkout (PYTHONPATH). Where fairdeploy's other requirements are
-# missing (the probe lists them in the summary), give a folder of wheels: FAIRDEPLOY_WHEELHOUSE=DIR installs them
-# from there with pip --no-index (no internet needed). Without a CUDA device it writes the summary with the
-# reason and exits 3 at once; 1 when a part failed or timed out; 0 when every part passed (or was absent).
-# See scripts/device_check.py for the parts.
+# It creates no venv and installs nothing into the machine's Python: it uses $PYTHON, else .venv/bin/python, else
+# python3 -- the first that imports torch -- and runs fairdeploy from this checkout (PYTHONPATH). On a bare machine
+# (Python and torch only, no internet) give it the wheelhouse built here beforehand:
+#
+#   python scripts/device_check.py --build-wheelhouse .whl/device-check     # here, with internet (.whl/ is ignored)
+#   FAIRDEPLOY_WHEELHOUSE=.whl/device-check scripts/device-check.sh       # there (carry .whl with the checkout)
+#
+# The wheels of what is missing there go into a temporary folder on the parts' PYTHONPATH; a part that still lacks a
+# module (one of the project's binary requirements) is skipped with the module named, and every skip is printed.
+# Without a CUDA device it writes the summary with the reason and exits 3 at once; 1 when a part failed or timed
+# out (or the wheelhouse did not install); 0 otherwise. See scripts/device_check.py for the parts.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -35,11 +40,5 @@ if [ -z "$PY" ]; then
   exit 2
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-
-if [ -n "${FAIRDEPLOY_WHEELHOUSE:-}" ]; then
-  # fairdeploy's requirements from a local folder only; torch and what is installed already stay as they are.
-  "$PY" -m pip install -q --no-index --find-links "$FAIRDEPLOY_WHEELHOUSE" --no-build-isolation -e . \
-    || echo "warning: installing from $FAIRDEPLOY_WHEELHOUSE failed; the probe lists what is missing" >&2
-fi
 
 exec "$PY" scripts/device_check.py "$@"
