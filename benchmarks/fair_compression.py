@@ -6,7 +6,8 @@ search exactly as ``fairdeploy compress --criterion C [--recovery constrained] -
 the guard on validation, stop at the first round that fails, hand on the most compressed model that passed), with
 the same schedule, data order and seed for every configuration. Plain-recovery searches run once at the largest
 eps: a smaller eps is the same search stopped earlier (the guard decides only where to stop, never how to train),
-replayed from prune.json. Constrained searches run once per eps (eps is also their constraint). The fine-tune-only
+replayed from prune.json. Constrained searches run once per eps (eps is also their constraint), or with
+``--replay-constrained`` once at the largest eps and replayed like the plain ones (the constraint then stays there). The fine-tune-only
 control gets the recovery of the blind search's reached model (as many rounds of the same fine-tuning) without
 pruning. Each reached model is measured ONCE on the test split.
 
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--balance", default="group", help="recovery sampling (none, class, group, group-class)")
     p.add_argument("--select", default="worst_group_accuracy", help="recovery's best-epoch metric on validation")
     p.add_argument("--dual-lr", type=float, default=None, help="constrained recovery's dual lr (default: its own)")
+    p.add_argument("--replay-constrained", action="store_true",
+                   help="constrained searches too run once, at the largest eps (also their constraint), and are "
+                        "replayed at the smaller ones (cheaper; the constraint then stays at the largest eps)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default=None, help="folder for data and checkpoints (reused across runs)")
     p.add_argument("--plot", default="benchmarks/results/fair_compression_frontier.png")
@@ -244,18 +248,20 @@ def main(argv: list[str] | None = None) -> int:
             for config in args.configs:
                 criterion, how = config.split("+")
                 constrained = how == "constrained"
-                for eps in (args.eps if constrained else [top_eps]):
+                once = not constrained or args.replay_constrained
+                for eps in ([top_eps] if once else args.eps):
                     out = work / f"{dataset}-s{seed}-{criterion}-{how}-e{eps:g}-{tag}"
                     t1 = time.perf_counter()
                     rec = search(dense, m, out, criterion, constrained, eps, seed, args)
                     seconds = time.perf_counter() - t1
                     frontiers.append({"dataset": dataset, "seed": seed, "config": config, "eps": eps,
                                       "points": _frontier(rec)})
-                    for e in (args.eps if not constrained else [eps]):
+                    for e in (args.eps if once else [eps]):
                         name, rnd, frac, kept = replay(rec, e, args.max_f1_drop)
                         ckpt = dense if name == "input" else out / "rounds" / f"candidate-{name}"
                         met = test_metrics(ckpt, manifest, root)
                         rows.append({"dataset": dataset, "seed": seed, "eps": e, "config": config, "reached": name,
+                                     "constraint_eps": eps if constrained else None,
                                      "round": rnd, "macs_fraction": frac, "rounds_run": len(kept), **met,
                                      "seconds": seconds, "stopped_because": rec["runs"]["candidate"]["stopped_because"]})
                         print(f"[{dataset} seed {seed}] {config} eps {e:g}: reached x{frac:.3f} MACs ({name}); "
