@@ -379,6 +379,7 @@ def plot_frontiers(frontiers: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     datasets = sorted({f["dataset"] for f in frontiers})
     configs = sorted({(f["config"], f["eps"]) for f in frontiers})
@@ -392,6 +393,9 @@ def plot_frontiers(frontiers: list[dict[str, Any]], path: Path) -> None:
                         label=f"{config} (eps {eps:g})" if f["seed"] == min(g["seed"] for g in frontiers) else None)
         ax.set_xscale("log")
         ax.invert_xaxis()
+        ax.xaxis.set_major_locator(FixedLocator([1.0, 0.5, 0.25, 0.1, 0.05]))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels(["x1", "x0.5", "x0.25", "x0.1", "x0.05"])
         ax.set_xlabel("MACs kept (fraction of the dense model, log scale)")
         ax.set_ylabel("validation worst-group accuracy")
         ax.set_title(f"{dataset}: every round of every search (one line per seed)")
