@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -229,6 +230,20 @@ def remove_stale_temporaries(out: str | os.PathLike[str], inside: bool = False) 
     return removed
 
 
+def only_temporaries(folder: Path) -> bool:
+    """True when `folder` is a folder (not a link) holding entries, every one a hidden temporary that
+    fairdeploy's atomic writers and scratch folders leave when killed (`.NAME.XXXXXXXX.tmp`,
+    `.NAME.scratch.XXXXXXXX`, `.NAME.old`)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    try:
+        names = [e.name for e in folder.iterdir()]
+    except OSError:
+        return False
+    anyname = _stale_pattern(None)
+    return bool(names) and all(anyname.match(n) for n in names)
+
+
 def lock_path(out: str | os.PathLike[str]) -> Path:
     final = Path(out)
     return final.parent / f".{final.name}.lock"
@@ -303,6 +318,39 @@ def _check_inputs(out: Path, policy: OutputPolicy, inputs: Mapping[str, Any]) ->
                                       "the input; choose another --out")
 
 
+_SPECIAL_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                  (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_file(path: Path) -> str | None:
+    """What `path` is when it exists and is neither a regular file nor a folder (itself, or what its symlink
+    points at): 'a character device', 'a named pipe (FIFO)', ...; None otherwise. Only stat: never opened."""
+    for follow in (False, True):
+        try:
+            mode = os.stat(path, follow_symlinks=follow).st_mode
+        except OSError:
+            continue
+        for test, what in _SPECIAL_FILES:
+            if test(mode):
+                return what + ("" if not follow or not path.is_symlink() else f" (through the symlink {path})")
+    return None
+
+
+def _check_regular(out: Path, policy: OutputPolicy) -> None:
+    """Refuse an --out that is a device, a FIFO, a socket or a symlink loop, with --overwrite too: writing there
+    replaces the node (or, a FIFO, blocks forever); nothing is opened or replaced."""
+    try:
+        out.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError before Python 3.13, OSError ELOOP after
+        if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+            raise FairdeployError(f"--out {out} is a symlink loop: choose another --out") from None
+    what = special_file(out)
+    if what is not None:
+        writes = f"{policy.what} file" if policy.kind == "file" else "a folder"
+        raise FairdeployError(f"--out {out} is {what}, not a regular file or folder; {policy.command} writes "
+                              f"{writes} there: choose another --out")
+
+
 def _check_owner(out: Path, policy: OutputPolicy, overwrite: bool, resume: bool | None) -> bool:
     """Raise unless `policy.command` may write `out`; returns whether an existing output may be replaced."""
     cmd = f"`fairdeploy {policy.command}`"
@@ -314,8 +362,9 @@ def _check_owner(out: Path, policy: OutputPolicy, overwrite: bool, resume: bool 
                                   "give a file path")
         if overwrite or (policy.owned is not None and policy.owned(out)):
             return True
-        raise FairdeployError(f"{out} already exists and is not {policy.what} written by {cmd}: choose another "
-                              "--out, or pass --overwrite to replace it")
+        proof = f" (no {policy.proof})" if policy.proof else ""
+        raise FairdeployError(f"{out} already exists and is not {policy.what} written by {cmd}{proof}: choose "
+                              "another --out, or pass --overwrite to replace it")
     if not out.is_dir():
         raise FairdeployError(f"--out {out} is a file; {policy.command} writes a folder there: give a folder path")
     if not any(out.iterdir()):
@@ -361,12 +410,17 @@ def claim_output(
     Yields `out`; library writes (`atomic_dir`) may then replace it. Errors are one line, exit 2.
     """
     final = Path(out)
+    _check_regular(final, policy)
     _check_inputs(final, policy, inputs or {})
     with output_lock(final):
+        _check_regular(final, policy)  # again, under the lock
         owned_before = policy.kind == "dir" and final.is_dir() and (
             (policy.record is not None and (final / policy.record).is_file())
             or bool(policy.owned is not None and policy.owned(final)))
-        remove_stale_temporaries(final, inside=owned_before)
+        # inside the folder too when it is the command's own, when --overwrite gives it to the command, or when
+        # it holds nothing but a killed run's temporaries (a first run killed before its record was written)
+        remove_stale_temporaries(final, inside=policy.kind == "dir" and (
+            owned_before or overwrite or only_temporaries(final)))
         replace = _check_owner(final, policy, overwrite, resume)
         key = final.resolve()
         with _approved_lock:

@@ -74,6 +74,7 @@ def show_warning(message: Warning | str, category: type[Warning], filename: str,
 class InterruptNote:
     kept: Callable[[], str] | None = None
     resume_option: str | None = None
+    terminated: bool = False  # the interrupt was SIGTERM (fairdeploy.cli.main: exit 143), not Ctrl-C
 
 
 interrupt_note = InterruptNote()
@@ -243,13 +244,33 @@ def _json_has(path: Path, keys: tuple[str, ...]) -> bool:
     return isinstance(data, dict) and all(k in data for k in keys)
 
 
-def _is_manifest(path: Path) -> bool:
+PREPARE_RECORD_SUFFIX = ".prepare.json"  # `data prepare --out M.csv` records what it wrote in M.csv.prepare.json
+
+
+def prepare_record(manifest: Path) -> Path:
+    """The record `data prepare` writes beside its manifest (the proof that the manifest is its own)."""
+    return manifest.with_name(manifest.name + PREPARE_RECORD_SUFFIX)
+
+
+def read_prepare_record(record: Path) -> dict[str, Any] | None:
+    """The record's content when it is one `data prepare` wrote (a regular file: never opened otherwise)."""
+    if not record.is_file():
+        return None
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            head = f.readline()
-    except OSError:
-        return False
-    return head.lstrip("\ufeff").strip().split(",")[:4] == ["image", "label", "group", "split"]
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and data.get("command") == "data prepare" and "manifest_sha256" in data
+    return data if ok else None
+
+
+def _prepared_here(path: Path) -> bool:
+    """A manifest `data prepare` wrote and nobody changed since: its record names the command and holds the
+    manifest's SHA-256 (a CSV with the manifest header is not proof: `data synth` and people write them too)."""
+    from fairdeploy.io import sha256_if_file
+
+    record = read_prepare_record(prepare_record(path))
+    return record is not None and record["manifest_sha256"] == sha256_if_file(path)
 
 
 def _last_stage(run: Path) -> Any:
@@ -273,7 +294,8 @@ def _report_owns(out: Path) -> bool:
 
 OUT_POLICIES: dict[str, OutputPolicy] = {
     "data synth": OutputPolicy("data synth", record="synth.json", names=("images", "manifest.csv", "synth.json")),
-    "data prepare": OutputPolicy("data prepare", kind="file", owned=_is_manifest, what="a manifest"),
+    "data prepare": OutputPolicy("data prepare", kind="file", owned=_prepared_here, what="a manifest",
+                                 proof=f"MANIFEST{PREPARE_RECORD_SUFFIX} record holding its SHA-256"),
     "data inspect": OutputPolicy("data inspect", kind="file", what="an inspection report",
                                  owned=lambda p: _json_has(p, ("source", "records", "support", "images_checked"))),
     "train": OutputPolicy("train", resume_option="--resume", proof="trainer.json of a train run",

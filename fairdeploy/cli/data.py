@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,8 @@ from fairdeploy.cli.common import (
     configure,
     console,
     option_blocks,
+    prepare_record,
+    read_prepare_record,
     unset,
 )
 from fairdeploy.data.adapters import (
@@ -34,7 +37,7 @@ from fairdeploy.data.manifest import read_manifest, write_manifest
 from fairdeploy.data.splits import DEFAULT_FRACTIONS
 from fairdeploy.data.synth import SynthConfig
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import claim_output, write_json
+from fairdeploy.io import claim_output, sha256_file, write_json
 
 data_app = typer.Typer(
     help="Datasets: build a manifest (image,label,group,split) from a dataset's tables, inspect one.",
@@ -156,9 +159,12 @@ def prepare_cmd(
     seed: unset(SeedOpt, "fairdeploy.data.adapters.prepare's") = None,  # type: ignore[valid-type]
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Build a manifest from Fitzpatrick 17k, ISIC 2019, HAM10000 or a CSV, with seeded stratified splits."""
+    """Build a manifest from Fitzpatrick 17k, ISIC 2019, HAM10000 or a CSV, with seeded stratified splits.
+    Beside it, OUT.prepare.json records how (the proof that a later `data prepare --out OUT` may replace it)."""
+    record = prepare_record(out)
     with claim_output(out, OUT_POLICIES["data prepare"], overwrite=overwrite,
                       inputs={"--metadata": metadata, "--ground-truth": ground_truth}):
+        check_record_path(record, overwrite)
         result = prepare(
             fmt,
             metadata,
@@ -178,9 +184,27 @@ def prepare_cmd(
             **({} if seed is None else {"seed": seed}),
         )
         write_manifest(result.records, out)
+        write_json(record, {"command": "data prepare", "manifest": out.name, "manifest_sha256": sha256_file(out),
+                            "metadata": str(metadata), "ground_truth": None if ground_truth is None else str(ground_truth),
+                            "fractions": [train, val, test], "report": result.report,
+                            "seed": seed if seed is not None else inspect.signature(prepare).parameters["seed"].default})
     _print_prepare_report(result.report)
     _print_support(support_table(result.records), title=f"support: {out.name}")
     console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+
+
+def check_record_path(record: Path, overwrite: bool) -> None:
+    """The record's name may hold only an earlier record of `data prepare` (or anything, with --overwrite; never
+    a device or FIFO)."""
+    from fairdeploy.io import special_file
+
+    what = special_file(record)
+    if what is not None:
+        raise FairdeployError(f"{record} (the manifest's record) is {what}: choose another --out")
+    if record.is_dir() or (not overwrite and (record.exists() or record.is_symlink())
+                           and read_prepare_record(record) is None):
+        raise FairdeployError(f"{record} (where data prepare records the manifest) exists and is not such a record: "
+                              "move it, choose another --out" + ("" if record.is_dir() else ", or pass --overwrite"))
 
 
 @data_app.command("inspect")

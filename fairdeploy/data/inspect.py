@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image
 
+from fairdeploy.data.images import ImageRefused, check_usable
 from fairdeploy.data.manifest import SPLITS, Duplicates, Manifest, Record, find_duplicates
 
 
@@ -84,15 +85,19 @@ def _splits_present(records: Sequence[Record]) -> list[str]:
 
 
 def image_problem(path: str) -> str | None:
-    """None when the file opens, verifies and decodes (JPEGs at 1/8 scale); otherwise the error."""
+    """None when the file opens, verifies and decodes (JPEGs at 1/8 scale) and is not one the loaders refuse
+    (fairdeploy.data.images.check_usable: too small, floating-point); otherwise the error."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused when loading too
             with Image.open(path) as im:
                 im.verify()
             with Image.open(path) as im:
+                check_usable(im)  # the size in the header, before draft() scales a JPEG down
                 im.draft("RGB", (1, 1))  # JPEG: decode every block but at the smallest DCT scale
                 im.load()
+    except ImageRefused as exc:
+        return f"refused: {exc}"
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision import transforms as T
 
+from fairdeploy.data.images import ImageRefused, to_rgb
 from fairdeploy.data.manifest import Manifest, Record
 from fairdeploy.errors import FairdeployError
 
@@ -70,28 +72,58 @@ class Encoding:
             ) from None
 
 
-# What reading a bad image raises: PIL's OSError / ValueError / SyntaxError, and its decompression-bomb guard
-# (an image of more pixels than Image.MAX_IMAGE_PIXELS: a warning up to twice that, an error beyond; both refused).
+# What reading a bad image raises: PIL's OSError / ValueError / SyntaxError, its decompression-bomb guard (an
+# image of more pixels than Image.MAX_IMAGE_PIXELS: a warning up to twice that, an error beyond; both refused) and
+# fairdeploy.data.images' refusals (ImageRefused is a ValueError: too small, floating-point, beyond 16 bits).
 UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Decode an image as RGB; a decompression bomb raises (DecompressionBombWarning made an error)."""
+    """Decode an image as 8-bit RGB (fairdeploy.data.images.to_rgb: 16-bit greyscale scaled, tiny images
+    refused); a decompression bomb raises (DecompressionBombWarning made an error)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im, path)
 
 
 def why_unreadable(path: Path) -> str:
     """Why `path` cannot be read, in a few words (for the one-line error)."""
     try:
         open_rgb(path)
+    except ImageRefused as exc:
+        return str(exc)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return f"a decompression bomb: {exc}"
     except UNREADABLE_IMAGE:
         return "not a valid image file"
     return "decoding failed while loading"
+
+
+def image_failure(path: Path) -> str:
+    """The one line for an image the loaders cannot use: 'image PATH could not be read (why)', or 'image PATH is
+    refused: why' for one that decodes but cannot be used."""
+    try:
+        open_rgb(path)
+    except ImageRefused as exc:
+        return f"image {path} is refused: {exc}"
+    except UNREADABLE_IMAGE:
+        pass
+    return f"image {path} could not be read ({why_unreadable(path)})"
+
+
+def missing_image(path: Path) -> str:
+    """Why an image path is not a file, to follow its name: 'not found', 'is a symlink loop', 'is a broken
+    symlink' or 'is not a regular file'."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13: RuntimeError("Symlink loop from ...")
+        return "is a symlink loop"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        return "is a broken symlink" if path.is_symlink() else "not found"
+    return "not found" if not path.exists() else "is not a regular file"
 
 
 class ImageDataset(Dataset):
@@ -106,7 +138,7 @@ class ImageDataset(Dataset):
         for r in self.records:
             p = root / r.image
             if not p.is_file():
-                raise FairdeployError(f"{source}: image {p} not found")
+                raise FairdeployError(f"{source}: image {p} {missing_image(p)}")
         self._fallback: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -143,7 +175,7 @@ def collate(batch):
 def check_batch(dataset: ImageDataset, ok: torch.Tensor, idx: torch.Tensor) -> None:
     if not bool(ok.all()):
         bad = int(idx[~ok][0])
-        raise FairdeployError(f"image {dataset.path(bad)} could not be read ({why_unreadable(dataset.path(bad))})")
+        raise FairdeployError(image_failure(dataset.path(bad)))
 
 
 def balanced_weights(dataset: ImageDataset, balance: str) -> torch.Tensor:

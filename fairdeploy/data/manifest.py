@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import warnings
 from collections import defaultdict
@@ -121,14 +122,31 @@ def find_duplicates(records: Sequence[Record]) -> Duplicates:
     return Duplicates(tuple(rows), tuple(cross), tuple(labels), tuple(groups))
 
 
+class SymlinkLoop(Exception):
+    """A path whose symlinks lead back to themselves."""
+
+
+def _resolved(path: Path) -> Path:
+    """path.resolve(), with a symlink loop as SymlinkLoop (Python < 3.13 raises RuntimeError, 3.13 OSError ELOOP)."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise SymlinkLoop(str(path)) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SymlinkLoop(str(path)) from None
+        raise
+
+
 def _outside_root(root: Path, image: str) -> str | None:
-    """Why `image` leaves `root` (absolute, '..' or a symlink pointing outside), or None when it stays inside."""
+    """Why `image` leaves `root` (absolute, '..' or a symlink pointing outside), or None when it stays inside;
+    SymlinkLoop when its symlinks (or the root's) lead back to themselves."""
     target = root / image
     if os.path.isabs(image) and not _inside(Path(os.path.normpath(target)), Path(os.path.normpath(root.absolute()))):
         return "an absolute path outside the images root"
     if not _inside(Path(os.path.normpath(root.absolute() / image)), Path(os.path.normpath(root.absolute()))):
         return "'..' leaves the images root"
-    if not _inside(target.resolve(), root.resolve()):
+    if not _inside(_resolved(target), _resolved(root)):
         return "a symlink leads outside the images root"
     return None
 
@@ -188,7 +206,11 @@ def read_manifest(path: str | os.PathLike[str], images_root: str | os.PathLike[s
     root = Path(images_root) if images_root is not None else p.parent
     if not allow_outside_root:
         for line, record in zip(lines, records):
-            why = _outside_root(root, record.image)
+            try:
+                why = _outside_root(root, record.image)
+            except SymlinkLoop:
+                raise FairdeployError(f"{p}: row {line}: image {record.image!r} is a symlink loop ({root}): "
+                                      "point the link at the image file, or remove the row") from None
             if why is not None:
                 raise FairdeployError(
                     f"{p}: row {line}: image {record.image!r} is {why} ({root}); "
