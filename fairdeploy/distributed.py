@@ -28,9 +28,11 @@ RANK_SEED_STRIDE = 1_000_003  # rank r's private seed is seed + r * stride (rank
 
 
 class DistributedError(FairdeployError):
-    """A peer process of the torchrun job died or stopped answering; nothing was written by this process."""
+    """A peer process of the torchrun job died or stopped answering, or the job could not be joined; nothing was
+    written by this process. Exit 2 (not 4, "a bug"): the run can be continued, and the CLI prints what was kept
+    and the command that continues it (fairdeploy.cli.main, `resumable`)."""
 
-    exit_code = 4
+    resumable = True
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,32 @@ class World:
 
 def launched_by_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+def _env_int(name: str, low: int, high: int | None = None) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        span = f"{low}..{high}" if high is not None else f">= {low}"
+        raise FairdeployError(f"{name}={raw!r} is not an integer {span} (torchrun sets it; check the environment "
+                              "of this job)")
+    return value
+
+
+def check_torchrun_env() -> None:
+    """The variables torchrun sets, checked before any is used: RANK < WORLD_SIZE, LOCAL_RANK, and (a job of
+    more than one process) MASTER_PORT 1..65535 and a MASTER_ADDR; each wrong one is one line naming it."""
+    size = _env_int("WORLD_SIZE", 1)
+    _env_int("RANK", 0, size - 1)
+    _env_int("LOCAL_RANK", 0)
+    if size > 1:
+        if not os.environ.get("MASTER_ADDR", "").strip():
+            raise FairdeployError("MASTER_ADDR is not set: a torchrun job of more than one process needs the "
+                                  "address of rank 0 (torchrun sets it; --master-addr)")
+        _env_int("MASTER_PORT", 1, 65535)
 
 
 def world() -> World:
@@ -125,7 +153,9 @@ def distributed_run(device: str = "auto") -> Iterator[str]:
     """Around a whole command: under torchrun with more than one process, join the process group (NCCL on
     CUDA, gloo on the CPU; a timeout from FAIRDEPLOY_DIST_TIMEOUT) and yield this rank's device string; a peer
     that dies becomes one DistributedError line. Outside torchrun it only yields `device`."""
-    if not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_by_torchrun():
+        check_torchrun_env()
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
         yield device
         return
     import torch.distributed as dist

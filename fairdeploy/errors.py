@@ -9,6 +9,7 @@ EXIT_USER_ERROR = 2  # bad input: file, column, value, option
 EXIT_MISSING_DEPENDENCY = 3  # an optional package (TensorRT, onnxruntime-gpu) is not installed
 EXIT_INTERNAL_ERROR = 4  # an unexpected exception (a bug): one line, the traceback written to a file
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): handled as Ctrl-C is, its own code so a scheduler sees which
 
 
 class FairdeployError(Exception):
