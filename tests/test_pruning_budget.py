@@ -63,7 +63,7 @@ def _mean_norm(v: torch.Tensor) -> torch.Tensor:
     return v / v.abs().mean()
 
 
-def test_score_gradients_equal_the_mean_of_per_sample_gradients(one_thread) -> None:
+def test_score_gradients_equal_the_mean_of_per_sample_gradients() -> None:
     """The gradients the Taylor criteria read (curvature.group_gradient, every conv/linear weight)."""
     m, _ = _tiny()
     ds = _data()
@@ -79,7 +79,7 @@ def test_score_gradients_equal_the_mean_of_per_sample_gradients(one_thread) -> N
         assert torch.allclose(got[k], expected, atol=1e-6), k
 
 
-def test_taylor_and_magnitude_scores_match_brute_force_sums(one_thread) -> None:
+def test_taylor_and_magnitude_scores_match_brute_force_sums() -> None:
     m, dg = _tiny()
     ds = _data()
     table, _ = prepare_importance("taylor", m, dg, [m.fc], _score_data(ds), torch.device("cpu"))
@@ -98,7 +98,7 @@ def test_taylor_and_magnitude_scores_match_brute_force_sums(one_thread) -> None:
     assert set(table) == {"conv1", "conv2"}
 
 
-def test_fairprune_channel_scores_match_the_per_sample_loop(one_thread) -> None:
+def test_fairprune_channel_scores_match_the_per_sample_loop() -> None:
     from fairdeploy.pruning._reference import group_curvature_loop
 
     m, dg = _tiny()
@@ -116,7 +116,7 @@ def test_fairprune_channel_scores_match_the_per_sample_loop(one_thread) -> None:
     assert notes["unprivileged"] == "a" and notes["privileged"] == "b"
 
 
-def test_snnl_scores_match_a_pairwise_loop_and_ties_are_counted(one_thread) -> None:
+def test_snnl_scores_match_a_pairwise_loop_and_ties_are_counted() -> None:
     m, dg = _tiny()
     with torch.no_grad():  # channel 5 of conv1 = 3 x channel 4: same cosine geometry, larger magnitude
         m.conv1.weight[5] = 3 * m.conv1.weight[4]
@@ -150,7 +150,7 @@ def test_fair_share_order_by_hand() -> None:
     assert torch.argsort(fair_share_order([imp])).tolist() == torch.argsort(imp).tolist()
 
 
-def test_group_taylor_keeps_a_channel_only_one_group_needs(one_thread) -> None:
+def test_group_taylor_keeps_a_channel_only_one_group_needs() -> None:
     m, dg = _tiny()
     sd = _score_data(_data())
     table, notes = prepare_importance("group-taylor", m, dg, [m.fc], sd, torch.device("cpu"))
@@ -159,7 +159,7 @@ def test_group_taylor_keeps_a_channel_only_one_group_needs(one_thread) -> None:
     assert sorted(ranks.tolist()) == list(map(float, range(16)))  # one global removal order over all channels
 
 
-def test_removal_equals_zeroing_the_same_channels(one_thread) -> None:
+def test_removal_equals_zeroing_the_same_channels() -> None:
     from torchvision.models import resnet18
 
     torch.manual_seed(0)
@@ -184,7 +184,7 @@ def test_removal_equals_zeroing_the_same_channels(one_thread) -> None:
             assert m.out_channels % 8 == 0
 
 
-def test_budget_is_met_and_tight(one_thread) -> None:
+def test_budget_is_met_and_tight() -> None:
     from torchvision.models import resnet18
 
     from fairdeploy.models.size import model_size
@@ -206,7 +206,7 @@ def test_budget_is_met_and_tight(one_thread) -> None:
         remove_to_budget(model, table, 1, "flops", "fc", 32)
 
 
-def test_budget_reached_when_one_layer_scores_lowest_everywhere(one_thread) -> None:
+def test_budget_reached_when_one_layer_scores_lowest_everywhere() -> None:
     """Torch-Pruning skips (does not cap) a group whose removal would empty a layer: scores that put a whole
     layer below the threshold must still shrink that layer to its floor, not leave it untouched."""
     from torchvision.models import resnet18
@@ -284,26 +284,29 @@ def test_budget_options_are_checked_before_work() -> None:
 
 
 def test_cli_budget_bad_input_is_one_line(run_main, tmp_path) -> None:
-    code, _out, err = run_main("prune", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
+    code, _out, err = run_main("compress", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
                                str(tmp_path / "o"), "--criterion", "bogus", "--target-macs", "0.5")
     assert code == 2 and "unknown criterion 'bogus'" in err and "Traceback" not in err
-    code, _out, err = run_main("prune", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
+    code, _out, err = run_main("compress", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
                                str(tmp_path / "o"), "--target-macs", "0.5", "--speedup", "2")
     assert code == 2 and "exactly one budget" in err
 
 
 @pytest.mark.slow
-def test_compress_run_meets_budget_with_control_on_the_same_data_order(biased_checkpoint, synth_manifest, tmp_path,
-                                                                        one_thread) -> None:
+def test_compress_run_meets_budget_with_control_on_the_same_data_order(biased_checkpoint, synth_manifest,
+                                                                        small_synth_manifest, tmp_path) -> None:
     from fairdeploy.data.manifest import read_manifest
     from fairdeploy.models.checkpoint import load_checkpoint
     from fairdeploy.models.size import model_size
     from fairdeploy.pruning.budget import BudgetConfig, compress_checkpoint
     from fairdeploy.training.loop import FitConfig
 
+    # the biased model's own images, fewer of them (96 train, 48 val): the budget, the shared order and the
+    # records do not depend on how many images the fine-tuning epochs see
+    data = read_manifest(small_synth_manifest, synth_manifest.parent)
     cfg = BudgetConfig(criterion="group-taylor", control="magnitude", target=0.5, rounds=1, score_samples=8,
                        bootstrap=20, finetune=FitConfig(epochs=1, lr=1e-3, distill=0.5, batch_size=32))
-    res = compress_checkpoint(biased_checkpoint, read_manifest(synth_manifest), tmp_path / "out", cfg, "cpu")
+    res = compress_checkpoint(biased_checkpoint, data, tmp_path / "out", cfg, "cpu")
     rec = res.record.to_dict()
     dense, spec = load_checkpoint(biased_checkpoint)
     for path in (tmp_path / "out", tmp_path / "out" / "control"):
@@ -315,7 +318,7 @@ def test_compress_run_meets_budget_with_control_on_the_same_data_order(biased_ch
     assert set(rec["comparison"]["candidate_minus_control"]) == {"worst_group_accuracy", "eodd", "f1_macro"}
     assert (tmp_path / "out" / "rounds" / "candidate-r1-finetuned" / "model.json").is_file()
     # a different seed draws a different fine-tuning order: the hash is not a constant
-    other = compress_checkpoint(biased_checkpoint, read_manifest(synth_manifest), tmp_path / "out2",
+    other = compress_checkpoint(biased_checkpoint, data, tmp_path / "out2",
                                 BudgetConfig(**{**cfg.__dict__, "seed": 1, "control": "none", "keep_rounds": False}),
                                 "cpu")
     assert other.record.runs["candidate"].rounds[0].finetune.data_order != tuple(cand[0]["finetune"]["data_order"])
@@ -339,7 +342,7 @@ def test_verdict_does_not_call_levelling_down_a_win() -> None:
 def test_selection_without_an_eligible_model_prefers_the_closest_to_passing() -> None:
     from fairdeploy.metrics import compute_metrics
     from fairdeploy.models.size import ModelSize
-    from fairdeploy.pruning.budget import BudgetConfig, _Model, _point, _Run, _select
+    from fairdeploy.pruning.budget import BudgetConfig, _RoundModel, _point, _RunState, _select
     from fairdeploy.training.loop import FitConfig
 
     def report(dark: int, light: int):  # 10 images per group, 2 classes; `dark`/`light` of them right
@@ -355,6 +358,6 @@ def test_selection_without_an_eligible_model_prefers_the_closest_to_passing() ->
     levelled = _point(report(6, 5), size, base, cfg)  # worst group 0.5 (light fell by half)
     close = _point(report(5, 10), size, base, cfg)  # worst group 0.5 (dark lost one image)
     assert not levelled.eligible and not close.eligible
-    run = _Run("candidate", "group-taylor", FitConfig(),
-               candidates=[_Model("r1-pruned", None, levelled, 1), _Model("r1-finetuned", None, close, 1)])
+    run = _RunState("candidate", "group-taylor", FitConfig(),
+               candidates=[_RoundModel("r1-pruned", None, levelled, 1), _RoundModel("r1-finetuned", None, close, 1)])
     assert _select(run, 10, "macs")[0] == "r1-finetuned"

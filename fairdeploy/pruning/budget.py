@@ -231,7 +231,9 @@ def _point(report: MetricsReport, size: ModelSize, base: MetricsReport, cfg: Bud
 # ---- one run (candidate or control) ------------------------------------------------------------------------
 
 @dataclass
-class _Ctx:
+class _RunContext:
+    """What every round of both runs shares: the input model (the teacher), its data and figures, the settings."""
+
     spec: ModelSpec
     teacher: nn.Module
     train_ds: Any
@@ -247,7 +249,7 @@ class _Ctx:
 
 
 @dataclass(frozen=True)
-class _Model:
+class _RoundModel:
     """A model a run produced: its name (r<round>-pruned / r<round>-finetuned), weights (CPU copy), validation
     point, round and whether the round was forced (a control run past its own stop)."""
 
@@ -259,16 +261,18 @@ class _Model:
 
 
 @dataclass
-class _Run:
+class _RunState:
+    """One run as it goes: its rounds, every model it produced, and why it stopped."""
+
     name: str
     criterion: str  # a criterion, or "finetune-only"
     finetune: FitConfig  # its recovery fine-tuning
     rounds: list[BudgetRound] = field(default_factory=list)
-    candidates: list[_Model] = field(default_factory=list)
+    candidates: list[_RoundModel] = field(default_factory=list)
     stopped_because: str = ""
 
 
-def _evaluate(model: nn.Module, ctx: _Ctx) -> MetricsReport:
+def _evaluate(model: nn.Module, ctx: _RunContext) -> MetricsReport:
     return evaluate_model(model, ctx.val_ds, ctx.spec, ctx.device, ctx.cfg.batch_size, progress=ctx.progress)
 
 
@@ -284,7 +288,7 @@ def _multipliers(history: tuple[dict[str, Any], ...]) -> dict[str, float] | None
     return None if constraint is None else {str(k): float(v) for k, v in constraint["multipliers"].items()}
 
 
-def _run(run: _Run, model: nn.Module, ctx: _Ctx, min_rounds: int = 0) -> _Run:
+def _run_rounds(run: _RunState, model: nn.Module, ctx: _RunContext, min_rounds: int = 0) -> _RunState:
     """The run's rounds: a budget run does cfg.rounds; a tolerance search goes on until `patience` rounds in a row
     fail the guard (but at least `min_rounds`, the candidate's reach, so the control has a model at the candidate's
     budget), the floor, or a budget channel removal cannot reach."""
@@ -324,7 +328,7 @@ def _run(run: _Run, model: nn.Module, ctx: _Ctx, min_rounds: int = 0) -> _Run:
                                    channels_removed=removal.channels_removed, removed=removal.removed,
                                    criterion_notes=notes, score_seconds=t_score,
                                    pruned=_point(_evaluate(model, ctx), size, ctx.base_report, cfg))
-            run.candidates.append(_Model(f"r{r}-pruned", copy.deepcopy(model).cpu(), pruning.pruned, r, forced))
+            run.candidates.append(_RoundModel(f"r{r}-pruned", copy.deepcopy(model).cpu(), pruning.pruned, r, forced))
         else:
             size = model_size(model, ctx.spec.image_size, ctx.device)
         model, fit = finetune_model(model, ctx.spec, ctx.train_ds, ctx.val_ds, run.finetune,
@@ -338,7 +342,7 @@ def _run(run: _Run, model: nn.Module, ctx: _Ctx, min_rounds: int = 0) -> _Run:
         done = BudgetRound(round=r, pruning=pruning, finetuned=finetuned, finetune=finetune,
                            seconds=time.perf_counter() - t0, forced=forced)
         run.rounds.append(done)
-        run.candidates.append(_Model(f"r{r}-finetuned", copy.deepcopy(model).cpu(), finetuned, r, forced))
+        run.candidates.append(_RoundModel(f"r{r}-finetuned", copy.deepcopy(model).cpu(), finetuned, r, forced))
         kept = budget_value(size, cfg.metric) / base_value
         worst = finetuned.val.worst_group_accuracy
         guard = "guard ok" if done.passed else "guard failed: " + "; ".join(finetuned.ineligible_because)
@@ -355,7 +359,7 @@ def _run(run: _Run, model: nn.Module, ctx: _Ctx, min_rounds: int = 0) -> _Run:
     return run
 
 
-def _select(run: _Run, budget_value_max: float, metric: str) -> tuple[str, nn.Module, BudgetPoint, bool]:
+def _select(run: _RunState, budget_value_max: float, metric: str) -> tuple[str, nn.Module, BudgetPoint, bool]:
     """Budget run: among the run's models that meet the budget, the best worst-group validation accuracy the guard
     accepts; when none passes, the one closest to passing (smallest summed shortfall beyond the tolerances),
     flagged."""
@@ -370,7 +374,7 @@ def _select(run: _Run, budget_value_max: float, metric: str) -> tuple[str, nn.Mo
     return best.name, best.module, best.point, bool(ok)
 
 
-def reached_model(candidates: list[_Model], metric: str) -> _Model | None:
+def reached_model(candidates: list[_RoundModel], metric: str) -> _RoundModel | None:
     """Tolerance search: the most compressed model the guard accepted (ties: better worst group, then macro-F1),
     not counting rounds forced past the run's own stop; None when no model passed."""
     ok = [c for c in candidates if c.point.eligible and not c.forced]
@@ -447,17 +451,17 @@ def compress_checkpoint(
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with main_scratch(out) as scratch:  # under torchrun only rank 0 writes (scratch and output)
-        ctx = _Ctx(spec=spec, teacher=teacher, train_ds=train_ds, val_ds=val_ds, scores=scores,
+        ctx = _RunContext(spec=spec, teacher=teacher, train_ds=train_ds, val_ds=val_ds, scores=scores,
                    base_report=base_report, base_size=base_size, head=head, device=dev, cfg=cfg, scratch=scratch,
                    progress=progress)
-        cand = _run(_Run("candidate", cfg.criterion, cfg.finetune), copy.deepcopy(teacher), ctx)
+        cand = _run_rounds(_RunState("candidate", cfg.criterion, cfg.finetune), copy.deepcopy(teacher), ctx)
         runs = [cand]
         cand_reached = reached_model(cand.candidates, cfg.metric) if cfg.is_search else None
         if cfg.control_run != "none":
             plain = cfg.control_run == "plain-recovery"
-            control = _Run("control", cfg.criterion if plain else cfg.control_run,
+            control = _RunState("control", cfg.criterion if plain else cfg.control_run,
                            replace(cfg.finetune, constrained=None) if plain else cfg.finetune)
-            runs.append(_run(control, copy.deepcopy(teacher), ctx,
+            runs.append(_run_rounds(control, copy.deepcopy(teacher), ctx,
                              min_rounds=cand_reached.round if cand_reached is not None else 0))
         selected: dict[str, tuple[str, nn.Module, BudgetPoint, bool]] = {}
         run_records: dict[str, RunRecord] = {}
