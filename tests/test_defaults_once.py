@@ -356,20 +356,23 @@ def _configs() -> dict[str, list[type]]:
     from fairdeploy.data.synth import SynthConfig
     from fairdeploy.export.profiles import ExportOptions
     from fairdeploy.pruning.budget import BudgetConfig
+    from fairdeploy.pruning.choose import RankConfig
     from fairdeploy.pruning.run import PruneConfig
     from fairdeploy.training.loop import FitConfig
     from fairdeploy.validation import ValidationConfig
 
     return {"train": [FitConfig], "evaluate": [], "finetune": [FitConfig], "prune": [PruneConfig, BudgetConfig],
             "validate": [ValidationConfig], "export": [ExportOptions], "report": [], "pipeline": [], "demo": [],
-            "data prepare": [], "data inspect": [], "data synth": [SynthConfig], "compress": [BudgetConfig]}
+            "data prepare": [], "data inspect": [], "data synth": [SynthConfig], "compress": [BudgetConfig],
+            "rank": [RankConfig]}
 
 
 def _mappings() -> dict[str, list[tuple[type, dict, dict]]]:
     """(dataclass, option -> field path(s), flag overrides) as each command hands them to cli.common.configure."""
-    from fairdeploy.cli import compress, data, prune, train
+    from fairdeploy.cli import compress, data, prune, rank, train
     from fairdeploy.data.synth import SynthConfig
     from fairdeploy.pruning.budget import BudgetConfig
+    from fairdeploy.pruning.choose import RankConfig
     from fairdeploy.pruning.run import PruneConfig
     from fairdeploy.training.loop import FitConfig
 
@@ -377,7 +380,7 @@ def _mappings() -> dict[str, list[tuple[type, dict, dict]]]:
                       (BudgetConfig, prune.BUDGET_FIELDS, {})],
             "train": [(FitConfig, train.FIT_FIELDS, {})], "finetune": [(FitConfig, train.FIT_FIELDS, {})],
             "data synth": [(SynthConfig, data.SYNTH_FIELDS, data.SYNTH_FLAGS)],
-            "compress": [(BudgetConfig, compress.FIELDS, {})]}
+            "compress": [(BudgetConfig, compress.FIELDS, {})], "rank": [(RankConfig, rank.FIELDS, {})]}
 
 
 def _field_names(cls: type) -> set[str]:

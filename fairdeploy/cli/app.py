@@ -9,6 +9,7 @@ from fairdeploy.cli import export as export_cmd
 from fairdeploy.cli import pipeline as pipeline_cmd
 from fairdeploy.cli import compress as compress_cmd
 from fairdeploy.cli import prune as prune_cmd
+from fairdeploy.cli import rank as rank_cmd
 from fairdeploy.cli import report as report_cmd
 from fairdeploy.cli import train as train_cmd
 from fairdeploy.cli import validate as validate_cmd
@@ -67,3 +68,4 @@ app.command("demo")(pipeline_cmd.demo)
 app.command("prune")(prune_cmd.prune)
 app.command("compress")(compress_cmd.compress)
 app.command("finetune")(prune_cmd.finetune)
+app.command("rank")(rank_cmd.rank)

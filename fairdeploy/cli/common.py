@@ -311,6 +311,8 @@ OUT_POLICIES: dict[str, OutputPolicy] = {
     "validate": OutputPolicy("validate", record="validation.json"),
     "report": OutputPolicy("report", owned=_report_owns, proof="report.html of an earlier report"),
     "pipeline": OutputPolicy("pipeline", owned=_is_pipeline_run, proof="stages.json or a stage's stage.json"),
+    "rank": OutputPolicy("rank", kind="file", what="a ranking JSON",
+                         owned=lambda p: _json_has(p, ("order", "recommendation", "models"))),
 }
 
 
