@@ -162,8 +162,29 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return model
 
 
+def sort_safetensors_metadata(path: str | os.PathLike[str]) -> None:
+    """Rewrite the header of a safetensors file in place with its `__metadata__` keys sorted.
+
+    safetensors' writer serialises the metadata from a Rust HashMap, whose order is drawn anew in every process,
+    so two identical saves gave files with the same tensors and different bytes (and sha256) about half the time.
+    The tensors' entries keep the writer's order (it sorts them itself); the header keeps its length (the same
+    JSON reordered, padded with spaces as the writer pads it), so no data offset moves."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        ordered = {**({"__metadata__": dict(sorted(meta.items()))} if meta else {}), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # cannot happen: the same keys and values in another order
+            raise FairdeployError(f"{path}: the sorted safetensors header is longer than the written one")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 def save_checkpoint(model: nn.Module, spec: ModelSpec, out_dir: str | os.PathLike[str]) -> Path:
-    """Write model.safetensors + model.json atomically; pruned shapes are derived from the model itself."""
+    """Write model.safetensors + model.json atomically; pruned shapes are derived from the model itself. The same
+    weights and spec give the same bytes (sorted metadata: sort_safetensors_metadata)."""
     from safetensors.torch import save_file
 
     spec = replace(spec, module_shapes=describe_shapes(model, spec.arch, spec.num_classes))
@@ -171,6 +192,7 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, out_dir: str | os.PathLik
     out = Path(out_dir)
     with atomic_dir(out, owner=SPEC_FILE) as tmp:  # replaces only an earlier checkpoint
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arch": spec.arch})
+        sort_safetensors_metadata(tmp / WEIGHTS_FILE)
         (tmp / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     return out
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from fairdeploy.report.stages import RunStages, StageRecord
 from fairdeploy.speed import SpeedVsFp32
 from fairdeploy.units import BYTES_PER_MB, megabytes
@@ -113,6 +115,7 @@ class FairnessChange:
     reference_ci: tuple[float, float] | None
     candidate_ci: tuple[float, float] | None
     delta_ci: tuple[float, float] | None  # paired interval of candidate - reference (validation only)
+    degenerate: str | None = None  # which of the two predicts a single class (its gaps are 0 by construction)
 
     @property
     def delta(self) -> float:
@@ -120,8 +123,12 @@ class FairnessChange:
 
     @property
     def reading(self) -> str:
-        """'not distinguishable' when the paired interval of the difference contains 0 (or, without one, when
-        the two intervals overlap); 'lower' / 'higher' when it excludes 0; 'no interval' without bootstrap."""
+        """'not comparable' when either model predicts a single class (never 'fairer': its gaps are 0 because it
+        tells no one apart); 'not distinguishable' when the paired interval of the difference contains 0 (or,
+        without one, when the two intervals overlap); 'lower' / 'higher' when it excludes 0; 'no interval'
+        without bootstrap."""
+        if self.degenerate is not None:
+            return f"not comparable: {self.degenerate} (a one-class model's gaps are 0 by construction)"
         if self.delta_ci is not None:
             lo, hi = self.delta_ci
             if lo <= 0 <= hi:
@@ -137,13 +144,36 @@ class FairnessChange:
     @property
     def distinguishable(self) -> bool | None:
         r = self.reading
-        return None if r.startswith("no interval") else not r.startswith("not distinguishable")
+        return None if r.startswith(("no interval", "not comparable")) else not r.startswith("not distinguishable")
+
+
+def predicts_one_class(stage: StageRecord) -> bool:
+    """Every image of the stage's split got the same class (the per-group confusion matrices, rows true and
+    columns predicted, have one non-empty column between them; fairdeploy.validation.compare.single_class)."""
+    from fairdeploy.validation.compare import single_class
+
+    columns = [np.asarray(m["confusion"]).sum(axis=0) for m in stage.metrics["groups"].values() if m.get("confusion")]
+    if not columns:
+        return False
+    classes = stage.metrics.get("class_names") or [str(i) for i in range(len(columns[0]))]
+    return single_class(np.flatnonzero(sum(columns)), classes) is not None
+
+
+def degenerate_pair(stage: StageRecord, ref: StageRecord) -> str | None:
+    """Which of a stage and its reference predicts a single class, in words without user-given names."""
+    one, other = predicts_one_class(stage), predicts_one_class(ref)
+    if one and other:
+        return "both models predict a single class"
+    if one or other:
+        return f"the {'candidate' if one else 'reference'} predicts a single class"
+    return None
 
 
 def fairness_changes(run: RunStages, stage: StageRecord) -> list[FairnessChange]:
     ref = reference_of(run, stage)
     if ref is None:
         return []
+    degenerate = degenerate_pair(stage, ref)
     out = []
     for key in FAIRNESS_LABELS:
         a, b = ref.metrics["fairness"].get(key), stage.metrics["fairness"].get(key)
@@ -151,7 +181,7 @@ def fairness_changes(run: RunStages, stage: StageRecord) -> list[FairnessChange]
             continue
         d = (stage.delta_intervals or {}).get(key) if stage.reference == ref.name else None
         out.append(FairnessChange(key, float(a), float(b), interval(ref, key), interval(stage, key),
-                                  None if d is None else (float(d[0]), float(d[1]))))
+                                  None if d is None else (float(d[0]), float(d[1])), degenerate))
     return out
 
 
@@ -314,7 +344,9 @@ def fairness_table(run: RunStages, esc: Escape = _same) -> tuple[list[str], list
                  for k in FAIRNESS_LABELS]
         apart = [f"{FAIRNESS_LABELS[c.key]} {c.reading}" for c in changes.values() if c.distinguishable]
         paired = any(c.delta_ci is not None for c in changes.values())
-        if apart:
+        if any(c.degenerate for c in changes.values()):
+            reading = next(iter(changes.values())).reading
+        elif apart:
             reading = "; ".join(apart)
         elif any(c.distinguishable is False for c in changes.values()):
             reading = ("not distinguishable: every interval of the difference contains 0" if paired
