@@ -43,6 +43,31 @@ def synth_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_synthetic(out, SynthConfig(n_images=480, image_size=TINY_IMAGE_SIZE, seed=0))
 
 
+SMALL_SPLITS = {"train": 96, "val": 48}  # small_synth_manifest: images per split, half from each group
+
+
+@pytest.fixture(scope="session")
+def small_synth_manifest(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """synth_manifest cut to SMALL_SPLITS (the first rows of each split and group in file order; the test split
+    whole), for runs whose cost grows with the images while what the test checks does not (fine-tuning epochs,
+    per-layer INT8 sensitivity on val). Its image paths are synth_manifest's: read it with
+    images_root=synth_manifest.parent (CLI: --images-root). Named manifest.csv, as records name the full set."""
+    import csv
+
+    with open(synth_manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if r["split"] not in SMALL_SPLITS]
+    for split, n in SMALL_SPLITS.items():
+        for group in ("dark", "light"):
+            keep += [r for r in rows if r["split"] == split and r["group"] == group][: n // 2]
+    out = tmp_path_factory.mktemp("synth_small") / "manifest.csv"
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(keep)
+    return out
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """resnet18 trained 3 epochs on synth_manifest on the CPU with ONE thread (one_torch_thread), so its weights
