@@ -154,7 +154,7 @@ def recovery(args, constrained: bool, eps: float) -> Any:
 
 
 def passes(point: dict[str, Any], input_val: dict[str, Any], eps: float, f1_tol: float) -> bool:
-    """The guard (pruning/budget.py `_point`) re-applied to a recorded point at tolerance eps."""
+    """The guard (pruning/budget.py `guard_point`) re-applied to a recorded point at tolerance eps."""
     drops = [input_val["group_accuracy"][g] - a for g, a in point["val"]["group_accuracy"].items()
              if g in input_val["group_accuracy"]]
     return all(d <= eps + 1e-12 for d in drops) and input_val["f1_macro"] - point["val"]["f1_macro"] <= f1_tol + 1e-12

@@ -342,7 +342,7 @@ def test_verdict_does_not_call_levelling_down_a_win() -> None:
 def test_selection_without_an_eligible_model_prefers_the_closest_to_passing() -> None:
     from fairdeploy.metrics import compute_metrics
     from fairdeploy.models.size import ModelSize
-    from fairdeploy.pruning.budget import BudgetConfig, _RoundModel, _point, _RunState, _select
+    from fairdeploy.pruning.budget import BudgetConfig, _RoundModel, _RunState, _select, guard_point
     from fairdeploy.training.loop import FitConfig
 
     def report(dark: int, light: int):  # 10 images per group, 2 classes; `dark`/`light` of them right
@@ -355,8 +355,8 @@ def test_selection_without_an_eligible_model_prefers_the_closest_to_passing() ->
 
     cfg, base = BudgetConfig(), report(6, 10)
     size = ModelSize(params=1, nonzero_params=1, macs=1)
-    levelled = _point(report(6, 5), size, base, cfg)  # worst group 0.5 (light fell by half)
-    close = _point(report(5, 10), size, base, cfg)  # worst group 0.5 (dark lost one image)
+    levelled = guard_point(report(6, 5), size, base, cfg)  # worst group 0.5 (light fell by half)
+    close = guard_point(report(5, 10), size, base, cfg)  # worst group 0.5 (dark lost one image)
     assert not levelled.eligible and not close.eligible
     run = _RunState("candidate", "group-taylor", FitConfig(),
                candidates=[_RoundModel("r1-pruned", None, levelled, 1), _RoundModel("r1-finetuned", None, close, 1)])

@@ -212,7 +212,10 @@ def budget_from(speedup: float | None = None, target_macs: float | None = None, 
     return ("macs", float(target_macs)) if target_macs is not None else ("params", float(target_params))  # type: ignore[arg-type]
 
 
-def _point(report: MetricsReport, size: ModelSize, base: MetricsReport, cfg: BudgetConfig) -> BudgetPoint:
+def guard_point(report: MetricsReport, size: ModelSize, base: MetricsReport, cfg: BudgetConfig) -> BudgetPoint:
+    """`report` (a model of `size`) against the input model's `base` under the guard of `cfg`: each group's accuracy
+    change, why it is ineligible (a group lost more than max_group_drop, macro-F1 fell more than max_f1_drop) and
+    the shortfall."""
     acc = {g: m.accuracy for g, m in report.groups}
     base_acc = {g: m.accuracy for g, m in base.groups}
     delta = {g: acc[g] - base_acc[g] for g in acc if g in base_acc}
@@ -327,14 +330,14 @@ def _run_rounds(run: _RunState, model: nn.Module, ctx: _RunContext, min_rounds: 
             pruning = RoundPruning(target=target, channel_ratio=removal.ratio,
                                    channels_removed=removal.channels_removed, removed=removal.removed,
                                    criterion_notes=notes, score_seconds=t_score,
-                                   pruned=_point(_evaluate(model, ctx), size, ctx.base_report, cfg))
+                                   pruned=guard_point(_evaluate(model, ctx), size, ctx.base_report, cfg))
             run.candidates.append(_RoundModel(f"r{r}-pruned", copy.deepcopy(model).cpu(), pruning.pruned, r, forced))
         else:
             size = model_size(model, ctx.spec.image_size, ctx.device)
         model, fit = finetune_model(model, ctx.spec, ctx.train_ds, ctx.val_ds, run.finetune,
                                     ctx.scratch / f"{run.name}-r{r}", ctx.device, None, ctx.progress,
                                     task=f"{run.name} round {r} finetune", teacher=ctx.teacher)
-        finetuned = _point(_evaluate(model, ctx), size, ctx.base_report, cfg)
+        finetuned = guard_point(_evaluate(model, ctx), size, ctx.base_report, cfg)
         finetune = RoundFinetune(best_epoch=fit.best_epoch, epochs=len(fit.history),
                                  data_order=tuple(h["data_order"] for h in fit.history),
                                  train_samples_per_s=float(np.mean([h["train_samples_per_s"] for h in fit.history])),
@@ -447,7 +450,7 @@ def compress_checkpoint(
     budget = None if cfg.is_search else Budget(cfg.metric, cfg.target, base_value * cfg.target, base_size)
     tolerance = None if not cfg.is_search else Tolerance(cfg.metric, cfg.max_group_drop, cfg.max_f1_drop, cfg.step,
                                                          cfg.min_fraction, cfg.patience, base_size)
-    input_point = _point(base_report, base_size, base_report, cfg)
+    input_point = guard_point(base_report, base_size, base_report, cfg)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with main_scratch(out) as scratch:  # under torchrun only rank 0 writes (scratch and output)

@@ -39,7 +39,7 @@ from fairdeploy.models.checkpoint import ModelSpec, load_checkpoint, read_spec, 
 from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.pruning.budget import BudgetConfig
-from fairdeploy.pruning.budget import _point as guard_point  # the compression runs' guard, not a twin of it
+from fairdeploy.pruning.budget import guard_point  # the compression runs' guard, not a twin of it
 from fairdeploy.pruning.compress_records import PointMetrics
 from fairdeploy.pruning.paired import Difference, PairedComparison, paired_comparison
 from fairdeploy.pruning.selection import Guard
