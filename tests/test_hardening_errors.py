@@ -195,17 +195,24 @@ def test_evaluate_out_an_existing_folder_is_one_line(tiny, tmp_path: Path, run_m
     assert [p.name for p in folder.iterdir()] == ["keep.txt"]
 
 
+def _small_prune_settings(folder: Path) -> list[str]:
+    """--config with 4 score images per group and evaluation batches of 8 (a quick prune run)."""
+    path = folder / "small-prune.toml"
+    path.write_text("batch_size = 8\n[fairprune]\nscore_samples = 4\n")
+    return ["--config", str(path)]
+
+
 def test_prune_out_with_a_stale_old_file_beside_it(tiny, tmp_path: Path, run_main) -> None:
     manifest_path, ckpt = tiny
     out = tmp_path / "pruned"
     (tmp_path / ".pruned.old").write_text("left by a killed run")
+    settings = _small_prune_settings(tmp_path)
     code, _, err = run_main("prune", "--model", str(ckpt), "--data", str(manifest_path), "--out", str(out),
-                            "--method", "fairprune", "--steps", "1", "--score-samples", "4", "--batch-size", "8",
-                            "--device", "cpu")
+                            "--method", "fairprune", "--steps", "1", *settings, "--device", "cpu")
     assert code == 0, err
     assert (out / "prune.json").is_file() and not (tmp_path / ".pruned.old").exists()
     code, _, err = run_main("prune", "--model", str(ckpt), "--data", str(manifest_path), "--out", str(out),
-                            "--method", "fairprune", "--steps", "1", "--score-samples", "4", "--batch-size", "8",
+                            "--method", "fairprune", "--steps", "1", *settings,
                             "--device", "cpu")  # replacing its own output goes through .pruned.old again
     assert code == 0, err
     assert (out / "prune.json").is_file() and not (tmp_path / ".pruned.old").exists()
@@ -290,10 +297,10 @@ def test_prune_and_finetune_refuse_paths_outside_the_root_unless_allowed(tiny, t
                                                                          command: str) -> None:
     manifest_path, ckpt = tiny
     data = _with_an_outside_image(manifest_path, tmp_path)
-    extra = (["--method", "fairprune", "--steps", "1", "--score-samples", "4"] if command == "prune"
-             else ["--epochs", "1"])
-    args = [command, "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "out"), "--batch-size", "8",
-            "--device", "cpu", *extra]
+    extra = (["--method", "fairprune", "--steps", "1", *_small_prune_settings(tmp_path)] if command == "prune"
+             else ["--epochs", "1", "--batch-size", "8"])
+    args = [command, "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "out"), "--device", "cpu",
+            *extra]
     code, _, err = run_main(*args)
     line = _one_error_line(err)
     assert code == 2 and "'../outside.png'" in line and "--allow-outside-root" in line

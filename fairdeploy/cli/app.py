@@ -8,6 +8,7 @@ from fairdeploy.cli import data as data_cmd
 from fairdeploy.cli import export as export_cmd
 from fairdeploy.cli import pipeline as pipeline_cmd
 from fairdeploy.cli import compress as compress_cmd
+from fairdeploy.cli import config as config_cmd
 from fairdeploy.cli import prune as prune_cmd
 from fairdeploy.cli import rank as rank_cmd
 from fairdeploy.cli import report as report_cmd
@@ -58,6 +59,7 @@ def _global_options(
 
 
 app.add_typer(data_cmd.data_app, name="data")
+app.add_typer(config_cmd.config_app, name="config")
 app.command("train")(train_cmd.train)
 app.command("evaluate")(train_cmd.evaluate)
 app.command("validate")(validate_cmd.validate)
@@ -65,7 +67,7 @@ app.command("report")(report_cmd.report)
 app.command("export")(export_cmd.export)
 app.command("pipeline")(pipeline_cmd.pipeline)
 app.command("demo")(pipeline_cmd.demo)
-app.command("prune")(prune_cmd.prune)
+app.command("prune", cls=prune_cmd.PruneCommand)(prune_cmd.prune)
 app.command("compress")(compress_cmd.compress)
 app.command("finetune")(prune_cmd.finetune)
 app.command("rank")(rank_cmd.rank)

@@ -142,6 +142,40 @@ def unset(option: Any, default: str) -> Any:
     return Annotated[kind | None, info]
 
 
+# ---- literal defaults in --help, read from a command's configuration dataclass (the value stays on the field) ----
+
+def default_of(config: Any, path: str) -> Any:
+    """The value at the dotted field `path` of `config`: a dataclass (read from its defaults) or an instance."""
+    value: Any = config() if isinstance(config, type) else config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def shown_default(value: Any) -> str:
+    """A default as --help shows it: true / false, none, a list as a,b, else the value itself."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def config_option(config: Any) -> Callable[..., Any]:
+    """The option factory of a command whose defaults are the fields of `config` (a dataclass or an instance):
+    `opt(help, path=None, *names, **kw)` is a typer.Option whose help ends "(default: VALUE)", VALUE read from
+    `config` at the dotted field `path` (no path: the help as written). The option itself defaults to None (not
+    given: the field keeps its default), so the value is written once, on the field."""
+    def opt(help_text: str, path: str | None = None, *names: str, **kw: Any) -> Any:
+        if path is not None:
+            help_text = f"{help_text.rstrip('.')} (default: {shown_default(default_of(config, path))})."
+        return typer.Option(*names, help=help_text, **kw)
+
+    return opt
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     """The options of a command that computes on a manifest's images and writes --out (--workers and --seed left

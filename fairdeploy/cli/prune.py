@@ -1,4 +1,4 @@
-"""`fairdeploy prune` (FairPrune / SNNL) and `fairdeploy finetune` (masks held)."""
+"""`fairdeploy prune` (FairPrune / SNNL steps) and `fairdeploy finetune` (masks held)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
+from typer.core import TyperCommand
 
 from fairdeploy.cli.common import (
     BatchSizeOpt,
@@ -16,6 +17,7 @@ from fairdeploy.cli.common import (
     ModelOpt,
     OutDirOpt,
     checkpoint_job,
+    config_option,
     configure,
     console,
     err_console,
@@ -26,10 +28,9 @@ from fairdeploy.cli.common import (
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.cli.train import FIT_FIELDS, describe_kept_run
 from fairdeploy.errors import FairdeployError
+from fairdeploy.pruning.run import PruneConfig
 
 if TYPE_CHECKING:
-    from fairdeploy.models.size import ModelSize
-    from fairdeploy.pruning.budget import BudgetRecord, PointMetrics
     from fairdeploy.pruning.run import PruneRecord
 
 
@@ -62,100 +63,142 @@ def _opt(help_text: str, *names: str, default: str | None = None, **kw: Any) -> 
                         **kw)
 
 
-# Defaults live on the dataclasses (FairPruneConfig, SnnlConfig, StopRule, Guard, PruneConfig, BudgetConfig); an
-# option left unset keeps the field's default (STEP_FIELDS, BUDGET_FIELDS).
-FP, SN, STOP, GUARD, BUDGET = "FairPruneConfig", "SnnlConfig", "StopRule", "Guard", "BudgetConfig"
-MethodOpt = Annotated[str | None, _opt("fairprune or snnl.", default="PruneConfig")]
-GranularityOpt = Annotated[str | None, _opt("FairPrune: weight, channel or 2:4.", default=FP)]
-CurvatureOpt = Annotated[str | None, _opt("FairPrune curvature: fisher (MC), empirical or hutchinson.", default=FP)]
-BetaOpt = Annotated[float | None, _opt("FairPrune: weight of the privileged group's curvature, in (0, 1].",
-                                       default=f"{FP}'s, in a budget run {BUDGET}")]
-RatioOpt = Annotated[float | None, _opt("FairPrune: fraction of the still-unpruned weights (channels) cut per step, "
-                                        "in (0, 1).", default=FP)]
-FirstOrderOpt = Annotated[bool, _opt("FairPrune: add each group's gradient term.", "--first-order")]
-ScopeOpt = Annotated[str | None, _opt("FairPrune weight ranking: layer (each layer loses --ratio) or global.",
-                                      default=FP)]
-IncludeHeadOpt = Annotated[bool, _opt("FairPrune weight/2:4: prune the classifier head too.", "--include-head")]
-ScoreSamplesOpt = Annotated[int | None, _opt("FairPrune: images per group in the score sets (class-stratified).",
-                                             default=f"{FP}'s, in a budget run {BUDGET}", min=1)]
-ScoreSplitOpt = Annotated[str | None, _opt("Split the scores are computed on: train or val.", default=f"{FP}'s / {SN}")]
-McSamplesOpt = Annotated[int | None, _opt("Fisher: softmax draws per image.", default=FP, min=1)]
-ProbesOpt = Annotated[int | None, _opt("Hutchinson: Rademacher probes per batch.", default=FP, min=1)]
-RoundToOpt = Annotated[int | None, _opt("Channel pruning: keep channel counts multiples of this.",
-                                        default=f"{FP}'s / {SN}'s / {BUDGET}", min=1)]
-LayersOpt = Annotated[str | None, _opt("SNNL: 'last' or comma-separated conv layer names.", default=SN)]
-TemperatureOpt = Annotated[float | None, _opt("SNNL temperature T.", default=f"{SN}'s, in a budget run {BUDGET}")]
-CompatOpt = Annotated[bool, _opt("SNNL: the published code's self-pair numerator.", "--snnl-compat")]
-PerRoundOpt = Annotated[int | None, _opt("SNNL: channels removed per round.", default=SN)]
-MaxChannelsOpt = Annotated[int | None, _opt("SNNL: stop after removing this many channels in total.")]
-SnnlBatchesOpt = Annotated[int | None, _opt("SNNL: group-balanced batches averaged per round.", default=SN, min=1)]
-StepsOpt = Annotated[int | None, _opt("Maximum prune steps (rounds).", default=STOP, min=1)]
-TargetOpt = Annotated[str | None, _opt("Validation gap watched by the stop rule and FATE: eodd, eopp0 or eopp1.",
-                                       default=STOP)]
-PatienceOpt = Annotated[int | None, _opt("Stop after this many steps without a lower gap.", default=STOP, min=1)]
-TargetValueOpt = Annotated[float | None, _opt("Stop once the gap is at or below this.")]
-SelectOpt = Annotated[str | None, _opt("Best step: fate (on --target vs the input model), gap, f1, or last (the most "
-                                       "pruned step the guard accepts).", default=GUARD)]
-MaxF1DropOpt = Annotated[float | None, _opt("Guard: never select a step losing more macro-F1 than this.",
-                                            default=GUARD)]
-GuardOpt = Annotated[bool | None, _opt("Never select a step that lowers the unprivileged group's accuracy.",
-                                       "--guard/--no-guard", default=GUARD)]
-PrivilegedOpt = Annotated[str | None, _opt("Privileged group name (default: higher validation accuracy).")]
-FinetuneEpochsOpt = Annotated[int | None, _opt("Fine-tuning epochs after every step or round (0: none; default: "
-                                              "none for FairPrune/SNNL steps, BudgetConfig's per budget round).",
-                                              min=0)]
-FinetuneLrOpt = Annotated[float | None, _opt("Fine-tuning learning rate (default: FairPrune/SNNL steps use "
-                                             "fairdeploy.training.finetune.FINETUNE_LR, budget rounds "
-                                             "fairdeploy.pruning.budget.BUDGET_FINETUNE_LR).")]
-BalanceOpt = Annotated[str | None, _opt("Fine-tuning sampling: none, class, group or group-class.",
-                                        default="FitConfig")]
-CriterionOpt = Annotated[str | None, _opt(
-    "Budget run: importance criterion magnitude, taylor (fairness-blind), fairprune, snnl or group-taylor "
-    "(fairness-aware); removes channels with Torch-Pruning's global pruner until the budget is met.")]
-TargetMacsOpt = Annotated[float | None, _opt("Budget run: keep this fraction of the input model's MACs (0.5 = 2x fewer).")]
-TargetParamsOpt = Annotated[float | None, _opt("Budget run: keep this fraction of the input model's parameters.")]
-SpeedupOpt = Annotated[float | None, _opt("Budget run: MACs divided by this (2 = --target-macs 0.5).")]
-RoundsOpt = Annotated[int | None, _opt("Budget run: rounds of removal + fine-tuning to reach the budget.",
-                                       default=BUDGET, min=1)]
-ControlOpt = Annotated[str | None, _opt("Budget run: control run under the same schedule and seed: magnitude, taylor, "
-                                        "finetune-only or none (default: BudgetConfig's choice for the criterion).")]
-DistillOpt = Annotated[float | None, _opt("Budget run: weight of distillation from the input model in the "
-                                          "fine-tuning loss, in [0, 1] (0: off).", default=BUDGET)]
-GroupWeightOpt = Annotated[str | None, _opt("Fine-tuning loss weights: none or balanced (each group weighs the same).",
-                                            default="FitConfig")]
-MaxGroupDropOpt = Annotated[float | None, _opt("Guard: never select a model that costs any group (FairPrune/SNNL "
-                                               "steps: the unprivileged group) more validation accuracy than this.",
-                                               default=f"{GUARD}'s / {BUDGET}")]
-KeepRoundsOpt = Annotated[bool | None, _opt("Budget run: keep every round's checkpoint under OUT/rounds.",
-                                            "--keep-rounds/--no-keep-rounds", default=BUDGET)]
+# `prune`: FairPrune / SNNL steps toward a fairness target. Each option's --help shows the default of its field in
+# PruneConfig (the option itself is None: not given, the field keeps it); every other setting is a key of --config.
+_field = config_option(PruneConfig)
+MethodOpt = Annotated[str | None, _field("fairprune or snnl.", "method")]
+GranularityOpt = Annotated[str | None, _field("FairPrune: weight, channel or 2:4.", "fairprune.granularity")]
+RatioOpt = Annotated[float | None, _field("FairPrune: fraction of the still-unpruned weights (channels) cut per step, "
+                                          "in (0, 1).", "fairprune.ratio")]
+PerRoundOpt = Annotated[int | None, _field("SNNL: channels removed per step.", "snnl.channels_per_round", min=1)]
+StepsOpt = Annotated[int | None, _field("Maximum prune steps.", "stop.steps", min=1)]
+TargetOpt = Annotated[str | None, _field("Validation gap watched by the stop rule and FATE: eodd, eopp0 or eopp1.",
+                                         "stop.target")]
+SelectOpt = Annotated[str | None, _field("Best step: fate (on --target vs the input model), gap, f1, or last (the most "
+                                         "pruned step the guard accepts).", "guard.select")]
+MaxGroupDropOpt = Annotated[float | None, _field("Guard: never select a step that costs the unprivileged group more "
+                                                 "validation accuracy than this.", "guard.max_group_drop")]
+PrivilegedOpt = Annotated[str | None, _field("Privileged group (none: the one with the higher validation accuracy).",
+                                             "privileged")]
+FinetuneEpochsOpt = Annotated[int | None, _field(
+    "Fine-tune this many epochs after every step, with `fairdeploy finetune`'s other settings (0 or none: no "
+    "fine-tuning).", "finetune", min=0)]
+ConfigOpt = Annotated[Path | None, _field(
+    "TOML file of PruneConfig's other settings (`fairdeploy config show prune` prints every key with its value); "
+    "options given here win (default: none).")]
 
-
-# Each option's field(s) in the configuration `prune` builds (dotted paths; fairdeploy.cli.common.configure).
-STEP_FIELDS: dict[str, str | tuple[str, ...]] = {  # PruneConfig: FairPrune / SNNL steps
-    "method": "method", "granularity": "fairprune.granularity", "curvature": "fairprune.curvature",
-    "beta": "fairprune.beta", "ratio": "fairprune.ratio", "first_order": "fairprune.first_order",
-    "scope": "fairprune.scope", "include_head": "fairprune.include_head", "score_samples": "fairprune.score_samples",
-    "score_split": ("fairprune.score_split", "snnl.score_split"), "mc_samples": "fairprune.mc_samples",
-    "probes": "fairprune.probes", "round_to": ("fairprune.round_to", "snnl.round_to"), "layers": "snnl.layers",
-    "temperature": "snnl.temperature", "snnl_compat": "snnl.compat", "channels_per_round": "snnl.channels_per_round",
-    "max_channels": "snnl.max_channels", "snnl_batches": "snnl.batches", "steps": "stop.steps",
-    "target": "stop.target", "patience": "stop.patience", "target_value": "stop.target_value",
-    "select": "guard.select", "max_f1_drop": "guard.max_f1_drop", "guard": "guard.protect_unprivileged",
-    "max_group_drop": "guard.max_group_drop", "privileged": "privileged", "batch_size": "batch_size",
+# Each option's field(s) in PruneConfig (fairdeploy.cli.common.configure); --finetune-epochs sets the fine-tuning.
+PRUNE_FIELDS: dict[str, str | tuple[str, ...]] = {
+    "method": "method", "granularity": "fairprune.granularity", "ratio": "fairprune.ratio",
+    "channels_per_round": "snnl.channels_per_round", "steps": "stop.steps", "target": "stop.target",
+    "select": "guard.select", "max_group_drop": "guard.max_group_drop", "privileged": "privileged",
     "workers": "workers", "seed": "seed",
 }
-STEP_FINETUNE_FIELDS: dict[str, str | tuple[str, ...]] = {  # the FitConfig of fine-tuning after every step
-    "finetune_epochs": "epochs", "finetune_lr": "lr", "balance": "balance", "batch_size": "batch_size",
-    "workers": "workers", "seed": "seed",
+FINETUNE_JOB_FIELDS: dict[str, str | tuple[str, ...]] = {"workers": "workers", "seed": "seed"}  # reach fine-tuning too
+# Options only one method uses: given with the other one, they are refused.
+METHOD_OPTIONS = {"fairprune": ("granularity", "ratio"), "snnl": ("channels_per_round",)}
+
+# Options that left `prune`: compression to a budget is `fairdeploy compress`; the rarely used settings are keys of
+# --config (the TOML table each one is in).
+COMPRESS_FLAGS = {flag: f"`fairdeploy compress {flag}`" for flag in (
+    "--criterion", "--control", "--speedup", "--target-macs", "--rounds", "--distill")} | {
+    "--target-params": '`fairdeploy compress --config FILE` with metric = "params" and target = F',
+    "--group-weight": "`fairdeploy compress --config FILE`, [finetune] group_weight",
+    "--keep-rounds": "`fairdeploy compress` keeps them by default (keep_rounds in its --config FILE)",
+    "--no-keep-rounds": "`fairdeploy compress --config FILE` with keep_rounds = false",
 }
-BUDGET_FIELDS: dict[str, str | tuple[str, ...]] = {  # BudgetConfig: a budget run (metric and target: the budget)
-    "criterion": "criterion", "control": "control", "rounds": "rounds", "round_to": "round_to",
-    "score_samples": "score_samples", "beta": "beta", "temperature": "temperature", "privileged": "privileged",
-    "max_group_drop": "max_group_drop", "keep_rounds": "keep_rounds", "finetune_epochs": "finetune.epochs",
-    "finetune_lr": "finetune.lr", "distill": "finetune.distill", "group_weight": "finetune.group_weight",
-    "balance": "finetune.balance", "batch_size": ("batch_size", "finetune.batch_size"),
-    "workers": "finetune.workers", "seed": ("seed", "finetune.seed"),
+CONFIG_KEYS = {
+    "--curvature": "[fairprune] curvature", "--beta": "[fairprune] beta", "--first-order": "[fairprune] first_order",
+    "--scope": "[fairprune] scope", "--include-head": "[fairprune] include_head",
+    "--score-samples": "[fairprune] score_samples", "--score-split": "[fairprune] / [snnl] score_split",
+    "--mc-samples": "[fairprune] mc_samples", "--probes": "[fairprune] probes",
+    "--round-to": "[fairprune] / [snnl] round_to", "--layers": "[snnl] layers", "--temperature": "[snnl] temperature",
+    "--snnl-compat": "[snnl] compat", "--max-channels": "[snnl] max_channels", "--snnl-batches": "[snnl] batches",
+    "--patience": "[stop] patience", "--target-value": "[stop] target_value", "--max-f1-drop": "[guard] max_f1_drop",
+    "--guard": "[guard] protect_unprivileged", "--no-guard": "[guard] protect_unprivileged = false",
+    "--finetune-lr": "[finetune] lr", "--balance": "[finetune] balance",
+    "--batch-size": "batch_size (evaluation; [finetune] batch_size for fine-tuning)",
 }
+
+
+def check_moved_options(args: list[str]) -> None:
+    """One line for an option that left `prune`: where it went."""
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in COMPRESS_FLAGS:
+            raise FairdeployError(f"{flag}: compression to a MAC budget or a per-group tolerance is "
+                                  f"{COMPRESS_FLAGS[flag]}; `fairdeploy prune` runs FairPrune / SNNL steps")
+        if flag in CONFIG_KEYS:
+            raise FairdeployError(f"{flag} is a setting of `fairdeploy prune --config FILE`: {CONFIG_KEYS[flag]} "
+                                  "(`fairdeploy config show prune` prints every key with its value)")
+
+
+class PruneCommand(TyperCommand):
+    """`prune` answers an option that moved to `fairdeploy compress` or to --config with one line, not a usage
+    error about an unknown option."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: Typer's click Context
+        check_moved_options(args)
+        return super().parse_args(ctx, args)
+
+
+def config_from_file(path: Path | None) -> PruneConfig:
+    """PruneConfig from a TOML file of its fields (what `fairdeploy config show prune` prints)."""
+    if path is None:
+        return PruneConfig()
+    from fairdeploy.pruning.run import load_prune_config
+    from fairdeploy.schema import read_toml
+
+    return load_prune_config(read_toml(path), str(path))
+
+
+def _refuse_contradictions(options: dict[str, Any], base: PruneConfig) -> None:
+    """Options the chosen method does not use, and --ratio with 2:4 (reached in one step), are refused."""
+    def flags(names: tuple[str, ...]) -> list[str]:
+        return ["--" + n.replace("_", "-") for n in names if options.get(n) is not None]
+
+    method = options.get("method") or base.method
+    for owner, names in METHOD_OPTIONS.items():
+        given = flags(names)
+        if method in METHOD_OPTIONS and method != owner and given:
+            label = {"fairprune": "FairPrune", "snnl": "SNNL"}[owner]
+            label = (f"{'an' if owner == 'snnl' else 'a'} {label} option" if len(given) == 1 else f"{label} options")
+            where = ("" if options.get("method") is not None else
+                     " (the default)" if base.method == PruneConfig().method else " (from --config)")
+            raise FairdeployError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} {label}, not used with "
+                                  f"--method {method}{where}")
+    granularity = options.get("granularity") or base.fairprune.granularity
+    if granularity == "2:4" and options.get("ratio") is not None:
+        raise FairdeployError("--ratio is not used with --granularity 2:4 (2:4 sparsity is reached in one step)")
+
+
+def prune_config(options: dict[str, Any], path: Path | None) -> PruneConfig:
+    """PruneConfig: its defaults, then --config FILE, then the options given (None: not given), checked. A problem
+    that only the file's values cause is reported with the file's name."""
+    from fairdeploy.training.finetune import FINETUNE_CONFIG
+    from fairdeploy.training.loop import FitConfig
+
+    def built(base: PruneConfig) -> PruneConfig:
+        _refuse_contradictions(options, base)
+        finetune = base.finetune
+        epochs = options.get("finetune_epochs")
+        if epochs is not None:  # as `fairdeploy finetune` fine-tunes (its other settings, or the file's), N epochs
+            finetune = replace(finetune or FINETUNE_CONFIG, epochs=epochs) if epochs > 0 else None
+        if finetune is not None:
+            finetune = configure(FitConfig, FINETUNE_JOB_FIELDS, options, base=finetune)
+        return configure(PruneConfig, PRUNE_FIELDS, options, base=replace(base, finetune=finetune))
+
+    base = config_from_file(path)
+    try:
+        return built(base)
+    except FairdeployError as exc:
+        if path is None:
+            raise
+        try:
+            built(PruneConfig())
+        except FairdeployError:
+            raise exc from None
+        raise FairdeployError(f"{path}: {exc}") from None
 
 
 @option_blocks
@@ -165,62 +208,23 @@ def prune(
     out: OutDirOpt,
     method: MethodOpt = None,
     granularity: GranularityOpt = None,
-    curvature: CurvatureOpt = None,
-    beta: BetaOpt = None,
     ratio: RatioOpt = None,
-    first_order: FirstOrderOpt = False,
-    scope: ScopeOpt = None,
-    include_head: IncludeHeadOpt = False,
-    score_samples: ScoreSamplesOpt = None,
-    score_split: ScoreSplitOpt = None,
-    mc_samples: McSamplesOpt = None,
-    probes: ProbesOpt = None,
-    round_to: RoundToOpt = None,
-    layers: LayersOpt = None,
-    temperature: TemperatureOpt = None,
-    snnl_compat: CompatOpt = False,
     channels_per_round: PerRoundOpt = None,
-    max_channels: MaxChannelsOpt = None,
-    snnl_batches: SnnlBatchesOpt = None,
     steps: StepsOpt = None,
     target: TargetOpt = None,
-    patience: PatienceOpt = None,
-    target_value: TargetValueOpt = None,
     select: SelectOpt = None,
-    max_f1_drop: MaxF1DropOpt = None,
-    guard: GuardOpt = None,
+    max_group_drop: MaxGroupDropOpt = None,
     privileged: PrivilegedOpt = None,
     finetune_epochs: FinetuneEpochsOpt = None,
-    finetune_lr: FinetuneLrOpt = None,
-    balance: BalanceOpt = None,
-    criterion: CriterionOpt = None,
-    target_macs: TargetMacsOpt = None,
-    target_params: TargetParamsOpt = None,
-    speedup: SpeedupOpt = None,
-    rounds: RoundsOpt = None,
-    control: ControlOpt = None,
-    distill: DistillOpt = None,
-    group_weight: GroupWeightOpt = None,
-    max_group_drop: MaxGroupDropOpt = None,
-    keep_rounds: KeepRoundsOpt = None,
-    batch_size: unset(BatchSizeOpt, "PruneConfig's, in a budget run BudgetConfig's") = None,  # type: ignore[valid-type]
+    config: ConfigOpt = None,
     job: Job = Job(),
 ) -> None:
-    """Prune a checkpoint: to a MAC/parameter budget with a criterion and its control (--criterion, --target-macs,
-    --speedup), or FairPrune / SNNL steps (--method). Writes OUT/model.*, OUT/prune.json (and OUT/control, OUT/rounds)."""
-    options = {**locals(), "workers": job.workers, "seed": job.seed}  # every option by its parameter name
-    for flag in ("first_order", "include_head", "snnl_compat"):
-        options[flag] = options[flag] or None  # a switch: given (True) or not
-    from fairdeploy.pruning import PruneConfig, prune_checkpoint
-    from fairdeploy.training.finetune import FINETUNE_CONFIG
-    from fairdeploy.training.loop import FitConfig
+    """Prune a checkpoint for fairness in FairPrune or SNNL steps, each judged on validation, and keep the best step
+    the guard accepts. Writes OUT/model.* and OUT/prune.json. (Compression to a MAC budget: `fairdeploy compress`.)"""
+    from fairdeploy.pruning import prune_checkpoint
 
-    if criterion is not None or any(v is not None for v in (target_macs, target_params, speedup)):
-        _budget_run(model, data, out, job, options)
-        return
-    # fine-tuning after every step only with --finetune-epochs N > 0 (as `fairdeploy finetune`, lr FINETUNE_LR)
-    finetune = configure(FitConfig, STEP_FINETUNE_FIELDS, options, base=FINETUNE_CONFIG) if finetune_epochs else None
-    cfg = configure(PruneConfig, STEP_FIELDS, options, base=PruneConfig(finetune=finetune))
+    options = {**locals(), "workers": job.workers, "seed": job.seed}  # every option by its parameter name
+    cfg = prune_config(options, config)
     result = checkpoint_job("prune", prune_checkpoint, model, data, out, cfg, job)
     if result is None:  # another torchrun process reports
         return
@@ -235,61 +239,6 @@ def prune(
     if rec.selected_step == 0:
         err_console.print(f"[yellow]warning:[/yellow] {rec.selection_note}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {result.out_dir} (prune.json beside it)", highlight=False, soft_wrap=True)
-
-
-def _budget_run(model: Any, data: Any, out: Any, job: Job, options: dict[str, Any]) -> None:
-    """`fairdeploy prune --criterion C --target-macs F`: options left unset keep BudgetConfig's defaults."""
-    from fairdeploy.pruning.budget import BudgetConfig, budget_from, compress_checkpoint
-
-    budget = {k: options[k] for k in ("speedup", "target_macs", "target_params")}
-    metric, fraction = budget_from(**budget)
-    if options["finetune_epochs"] == 0:
-        raise FairdeployError("budget runs fine-tune after every round: --finetune-epochs must be >= 1")
-    criterion = options["criterion"]
-    # the base holds the criterion, so that BudgetConfig picks the control that fits it when --control is unset
-    base = BudgetConfig(metric=metric) if criterion is None else BudgetConfig(criterion=criterion, metric=metric)
-    given = next(k for k, v in budget.items() if v is not None)
-    cfg = configure(BudgetConfig, {**BUDGET_FIELDS, "budget": "target"}, {**options, "budget": fraction}, base=base,
-                    flags={"budget": "--" + given.replace("_", "-")})
-    result = checkpoint_job("prune", compress_checkpoint, model, data, out, cfg, job)
-    if result is None:
-        return
-    rec = result.record
-    console.print(_budget_table(rec))
-    sel = rec.selected
-    console.print(f"selected {sel.model}: MACs x{sel.macs_fraction:.3f}, params x{sel.params_fraction:.3f} "
-                  f"of the input model ({rec.budget.metric} budget x{rec.budget.fraction:g})",
-                  highlight=False, soft_wrap=True)
-    console.print(rec.verdict, highlight=False, soft_wrap=True)
-    if not sel.guard_passed:
-        err_console.print(f"[yellow]warning:[/yellow] {sel.note}", highlight=False, soft_wrap=True)
-    console.print(f"checkpoint: {result.out_dir} (prune.json beside it; control: {result.out_dir}/control)",
-                  highlight=False, soft_wrap=True)
-
-
-def _budget_table(record: BudgetRecord) -> Table:
-    """Input model, then every round of candidate and control (after pruning, after fine-tuning), on validation."""
-    cfg = record.config
-    groups = list(record.input_val.group_accuracy)
-    table = Table(title=f"{cfg.criterion} vs {cfg.control} control on validation "
-                        f"(budget: {record.budget.metric} x{record.budget.fraction:g})")
-    for col in ("run", "model", "MACs", *[f"acc {g}" for g in groups], "worst group", "macro-F1", "Eodd", "guard"):
-        table.add_column(col, justify="left" if col in ("run", "model", "guard") else "right")
-
-    def row(run: str, name: str, v: PointMetrics, size: ModelSize, guard: str, mark: str = "") -> None:
-        table.add_row(run, name + mark, f"{size.macs / 1e6:.1f} M",
-                      *[fmt_number(v.group_accuracy.get(g)) for g in groups], fmt_number(v.worst_group_accuracy),
-                      fmt_number(v.f1_macro), fmt_number(v.fairness.get("eodd")), guard)
-
-    row("input", "dense", record.input_val, record.budget.input, "ok")
-    for run_name, run in record.runs.items():
-        for r in run.rounds:
-            stages = {"pruned": r.pruning.pruned} if r.pruning is not None else {}
-            for stage, p in {**stages, "finetuned": r.finetuned}.items():
-                name = f"r{r.round}-{stage}"
-                row(run_name, name, p.val, p.size, "ok" if p.eligible else "; ".join(p.ineligible_because),
-                    " *" if name == run.selected else "")
-    return table
 
 
 FT = "FINETUNE_CONFIG"  # fairdeploy.training.finetune: `fairdeploy finetune`'s defaults (a FitConfig)

@@ -46,18 +46,13 @@ def _split_options(entry: PruneEntry, seed: int) -> Any:
     (privileged, batch_size = the evaluation batch, workers), the sub-tables its parts (`fairprune = {...}`,
     `snnl = {...}`, `stop`, `guard`, and `finetune`: per-step fine-tuning, keys left out keeping FINETUNE_CONFIG's
     values as `prune --finetune-epochs N` does, epochs = 0 for none)."""
-    from fairdeploy.pruning.run import PruneConfig
-    from fairdeploy.training.finetune import FINETUNE_CONFIG
+    from fairdeploy.pruning.run import PruneConfig, load_prune_config
 
     options = dict(entry.options)
     if "method" in options or "seed" in options:
         raise FairdeployError(f"{entry.where}: {'method' if 'method' in options else 'seed'} is set by the table's "
                               "`method` and the pipeline's `seed`")
-    base = PruneConfig(method=entry.method, seed=seed,
-                       finetune=replace(FINETUNE_CONFIG, seed=seed) if "finetune" in options else None)
-    cfg = load(PruneConfig, options, entry.where, base=base)
-    if cfg.finetune is not None and cfg.finetune.epochs == 0:  # as `prune --finetune-epochs 0`
-        cfg = replace(cfg, finetune=None)
+    cfg = load_prune_config(options, entry.where, base=PruneConfig(method=entry.method, seed=seed))
     cfg.validate()
     return cfg
 

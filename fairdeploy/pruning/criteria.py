@@ -268,9 +268,10 @@ class FairPruneImportance(Criterion):
 
     def score(self, model: nn.Module, dg: tp.DependencyGraph, groups: Sequence[ChannelGroup], data: ScoreData | None,
               device: torch.device, progress: Progress) -> dict[str, torch.Tensor]:
+        data = _needs(data, "per_group", self.name)
         layers = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Conv2d, nn.Linear))]
-        sal = self.saliency(model, layers, data, device, progress)  # type: ignore[arg-type]
-        self.notes["unprivileged"], self.notes["privileged"] = data.unprivileged, data.privileged  # type: ignore[union-attr]
+        sal = self.saliency(model, layers, data, device, progress)
+        self.notes["unprivileged"], self.notes["privileged"] = data.unprivileged, data.privileged
         scale = mean_normalised if self.normalise else (lambda s: s)
         return {g.root: scale(group_channel_scores(dg, g.group, sal)) for g in groups}
 
@@ -379,7 +380,8 @@ def create_criterion(name: str, data: ScoreData | None = None) -> Criterion:
 
 
 def prepare_importance(criterion: str, model: nn.Module, dg: tp.DependencyGraph, ignored: Sequence[nn.Module],
-                       data: ScoreData | None, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+                       data: ScoreData | None,
+                       device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Score every prunable coupled group of `model` (those touching an `ignored` layer's output left out) with
     `criterion`; returns {root layer name: scores} and notes (e.g. how many SNNL scores tied)."""
     imp = create_criterion(criterion, data)

@@ -57,7 +57,7 @@ class FairPruneConfig:
             raise FairdeployError(f"unknown curvature estimator {self.curvature!r}; choose one of {', '.join(ESTIMATORS)}")
         check_beta(self.beta)
         if not 0.0 < self.ratio < 1.0:
-            raise FairdeployError(f"--ratio must be in (0, 1), got {self.ratio}")
+            raise FairdeployError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.scope not in SCOPES:
             raise FairdeployError(f"unknown ranking scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if self.score_split not in ("train", "val"):

@@ -7,6 +7,7 @@ import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from fairdeploy.pruning.selection import Guard, StepRecord, StopRule
 from fairdeploy.pruning.snnl_prune import SnnlConfig, SnnlStep, check_channel_budget, check_feature_layers
 from fairdeploy.training.loop import FitConfig, evaluate_model
 from fairdeploy.training.predict import DEFAULT_EVAL_BATCH_SIZE
+from fairdeploy.schema import load
 from fairdeploy.training.train import spec_datasets
 
 METHODS = ("fairprune", "snnl")
@@ -67,6 +69,28 @@ class PruneConfig:
         return {"method": self.method, self.method: method, "stop": asdict(self.stop), "guard": self.guard.to_dict(),
                 "privileged": self.privileged, "finetune": asdict(self.finetune) if self.finetune else None,
                 "seed": self.seed}
+
+
+def load_prune_config(values: Mapping[str, Any], source: str, table: str = "",
+                      base: PruneConfig | None = None) -> PruneConfig:
+    """PruneConfig from a TOML table of its fields (a `prune --config` file, a pipeline's [[prune]] table) by the one
+    loader (fairdeploy.schema.load), over `base` (default PruneConfig()): a `finetune` table fine-tunes after every
+    step, its keys left out keeping FINETUNE_CONFIG's values as `prune --finetune-epochs N` does (`epochs = 0` or
+    `finetune = false`: none), and a `seed` the table sets is the fine-tuning's too unless `finetune` sets its own."""
+    from fairdeploy.training.finetune import FINETUNE_CONFIG
+
+    base = base if base is not None else PruneConfig()
+    if "finetune" in values and base.finetune is None:
+        base = replace(base, finetune=replace(FINETUNE_CONFIG, seed=base.seed))
+    cfg = load(PruneConfig, values, source, table, base=base)
+    if cfg.finetune is None:
+        return cfg
+    if cfg.finetune.epochs == 0:
+        return replace(cfg, finetune=None)
+    finetune_table = values.get("finetune")
+    if "seed" in values and not (isinstance(finetune_table, Mapping) and "seed" in finetune_table):
+        cfg = replace(cfg, finetune=replace(cfg.finetune, seed=cfg.seed))
+    return cfg
 
 
 @dataclass(frozen=True)

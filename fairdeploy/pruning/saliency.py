@@ -13,7 +13,7 @@ DEFAULT_BETA = 0.5  # weight of the privileged group's curvature, in (0, 1]
 
 def check_beta(beta: float) -> None:
     if not 0.0 < beta <= 1.0:
-        raise FairdeployError(f"--beta must be in (0, 1], got {beta}")
+        raise FairdeployError(f"beta must be in (0, 1], got {beta}")
 
 
 def fairprune_saliency(

@@ -37,18 +37,18 @@ class SnnlConfig:
 
     def validate(self) -> None:
         if self.temperature <= 0:
-            raise FairdeployError(f"--temperature must be > 0, got {self.temperature}")
+            raise FairdeployError(f"temperature must be > 0, got {self.temperature}")
         if self.channels_per_round < 1:
-            raise FairdeployError(f"--channels-per-round must be >= 1, got {self.channels_per_round}")
+            raise FairdeployError(f"channels_per_round must be >= 1, got {self.channels_per_round}")
         if self.round_to < 1:
-            raise FairdeployError(f"--round-to must be >= 1, got {self.round_to}")
+            raise FairdeployError(f"round_to must be >= 1, got {self.round_to}")
         if self.channels_per_round % self.round_to:
             raise FairdeployError(
-                f"--channels-per-round {self.channels_per_round} is not a multiple of --round-to {self.round_to} "
-                "(channel counts stay aligned); change one of them (--round-to 1 disables alignment)"
+                f"channels_per_round {self.channels_per_round} is not a multiple of round_to {self.round_to} "
+                "(channel counts stay aligned); change one of them (round_to = 1 disables alignment)"
             )
         if self.max_channels is not None and self.max_channels < 1:
-            raise FairdeployError(f"--max-channels must be >= 1, got {self.max_channels}")
+            raise FairdeployError(f"max_channels must be >= 1, got {self.max_channels}")
         if self.batches < 1 or self.batch_size < 4:
             raise FairdeployError(f"SNNL needs >= 1 batch of >= 4 images, got {self.batches} of {self.batch_size}")
         if self.score_split not in ("train", "val"):
@@ -67,12 +67,12 @@ def check_channel_budget(model: nn.Module, layers: list[str], cfg: SnnlConfig) -
     desc = ", ".join(f"{n} has {c}" for n, c in sizes.items())
     if cfg.channels_per_round > available:
         raise FairdeployError(
-            f"--channels-per-round {cfg.channels_per_round} is more than the {available} channel(s) that can "
+            f"channels_per_round {cfg.channels_per_round} is more than the {available} channel(s) that can "
             f"be removed ({desc}; at least {keep} must stay per layer)"
         )
     if cfg.max_channels is not None and cfg.max_channels > available:
         raise FairdeployError(
-            f"--max-channels {cfg.max_channels} is more than the {available} channel(s) that can be removed "
+            f"max_channels {cfg.max_channels} is more than the {available} channel(s) that can be removed "
             f"({desc}; at least {keep} must stay per layer)"
         )
 
