@@ -124,5 +124,6 @@ class ProgressLog:
             t = self._tasks[task]
             return self._line(now, f"{task}: {t.completed}/{t.total}, working on the next step for "
                                    f"{quiet}{self._left(task, now)}")
-        after = f" (after {self._last_task})" if self._last_task is not None else ""
-        return self._line(now, f"working: {quiet} since the last step{after}")
+        if self._last_task is None:
+            return self._line(now, f"working: {quiet} since the start")
+        return self._line(now, f"working: {quiet} since the last step (after {self._last_task})")

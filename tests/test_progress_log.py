@@ -79,6 +79,15 @@ def test_a_long_task_gives_a_line_every_30_s_with_the_time_left_by_hand() -> Non
     assert max(gaps) <= 30.0 and len(lines) == 14, lines
 
 
+def test_a_line_before_any_callback() -> None:
+    clock = FakeClock()
+    log = ProgressLog(clock)
+    clock.now += 29.9
+    assert log.heartbeat() is None and log.next_due() == pytest.approx(0.1)
+    clock.now += 0.1
+    assert log.heartbeat() == "[   30.0 s] working: 30 s since the start"
+
+
 def test_a_task_first_reported_at_zero_is_timed_from_then() -> None:
     clock = FakeClock()
     log = ProgressLog(clock)
