@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import typer
 from rich.table import Table
 
 from fairdeploy.cli.common import (
@@ -15,6 +14,7 @@ from fairdeploy.cli.common import (
     ModelOpt,
     OutDirOpt,
     checkpoint_job,
+    config_option,
     configure,
     console,
     err_console,
@@ -22,31 +22,14 @@ from fairdeploy.cli.common import (
 )
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.errors import FairdeployError
+from fairdeploy.pruning.budget import BudgetConfig
 
 if TYPE_CHECKING:
     from fairdeploy.models.size import ModelSize
     from fairdeploy.pruning.compress_records import BudgetRecord, PointMetrics
 
 
-def default_of(cls: type, path: str) -> Any:
-    """The default of the (dotted) field `path` of dataclass `cls`, read from the dataclass itself."""
-    value: Any = cls()
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _with_default(help_text: str, path: str) -> str:
-    from fairdeploy.pruning.budget import BudgetConfig
-
-    value = default_of(BudgetConfig, path)
-    shown = {None: "none"}.get(value, value) if not isinstance(value, bool) else str(value).lower()
-    return f"{help_text.rstrip('.')} (default: {shown})."
-
-
-def _opt(help_text: str, path: str | None = None, *names: str, **kw: Any) -> Any:
-    """An option whose default lives on BudgetConfig's field `path` (shown in --help, the option itself None)."""
-    return typer.Option(*names, help=help_text if path is None else _with_default(help_text, path), **kw)
+_opt = config_option(BudgetConfig)  # each option's help ends with its default, read from BudgetConfig's field
 
 
 def _criteria() -> str:
@@ -89,8 +72,6 @@ RECOVERIES = {"plain": False, "constrained": True}
 
 def config_from_file(path: Path | None) -> Any:
     """BudgetConfig from a TOML file of its fields (the same keys as a pipeline's compression [[prune]] table)."""
-    from fairdeploy.pruning.budget import BudgetConfig
-
     if path is None:
         return BudgetConfig()
     from fairdeploy.schema import load, read_toml
