@@ -15,7 +15,7 @@ from torch import nn
 
 from fairdeploy.artifact.metadata import OnnxMetadata, read_onnx_metadata
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.onnx_export import export_model_onnx, export_onnx, weight_sparsity
+from fairdeploy.export.onnx_export import SelfCheck, export_model_onnx, export_onnx, weight_sparsity
 from fairdeploy.models import (
     ModelSpec,
     checkpoint_hash,
@@ -93,7 +93,7 @@ def test_fp32_onnx_matches_pytorch(arch: str, pruned: bool, tmp_path: Path) -> N
     # largest logit when that is bigger (MobileNet's logits reach ~10 here; Intel and AMD kernels differ by 1.8e-4)
     tol = max(1e-4, 2e-5 * float(np.abs(ref).max()))
 
-    result = export_onnx(ckpt, tmp_path / "out" / "model.fp32.onnx", batch_sizes=(1, 8))
+    result = export_onnx(ckpt, tmp_path / "out" / "model.fp32.onnx", check=SelfCheck(batch_sizes=(1, 8)))
     assert result.max_abs_logit_diff < tol and result.top1_agreement == 1.0
     sess = ort.InferenceSession(str(result.path), session_options(), providers=["CPUExecutionProvider"])
     one = np.concatenate([sess.run(["logits"], {"input": x[i : i + 1].numpy()})[0] for i in range(8)])
@@ -158,7 +158,8 @@ def test_sparse_weights_are_baked_as_plain_zeros(tmp_path: Path) -> None:
     prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.5)
     zeros = sum(int((m.weight == 0).sum()) for m, _ in layers)
     spec = ModelSpec(arch="mobilenet_v3_small", classes=CLASSES, groups=GROUPS, image_size=SIZE)
-    result = export_model_onnx(model, spec, tmp_path / "sparse.onnx", checkpoint_sha256="0" * 64, batch_sizes=(8,))
+    result = export_model_onnx(model, spec, tmp_path / "sparse.onnx", checkpoint_sha256="0" * 64,
+                               check=SelfCheck(batch_sizes=(8,)))
     assert result.max_abs_logit_diff < 1e-4
     graph = onnx.load(str(result.path))
     assert not [i.name for i in graph.graph.initializer if "mask" in i.name or "orig" in i.name]
@@ -174,6 +175,6 @@ def test_unsupported_opset_and_failed_self_check_write_nothing(tmp_path: Path) -
         export_model_onnx(model, spec, out, "0" * 64, opset=12)
     # A self-check that cannot pass (negative tolerance) must leave no file, not even a temporary one.
     with pytest.raises(FairdeployError, match="self-check failed"):
-        export_model_onnx(model, spec, out, "0" * 64, batch_sizes=(4,), simplify=False, atol=-1.0)
+        export_model_onnx(model, spec, out, "0" * 64, check=SelfCheck(batch_sizes=(4,), atol=-1.0), simplify=False)
     assert not out.exists()
     assert list(out.parent.iterdir()) == []

@@ -8,6 +8,7 @@ from a control (a model that ignores the image), and the per-group comparison us
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -229,15 +230,70 @@ def torch_reference(trained_checkpoint: Path, test_split) -> np.ndarray:
         return np.concatenate([model(torch.from_numpy(x[i : i + 32])).numpy() for i in range(0, len(x), 32)])
 
 
+class Spy:
+    """Wraps the one runner loop (run_runners) and the one comparison (compare) where a module looks them up, and
+    records every call: the runners' names with the batches they were fed, and each comparison's arguments with
+    what it returned."""
+
+    def __init__(self, mp: pytest.MonkeyPatch, run_modules, compare_modules) -> None:
+        base = importlib.import_module("fairdeploy.runtime.base")
+        compare_mod = importlib.import_module("fairdeploy.validation.compare")
+
+        self.runs: list[tuple[list[str], list, object]] = []
+        self.comparisons: list[tuple[tuple, object]] = []
+        real_run, real_compare = base.run_runners, compare_mod.compare
+        for module in run_modules:
+            assert module.run_runners is real_run  # the very function, not a copy
+            mp.setattr(module, "run_runners", self._run(real_run))
+        for module in compare_modules:
+            assert module.compare is real_compare
+            mp.setattr(module, "compare", self._compare(real_compare))
+
+    def _run(self, real):
+        def run_runners(runners, batches):
+            fed: list = []
+
+            def recorded():
+                for batch in batches:
+                    fed.append(batch)
+                    yield batch
+
+            out = real(runners, recorded())
+            self.runs.append(([r.name for r in runners], fed, out))
+            return out
+        return run_runners
+
+    def _compare(self, real):
+        def compare(*args, **kwargs):
+            out = real(*args, **kwargs)
+            self.comparisons.append((args, out))
+            return out
+        return compare
+
+    def run_of(self, suffix: str):
+        """The one run_runners call in which a runner's name ends with `suffix`: (runner names, batches, results)."""
+        found = [r for r in self.runs if any(name.endswith(suffix) for name in r[0])]
+        assert len(found) == 1, [r[0] for r in self.runs]
+        return found[0]
+
+    def comparison_of(self, candidate_logits: np.ndarray):
+        """The one compare call on labelled images whose candidate logits are `candidate_logits` (that array)."""
+        found = [out for args, out in self.comparisons if args[1] is candidate_logits and len(args) > 2
+                 and args[2] is not None]
+        assert len(found) == 1
+        return found[0]
+
+
 @pytest.fixture(scope="module")
 def rotated_export(trained_checkpoint: Path, synth_manifest: Path, test_split, torch_reference: np.ndarray,
-                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray, Spy]:
     """`fairdeploy export --precision int8` whose INT8 graph (the real quantizer's) gets with_rotated_logits on
     the first two dark test images it agrees with PyTorch on, before export checks it: the INT8 candidate then
     disagrees with the reference on those two images at least, on any CPU. Returns the output folder, the
-    unrotated INT8 graph's predictions and the rotated images' indices."""
+    unrotated INT8 graph's predictions, the rotated images' indices, and the Spy that saw export's self-check."""
     from fairdeploy.export import exporter
 
+    base = importlib.import_module("fairdeploy.runtime.base")
     x, _, groups = test_split
     ref_pred = torch_reference.argmax(1)
     real_quantize = exporter.quantize_int8
@@ -255,21 +311,25 @@ def rotated_export(trained_checkpoint: Path, synth_manifest: Path, test_split, t
     options = resolve_options(None, {"onnx": {"precision": ("int8",)}, "calibration": {"size": 48, "method": "minmax"}})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(exporter, "quantize_int8", quantize_then_rotate)
+        spy = Spy(mp, [base], [exporter])  # export runs its runners through base.runner_logits
         run_export(trained_checkpoint, out, options, data=synth_manifest, check_split="test")
-    return out, seen["pred"], seen["chosen"]
+    return out, seen["pred"], seen["chosen"], spy
 
 
 @pytest.mark.numerics
 def test_export_check_and_validate_are_one_comparison(rotated_export, trained_checkpoint: Path, synth_manifest: Path,
                                                       test_split, torch_reference: np.ndarray) -> None:
-    """Export's self-check and `fairdeploy validate` compare the INT8 graph with PyTorch on the same test split the
-    same way: export.json's top-1 agreement and accuracy, overall and per group, equal validate's, and both equal a
-    loop over logits computed here with torch and a bare ONNX Runtime session. The graph disagrees with PyTorch on
-    two dark images by construction (rotated_export), so the per-group figures differ between the groups by a
-    known amount, whatever the CPU's INT8 kernels flip or do not flip."""
+    """Export's self-check and `fairdeploy validate` are one comparison: both feed their runners (PyTorch's
+    TorchRunner on the checkpoint, a CPU OrtRunner on the INT8 graph) the same batches of the test split through
+    runtime.run_runners and compare the logits with validation.compare.compare, and export.json records what that
+    comparison returned. Its numbers equal a loop over logits computed here with torch and a bare ONNX Runtime
+    session. The graph disagrees with PyTorch on two dark images by construction (rotated_export), so the
+    per-group figures differ between the groups by a known amount, whatever the CPU's INT8 kernels flip or not."""
     from fairdeploy.validation import ValidationConfig, validate
 
-    out, unrotated, chosen = rotated_export
+    validate_mod = importlib.import_module("fairdeploy.validation.validate")  # the package's `validate` is the function
+
+    out, unrotated, chosen, export_spy = rotated_export
     x, labels, groups = test_split
     spec = read_spec(trained_checkpoint)
     ref_pred, pred = torch_reference.argmax(1), _logits(out / "model.int8.onnx", x).argmax(1)
@@ -285,17 +345,52 @@ def test_export_check_and_validate_are_one_comparison(rotated_export, trained_ch
     assert agree["dark"] == pytest.approx(loop(ref_pred, unrotated, 0) - 2 / n_dark, abs=1e-12)  # the constructed
     assert agree["light"] == loop(ref_pred, unrotated, 1) and agree["dark"] < 1.0  # flips, and no other change
 
+    with pytest.MonkeyPatch.context() as mp:
+        validate_spy = Spy(mp, [validate_mod], [validate_mod])
+        cand = validate(trained_checkpoint, [out / "model.int8.onnx"], read_manifest(synth_manifest),
+                        ValidationConfig(split="test", bootstrap=0, latency=None), backend="onnxruntime",
+                        device="cpu").candidates[0]
+
+    # The same runners over the same batches: export ran PyTorch and the INT8 graph one at a time, validate both
+    # together; every run saw the test split in the same batches, with the same labels and groups.
+    torch_names, torch_fed, torch_run = export_spy.run_of(str(trained_checkpoint))
+    int8_names, int8_fed, int8_run = export_spy.run_of("model.int8.onnx")
+    names, fed, run = validate_spy.run_of("model.int8.onnx")
+    assert [n.split(":")[0] for n in (*torch_names, *int8_names)] == [n.split(":")[0] for n in names] == [
+        "torch", "onnxruntime"]
+    for batches in (torch_fed, int8_fed):
+        assert [len(b.images) for b in batches] == [len(b.images) for b in fed]
+        assert np.array_equal(np.concatenate([b.images for b in batches]), np.concatenate([b.images for b in fed]))
+    assert np.array_equal(int8_run.labels, run.labels) and np.array_equal(int8_run.groups, run.groups)
+    assert np.array_equal(run.labels, labels) and np.array_equal(run.groups, groups)
+    assert np.array_equal(int8_run.runs[0].logits, run.runs[1].logits)  # the same graph on the same batches
+
+    # One comparison: validate's candidate figures are what compare returned to it, export.json's what compare
+    # returned to export, and the two comparisons agree (PyTorch's logits are the same weights on the same batches).
+    exported, validated = export_spy.comparison_of(int8_run.runs[0].logits), validate_spy.comparison_of(
+        run.runs[1].logits)
+    assert cand.agreement is validated.agreement and cand.logit_diff is validated.logit_diff
+    assert cand.flips is validated.flips and cand.run.metrics is validated.metrics
+    assert exported.agreement == validated.agreement and exported.flips == validated.flips
+    assert exported.metrics.to_dict() == validated.metrics.to_dict()
+    assert exported.logit_diff.max_abs == pytest.approx(validated.logit_diff.max_abs, rel=1e-6)
     recorded = json.loads((out / "export.json").read_text())["onnx"]["int8"]
     assert recorded["sha256"] == sha256_file(out / "model.int8.onnx")  # export checked the rotated graph
-    cand = validate(trained_checkpoint, [out / "model.int8.onnx"], read_manifest(synth_manifest),
-                    ValidationConfig(split="test", bootstrap=0, latency=None), backend="onnxruntime",
-                    device="cpu").candidates[0]
-    assert recorded["vs_pytorch"]["n"] == cand.run.metrics.n == len(x)
-    assert recorded["vs_pytorch"]["top1_agreement"] == cand.agreement.overall == pytest.approx(
-        loop(ref_pred, pred, None), abs=1e-12)
-    assert recorded["top1_agreement_per_group"] == cand.agreement.groups == pytest.approx(agree, abs=1e-12)
-    assert recorded["accuracy"] == cand.run.metrics.overall_accuracy == pytest.approx(
-        loop(labels, pred, None), abs=1e-12)
-    assert recorded["accuracy_per_group"] == {g: cand.run.metrics.group(g).accuracy for g in spec.groups} == \
-        pytest.approx(accuracy, abs=1e-12)
-    assert recorded["vs_pytorch"]["max_abs_logit_diff"] == pytest.approx(cand.logit_diff.max_abs, rel=1e-6)
+    assert recorded["vs_pytorch"] == {"n": exported.n, "max_abs_logit_diff": exported.logit_diff.max_abs,
+                                      "top1_agreement": exported.agreement.overall}
+    assert recorded["top1_agreement_per_group"] == exported.agreement.groups
+    assert recorded["accuracy"] == exported.metrics.overall_accuracy
+    assert recorded["accuracy_per_group"] == {g: m.accuracy for g, m in exported.metrics.groups}
+
+    # ... and its numbers are the brute-force loop's.
+    assert exported.n == validated.n == len(x)
+    assert exported.agreement.overall == pytest.approx(loop(ref_pred, pred, None), abs=1e-12)
+    assert exported.agreement.groups == pytest.approx(agree, abs=1e-12)
+    assert exported.metrics.overall_accuracy == pytest.approx(loop(labels, pred, None), abs=1e-12)
+    assert {g: m.accuracy for g, m in exported.metrics.groups} == pytest.approx(accuracy, abs=1e-12)
+    flips_by_hand = {g: sum(int(ref_pred[i] != pred[i]) for i in range(len(x)) if groups[i] == k)
+                     for k, g in enumerate(spec.groups)}
+    assert {g: f.changed for g, f in exported.flips.items()} == flips_by_hand
+    assert flips_by_hand["dark"] >= 2  # the constructed flips at least
+    pairs = zip(int8_run.runs[0].logits.ravel().tolist(), torch_run.runs[0].logits.ravel().tolist())
+    assert exported.logit_diff.max_abs == max(abs(a - b) for a, b in pairs)

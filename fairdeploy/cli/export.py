@@ -182,11 +182,11 @@ def export(
                   highlight=False, soft_wrap=True)
     for info in summary.onnx.values():
         vs = info.check.vs_pytorch
-        line = f"  {info.path}: max |Δlogit| {vs.max_abs_logit_diff:.3g}, top-1 agreement {vs.top1_agreement:.4f}"
-        if vs.top1_agreement_per_group:
-            line += " (" + ", ".join(f"{g} {a:.3f}" for g, a in vs.top1_agreement_per_group.items()) + ")"
-        if info.check.accuracy is not None:
-            line += f", accuracy {info.check.accuracy.overall:.4f}"
+        line = f"  {info.path}: max |Δlogit| {vs.logit_diff.max_abs:.3g}, top-1 agreement {vs.agreement.overall:.4f}"
+        if vs.agreement.groups:
+            line += " (" + ", ".join(f"{g} {a:.3f}" for g, a in vs.agreement.groups.items()) + ")"
+        if vs.metrics is not None:
+            line += f", accuracy {vs.metrics.overall_accuracy:.4f}"
         console.print(line, highlight=False, soft_wrap=True)
     cal = summary.calibration
     if cal is not None:

@@ -7,6 +7,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,14 @@ from fairdeploy.export.calibration import (
     even_batch_size,
     write_calibration_json,
 )
-from fairdeploy.export.check import Agreement, compare_logits, onnx_logits
 from fairdeploy.export.fp16 import convert_fp16
 from fairdeploy.export.int8 import QdqSummary, group_aware_int8, qdq_summary, quantize_int8
 from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan
-from fairdeploy.export.onnx_export import OnnxExportResult, export_model_onnx, random_check_inputs
+from fairdeploy.export.onnx_export import OnnxExportResult, SelfCheck, export_model_onnx, random_check_inputs
 from fairdeploy.export.profiles import ExportOptions, resolve_export_options
 from fairdeploy.export.quant_target import check_engine_target
 from fairdeploy.io import sha256_file, write_json
+from fairdeploy.metrics import MetricsReport
 from fairdeploy.models.checkpoint import (
     ModelSpec,
     checkpoint_hash,
@@ -51,11 +52,14 @@ from fairdeploy.models.checkpoint import (
     resolve_checkpoint,
 )
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.validation.compare import AgreementStats, agreement_stats, named_groups
+from fairdeploy.runtime.base import ArtifactInfo, ImageBatch, array_batches, runner_logits
+from fairdeploy.runtime.ort_runner import OrtRunner
+from fairdeploy.runtime.torch_runner import TorchRunner, spec_info
+from fairdeploy.validation.compare import Comparison, LabelledImages, compare
 
 MIXED_PRECISION_SPLIT = "val"  # group-aware mixed precision measures layers here: never the test split
 SELF_CHECK_SAMPLES = 64  # real images run at every check batch size against PyTorch
-CHECK_BATCH = 32
+CHECK_BATCH = 32  # the batches every precision and PyTorch are run in over the check images
 
 
 @dataclass(frozen=True)
@@ -94,22 +98,28 @@ class CheckRecord:
         return {"source": self.source, "n": self.n, "reference": "PyTorch FP32 on the CPU"}
 
 
+def _headline(c: Comparison) -> dict[str, float | int]:
+    """export.json's figures of a comparison: n, max |Δlogit| and top-1 agreement, overall."""
+    return {"n": c.n, "max_abs_logit_diff": c.logit_diff.max_abs, "top1_agreement": c.agreement.overall}
+
+
 @dataclass(frozen=True)
 class OnnxCheck:
-    """One ONNX file's logits against PyTorch (and the FP32 ONNX), and its accuracy when the check images have
-    labels: the comparison `fairdeploy validate` makes (accuracy = top-1 agreement with the labels)."""
+    """One ONNX file's logits against PyTorch (per group, and its metrics when the check images have labels) and
+    against the FP32 ONNX: the comparison `fairdeploy validate` makes (validation.compare.compare)."""
 
-    vs_pytorch: Agreement
-    vs_fp32_onnx: Agreement | None = None  # None for the FP32 file itself
-    accuracy: AgreementStats | None = None  # None: random check images (no labels)
+    vs_pytorch: Comparison
+    vs_fp32_onnx: Comparison | None = None  # None for the FP32 file itself
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"vs_pytorch": self.vs_pytorch.to_dict()}
+        out: dict[str, Any] = {"vs_pytorch": _headline(self.vs_pytorch)}
         if self.vs_fp32_onnx is not None:
-            out["vs_fp32_onnx"] = self.vs_fp32_onnx.to_dict()
-        out["top1_agreement_per_group"] = self.vs_pytorch.top1_agreement_per_group
-        if self.accuracy is not None:
-            out["accuracy"], out["accuracy_per_group"] = self.accuracy.overall, self.accuracy.groups
+            out["vs_fp32_onnx"] = _headline(self.vs_fp32_onnx)
+        out["top1_agreement_per_group"] = self.vs_pytorch.agreement.groups
+        metrics = self.vs_pytorch.metrics  # None: random check images (no labels)
+        if metrics is not None:
+            out["accuracy"] = metrics.overall_accuracy
+            out["accuracy_per_group"] = {g: m.accuracy for g, m in metrics.groups}
         return out
 
 
@@ -237,29 +247,41 @@ def load_check_data(manifest: Manifest | None, spec: ModelSpec, split: str, seed
                      f"{manifest.source}:{split}")
 
 
-@torch.no_grad()
-def _torch_logits(model: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
-    outs = [model(torch.from_numpy(inputs[i : i + CHECK_BATCH])).float().numpy()
-            for i in range(0, len(inputs), CHECK_BATCH)]
-    return np.concatenate(outs)
+def _batches(check: CheckData) -> Iterator[ImageBatch]:
+    """The check images in the batches PyTorch and every ONNX file are run in."""
+    return array_batches(check.inputs, CHECK_BATCH, check.labels, check.groups)
 
 
-def _ort_logits(path: Path, check: CheckData) -> np.ndarray:
-    return onnx_logits(path, check.inputs, [CHECK_BATCH])[0]
+def _torch_logits(model: torch.nn.Module, info: ArtifactInfo, check: CheckData) -> np.ndarray:
+    """PyTorch's logits on the check images: the checkpoint's TorchRunner (the one `validate` runs), on the CPU,
+    over the model already loaded."""
+    return runner_logits(TorchRunner(info.path, torch.device("cpu"), module=model, info=info), _batches(check))
 
 
-def _evaluate(logits: np.ndarray, check: CheckData, torch_ref: np.ndarray, fp32_ref: np.ndarray | None,
-              spec: ModelSpec) -> OnnxCheck:
-    """Agreement of one ONNX file's logits with PyTorch (and the FP32 ONNX), accuracy, per group present."""
-    names: np.ndarray | None = None
-    order: tuple[str, ...] = ()
-    if check.groups is not None:
-        names, order = named_groups(check.groups, spec.groups)
-    accuracy = None
-    if check.labels is not None and names is not None:
-        accuracy = agreement_stats(check.labels, logits.argmax(1), names, order)
-    return OnnxCheck(vs_pytorch=compare_logits(torch_ref, logits, names, order),
-                     vs_fp32_onnx=None if fp32_ref is None else compare_logits(fp32_ref, logits), accuracy=accuracy)
+def _onnx_logits(path: Path, check: CheckData) -> np.ndarray:
+    """One ONNX file's logits on the check images, from a CPU OrtRunner."""
+    return runner_logits(OrtRunner(path), _batches(check))
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """PyTorch's logits on the check images and, when they have labels, the images and PyTorch's metrics."""
+
+    logits: np.ndarray
+    images: LabelledImages | None
+    metrics: MetricsReport | None
+
+    @classmethod
+    def of(cls, logits: np.ndarray, check: CheckData, spec: ModelSpec) -> _Reference:
+        if check.labels is None or check.groups is None:
+            return cls(logits, None, None)
+        images = LabelledImages.from_indices(check.labels, check.groups, spec.groups, spec.classes)
+        return cls(logits, images, images.metrics(logits.argmax(1)))
+
+    def check(self, logits: np.ndarray, fp32_logits: np.ndarray | None) -> OnnxCheck:
+        """One ONNX file's logits compared with PyTorch's (per group present) and with the FP32 file's."""
+        return OnnxCheck(vs_pytorch=compare(self.logits, logits, self.images, self.metrics),
+                         vs_fp32_onnx=None if fp32_logits is None else compare(fp32_logits, logits))
 
 
 def _versions() -> dict[str, str]:
@@ -331,7 +353,7 @@ def run_export(
     model, spec = load_checkpoint(ckpt, "cpu")
     check = load_check_data(check_manifest, spec, check_split, seed)
     out = _writable_dir(Path(out_dir))  # created only once every input has been checked
-    torch_ref = _torch_logits(model, check.inputs)
+    reference = _Reference.of(_torch_logits(model, spec_info(spec, str(ckpt), ckpt_sha), check), check, spec)
     steps = len(options.precisions) + 1
     progress("export ONNX", 0, steps)
 
@@ -339,13 +361,14 @@ def run_export(
     try:
         fp32 = export_model_onnx(
             model, spec, stage / onnx_filename("fp32"), ckpt_sha, options.onnx.opset,
-            check_inputs=check.inputs[:SELF_CHECK_SAMPLES], check_source=check.source,
-            batch_sizes=options.onnx.check_batch_sizes, simplify=options.onnx.simplify, atol=options.onnx.fp32_atol, seed=seed,
+            SelfCheck(check.inputs[:SELF_CHECK_SAMPLES], check.source, options.onnx.check_batch_sizes,
+                      options.onnx.fp32_atol, seed),
+            simplify=options.onnx.simplify,
         )
         progress("export ONNX", 1, steps)
-        fp32_logits = _ort_logits(fp32.path, check)
-        onnx_files = {"fp32": OnnxFile(fp32.path.name, "fp32", fp32.sha256,
-                                       _evaluate(fp32_logits, check, torch_ref, None, spec), export=fp32)}
+        fp32_logits = _onnx_logits(fp32.path, check)
+        onnx_files = {"fp32": OnnxFile(fp32.path.name, "fp32", fp32.sha256, reference.check(fp32_logits, None),
+                                       export=fp32)}
         for i, precision in enumerate(p for p in options.precisions if p != "fp32"):
             path = stage / onnx_filename(precision)
             int8: Int8Record | None = None
@@ -369,8 +392,7 @@ def run_export(
                                   qdq=qdq_summary(onnx.load(str(path))),
                                   calibration_sha256=cal.sha256, mixed_precision=plan)
             onnx_files[precision] = OnnxFile(path.name, precision, sha256_file(path),
-                                             _evaluate(_ort_logits(path, check), check, torch_ref, fp32_logits, spec),
-                                             int8=int8)
+                                             reference.check(_onnx_logits(path, check), fp32_logits), int8=int8)
             progress("export ONNX", i + 2, steps)
         summary = ExportSummary(
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -130,8 +130,8 @@ def graph_logits(model: Any, inputs: np.ndarray, batch_size: int = GRAPH_BATCH_S
     runtime's CPU OrtRunner."""
     import onnx
 
-    from fairdeploy.export.check import onnx_logits
-    from fairdeploy.runtime.ort_runner import graph_info
+    from fairdeploy.runtime.base import array_batches, runner_logits
+    from fairdeploy.runtime.ort_runner import OrtRunner, graph_info
 
     dims = model.graph.output[0].type.tensor_type.shape.dim
     num_classes = dims[1].dim_value if len(dims) == 2 else 0
@@ -140,7 +140,8 @@ def graph_logits(model: Any, inputs: np.ndarray, batch_size: int = GRAPH_BATCH_S
     with tempfile.TemporaryDirectory(prefix=".mixed.") as work:
         path = Path(work) / "graph.onnx"
         onnx.save(model, str(path))
-        return onnx_logits(path, inputs, [batch_size], threads, graph_info(path, inputs.shape[-1], num_classes))[0]
+        runner = OrtRunner(path, threads=threads, info=graph_info(path, inputs.shape[-1], num_classes))
+        return runner_logits(runner, array_batches(inputs, batch_size))
 
 
 def evaluate(logits: np.ndarray, reference: np.ndarray, data: EvalSet, tol: Tolerances) -> Evaluation:

@@ -1,4 +1,5 @@
-"""FP32 ONNX export of a checkpoint: named dynamic-batch I/O, metadata, onnxslim, self-check vs PyTorch."""
+"""FP32 ONNX export of a checkpoint: named dynamic-batch I/O, metadata, onnxslim, self-check vs PyTorch (the
+graph's OrtRunner against the model's TorchRunner, through runtime.run_runners and validation.compare)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from fairdeploy.artifact.metadata import (
     set_onnx_metadata,
 )
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.check import check_at_batch_sizes
 from fairdeploy.io import atomic_path, sha256_file
 from fairdeploy.models.checkpoint import ModelSpec, checkpoint_hash, load_checkpoint, resolve_checkpoint
+from fairdeploy.runtime.base import array_batches, run_runners, runner_logits
+from fairdeploy.validation.compare import Comparison, compare
 
 # torch's TorchScript exporter (the dynamo one needs onnxscript) goes up to opset 20; TensorRT 10.3's
 # ONNX parser reads opsets up to 20 as well. 17 is the floor the issue asks for (LayerNorm, etc.).
@@ -38,23 +40,56 @@ DEFAULT_FP32_ATOL = 1e-3
 RANDOM_CHECK_SAMPLES = 16
 
 
+@dataclass(frozen=True, eq=False)
+class SelfCheck:
+    """How an exported FP32 graph is checked against the PyTorch model before it is kept: on `inputs` (normalised
+    images (N, 3, H, W); None: RANDOM_CHECK_SAMPLES seeded normal tensors), run at each of `batch_sizes`, refused
+    when its max |Δlogit| exceeds `atol` (None: recorded, never refused)."""
+
+    inputs: np.ndarray | None = None
+    source: str = "random"  # where `inputs` came from
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    atol: float | None = DEFAULT_FP32_ATOL
+    seed: int = 0  # of the random inputs
+
+    def images(self, spec: ModelSpec) -> tuple[np.ndarray, str]:
+        """The check images as contiguous float32, and their source."""
+        if not self.batch_sizes:
+            raise FairdeployError("no batch sizes to check")
+        if self.inputs is None:
+            return random_check_inputs(spec, seed=self.seed), "random"
+        return np.ascontiguousarray(self.inputs, dtype=np.float32), self.source
+
+
 @dataclass(frozen=True)
 class OnnxExportResult:
-    """One written ONNX file and its self-check against the PyTorch model."""
+    """One written ONNX file and its self-check against the PyTorch model: one comparison per check batch size."""
 
     path: Path
     precision: str
     sha256: str
     opset: int
     nodes: int
-    max_abs_logit_diff: float
-    top1_agreement: float
-    n_checked: int
+    self_check: tuple[Comparison, ...]  # the graph run at each of check_batch_sizes, against PyTorch
     check_batch_sizes: tuple[int, ...]
     check_source: str  # "random" (seeded normal tensors) or where the real images came from
     simplified: bool
     zero_weights: int  # exact zeros in Conv/Gemm/MatMul weight initializers (baked sparsity)
     total_weights: int
+
+    @property
+    def max_abs_logit_diff(self) -> float:
+        """The worst max |Δlogit| over the check batch sizes."""
+        return max(c.logit_diff.max_abs for c in self.self_check)
+
+    @property
+    def top1_agreement(self) -> float:
+        """The worst top-1 agreement over the check batch sizes."""
+        return min(c.agreement.overall for c in self.self_check)
+
+    @property
+    def n_checked(self) -> int:
+        return self.self_check[0].n
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -211,6 +246,25 @@ def _simplify(model: Any) -> Any:
         return onnxslim.slim(model)
 
 
+def _pytorch_logits(model: nn.Module, spec: ModelSpec, checkpoint_sha256: str, images: np.ndarray) -> np.ndarray:
+    """The model's logits on `images`, one batch, from a TorchRunner over the model in memory."""
+    from fairdeploy.runtime.torch_runner import TorchRunner, spec_info
+
+    info = spec_info(spec, f"{spec.arch} in memory (checkpoint {checkpoint_sha256[:12]})", checkpoint_sha256)
+    runner = TorchRunner(info.path, torch.device("cpu"), module=model, info=info)
+    return runner_logits(runner, array_batches(images, len(images)))
+
+
+def check_graph(path: Path, images: np.ndarray, reference: np.ndarray,
+                batch_sizes: Sequence[int]) -> tuple[Comparison, ...]:
+    """The graph at `path` run by one CPU OrtRunner at each batch size, each run compared with `reference`."""
+    from fairdeploy.runtime.ort_runner import OrtRunner
+
+    with OrtRunner(path) as runner:
+        return tuple(compare(reference, run_runners([runner], array_batches(images, bs)).runs[0].logits)
+                     for bs in batch_sizes)
+
+
 @torch.no_grad()
 def export_model_onnx(
     model: nn.Module,
@@ -218,27 +272,18 @@ def export_model_onnx(
     out_path: str | os.PathLike[str],
     checkpoint_sha256: str,
     opset: int = DEFAULT_OPSET,
-    check_inputs: np.ndarray | None = None,
-    check_source: str = "random",
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    check: SelfCheck = SelfCheck(),
     simplify: bool = True,
-    atol: float | None = DEFAULT_FP32_ATOL,
-    seed: int = 0,
 ) -> OnnxExportResult:
-    """Export an in-memory model as FP32 ONNX (atomically) and check it against PyTorch.
-
-    `check_inputs` are normalised image tensors (N, 3, H, W); without them, seeded random tensors are
-    used. The file is only renamed into place when the self-check's max |Δlogit| is within `atol`.
-    """
+    """Export an in-memory model as FP32 ONNX (atomically) and check it against PyTorch (`check`). The file is
+    only renamed into place when the self-check's max |Δlogit| is within check.atol."""
     import onnx
 
     check_opset(opset)
     out = Path(out_path)
     model = exportable_pools(bake_pruning_masks(model).to("cpu").eval(), spec.image_size)
-    if check_inputs is None:
-        check_inputs, check_source = random_check_inputs(spec, seed=seed), "random"
-    check_inputs = np.ascontiguousarray(check_inputs, dtype=np.float32)
-    reference = model(torch.from_numpy(check_inputs)).float().numpy()
+    images, source = check.images(spec)
+    reference = _pytorch_logits(model, spec, checkpoint_sha256, images)
     with atomic_path(out) as tmp:
         _torch_to_onnx(model, spec.image_size, tmp, opset)
         graph = onnx.load(str(tmp))
@@ -252,36 +297,26 @@ def export_model_onnx(
             raise FairdeployError(f"{out.name}: exported graph is not valid ONNX ({str(exc).splitlines()[0]})") from exc
         _check_io(graph, spec.num_classes, out.name)
         onnx.save(graph, str(tmp))
-        agreement = check_at_batch_sizes(tmp, check_inputs, reference, batch_sizes)
-        if atol is not None and not agreement.max_abs_logit_diff <= atol:
+        comparisons = check_graph(tmp, images, reference, check.batch_sizes)
+        worst = max(c.logit_diff.max_abs for c in comparisons)
+        if check.atol is not None and not worst <= check.atol:
             raise FairdeployError(
                 f"{out.name}: self-check failed, ONNX Runtime logits differ from PyTorch by up to "
-                f"{agreement.max_abs_logit_diff:.3g} (tolerance {atol:g})"
+                f"{worst:.3g} (tolerance {check.atol:g})"
             )
         digest = sha256_file(tmp)
     zeros, total = weight_sparsity(graph)
     return OnnxExportResult(
-        path=out, precision="fp32", sha256=digest, opset=opset, nodes=len(graph.graph.node),
-        max_abs_logit_diff=agreement.max_abs_logit_diff, top1_agreement=agreement.top1_agreement,
-        n_checked=agreement.n, check_batch_sizes=tuple(int(b) for b in batch_sizes), check_source=check_source,
-        simplified=simplify, zero_weights=zeros, total_weights=total,
+        path=out, precision="fp32", sha256=digest, opset=opset, nodes=len(graph.graph.node), self_check=comparisons,
+        check_batch_sizes=tuple(int(b) for b in check.batch_sizes), check_source=source, simplified=simplify,
+        zero_weights=zeros, total_weights=total,
     )
 
 
-def export_onnx(
-    checkpoint_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    opset: int = DEFAULT_OPSET,
-    check_inputs: np.ndarray | None = None,
-    check_source: str = "random",
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    simplify: bool = True,
-    atol: float | None = DEFAULT_FP32_ATOL,
-    seed: int = 0,
-) -> OnnxExportResult:
+def export_onnx(checkpoint_dir: str | os.PathLike[str], out_path: str | os.PathLike[str],
+                opset: int = DEFAULT_OPSET, check: SelfCheck = SelfCheck(), simplify: bool = True) -> OnnxExportResult:
     """Export a checkpoint directory as one FP32 ONNX file at out_path (see export_model_onnx)."""
     check_opset(opset)
     ckpt = resolve_checkpoint(checkpoint_dir)
     model, spec = load_checkpoint(ckpt, "cpu")
-    return export_model_onnx(model, spec, out_path, checkpoint_hash(ckpt), opset, check_inputs, check_source,
-                             batch_sizes, simplify, atol, seed)
+    return export_model_onnx(model, spec, out_path, checkpoint_hash(ckpt), opset, check, simplify)

@@ -1,9 +1,11 @@
-"""The Runner protocol (NCHW float32 batch in, (N, K) float32 logits out), its base, and runner_from_artifact."""
+"""The Runner protocol (NCHW float32 batch in, (N, K) float32 logits out), its base, run_runners (every runner over
+the same batches) and runner_from_artifact."""
 
 from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -167,13 +169,81 @@ class BaseRunner(abc.ABC):
         return {}
 
 
-def infer_batches(runner: Runner, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    """Logits (N, K) float32 of `inputs` (N, 3, H, W) run through an active runner in chunks of batch_size."""
+@dataclass(frozen=True)
+class ImageBatch:
+    """One batch every runner is fed: float32 NCHW images and, for images of a split, their class and group
+    indices (None: unlabelled images, such as export's seeded random tensors)."""
+
+    images: np.ndarray
+    labels: np.ndarray | None = None
+    groups: np.ndarray | None = None
+
+
+def array_batches(images: np.ndarray, batch_size: int, labels: np.ndarray | None = None,
+                  groups: np.ndarray | None = None) -> Iterator[ImageBatch]:
+    """`images` (N, 3, H, W), with their labels and groups, cut in order into batches of `batch_size`."""
     if batch_size < 1:
         raise FairdeployError(f"batch size must be >= 1, got {batch_size}")
-    if len(inputs) == 0:
-        return runner.infer(inputs)
-    return np.concatenate([runner.infer(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    for i in range(0, len(images), batch_size):
+        part = slice(i, i + batch_size)
+        yield ImageBatch(images[part], None if labels is None else labels[part],
+                         None if groups is None else groups[part])
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One runner's pass over the batches: its (N, K) float32 logits, the input it took, and describe() of its
+    runtime as it ran."""
+
+    name: str
+    logits: np.ndarray
+    input_spec: InputSpec
+    runtime: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """Every runner's pass over the very same batches (in the runners' order), and the labels and groups those
+    batches carried (None when they carried none)."""
+
+    runs: tuple[RunResult, ...]
+    labels: np.ndarray | None
+    groups: np.ndarray | None
+
+
+def _joined(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    if not parts or any(p is None for p in parts):
+        return None
+    return np.concatenate([np.asarray(p) for p in parts]).astype(np.int64)
+
+
+def run_runners(runners: Sequence[Runner], batches: Iterable[ImageBatch]) -> RunResults:
+    """Feed each batch, in order, to every runner, and collect each runner's logits (checked to be (n, K)
+    float32 for its artifact's K). The runners are active (the caller opens them, and may read them before
+    closing them). Polygraphy's Comparator.run: `validate` and export's self-check both run their runners here,
+    and compare what comes back with validation.compare.compare."""
+    specs = [r.input_spec() for r in runners]
+    chunks: list[list[np.ndarray]] = [[] for _ in runners]
+    labels: list[np.ndarray | None] = []
+    groups: list[np.ndarray | None] = []
+    for batch in batches:
+        x = np.ascontiguousarray(batch.images, dtype=np.float32)
+        for out, r in zip(chunks, runners):
+            out.append(check_logits(r.name, r.infer(x), len(x), r.info.num_classes))
+        labels.append(batch.labels)
+        groups.append(batch.groups)
+    runs = tuple(
+        RunResult(r.name, np.concatenate(out) if out else np.zeros((0, r.info.num_classes), np.float32), spec,
+                  r.describe())
+        for r, out, spec in zip(runners, chunks, specs)
+    )
+    return RunResults(runs, _joined(labels), _joined(groups))
+
+
+def runner_logits(runner: Runner, batches: Iterable[ImageBatch]) -> np.ndarray:
+    """One runner opened, run over `batches` (run_runners) and closed: its (N, K) logits."""
+    with runner:
+        return run_runners([runner], batches).runs[0].logits
 
 
 def artifact_kind(path: str | os.PathLike[str]) -> str:

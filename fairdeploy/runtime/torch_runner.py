@@ -11,6 +11,7 @@ import torch
 
 from fairdeploy.models.checkpoint import (
     WEIGHTS_FILE,
+    ModelSpec,
     checkpoint_hash,
     load_checkpoint,
     read_spec,
@@ -22,12 +23,10 @@ if TYPE_CHECKING:
     from fairdeploy.models.size import ModelSize
 
 
-def checkpoint_info(path: str | os.PathLike[str]) -> ArtifactInfo:
-    """ArtifactInfo of a checkpoint directory (or a run directory whose best/ is one), from model.json."""
-    d = resolve_checkpoint(path)
-    spec = read_spec(d)
+def spec_info(spec: ModelSpec, path: str, source_sha256: str | None, size_bytes: int = 0) -> ArtifactInfo:
+    """ArtifactInfo of an FP32 PyTorch model described by its spec (a checkpoint's, or a model in memory)."""
     return ArtifactInfo(
-        path=str(d),
+        path=path,
         kind="checkpoint",
         arch=spec.arch,
         classes=spec.classes,
@@ -36,24 +35,36 @@ def checkpoint_info(path: str | os.PathLike[str]) -> ArtifactInfo:
         mean=tuple(spec.mean),
         std=tuple(spec.std),
         precision="fp32",
-        source_sha256=checkpoint_hash(d),
-        size_bytes=(d / WEIGHTS_FILE).stat().st_size if (d / WEIGHTS_FILE).is_file() else 0,
+        source_sha256=source_sha256,
+        size_bytes=size_bytes,
     )
 
 
+def checkpoint_info(path: str | os.PathLike[str]) -> ArtifactInfo:
+    """ArtifactInfo of a checkpoint directory (or a run directory whose best/ is one), from model.json."""
+    d = resolve_checkpoint(path)
+    return spec_info(read_spec(d), str(d), checkpoint_hash(d),
+                     (d / WEIGHTS_FILE).stat().st_size if (d / WEIGHTS_FILE).is_file() else 0)
+
+
 class TorchRunner(BaseRunner):
-    """Loads the checkpoint on activate (safetensors, no pickle); infer runs under inference_mode."""
+    """Loads the checkpoint on activate (safetensors, no pickle); infer runs under inference_mode.
+
+    `module`: the model already in memory (eval mode, on `device`), run instead of loading `path` (export checks
+    the model it exports); `info` then describes it (default: read from the checkpoint at `path`)."""
 
     backend = "torch"
 
-    def __init__(self, path: str | os.PathLike[str], device: torch.device) -> None:
-        super().__init__(checkpoint_info(path))
+    def __init__(self, path: str | os.PathLike[str], device: torch.device, *, module: torch.nn.Module | None = None,
+                 info: ArtifactInfo | None = None) -> None:
+        super().__init__(info if info is not None else checkpoint_info(path))
         self.path = Path(self.info.path)
         self.device = device
+        self._module = module
         self._model: torch.nn.Module | None = None
 
     def _activate(self) -> InputSpec:
-        self._model, _ = load_checkpoint(self.path, self.device)
+        self._model = self._module if self._module is not None else load_checkpoint(self.path, self.device)[0]
         size = self.info.image_size
         return InputSpec("input", (-1, 3, size, size), "float32")
 

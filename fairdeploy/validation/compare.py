@@ -1,16 +1,18 @@
-"""What `validate` compares, as pure functions of predictions and logits (tested against brute-force loops): top-1
-agreement, flips, |Δlogit| and metric deltas, overall and per group. Export's self-check and group-aware mixed
-precision compare with the same functions."""
+"""The one comparison of a candidate's logits with a reference's on the same images (`compare` -> Comparison:
+top-1 agreement, |Δlogit|, and on labelled images the candidate's metrics, flips, confusion and metric deltas,
+overall and per group), made of pure functions tested against brute-force loops. `validate` and export's
+self-check both compare with it what runtime.run_runners returned; group-aware mixed precision uses its parts."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from fairdeploy.metrics import MetricsReport
+from fairdeploy.errors import FairdeployError
+from fairdeploy.metrics import MetricsReport, bootstrap_difference_intervals, compute_metrics
 from fairdeploy.metrics.fairness import FAIRNESS_KEYS
 
 
@@ -192,3 +194,72 @@ def single_group(groups: np.ndarray) -> str | None:
     """'only one group in the split (g)' when there is nothing to compare a group with."""
     values = np.unique(groups)
     return f"only one group in the split ({values[0]})" if len(values) == 1 else None
+
+
+@dataclass(frozen=True, eq=False)
+class LabelledImages:
+    """What a comparison knows of the images besides the logits: each image's class index and group name, the
+    groups in report order, and the class names."""
+
+    labels: np.ndarray
+    groups: np.ndarray
+    group_order: tuple[str, ...]
+    classes: tuple[str, ...]
+
+    @classmethod
+    def from_indices(cls, labels: np.ndarray, group_index: np.ndarray, group_names: Sequence[str],
+                     classes: Sequence[str]) -> LabelledImages:
+        """From group indices into `group_names`; the groups present, in that order (named_groups)."""
+        names, order = named_groups(group_index, group_names)
+        return cls(np.asarray(labels), names, order, tuple(classes))
+
+    def metrics(self, pred: np.ndarray, bootstrap: int = 0, seed: int = 0) -> MetricsReport:
+        """The metrics report of predictions `pred` on these images (`bootstrap` resamples for its intervals)."""
+        return compute_metrics(self.labels, pred, self.groups, len(self.classes), self.classes,
+                               group_order=self.group_order, bootstrap=bootstrap, seed=seed)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A candidate's logits against a reference's on the same images. On unlabelled images only the overall
+    agreement and |Δlogit| (their per-group dicts empty, metrics and deltas None)."""
+
+    n: int
+    agreement: AgreementStats
+    logit_diff: LogitDiff
+    metrics: MetricsReport | None = None  # the candidate's own
+    flips: dict[str, GroupFlips] = field(default_factory=dict)  # per group, in group order
+    confusion_delta: dict[str, list[list[int]]] = field(default_factory=dict)  # per group: candidate - reference
+    deltas: MetricDeltas | None = None
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, images: LabelledImages | None = None,
+            reference_metrics: MetricsReport | None = None, bootstrap: int = 0, seed: int = 0) -> Comparison:
+    """Compare (N, K) candidate logits with the reference's on the same N images. With `images`: per group, and
+    the candidate's metrics, flips, confusion delta and metric deltas against `reference_metrics` (computed here
+    when not given), with paired bootstrap intervals of the deltas when `bootstrap` > 0 and two groups or more."""
+    if reference.shape != candidate.shape:
+        raise FairdeployError(f"logits shape {candidate.shape} differs from the reference's {reference.shape}")
+    if len(reference) == 0:
+        raise FairdeployError("no samples to compare")
+    ref_pred, pred = reference.argmax(1), candidate.argmax(1)
+    if images is None:
+        one = np.zeros(len(reference), dtype=np.int64)
+        return Comparison(len(reference), agreement_stats(ref_pred, pred, one, ()),
+                          logit_diff_stats(reference, candidate, one, ()))
+    groups, order = images.groups, images.group_order
+    metrics = images.metrics(pred, bootstrap, seed)
+    ref_metrics = reference_metrics if reference_metrics is not None else images.metrics(ref_pred, bootstrap, seed)
+    intervals = None
+    if bootstrap > 0 and len(order) >= 2:
+        intervals = bootstrap_difference_intervals(images.labels, ref_pred, pred, groups, order, len(images.classes),
+                                                   bootstrap, seed)
+    return Comparison(
+        n=len(reference),
+        agreement=agreement_stats(ref_pred, pred, groups, order),
+        logit_diff=logit_diff_stats(reference, candidate, groups, order),
+        metrics=metrics,
+        flips=flip_stats(images.labels, ref_pred, pred, groups, order, images.classes),
+        confusion_delta=confusion_deltas(ref_metrics, metrics),
+        deltas=metric_deltas(ref_metrics, metrics, intervals),
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,27 +16,27 @@ from fairdeploy.data.loading import Encoding, check_batch, eval_transform, make_
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.errors import FairdeployError
 from fairdeploy.io import sha256_if_file
-from fairdeploy.metrics import (
-    METRIC_DEFINITIONS,
-    MetricsReport,
-    bootstrap_difference_intervals,
-    compute_metrics,
-)
+from fairdeploy.metrics import METRIC_DEFINITIONS, MetricsReport
 from fairdeploy.metrics.bootstrap import DEFAULT_N_BOOT
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.runtime.base import ArtifactInfo, InputSpec, Runner, check_logits, runner_from_artifact
+from fairdeploy.runtime.base import (
+    ArtifactInfo,
+    ImageBatch,
+    InputSpec,
+    Runner,
+    RunResults,
+    run_runners,
+    runner_from_artifact,
+)
 from fairdeploy.runtime.torch_runner import TorchRunner
 from fairdeploy.speed import SpeedVsFp32, TimedArtifact, runtime_name, speed_vs_fp32
 from fairdeploy.validation.compare import (
     AgreementStats,
     GroupFlips,
+    LabelledImages,
     LogitDiff,
     MetricDeltas,
-    agreement_stats,
-    confusion_deltas,
-    flip_stats,
-    logit_diff_stats,
-    metric_deltas,
+    compare,
     single_class,
     single_group,
 )
@@ -369,47 +369,44 @@ def _data_summary(manifest: Manifest, split: str, labels: np.ndarray, groups: np
 
 
 @dataclass(frozen=True)
-class _Pass:
-    """What one pass of every runner over the split produced."""
+class _Measured:
+    """What running every runner over the split produced: their logits (and the images' labels and groups), each
+    runner's latency, the environment, and the reference checkpoint's size."""
 
-    logits: list[np.ndarray]  # per runner, (N, K) float32
-    labels: np.ndarray  # (N,) class indices
-    groups: np.ndarray  # (N,) group indices
-    input_specs: list[InputSpec]
-    runtimes: list[dict[str, Any]]
+    results: RunResults
     latency: list[tuple[LatencyStats, ...]]
     fingerprint: dict[str, Any]
     reference_size: ModelSize | None  # the reference checkpoint's params / MACs, counted while it was open
 
 
-def _run_all(runners: Sequence[Runner], dataset: Any, num_classes: int, config: ValidationConfig,
-             progress: Progress) -> _Pass:
-    """Activate every runner, feed each the same decoded and preprocessed batches, close them all, then time
-    each runner alone: re-opened in its own window with every other runner closed (open ONNX Runtime sessions
-    slow each other down on a small CPU, so timing one beside the others would charge it for their threads)."""
+def _split_batches(dataset: Any, config: ValidationConfig, progress: Progress,
+                   sample: list[np.ndarray]) -> Iterator[ImageBatch]:
+    """The split decoded and preprocessed once, in loader batches (an unreadable image is named); the first
+    images, up to the largest latency batch, are kept in `sample`; progress once every runner ran a batch."""
     keep = max(config.latency.batch_sizes) if config.latency is not None else 0
-    logits: list[list[np.ndarray]] = [[] for _ in runners]
-    ys, gs, sample = [], [], []
-    kept = 0
+    kept = done = 0
+    for x, y, g, ok, idx in make_loader(dataset, config.batch_size, workers=config.workers):
+        check_batch(dataset, ok, idx)
+        batch = ImageBatch(np.ascontiguousarray(x.numpy(), dtype=np.float32), y.numpy(), g.numpy())
+        if kept < keep:
+            sample.append(batch.images[: keep - kept])
+            kept += len(sample[-1])
+        yield batch
+        done += len(batch.images)
+        progress("validate: inference", done, len(dataset))
+
+
+def _run_all(runners: Sequence[Runner], dataset: Any, config: ValidationConfig, progress: Progress) -> _Measured:
+    """Activate every runner, feed each the same decoded and preprocessed batches (run_runners), close them all,
+    then time each runner alone: re-opened in its own window with every other runner closed (open ONNX Runtime
+    sessions slow each other down on a small CPU, so timing one beside the others would charge it for their
+    threads)."""
+    sample: list[np.ndarray] = []
     latency: list[tuple[LatencyStats, ...]] = [() for _ in runners]
     with contextlib.ExitStack() as stack:
         for r in runners:
             stack.enter_context(r)
-        specs = [r.input_spec() for r in runners]
-        done = 0
-        for x, y, g, ok, idx in make_loader(dataset, config.batch_size, workers=config.workers):
-            check_batch(dataset, ok, idx)
-            batch = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-            for i, r in enumerate(runners):
-                logits[i].append(check_logits(r.name, r.infer(batch), len(batch), num_classes))
-            ys.append(y.numpy())
-            gs.append(g.numpy())
-            if kept < keep:
-                sample.append(batch[: keep - kept])
-                kept += len(sample[-1])
-            done += len(batch)
-            progress("validate: inference", done, len(dataset))
-        runtimes = [r.describe() for r in runners]
+        results = run_runners(runners, _split_batches(dataset, config, progress, sample))
         fingerprint = environment_fingerprint(runners)
         reference_size = runners[0].model_size() if isinstance(runners[0], TorchRunner) else None
     if config.latency is not None:
@@ -418,13 +415,7 @@ def _run_all(runners: Sequence[Runner], dataset: Any, num_classes: int, config: 
             with r:
                 latency[i] = measure_latency(r, images, config.latency)
             progress("validate: latency", i + 1, len(runners))
-    return _Pass(
-        logits=[np.concatenate(chunks) for chunks in logits],
-        labels=np.concatenate(ys).astype(np.int64),
-        groups=np.concatenate(gs).astype(np.int64),
-        input_specs=specs, runtimes=runtimes, latency=latency, fingerprint=fingerprint,
-        reference_size=reference_size,
-    )
+    return _Measured(results, latency, fingerprint, reference_size)
 
 
 def validate(
@@ -470,50 +461,43 @@ def validate(
         )
     dataset = split_dataset(manifest, config.split, Encoding(tuple(ref_info.classes), group_order),
                             eval_transform(ref_info.image_size, ref_info.mean, ref_info.std))
-    K = len(ref_info.classes)
     runners: list[Runner] = [ref_runner, *cand_runners]
-    run = _run_all(runners, dataset, K, config, progress)
-    y_true, group_names, all_logits = run.labels, np.asarray(group_order)[run.groups], run.logits
-    specs, runtimes, latency, fingerprint = run.input_specs, run.runtimes, run.latency, run.fingerprint
-    preds = [lg.argmax(1) for lg in all_logits]
-
-    def report(pred: np.ndarray) -> MetricsReport:
-        return compute_metrics(y_true, pred, group_names, K, ref_info.classes, group_order=group_order,
-                               bootstrap=config.bootstrap, seed=config.seed)
-
-    def deltas(cand_report: MetricsReport, cand_pred: np.ndarray) -> MetricDeltas:
-        intervals = None
-        if config.bootstrap > 0 and len(group_order) >= 2:
-            intervals = bootstrap_difference_intervals(y_true, preds[0], cand_pred, group_names, group_order, K,
-                                                       config.bootstrap, config.seed)
-        return metric_deltas(ref_report, cand_report, intervals)
-
-    ref_report = report(preds[0])
-    ref_out = RunOutput("reference", ref_info, runtimes[0], specs[0], ref_report, latency[0])
+    run = _run_all(runners, dataset, config, progress)
+    assert run.results.labels is not None and run.results.groups is not None  # split_dataset's batches carry them
+    images = LabelledImages(run.results.labels, np.asarray(group_order)[run.results.groups], group_order,
+                            tuple(ref_info.classes))
+    y_true, group_names, latency = images.labels, images.groups, run.latency
+    ref_run = run.results.runs[0]
+    ref_pred = ref_run.logits.argmax(1)
+    ref_report = images.metrics(ref_pred, config.bootstrap, config.seed)
+    ref_out = RunOutput("reference", ref_info, ref_run.runtime, ref_run.input_spec, ref_report, latency[0])
     split_reason = single_group(group_names)
-    ref_reason = single_class(preds[0], ref_info.classes)
+    ref_reason = single_class(ref_pred, ref_info.classes)
     shared = [r for r in (split_reason, ref_reason and f"the reference {ref_reason}") if r]
     degenerate = [f"split {config.split!r}: {split_reason}"] if split_reason else []
     degenerate += [f"reference: {ref_reason}"] if ref_reason else []
-    speeds = speed_vs_fp32([TimedArtifact(label, r.info.precision, runtime_name(rt), r.info.source_sha256, lat)
-                            for label, r, rt, lat in zip(["reference", *labels], runners, runtimes, latency)])
+    speeds = speed_vs_fp32([
+        TimedArtifact(label, r.info.precision, runtime_name(res.runtime), r.info.source_sha256, lat)
+        for label, r, res, lat in zip(["reference", *labels], runners, run.results.runs, latency)
+    ])
     results = []
     for i, label in enumerate(labels, start=1):
-        cand_report = report(preds[i])
-        own = single_class(preds[i], ref_info.classes)
-        agreement = agreement_stats(preds[0], preds[i], group_names, group_order)
+        cand_run = run.results.runs[i]
+        c = compare(ref_run.logits, cand_run.logits, images, ref_report, config.bootstrap, config.seed)
+        assert c.metrics is not None and c.deltas is not None  # labelled images
+        own = single_class(cand_run.logits.argmax(1), ref_info.classes)
         info = runners[i].info
         same_source = (None if info.source_sha256 is None or ref_info.source_sha256 is None
                        else info.source_sha256 == ref_info.source_sha256)
         results.append(CandidateResult(
-            run=RunOutput(label, info, runtimes[i], specs[i], cand_report, latency[i]),
+            run=RunOutput(label, info, cand_run.runtime, cand_run.input_spec, c.metrics, latency[i]),
             source_matches_reference=same_source,
-            deltas=deltas(cand_report, preds[i]),
-            agreement=agreement,
-            flips=flip_stats(y_true, preds[0], preds[i], group_names, group_order, ref_info.classes),
-            confusion_delta=confusion_deltas(ref_report, cand_report),
-            logit_diff=logit_diff_stats(all_logits[0], all_logits[i], group_names, group_order),
-            checks=check_tolerances(ref_report, cand_report, agreement.overall, agreement.groups,
+            deltas=c.deltas,
+            agreement=c.agreement,
+            flips=c.flips,
+            confusion_delta=c.confusion_delta,
+            logit_diff=c.logit_diff,
+            checks=check_tolerances(ref_report, c.metrics, c.agreement.overall, c.agreement.groups,
                                     config.tolerances),
             other_source_allowed=config.allow_other_source,
             reference_sha256=ref_info.source_sha256,
@@ -527,7 +511,7 @@ def validate(
         data=_data_summary(manifest, config.split, y_true, group_names, ref_info.classes, group_order),
         config=config,
         options={"backend": backend, "device": str(dev), "allow_fallback": allow_fallback},
-        fingerprint=fingerprint,
+        fingerprint=run.fingerprint,
         created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         degenerate=tuple(degenerate),
         model_size=run.reference_size if _is_path(reference) else None,
