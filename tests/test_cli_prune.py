@@ -21,19 +21,22 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def fairprune_run(biased_checkpoint: Path, synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fairprune_run(biased_checkpoint: Path, synth_manifest: Path, small_synth_manifest: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`fairdeploy prune`: weight-level FairPrune, 2 steps of 0.2 % per layer (32 score images per group, from
     --config), one fine-tuning epoch after each (its lr from --config); `--select last` with the guard off (from
     --config), so the written checkpoint is the second step whatever the steps did to the metrics (which depends on
-    the CPU the fixture was trained on): the tests below need a pruned, fine-tuned checkpoint on every machine. The guard's rule is checked on a default-guard run in
-    test_pruning_run.py and on hand-made reports."""
+    the CPU the fixture was trained on): the tests below need a pruned, fine-tuned checkpoint on every machine. The
+    guard's rule is checked on a default-guard run in test_pruning_run.py and on hand-made reports. The biased
+    model's own images, fewer of them (small_synth_manifest: 96 train, 48 val), since the fine-tuning epochs and
+    validations are most of the cost and none of the checks below depends on their size."""
     out = tmp_path_factory.mktemp("cli_prune") / "fairprune"
     settings = out.parent / "prune.toml"  # the settings without an option of their own: --config
     settings.write_text("batch_size = 32\n[fairprune]\nscore_samples = 32\n[guard]\nprotect_unprivileged = false\n"
                         "max_f1_drop = 1.0\n[finetune]\nlr = 1e-4\nbatch_size = 32\n")
     result = runner.invoke(app, [
-        "prune", "--model", str(biased_checkpoint), "--data", str(synth_manifest), "--out", str(out),
-        "--method", "fairprune", "--ratio", "0.002", "--steps", "2", "--finetune-epochs", "1",
+        "prune", "--model", str(biased_checkpoint), "--data", str(small_synth_manifest), "--images-root",
+        str(synth_manifest.parent), "--out", str(out), "--method", "fairprune", "--ratio", "0.002", "--steps", "2", "--finetune-epochs", "1",
         "--device", "cpu", "--seed", "0", "--select", "last", "--config", str(settings),
     ])
     assert result.exit_code == 0, result.output
@@ -69,25 +72,10 @@ def test_pruned_weights_stay_zero_through_fine_tuning(fairprune_run: Path) -> No
     assert zeros == pruned > 0
 
 
-def _subset_manifest(src: Path, dst: Path, per_split: dict[str, int]) -> Path:
-    """The first rows of each split (both groups present), for a quick run."""
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
-    keep = []
-    for split, n in per_split.items():
-        for group in ("dark", "light"):
-            keep += [r for r in rows if r["split"] == split and r["group"] == group][: n // 2]
-    with open(dst, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(keep)
-    return dst
-
-
-def test_finetune_command_holds_masks_and_chains(fairprune_run: Path, synth_manifest: Path, tmp_path: Path) -> None:
+def test_finetune_command_holds_masks_and_chains(fairprune_run: Path, synth_manifest: Path, small_synth_manifest: Path,
+                                                 tmp_path: Path) -> None:
     out = tmp_path / "ft"
-    small = _subset_manifest(synth_manifest, tmp_path / "small.csv", {"train": 48, "val": 24})
-    result = runner.invoke(app, ["finetune", "--model", str(fairprune_run), "--data", str(small),
+    result = runner.invoke(app, ["finetune", "--model", str(fairprune_run), "--data", str(small_synth_manifest),
                                  "--images-root", str(synth_manifest.parent), "--out", str(out), "--epochs", "1",
                                  "--lr", "1e-3", "--batch-size", "16", "--balance", "group", "--device", "cpu"])
     assert result.exit_code == 0, result.output
