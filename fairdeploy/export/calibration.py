@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import random
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -21,15 +20,11 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.export.mixed_precision import DEFAULT_MIXED_PRECISION, check_mixed_precision
 from fairdeploy.export.qdq_placement import check_placement
 from fairdeploy.export.quant_target import DEFAULT_TARGET, check_target, target_of
-from fairdeploy.io import sha256_bytes, sha256_file, write_json
+from fairdeploy.files.hashing import sha256_bytes, sha256_file
+from fairdeploy.files.json_files import write_json
 from fairdeploy.models.checkpoint import ModelSpec
 from fairdeploy.resources import CALIBRATION, find_toml, search_folders
-from fairdeploy.schema import Layer, Provenance, build, setting
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - python 3.10
-    import tomli as tomllib
+from fairdeploy.schema import Layer, Provenance, build, read_toml, setting
 
 if TYPE_CHECKING:  # a pathlib.Path is one too
     from importlib.resources.abc import Traversable
@@ -107,15 +102,6 @@ class CalibrationRecipe:
 def default_recipe_dirs(explicit: Path | None = None) -> list[Traversable]:
     """Where recipe names are looked up (see fairdeploy.resources): `explicit`, ./calibration, the package's."""
     return search_folders(CALIBRATION, explicit)
-
-
-def read_toml(path: Traversable) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise FairdeployError(f"{path}: not valid TOML ({exc})") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FairdeployError(f"{path}: cannot be read ({exc})") from exc
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fairdeploy.artifact.metadata import PRECISIONS
 from fairdeploy.errors import FairdeployError
-from fairdeploy.export.calibration import CalibrationRecipe, finish_recipe, read_toml, resolve_recipe
+from fairdeploy.export.calibration import CalibrationRecipe, finish_recipe, resolve_recipe
 from fairdeploy.export.onnx_export import DEFAULT_BATCH_SIZES, DEFAULT_FP32_ATOL, DEFAULT_OPSET, check_opset
 from fairdeploy.export.quant_target import check_engine_target
 from fairdeploy.resources import PROFILES, find_toml, search_folders, toml_names
-from fairdeploy.schema import Layer, Provenance, build, check_type, setting
+from fairdeploy.schema import Layer, Provenance, build, check_type, read_toml, setting
 
 if TYPE_CHECKING:  # a pathlib.Path is one too
     from importlib.resources.abc import Traversable

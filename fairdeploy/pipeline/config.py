@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.schema import check_type, load
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from fairdeploy.schema import check_type, load, read_toml
 
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
 
@@ -148,10 +142,7 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     p = Path(path)
     if not p.is_file():
         raise FairdeployError(f"pipeline config {p} not found")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise FairdeployError(f"{p}: not valid TOML ({exc})") from exc
+    raw = read_toml(p)
     source = str(p)
     top = load(PipelineFile, raw, source)
     if top.threads is not None and top.threads < 1:
