@@ -97,6 +97,21 @@ def runtime_fp32_onnx(trained_checkpoint: Path, tmp_path_factory: pytest.TempPat
     return out
 
 
+@pytest.fixture(scope="session")
+def cpu_int8_export(trained_checkpoint: Path, synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """trained_checkpoint through `run_export` with the cpu-workstation-int8 profile (INT8 for ONNX Runtime's CPU
+    kernels) and 24 calibration images from synth_manifest: the folder holding model.fp32.onnx, model.int8.onnx,
+    export.json and calibration.json. Shared by the session, so read it, never write into it. The same export is
+    made today by test_report_latency.py (onnx_pair) and test_export_quant_target.py (exports['ort-cpu'])."""
+    from fairdeploy.export.exporter import run_export
+    from fairdeploy.export.profiles import resolve_options
+
+    out = tmp_path_factory.mktemp("cpu_int8") / "export"
+    run_export(trained_checkpoint, out, resolve_options("cpu-workstation-int8", {"calibration": {"size": 24}}),
+               data=synth_manifest)
+    return out
+
+
 # ---- pruning tests ----
 
 @pytest.fixture()
