@@ -29,7 +29,7 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # Only a hang may trip these limits, never a slow machine. The longest launch (the 2-rank job) takes about 20 s on
-# an idle 2-core machine, and a test has taken 10x its idle time under load (102 s against the old 120 s limit); a
+# an idle 2-core machine; under load one of the old tests took 102 s, 7x its idle 14 s, against a 120 s limit. A
 # collective whose peer died or went silent already fails on its own after FAIRDEPLOY_DIST_TIMEOUT (one clear
 # error line, not a hang). So a launch is stopped only after HANG_S (90x the idle time), and a peer counts as
 # silent after 300 s, which no rank's own work between two collectives (an epoch of 96 images at 32 px, a
