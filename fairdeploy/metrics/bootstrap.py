@@ -50,40 +50,33 @@ def _quantiles(samples: dict[str, np.ndarray], confidence: float) -> dict[str, t
     return {k: (float(np.quantile(v, lo_q)), float(np.quantile(v, hi_q))) for k, v in samples.items()}
 
 
-def bootstrap_intervals(
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    groups: np.ndarray,
-    group_order: Sequence[str],
-    num_classes: int,
-    n_boot: int = DEFAULT_N_BOOT,
-    seed: int = 0,
-    confidence: float = DEFAULT_CONFIDENCE,
-) -> dict[str, tuple[float, float]]:
+def _intervals(y_true: np.ndarray, preds: Sequence[np.ndarray], groups: np.ndarray, group_order: Sequence[str],
+               num_classes: int, n_boot: int, seed: int, confidence: float) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of one model's statistics over the within-group resamples (`preds` = (y_pred,)), or of
+    the second model's minus the first's, both scored on the very same resamples (`preds` = (reference, candidate))."""
+    weights = _resample_weights(groups, group_order, n_boot, seed)
+    stats = [_resampled_stats(y_true, pred, groups, group_order, num_classes, weights) for pred in preds]
+    samples = stats[0] if len(stats) == 1 else {k: stats[1][k] - stats[0][k] for k in stats[0]}
+    return _quantiles(samples, confidence)
+
+
+def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, group_order: Sequence[str],
+                        num_classes: int, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+                        confidence: float = DEFAULT_CONFIDENCE) -> dict[str, tuple[float, float]]:
     """Intervals for eopp0/eopp1/eodd/dp (worst pair), accuracy_diff and each group's accuracy.
 
     Each group is resampled with replacement to its own size, so group sizes stay fixed. Vectorised:
     a resample is a row of multinomial counts, and the confusion counts are one matrix product.
     """
-    weights = _resample_weights(groups, group_order, n_boot, seed)
-    return _quantiles(_resampled_stats(y_true, y_pred, groups, group_order, num_classes, weights), confidence)
+    return _intervals(y_true, (y_pred,), groups, group_order, num_classes, n_boot, seed, confidence)
 
 
-def bootstrap_difference_intervals(
-    y_true: np.ndarray,
-    reference_pred: np.ndarray,
-    candidate_pred: np.ndarray,
-    groups: np.ndarray,
-    group_order: Sequence[str],
-    num_classes: int,
-    n_boot: int = DEFAULT_N_BOOT,
-    seed: int = 0,
-    confidence: float = DEFAULT_CONFIDENCE,
-) -> dict[str, tuple[float, float]]:
+def bootstrap_difference_intervals(y_true: np.ndarray, reference_pred: np.ndarray, candidate_pred: np.ndarray,
+                                   groups: np.ndarray, group_order: Sequence[str], num_classes: int,
+                                   n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+                                   confidence: float = DEFAULT_CONFIDENCE) -> dict[str, tuple[float, float]]:
     """Paired intervals of candidate minus reference for the same keys as bootstrap_intervals: both models are
     scored on the very same resamples (the images are shared), so the interval is that of the difference.
     An interval that contains 0 means the two models are not distinguishable on that quantity."""
-    weights = _resample_weights(groups, group_order, n_boot, seed)
-    ref = _resampled_stats(y_true, reference_pred, groups, group_order, num_classes, weights)
-    cand = _resampled_stats(y_true, candidate_pred, groups, group_order, num_classes, weights)
-    return _quantiles({k: cand[k] - ref[k] for k in ref}, confidence)
+    return _intervals(y_true, (reference_pred, candidate_pred), groups, group_order, num_classes, n_boot, seed,
+                      confidence)
