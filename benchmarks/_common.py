@@ -215,7 +215,7 @@ def describe_machine(info: dict[str, Any]) -> str:
 def write_results(path: str | os.PathLike[str], benchmark: str, args: argparse.Namespace, machine_info: dict[str, Any],
                   results: Any, **extra: Any) -> Path:
     """Write {benchmark, created, args, machine, results, ...} as JSON (atomically)."""
-    from fairdeploy.io import write_json
+    from fairdeploy.files.json_files import write_json
 
     out = Path(path)
     data = {"benchmark": benchmark, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args),

@@ -181,7 +181,7 @@ def replay(prune_json: dict[str, Any], eps: float, f1_tol: float) -> tuple[str, 
 
 def search(dense: Path, manifest: Any, out: Path, criterion: str, constrained: bool, eps: float, seed: int,
            args) -> dict[str, Any]:
-    from fairdeploy.io import read_json
+    from fairdeploy.files.json_files import read_json
     from fairdeploy.pruning.budget import BudgetConfig, compress_checkpoint
 
     if (out / "prune.json").is_file():  # an earlier run of the same search (the settings are in the folder name)

@@ -268,7 +268,7 @@ def test_epochs_are_numbered_from_1_everywhere_and_optimizer_state_goes_at_the_e
 def test_every_file_written_has_the_ordinary_mode(tmp_path, umask) -> None:
     import os
 
-    from fairdeploy.io import write_json
+    from fairdeploy.files.json_files import write_json
     from fairdeploy.models.checkpoint import ModelSpec, save_checkpoint
     from fairdeploy.models.registry import create_model
 

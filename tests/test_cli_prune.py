@@ -14,7 +14,7 @@ from pruning_oracles import expected_eligible, expected_selection
 from typer.testing import CliRunner
 
 from fairdeploy.cli.app import app
-from fairdeploy.io import read_json
+from fairdeploy.files.json_files import read_json
 from fairdeploy.models import load_checkpoint, read_spec
 
 runner = CliRunner()

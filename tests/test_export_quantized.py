@@ -26,7 +26,7 @@ from fairdeploy.data.manifest import read_manifest
 from fairdeploy.export.calibration import CalibrationItem, set_hash
 from fairdeploy.export.exporter import run_export
 from fairdeploy.export.profiles import resolve_options
-from fairdeploy.io import sha256_file
+from fairdeploy.files.hashing import sha256_file
 from fairdeploy.models import read_spec
 from fairdeploy.runtime.ort_runner import session_options
 

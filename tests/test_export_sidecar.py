@@ -15,7 +15,7 @@ from fairdeploy.artifact.sidecar import (
     write_sidecar,
 )
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import sha256_file
+from fairdeploy.files.hashing import sha256_file
 
 
 @pytest.fixture()

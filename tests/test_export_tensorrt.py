@@ -340,7 +340,8 @@ def test_export_writes_sidecar_from_the_build(tmp_path: Path, monkeypatch: pytes
     from fairdeploy.artifact.sidecar import check_sidecar, read_sidecar
     from fairdeploy.export.exporter import run_export
     from fairdeploy.export.profiles import resolve_options
-    from fairdeploy.io import read_json, sha256_file
+    from fairdeploy.files.hashing import sha256_file
+    from fairdeploy.files.json_files import read_json
     from fairdeploy.models import ModelSpec, create_model, save_checkpoint
 
     ckpt = save_checkpoint(create_model("mobilenet_v3_small", 3),

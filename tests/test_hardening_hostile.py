@@ -203,7 +203,7 @@ def _metadata(path: Path) -> Path:
 
 
 def test_prepare_replaces_only_a_manifest_it_recorded(tmp_path: Path, run_main) -> None:
-    from fairdeploy.io import sha256_file
+    from fairdeploy.files.hashing import sha256_file
 
     meta = _metadata(tmp_path / "meta.csv")
     prepare = ["data", "prepare", "--format", "csv", "--metadata", str(meta), "--image-column", "file",
@@ -264,7 +264,8 @@ def test_out_a_fifo_is_refused_without_opening_it(tiny, tmp_path: Path) -> None:
 
 def test_out_a_character_device_is_refused(tiny, tmp_path: Path) -> None:
     from fairdeploy.cli.common import OUT_POLICIES
-    from fairdeploy.io import claim_output, special_file
+    from fairdeploy.files.entries import special_file
+    from fairdeploy.files.outputs import claim_output
 
     manifest, _ = tiny
     assert special_file(Path("/dev/null")) == "a character device"
@@ -412,7 +413,7 @@ def test_a_sigkilled_export_is_cleaned_by_the_rerun(tiny, tmp_path: Path, overwr
 def test_a_foreign_folder_with_a_temporary_stays_refused(tmp_path: Path) -> None:
     """Only a folder of nothing but fairdeploy's temporaries counts as a killed run's leftovers."""
     from fairdeploy.cli.common import OUT_POLICIES
-    from fairdeploy.io import claim_output
+    from fairdeploy.files.outputs import claim_output
 
     out = tmp_path / "exp"
     (out / ".export.abcd1234.tmp").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""The output policy (fairdeploy.io.claim_output / atomic_dir): a command writes only what it owns.
+"""The output policy (fairdeploy.files.outputs.claim_output / fairdeploy.files.atomic.atomic_dir): a command writes only what it owns.
 
 Foreign --out refused (files byte-identical), --overwrite replaces, a command's own earlier output is replaced,
 an output equal to an input is refused, a second writer of the same --out fails at once (a real process
@@ -19,14 +19,10 @@ from pathlib import Path
 import pytest
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import (
-    OutputPolicy,
-    atomic_dir,
-    claim_output,
-    lock_path,
-    output_lock,
-    remove_stale_temporaries,
-)
+from fairdeploy.files.atomic import atomic_dir
+from fairdeploy.files.lock import lock_path, output_lock
+from fairdeploy.files.outputs import OutputPolicy, claim_output
+from fairdeploy.files.temporaries import remove_stale_temporaries
 
 SYNTH = ["data", "synth", "--n-images", "30", "--image-size", "16"]
 
@@ -180,7 +176,7 @@ def test_out_equal_to_input_refused(run_main, tiny_manifest: Path, tmp_path: Pat
 
 HOLD_LOCK = """
 import sys, time
-from fairdeploy.io import output_lock
+from fairdeploy.files.lock import output_lock
 with output_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)

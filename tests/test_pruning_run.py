@@ -12,7 +12,7 @@ from pruning_oracles import expected_eligible, expected_fate, expected_selection
 
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import read_json
+from fairdeploy.files.json_files import read_json
 from fairdeploy.metrics import compute_metrics
 from fairdeploy.models import load_checkpoint
 from fairdeploy.models.size import ModelSize

@@ -15,7 +15,7 @@ from fake_tensorrt import engine_bytes, fake_tensorrt, reference_logits
 
 from fairdeploy.artifact.sidecar import EngineSidecar, write_sidecar
 from fairdeploy.errors import EXIT_MISSING_DEPENDENCY, FairdeployError, MissingDependencyError
-from fairdeploy.io import sha256_file
+from fairdeploy.files.hashing import sha256_file
 from fairdeploy.runtime import runner_from_artifact
 from fairdeploy.runtime.trt_runner import EngineEnvironment, TensorRTRunner, detect_environment
 

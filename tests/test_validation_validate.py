@@ -12,7 +12,7 @@ import pytest
 from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
 from fairdeploy.data.manifest import read_manifest, write_manifest
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import sha256_file
+from fairdeploy.files.hashing import sha256_file
 from fairdeploy.metrics import compute_metrics
 from fairdeploy.metrics.fairness import DEFAULT_CONFIDENCE
 from fairdeploy.models import ModelSpec, create_model, read_spec, save_checkpoint

@@ -9,7 +9,8 @@ from typing import Any
 
 from fairdeploy.artifact.metadata import PRECISIONS
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import read_json, sha256_file, write_json
+from fairdeploy.files.hashing import sha256_file
+from fairdeploy.files.json_files import read_json, write_json
 from fairdeploy.trt_env import version_parts
 
 SIDECAR_FORMAT = 1

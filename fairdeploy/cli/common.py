@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 
 from fairdeploy.data.manifest import Manifest, read_manifest
-from fairdeploy.io import OutputPolicy
+from fairdeploy.files.outputs import OutputPolicy
 
 T = TypeVar("T")
 
@@ -268,7 +268,7 @@ def option_blocks(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-# ---- what each command writes at --out, and the proof that an existing --out is its own (fairdeploy.io) ----
+# ---- what each command writes at --out, and the proof that an existing --out is its own (fairdeploy.files.outputs) ----
 
 def _json_has(path: Path, keys: tuple[str, ...]) -> bool:
     try:
@@ -301,7 +301,7 @@ def read_prepare_record(record: Path) -> dict[str, Any] | None:
 def _prepared_here(path: Path) -> bool:
     """A manifest `data prepare` wrote and nobody changed since: its record names the command and holds the
     manifest's SHA-256 (a CSV with the manifest header is not proof: `data synth` and people write them too)."""
-    from fairdeploy.io import sha256_if_file
+    from fairdeploy.files.hashing import sha256_if_file
 
     record = read_prepare_record(prepare_record(path))
     return record is not None and record["manifest_sha256"] == sha256_if_file(path)
@@ -355,7 +355,7 @@ def claim_on_main(out: Path, policy: OutputPolicy, **kw: Any) -> Iterator[Path]:
     """`claim_output` on the process that writes: the only one, or rank 0 of a torchrun job (the other ranks
     write nothing and claim nothing)."""
     from fairdeploy.distributed import world
-    from fairdeploy.io import claim_output
+    from fairdeploy.files.outputs import claim_output
 
     if world().is_main:
         with claim_output(out, policy, **kw) as claimed:

@@ -37,7 +37,9 @@ from fairdeploy.data.manifest import read_manifest, write_manifest
 from fairdeploy.data.splits import DEFAULT_FRACTIONS
 from fairdeploy.data.synth import SynthConfig
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import claim_output, sha256_file, write_json
+from fairdeploy.files.hashing import sha256_file
+from fairdeploy.files.json_files import write_json
+from fairdeploy.files.outputs import claim_output
 
 data_app = typer.Typer(
     help="Datasets: build a manifest (image,label,group,split) from a dataset's tables, inspect one.",
@@ -196,7 +198,7 @@ def prepare_cmd(
 def check_record_path(record: Path, overwrite: bool) -> None:
     """The record's name may hold only an earlier record of `data prepare` (or anything, with --overwrite; never
     a device or FIFO)."""
-    from fairdeploy.io import special_file
+    from fairdeploy.files.entries import special_file
 
     what = special_file(record)
     if what is not None:

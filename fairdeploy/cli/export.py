@@ -19,7 +19,7 @@ from fairdeploy.cli.common import (
     console,
     unset,
 )
-from fairdeploy.io import claim_output
+from fairdeploy.files.outputs import claim_output
 
 PrecisionOpt = Annotated[
     list[str] | None,

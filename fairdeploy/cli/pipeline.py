@@ -19,7 +19,7 @@ from fairdeploy.cli.common import (
 )
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.errors import EXIT_GATE_FAILED
-from fairdeploy.io import claim_output
+from fairdeploy.files.outputs import claim_output
 
 
 def gate_cell(stage) -> str:

@@ -24,7 +24,8 @@ from fairdeploy.cli.common import (
     unset,
 )
 from fairdeploy.cli.tables import fmt_number
-from fairdeploy.io import claim_output, write_json
+from fairdeploy.files.json_files import write_json
+from fairdeploy.files.outputs import claim_output
 from fairdeploy.pruning.choose import RankConfig
 
 if TYPE_CHECKING:

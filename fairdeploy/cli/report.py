@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fairdeploy.cli.common import OUT_POLICIES, OverwriteOpt, console
-from fairdeploy.io import claim_output
+from fairdeploy.files.outputs import claim_output
 
 
 def report(

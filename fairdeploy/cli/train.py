@@ -22,7 +22,8 @@ from fairdeploy.cli.common import (
     rank_job,
 )
 from fairdeploy.cli.tables import fairness_table, metrics_table
-from fairdeploy.io import claim_output, write_json
+from fairdeploy.files.json_files import write_json
+from fairdeploy.files.outputs import claim_output
 
 if TYPE_CHECKING:
     from fairdeploy.models.size import ModelSize

@@ -30,7 +30,8 @@ from fairdeploy.cli.common import (
 )
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import EXIT_GATE_FAILED
-from fairdeploy.io import claim_output, write_json
+from fairdeploy.files.json_files import write_json
+from fairdeploy.files.outputs import claim_output
 from fairdeploy.runtime.base import BACKENDS
 from fairdeploy.units import megabytes
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import atomic_path
+from fairdeploy.files.atomic import atomic_path
 
 REQUIRED_COLUMNS = ("image", "label", "group", "split")
 SPLITS = ("train", "val", "test")

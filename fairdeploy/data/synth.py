@@ -28,7 +28,7 @@ from PIL import Image
 
 from fairdeploy.data.manifest import Record, write_manifest
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import atomic_dir
+from fairdeploy.files.atomic import atomic_dir
 
 CLASSES = ("disc", "ring", "cross")
 GROUPS = ("dark", "light")

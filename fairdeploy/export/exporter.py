@@ -42,7 +42,8 @@ from fairdeploy.export.mixed_precision import EvalSet, MixedPrecisionPlan
 from fairdeploy.export.onnx_export import OnnxExportResult, SelfCheck, export_model_onnx, random_check_inputs
 from fairdeploy.export.profiles import ExportOptions, resolve_export_options
 from fairdeploy.export.quant_target import check_engine_target
-from fairdeploy.io import sha256_file, write_json
+from fairdeploy.files.hashing import sha256_file
+from fairdeploy.files.json_files import write_json
 from fairdeploy.metrics import MetricsReport
 from fairdeploy.models.checkpoint import (
     ModelSpec,

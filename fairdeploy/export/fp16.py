@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fairdeploy.artifact.metadata import metadata_of_model, set_onnx_metadata
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import atomic_path
+from fairdeploy.files.atomic import atomic_path
 
 
 def to_fp16_model(model):

@@ -29,7 +29,7 @@ from fairdeploy.export.qdq_placement import (
     place_qdq,
 )
 from fairdeploy.export.quant_target import DEFAULT_TARGET, check_quantized_graph, target_of
-from fairdeploy.io import atomic_path
+from fairdeploy.files.atomic import atomic_path
 from fairdeploy.validation.tolerances import Tolerances
 
 

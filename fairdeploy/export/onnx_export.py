@@ -25,7 +25,8 @@ from fairdeploy.artifact.metadata import (
     set_onnx_metadata,
 )
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import atomic_path, sha256_file
+from fairdeploy.files.atomic import atomic_path
+from fairdeploy.files.hashing import sha256_file
 from fairdeploy.models.checkpoint import ModelSpec, checkpoint_hash, load_checkpoint, resolve_checkpoint
 from fairdeploy.runtime.base import array_batches, run_runners, runner_logits
 from fairdeploy.validation.compare import Comparison, compare

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from fairdeploy.artifact.metadata import INPUT_NAME, check_precision
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.profiles import MIB, TrtOptions
-from fairdeploy.io import atomic_path
+from fairdeploy.files.atomic import atomic_path
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.trt_env import (  # noqa: F401 - exporter uses gpu_identity from here
     gpu_identity,

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import atomic_dir, atomic_path, sha256_file
+from fairdeploy.files.atomic import atomic_dir, atomic_path
+from fairdeploy.files.hashing import sha256_file
 from fairdeploy.models.registry import ARCHITECTURES, create_model
 
 FORMAT_VERSION = 1

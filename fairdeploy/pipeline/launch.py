@@ -62,7 +62,7 @@ def run_under_torchrun(kind: str, nproc: int, stage_dir: Path, *, manifest: str,
     """Run one stage with `nproc` processes on this node; its messages go to this process's stdout / stderr."""
     if kind not in KINDS:
         raise FairdeployError(f"unknown stage kind {kind!r}; choose one of {', '.join(KINDS)}")
-    from fairdeploy.io import write_json
+    from fairdeploy.files.json_files import write_json
 
     spec = {"kind": kind, "manifest": manifest, "images_root": images_root, "allow_outside_root": allow_outside_root,
             "out": str(out), "config": dataclasses.asdict(config), "device": device,

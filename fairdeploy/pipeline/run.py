@@ -10,7 +10,7 @@ from typing import Any
 
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import FairdeployError, MissingDependencyError
-from fairdeploy.io import read_json
+from fairdeploy.files.json_files import read_json
 from fairdeploy.pipeline.config import PipelineConfig, PruneEntry
 from fairdeploy.pipeline.resolve import ResolvedPipeline, resolve_pipeline
 from fairdeploy.pipeline.stages import HashOf, Stage, StageOutcome, hash_path, run_stage
@@ -96,7 +96,7 @@ def plan_stages(plan: ResolvedPipeline, run: Path, progress: Progress = no_progr
     """The pipeline as data: data -> train -> prune (+ finetune) -> export and validate every model, each stage
     keyed on its resolved configuration and the hashes of the files it reads."""
     from fairdeploy.export.exporter import run_export
-    from fairdeploy.io import write_json
+    from fairdeploy.files.json_files import write_json
     from fairdeploy.pruning.budget import compress_checkpoint
     from fairdeploy.pruning.run import prune_checkpoint
     from fairdeploy.training.finetune import finetune_checkpoint

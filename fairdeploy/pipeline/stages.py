@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fairdeploy.io import read_json, sha256_file, write_json
+from fairdeploy.files.hashing import sha256_file
+from fairdeploy.files.json_files import read_json, write_json
 
 STAGE_FILE = "stage.json"
 

@@ -28,7 +28,9 @@ from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.distributed import barrier, main_scratch, world
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import atomic_dir, sha256_file, write_json
+from fairdeploy.files.atomic import atomic_dir
+from fairdeploy.files.hashing import sha256_file
+from fairdeploy.files.json_files import write_json
 from fairdeploy.metrics import MetricsReport
 from fairdeploy.metrics.bootstrap import DEFAULT_N_BOOT
 from fairdeploy.models.checkpoint import (

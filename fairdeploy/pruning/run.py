@@ -18,7 +18,9 @@ from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.distributed import barrier, main_scratch, world
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import atomic_dir, sha256_file, sha256_if_file, write_json
+from fairdeploy.files.atomic import atomic_dir
+from fairdeploy.files.hashing import sha256_file, sha256_if_file
+from fairdeploy.files.json_files import write_json
 from fairdeploy.metrics import METRIC_DEFINITIONS, MetricsReport
 from fairdeploy.models.checkpoint import WEIGHTS_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint
 from fairdeploy.models.size import ModelSize, model_size

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fairdeploy.io import atomic_dir, atomic_path
+from fairdeploy.files.atomic import atomic_dir, atomic_path
 from fairdeploy.metrics import METRIC_DEFINITIONS
 from fairdeploy.report import plots, summary
 from fairdeploy.report.stages import RunStages, StageRecord, load_stages

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import read_json, write_json
+from fairdeploy.files.json_files import read_json, write_json
 
 STAGES_FILE = "stages.json"
 

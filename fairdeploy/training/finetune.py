@@ -13,7 +13,8 @@ from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device, seed_everything
 from fairdeploy.distributed import broadcast_module, main_writes, world
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import atomic_dir, sha256_file
+from fairdeploy.files.atomic import atomic_dir
+from fairdeploy.files.hashing import sha256_file
 from fairdeploy.models.checkpoint import (
     WEIGHTS_FILE,
     ModelSpec,

@@ -32,7 +32,8 @@ from fairdeploy.distributed import (
     world,
 )
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import atomic_path, write_json
+from fairdeploy.files.atomic import atomic_path
+from fairdeploy.files.json_files import write_json
 from fairdeploy.metrics import MetricsReport, compute_metrics
 from fairdeploy.models.checkpoint import ModelSpec, check_resumable, load_checkpoint, save_checkpoint
 from fairdeploy.progress import Progress, no_progress

@@ -15,7 +15,7 @@ import numpy as np
 from fairdeploy.data.loading import Encoding, check_batch, eval_transform, make_loader, split_dataset
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.errors import FairdeployError
-from fairdeploy.io import sha256_if_file
+from fairdeploy.files.hashing import sha256_if_file
 from fairdeploy.metrics import METRIC_DEFINITIONS, MetricsReport
 from fairdeploy.metrics.bootstrap import DEFAULT_N_BOOT
 from fairdeploy.progress import Progress, no_progress
