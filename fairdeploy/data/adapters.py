@@ -24,6 +24,7 @@ FITZPATRICK_LABEL_COLUMNS = ("label", "nine_partition_label", "three_partition_l
 ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
 SEXES = ("female", "male")
 DEFAULT_AGE_THRESHOLD = 60.0
+DEFAULT_IMAGE_EXT = ".jpg"  # the image files' extension in the Fitzpatrick 17k, ISIC 2019 and HAM10000 tables
 
 # Reasons a row is dropped or recoded: constants so that reports and tests agree on the wording.
 DROP_UNKNOWN_SKIN_TYPE = "fitzpatrick_scale is -1 (unknown)"
@@ -133,43 +134,47 @@ def _age_group(age: float, threshold: float) -> str:
     return f"<{threshold:g}" if age < threshold else f">={threshold:g}"
 
 
-def _attribute_group(
-    p: Path,
-    line: int,
-    row: dict[str, str],
-    *,
-    attribute: str,
-    sex_column: str,
-    age_column: str,
-    threshold: float,
-) -> tuple[str | None, str]:
-    """The group of one row for attribute sex/age, or (None, drop reason) when the value is missing."""
-    if attribute == "sex":
-        sex = row.get(sex_column, "").lower()
-        if sex in ("", "unknown"):
-            return None, DROP_MISSING_SEX
-        if sex not in SEXES:
-            raise FairdeployError(
-                f"{p}: row {line}: {sex_column} {row[sex_column]!r} is not one of "
-                f"{', '.join(SEXES)} (blank or 'unknown' rows are dropped)"
-            )
-        return sex, ""
-    raw = row.get(age_column, "")
-    if not raw:
-        return None, DROP_MISSING_AGE
-    try:
-        age = float(raw)
-    except ValueError:
-        age = math.nan
-    if not math.isfinite(age) or age < 0:
-        raise FairdeployError(f"{p}: row {line}: {age_column} {raw!r} is not a non-negative number of years")
-    return _age_group(age, threshold), ""
+@dataclass(frozen=True)
+class _ByAttribute:
+    """Groups by sex or by age band (below / at or above a threshold), read from a table's named columns."""
 
+    attribute: str
+    threshold: float
+    sex_column: str
+    age_column: str
 
-def _attribute_description(attribute: str, sex_column: str, age_column: str, threshold: float) -> str:
-    if attribute == "sex":
-        return f"{sex_column} (female, male)"
-    return f"{age_column} (<{threshold:g}, >={threshold:g})"
+    @classmethod
+    def checked(cls, attribute: str, age_threshold: float, sex_column: str, age_column: str) -> _ByAttribute:
+        _choice(attribute, ATTRIBUTES, "attribute")
+        return cls(attribute, _check_threshold(age_threshold), sex_column, age_column)
+
+    def group(self, p: Path, line: int, row: dict[str, str]) -> tuple[str | None, str]:
+        """The group of one row, or (None, drop reason) when the value is missing."""
+        if self.attribute == "sex":
+            sex = row.get(self.sex_column, "").lower()
+            if sex in ("", "unknown"):
+                return None, DROP_MISSING_SEX
+            if sex not in SEXES:
+                raise FairdeployError(
+                    f"{p}: row {line}: {self.sex_column} {row[self.sex_column]!r} is not one of "
+                    f"{', '.join(SEXES)} (blank or 'unknown' rows are dropped)"
+                )
+            return sex, ""
+        raw = row.get(self.age_column, "")
+        if not raw:
+            return None, DROP_MISSING_AGE
+        try:
+            age = float(raw)
+        except ValueError:
+            age = math.nan
+        if not math.isfinite(age) or age < 0:
+            raise FairdeployError(f"{p}: row {line}: {self.age_column} {raw!r} is not a non-negative number of years")
+        return _age_group(age, self.threshold), ""
+
+    def description(self) -> str:
+        if self.attribute == "sex":
+            return f"{self.sex_column} (female, male)"
+        return f"{self.age_column} (<{self.threshold:g}, >={self.threshold:g})"
 
 
 def _check_unique_images(records: Sequence[Record], lines: Sequence[int], p: Path) -> None:
@@ -182,27 +187,54 @@ def _check_unique_images(records: Sequence[Record], lines: Sequence[int], p: Pat
         seen[record.image] = line
 
 
-def _result(
-    records: list[Record], lines: list[int], p: Path, rows_read: int, dropped: Counter[str], **info: Any
-) -> AdapterResult:
-    """Check the kept records and build the report (shared keys first, then the adapter's own `info`)."""
-    _check_unique_images(records, lines, p)
-    if not records:
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in dropped.items()) or "none"
-        raise FairdeployError(f"{p}: no rows left after dropping ({reasons})")
-    recoded: dict[str, int] = info.pop("recoded", {})
-    report: dict[str, Any] = {
-        "format": info.pop("format"),
-        "source": str(p),
-        **info,
-        "rows_read": rows_read,
-        "rows_kept": len(records),
-        "dropped": dict(dropped),
-        "recoded": recoded,
-        "classes": dict(sorted(Counter(r.label for r in records).items())),
-        "groups": dict(sorted(Counter(r.group for r in records).items())),
-    }
-    return AdapterResult(records=tuple(records), report=report)
+class _Kept:
+    """What an adapter keeps of a table (records, each with its CSV line) and drops (a count per reason)."""
+
+    def __init__(self, source: Path, image_ext: str = "", image_prefix: str = "") -> None:
+        self.source, self.image_ext, self.image_prefix = source, image_ext, image_prefix
+        self.records: list[Record] = []
+        self.lines: list[int] = []
+        self.dropped: Counter[str] = Counter()
+
+    def keep(self, line: int, name: str, label: str, group: str, split: str = "",
+             extra: tuple[tuple[str, str], ...] = ()) -> None:
+        """A record for the image `name` (`<prefix>/<name><ext>`)."""
+        image = _image_path(name, self.image_prefix, self.image_ext)
+        self.records.append(Record(image=image, label=label, group=group, split=split, extra=extra))
+        self.lines.append(line)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+
+    def keep_lesion(self, by: _ByAttribute, p: Path, line: int, row: dict[str, str], name: str, label: str) -> None:
+        """Keep the image of a sex/age table row in its attribute group, its lesion_id kept as an extra column;
+        drop it (counted by reason) when the attribute is missing."""
+        group, reason = by.group(p, line, row)
+        if group is None:
+            self.drop(reason)
+        else:
+            self.keep(line, name, label, group, extra=(("lesion_id", row.get("lesion_id", "")),))
+
+    def result(self, rows_read: int, **info: Any) -> AdapterResult:
+        """Check the kept records and build the report (shared keys first, then the adapter's own `info`)."""
+        records, p = self.records, self.source
+        _check_unique_images(records, self.lines, p)
+        if not records:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in self.dropped.items()) or "none"
+            raise FairdeployError(f"{p}: no rows left after dropping ({reasons})")
+        recoded: dict[str, int] = info.pop("recoded", {})
+        report: dict[str, Any] = {
+            "format": info.pop("format"),
+            "source": str(p),
+            **info,
+            "rows_read": rows_read,
+            "rows_kept": len(records),
+            "dropped": dict(self.dropped),
+            "recoded": recoded,
+            "classes": dict(sorted(Counter(r.label for r in records).items())),
+            "groups": dict(sorted(Counter(r.group for r in records).items())),
+        }
+        return AdapterResult(records=tuple(records), report=report)
 
 
 # --------------------------------------------------------------------------------------------- adapters
@@ -214,7 +246,7 @@ def from_fitzpatrick17k(
     label_column: str = "label",
     grouping: str = "binary",
     unknown: str = "drop",
-    image_ext: str = ".jpg",
+    image_ext: str = DEFAULT_IMAGE_EXT,
     image_prefix: str = "",
 ) -> AdapterResult:
     """Fitzpatrick 17k: image `<md5hash><ext>`, groups light (1-3) / dark (4-6) or "1".."6".
@@ -230,12 +262,9 @@ def from_fitzpatrick17k(
             f"unknown skin type policy 'as-dark' needs grouping 'binary' (grouping {grouping!r} has no "
             "'dark' group); use policy 'drop'"
         )
-    ext = _normalise_ext(image_ext)
     p = Path(metadata)
+    kept = _Kept(p, _normalise_ext(image_ext), image_prefix)
     rows = _read_table(p, ("md5hash", "fitzpatrick_scale", label_column), "fitzpatrick17k metadata CSV")
-    records: list[Record] = []
-    lines: list[int] = []
-    dropped: Counter[str] = Counter()
     touched = 0
     for line, row in rows:
         md5 = _require(p, line, row, "md5hash")
@@ -253,31 +282,18 @@ def from_fitzpatrick17k(
         if scale == -1:
             touched += 1
             if unknown == "drop":
-                dropped[DROP_UNKNOWN_SKIN_TYPE] += 1
+                kept.drop(DROP_UNKNOWN_SKIN_TYPE)
                 continue
             group = "dark"
         elif grouping == "binary":
             group = "light" if scale <= 3 else "dark"
         else:
             group = str(scale)
-        records.append(
-            Record(
-                image=_image_path(md5, image_prefix, ext),
-                label=label,
-                group=group,
-                split="",
-                extra=(("fitzpatrick_scale", str(scale)),),
-            )
-        )
-        lines.append(line)
+        kept.keep(line, md5, label, group, extra=(("fitzpatrick_scale", str(scale)),))
     recoded = {RECODE_UNKNOWN_AS_DARK: touched} if unknown == "as-dark" and touched else {}
     group_by = "fitzpatrick_scale " + ("(1-3 light, 4-6 dark)" if grouping == "binary" else "(1..6)")
-    return _result(
-        records,
-        lines,
-        p,
+    return kept.result(
         len(rows),
-        dropped,
         format="fitzpatrick17k",
         label_column=label_column,
         group_by=group_by,
@@ -286,15 +302,9 @@ def from_fitzpatrick17k(
     )
 
 
-def from_isic2019(
-    ground_truth: str | os.PathLike[str],
-    metadata: str | os.PathLike[str],
-    *,
-    attribute: str = "sex",
-    age_threshold: float = DEFAULT_AGE_THRESHOLD,
-    image_ext: str = ".jpg",
-    image_prefix: str = "",
-) -> AdapterResult:
+def from_isic2019(ground_truth: str | os.PathLike[str], metadata: str | os.PathLike[str], *, attribute: str = "sex",
+                  age_threshold: float = DEFAULT_AGE_THRESHOLD, image_ext: str = DEFAULT_IMAGE_EXT,
+                  image_prefix: str = "") -> AdapterResult:
     """ISIC 2019: one-hot ground truth joined on `image` with the metadata; group by sex or age band.
 
     A ground-truth row without a metadata row is dropped and counted; metadata rows without a ground-truth row
@@ -302,10 +312,9 @@ def from_isic2019(
     ground-truth table covering part of the metadata silently shrinks the dataset. `lesion_id` is kept as an
     extra column.
     """
-    _choice(attribute, ATTRIBUTES, "attribute")
-    threshold = _check_threshold(age_threshold)
-    ext = _normalise_ext(image_ext)
+    by = _ByAttribute.checked(attribute, age_threshold, sex_column="sex", age_column="age_approx")
     gt_path, meta_path = Path(ground_truth), Path(metadata)
+    kept = _Kept(gt_path, _normalise_ext(image_ext), image_prefix)
     gt_rows = _read_table(gt_path, ("image", *ISIC2019_CLASSES), "isic2019 ground-truth CSV")
     meta_rows = _read_table(meta_path, ("image", "age_approx", "lesion_id", "sex"), "isic2019 metadata CSV")
     meta: dict[str, tuple[int, dict[str, str]]] = {}
@@ -316,9 +325,6 @@ def from_isic2019(
                 f"{meta_path}: row {line}: image {image!r} already appears in row {meta[image][0]}"
             )
         meta[image] = (line, row)
-    records: list[Record] = []
-    lines: list[int] = []
-    dropped: Counter[str] = Counter()
     for line, row in gt_rows:
         image = _require(gt_path, line, row, "image")
         hot: list[str] = []
@@ -338,31 +344,10 @@ def from_isic2019(
                 f"({', '.join(hot) or 'none'}); exactly one of {', '.join(ISIC2019_CLASSES)} must be 1"
             )
         if image not in meta:
-            dropped[DROP_NOT_IN_METADATA] += 1
+            kept.drop(DROP_NOT_IN_METADATA)
             continue
         meta_line, info = meta[image]
-        group, reason = _attribute_group(
-            meta_path,
-            meta_line,
-            info,
-            attribute=attribute,
-            sex_column="sex",
-            age_column="age_approx",
-            threshold=threshold,
-        )
-        if group is None:
-            dropped[reason] += 1
-            continue
-        records.append(
-            Record(
-                image=_image_path(image, image_prefix, ext),
-                label=hot[0],
-                group=group,
-                split="",
-                extra=(("lesion_id", info.get("lesion_id", "")),),
-            )
-        )
-        lines.append(line)
+        kept.keep_lesion(by, meta_path, meta_line, info, image, hot[0])
     gt_images = {row.get("image", "") for _, row in gt_rows}
     uncovered = [image for image in meta if image not in gt_images]
     if uncovered:
@@ -370,68 +355,31 @@ def from_isic2019(
             f"{gt_path}: the ground truth covers {len(meta) - len(uncovered)} of the {len(meta)} rows of "
             f"{meta_path}; {len(uncovered)} metadata rows have no ground-truth row and are left out "
             f"(e.g. {uncovered[0]!r})", AdapterWarning, stacklevel=2)
-    return _result(
-        records,
-        lines,
-        gt_path,
+    return kept.result(
         len(gt_rows),
-        dropped,
         format="isic2019",
         ground_truth=str(gt_path),
         metadata=str(meta_path),
         metadata_rows=len(meta),
         metadata_without_ground_truth=len(uncovered),
         label_column="one-hot " + "/".join(ISIC2019_CLASSES),
-        group_by=_attribute_description(attribute, "sex", "age_approx", threshold),
+        group_by=by.description(),
     )
 
 
-def from_ham10000(
-    metadata: str | os.PathLike[str],
-    *,
-    attribute: str = "sex",
-    age_threshold: float = DEFAULT_AGE_THRESHOLD,
-    image_ext: str = ".jpg",
-    image_prefix: str = "",
-) -> AdapterResult:
+def from_ham10000(metadata: str | os.PathLike[str], *, attribute: str = "sex",
+                  age_threshold: float = DEFAULT_AGE_THRESHOLD, image_ext: str = DEFAULT_IMAGE_EXT,
+                  image_prefix: str = "") -> AdapterResult:
     """HAM10000: label `dx`, image `<prefix>/<image_id><ext>`, group by sex or age band; keeps `lesion_id`."""
-    _choice(attribute, ATTRIBUTES, "attribute")
-    threshold = _check_threshold(age_threshold)
-    ext = _normalise_ext(image_ext)
+    by = _ByAttribute.checked(attribute, age_threshold, sex_column="sex", age_column="age")
     p = Path(metadata)
+    kept = _Kept(p, _normalise_ext(image_ext), image_prefix)
     rows = _read_table(p, ("lesion_id", "image_id", "dx", "age", "sex"), "ham10000 metadata CSV")
-    records: list[Record] = []
-    lines: list[int] = []
-    dropped: Counter[str] = Counter()
     for line, row in rows:
         image_id = _require(p, line, row, "image_id")
         label = _require(p, line, row, "dx")
-        group, reason = _attribute_group(
-            p, line, row, attribute=attribute, sex_column="sex", age_column="age", threshold=threshold
-        )
-        if group is None:
-            dropped[reason] += 1
-            continue
-        records.append(
-            Record(
-                image=_image_path(image_id, image_prefix, ext),
-                label=label,
-                group=group,
-                split="",
-                extra=(("lesion_id", row.get("lesion_id", "")),),
-            )
-        )
-        lines.append(line)
-    return _result(
-        records,
-        lines,
-        p,
-        len(rows),
-        dropped,
-        format="ham10000",
-        label_column="dx",
-        group_by=_attribute_description(attribute, "sex", "age", threshold),
-    )
+        kept.keep_lesion(by, p, line, row, image_id, label)
+    return kept.result(len(rows), format="ham10000", label_column="dx", group_by=by.description())
 
 
 def from_csv(
@@ -460,9 +408,7 @@ def from_csv(
             raise FairdeployError(f"the {role} column name is empty")
     required = list(dict.fromkeys(c.strip() for c in named.values()))
     rows = _read_table(p, required, "CSV")
-    records: list[Record] = []
-    lines: list[int] = []
-    dropped: Counter[str] = Counter()
+    kept = _Kept(p, "", image_prefix)
     for line, row in rows:
         image = _require(p, line, row, image_column.strip())
         label = _require(p, line, row, label_column.strip())
@@ -476,13 +422,10 @@ def from_csv(
                     f"{', '.join(SPLITS)}"
                 )
         if not group:
-            dropped[DROP_MISSING_GROUP] += 1
+            kept.drop(DROP_MISSING_GROUP)
             continue
         extra = ((id_column.strip(), row.get(id_column.strip(), "")),) if id_column else ()
-        records.append(
-            Record(image=_image_path(image, image_prefix), label=label, group=group, split=split, extra=extra)
-        )
-        lines.append(line)
+        kept.keep(line, image, label, group, split, extra)
     info: dict[str, Any] = {
         "format": "csv",
         "label_column": label_column.strip(),
@@ -490,7 +433,7 @@ def from_csv(
     }
     if split_column:
         info["splits"] = f"from column {split_column.strip()!r}"
-    return _result(records, lines, p, len(rows), dropped, **info)
+    return kept.result(len(rows), **info)
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -559,7 +502,7 @@ def prepare(
         raise FairdeployError(
             f"age-threshold only applies with attribute 'age' (attribute is {attribute or 'sex'!r})"
         )
-    ext = ".jpg" if image_ext is None else image_ext
+    ext = DEFAULT_IMAGE_EXT if image_ext is None else image_ext
     attr = attribute or "sex"
     threshold = DEFAULT_AGE_THRESHOLD if age_threshold is None else age_threshold
     id_for_split: str | None
