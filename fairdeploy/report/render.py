@@ -22,8 +22,9 @@ class ReportPaths:
     figures: tuple[Path, ...]
 
 
-def _f(v: float | None, d: int = 4) -> str:
-    return "n/a" if v is None else f"{v:.{d}f}"
+def _fixed(value: float | None, digits: int = 4) -> str:
+    """`value` with `digits` decimals; n/a when it is undefined."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def stage_table(run: RunStages) -> tuple[list[str], list[list[str]]]:
@@ -39,11 +40,12 @@ def stage_table(run: RunStages) -> tuple[list[str], list[list[str]]]:
         m = s.metrics
         gate = "" if s.gate_passed is None else ("pass" if summary.passes(s) else "FAIL: " + "; ".join(summary.failures(s)))
         rows.append([
-            s.name, s.kind, s.precision, _f(m["overall"]["accuracy"]), _f(m["overall"]["f1_macro"]),
-            *[_f(m["groups"].get(g, {}).get("accuracy")) for g in groups],
-            *[_f(m["fairness"].get(k)) for k in ("eodd", "eopp0", "eopp1", "dp")],
-            _f(s.agreement), _f(s.macs / 1e6, 1) if s.macs else "", _f(s.size_bytes / 1e6, 2) if s.size_bytes else "",
-            _f((s.latency or {}).get("batch1_p50_ms"), 2) if s.latency else "", gate,
+            s.name, s.kind, s.precision, _fixed(m["overall"]["accuracy"]), _fixed(m["overall"]["f1_macro"]),
+            *[_fixed(m["groups"].get(g, {}).get("accuracy")) for g in groups],
+            *[_fixed(m["fairness"].get(k)) for k in ("eodd", "eopp0", "eopp1", "dp")],
+            _fixed(s.agreement), _fixed(s.macs / 1e6, 1) if s.macs else "",
+            _fixed(s.size_bytes / 1e6, 2) if s.size_bytes else "",
+            _fixed((s.latency or {}).get("batch1_p50_ms"), 2) if s.latency else "", gate,
         ])
     return head, rows
 

@@ -155,8 +155,9 @@ def logit_diff_stats(ref_logits: np.ndarray, cand_logits: np.ndarray, groups: np
     )
 
 
-def _d(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else b - a
+def _change(reference: float | None, candidate: float | None) -> float | None:
+    """Candidate minus reference; None when either is undefined."""
+    return None if reference is None or candidate is None else candidate - reference
 
 
 def metric_deltas(reference: MetricsReport, candidate: MetricsReport,
@@ -172,7 +173,7 @@ def metric_deltas(reference: MetricsReport, candidate: MetricsReport,
             for g, m in reference.groups
         },
         summary={key: {s: cand_sum[key][s] - ref_sum[key][s] for s in ("avg", "diff")} for key in ref_sum},
-        fairness={k: _d(reference.gap(k), candidate.gap(k)) for k in FAIRNESS_KEYS},
+        fairness={k: _change(reference.gap(k), candidate.gap(k)) for k in FAIRNESS_KEYS},
         intervals=intervals,
     )
 
