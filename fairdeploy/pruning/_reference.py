@@ -1,76 +1,46 @@
 """Slow reference implementations for the tests and benchmarks only (not part of the API): the per-sample
-curvature loop `group_curvature` is checked against (tests/test_pruning_curvature.py) and timed against
-(benchmarks/curvature.py)."""
+curvature terms `group_curvature`'s vectorised path is checked against (tests/test_pruning_curvature.py) and timed
+against (benchmarks/curvature.py)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fairdeploy.data.batches import BatchSource, iter_batches
-from fairdeploy.errors import FairdeployError
-from fairdeploy.pruning.curvature import (
-    DEFAULT_CURVATURE_BATCH_SIZE,
-    DEFAULT_ESTIMATOR,
-    _check,
-    _eval_mode,
-    _rademacher,
-    _targets,
-    batch_generator,
-)
+from fairdeploy.pruning.curvature import BatchDraws, group_curvature
 
 
-def group_curvature_loop(
-    model: nn.Module,
-    data: BatchSource,
-    estimator: str = DEFAULT_ESTIMATOR,
-    device: str | torch.device = "cpu",
-    *,
-    layers: Sequence[str] | None = None,
-    batch_size: int = DEFAULT_CURVATURE_BATCH_SIZE,
-    mc_samples: int = 1,
-    probes: int = 1,
-    seed: int = 0,
-    **_: Any,
-) -> dict[str, torch.Tensor]:
-    """Reference implementation of `group_curvature`: a Python loop over samples (slow; for tests).
-
-    Draws the same random targets / probe vectors in the same order as the fast path, so the two agree to
-    float tolerance.
-    """
-    dev = torch.device(device)
-    layers = _check(model, estimator, layers)
+def per_sample_loop(model: nn.Module, layers: Sequence[str], acc: dict[str, torch.Tensor], x: torch.Tensor,
+                    y: torch.Tensor, draws: BatchDraws) -> None:
+    """BatchSums one sample at a time with plain autograd: each sample's own gradient squared (fisher, empirical:
+    the targets drawn from the batch's logits, as the fast path draws them), or v * (H_i v) of each sample's own
+    loss (hutchinson: the batch's probes, drawn up front, shared by its samples). Slow; the oracle."""
     modules = dict(model.named_modules())
     params = [modules[n].weight for n in layers]
-    acc = {n: torch.zeros_like(modules[n].weight, dtype=torch.float64) for n in layers}
-    n_seen = 0
-    model.to(dev)
-    with _eval_mode(model), torch.enable_grad():
-        for b, (x, y, _g) in enumerate(iter_batches(data, batch_size, dev)):
-            gen = batch_generator(seed, b)
-            if estimator == "hutchinson":
-                vs_all = [[_rademacher(w.shape, gen, dev) for w in params] for _ in range(probes)]
-                for i in range(len(y)):
-                    loss = F.cross_entropy(model(x[i:i + 1]).float(), y[i:i + 1])
-                    grads = torch.autograd.grad(loss, params, create_graph=True)
-                    for vs in vs_all:
-                        hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
-                        for n, v, hv in zip(layers, vs, hvs):
-                            acc[n] += (v * hv).double() / probes
-            else:
-                with torch.no_grad():
-                    logits = model(x).float()
-                targets = _targets(logits, y, estimator, mc_samples, gen)
-                for i in range(len(y)):
-                    for s in range(targets.shape[1]):
-                        loss = F.cross_entropy(model(x[i:i + 1]).float(), targets[i:i + 1, s])
-                        for n, g in zip(layers, torch.autograd.grad(loss, params)):
-                            acc[n] += g.double().square() / targets.shape[1]
-            n_seen += len(y)
-    if n_seen == 0:
-        raise FairdeployError("no samples to compute curvature from (empty score set)")
-    return {f"{n}.weight": (a / n_seen).float().cpu() for n, a in acc.items()}
+    if draws.estimator == "hutchinson":
+        vs_all = [draws.probe(params) for _ in range(draws.probes)]
+        for i in range(len(y)):
+            loss = F.cross_entropy(model(x[i:i + 1]).float(), y[i:i + 1])
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            for vs in vs_all:
+                hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
+                for n, v, hv in zip(layers, vs, hvs):
+                    acc[n] += (v * hv).double() / draws.probes
+        return
+    with torch.no_grad():
+        logits = model(x).float()
+    targets = draws.targets(logits, y)
+    for i in range(len(y)):
+        for s in range(targets.shape[1]):
+            loss = F.cross_entropy(model(x[i:i + 1]).float(), targets[i:i + 1, s])
+            for n, g in zip(layers, torch.autograd.grad(loss, params)):
+                acc[n] += g.double().square() / targets.shape[1]
+
+
+# `group_curvature` with the per-sample loop as its batch sums: the same batches, draws and averaging as the fast
+# path, the per-sample terms formed independently of its closed forms.
+group_curvature_loop = functools.partial(group_curvature, batch_sums=per_sample_loop)

@@ -7,8 +7,10 @@ output is 1x1: (grad_out^2)^T @ input^2, no per-sample tensor) or from the unfol
 per chunk of samples (other conv layers; chunks bound the memory). Hutchinson: E[v * Hv], Rademacher v,
 Hessian-vector products by double backward of the batch loss (vectorised over the batch by linearity).
 
-`fairdeploy.pruning._reference.group_curvature_loop` computes the same quantities one sample at a time (the
-tests' oracle).
+One driver, `group_curvature`, walks the batches, draws each batch's random targets / probes and averages the
+sums; what it adds per batch is a `BatchSums`: `VectorisedSums` (the fast path above) or
+`fairdeploy.pruning._reference.per_sample_loop`, which forms the same terms one sample at a time with plain autograd
+(the tests' oracle, `_reference.group_curvature_loop`).
 BatchNorm and dropout are in eval mode throughout (per-sample gradients are only defined then).
 
 The random targets / probes of batch b come from a generator seeded by (seed, b), so a batch's terms do not
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +97,35 @@ def _reduced_mean(acc: dict[str, torch.Tensor], n_seen: int, what: str) -> dict[
 
 def _rademacher(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     return (torch.randint(0, 2, tuple(shape), generator=generator).float() * 2 - 1).to(device)
+
+
+@dataclass(frozen=True)
+class BatchDraws:
+    """One batch's random draws, all from the batch's own generator (batch_generator): the targets of the Fisher
+    estimators, or the Rademacher probes of Hutchinson, in the order they are asked for."""
+
+    estimator: str
+    mc_samples: int
+    probes: int
+    generator: torch.Generator
+    device: torch.device
+
+    def targets(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, S) class targets: the true label (empirical), or mc_samples draws from the softmax (fisher)."""
+        return _targets(logits, y, self.estimator, self.mc_samples, self.generator)
+
+    def probe(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One Rademacher vector per parameter."""
+        return [_rademacher(w.shape, self.generator, self.device) for w in params]
+
+
+class BatchSums(Protocol):
+    """Adds one batch's per-sample curvature terms, summed over its samples, into `acc` (float64, one tensor of the
+    weight's shape per layer): squared per-sample gradients averaged over the targets (fisher, empirical), or
+    v * Hv averaged over the probes (hutchinson). Runs in eval mode with gradients enabled."""
+
+    def __call__(self, model: nn.Module, layers: Sequence[str], acc: dict[str, torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor, draws: BatchDraws) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,6 +244,43 @@ def _layer_sq(module: nn.Module, x: torch.Tensor, go: torch.Tensor, max_elements
     return _conv_sq(module, x, go, max_elements)
 
 
+@dataclass(frozen=True)
+class VectorisedSums:
+    """The fast path's BatchSums: one forward / backward per batch (per target draw), the per-sample squares in
+    closed form from each layer's captured input and output gradient; Hutchinson by double backward of the batch
+    loss (one probe serves every sample: v * Hv of the summed loss is the sum of the per-sample terms)."""
+
+    max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS
+
+    def __call__(self, model: nn.Module, layers: Sequence[str], acc: dict[str, torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor, draws: BatchDraws) -> None:
+        modules = dict(model.named_modules())
+        if draws.estimator == "hutchinson":
+            params = [modules[n].weight for n in layers]
+            loss = F.cross_entropy(model(x).float(), y, reduction="sum")
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            for p in range(draws.probes):
+                vs = draws.probe(params)
+                hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=p < draws.probes - 1)
+                for n, v, hv in zip(layers, vs, hvs):
+                    acc[n] += (v * hv).float() / draws.probes
+            return
+        cap = _Capture(model, layers)
+        try:
+            logits = model(x).float()
+            targets = draws.targets(logits, y)
+            outs = [cap.outputs[n] for n in layers]
+            for s in range(targets.shape[1]):
+                loss = F.cross_entropy(logits, targets[:, s], reduction="sum")
+                grads = torch.autograd.grad(loss, outs, retain_graph=s < targets.shape[1] - 1)
+                for n, go in zip(layers, grads):
+                    sq = _layer_sq(modules[n], cap.input(n).float(), go.float(), self.max_chunk_elements)
+                    acc[n] += sq / targets.shape[1]
+        finally:
+            cap.close()
+            cap.clear()
+
+
 def group_curvature(
     model: nn.Module,
     data: BatchSource,
@@ -226,18 +296,21 @@ def group_curvature(
     workers: int = 0,
     progress: Progress = no_progress,
     task: str = "curvature",
+    batch_sums: BatchSums | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal curvature of the mean per-sample loss over `data`, for the weights of `layers`.
 
     Returns {"<layer>.weight": tensor of the weight's shape} (float32, on the CPU), averaged over samples
     (and over `mc_samples` softmax draws per sample for `fisher`, `probes` Rademacher vectors per batch for
     `hutchinson`). `layers` defaults to every Conv2d and Linear module. Runs on `device`; no mixed precision.
+    `batch_sums` forms each batch's terms (None: VectorisedSums(max_chunk_elements), the fast path).
     """
     dev = torch.device(device)
     layers = _check(model, estimator, layers)
     total = len(data) if hasattr(data, "__len__") else 0
     if mc_samples < 1 or probes < 1:
         raise FairdeployError(f"mc_samples and probes must be >= 1, got {mc_samples} and {probes}")
+    add = batch_sums if batch_sums is not None else VectorisedSums(max_chunk_elements)
     modules = dict(model.named_modules())
     model.to(dev)
     n_seen = 0
@@ -245,38 +318,10 @@ def group_curvature(
         n: torch.zeros_like(modules[n].weight, dtype=torch.float64, device=dev) for n in layers
     }
     with _eval_mode(model), torch.enable_grad():
-        if estimator == "hutchinson":
-            params = [modules[n].weight for n in layers]
-            for b, (x, y, _g) in rank_batches(data, batch_size, dev, workers):
-                gen = batch_generator(seed, b)
-                loss = F.cross_entropy(model(x).float(), y, reduction="sum")
-                grads = torch.autograd.grad(loss, params, create_graph=True)
-                for p in range(probes):
-                    vs = [_rademacher(w.shape, gen, dev) for w in params]
-                    hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=p < probes - 1)
-                    for n, v, hv in zip(layers, vs, hvs):
-                        acc[n] += (v * hv).float() / probes
-                n_seen += len(y)
-                progress(task, n_seen, max(total, n_seen))
-        else:
-            cap = _Capture(model, layers)
-            try:
-                for b, (x, y, _g) in rank_batches(data, batch_size, dev, workers):
-                    cap.clear()
-                    logits = model(x).float()
-                    targets = _targets(logits, y, estimator, mc_samples, batch_generator(seed, b))
-                    outs = [cap.outputs[n] for n in layers]
-                    for s in range(targets.shape[1]):
-                        loss = F.cross_entropy(logits, targets[:, s], reduction="sum")
-                        grads = torch.autograd.grad(loss, outs, retain_graph=s < targets.shape[1] - 1)
-                        for n, go in zip(layers, grads):
-                            sq = _layer_sq(modules[n], cap.input(n).float(), go.float(), max_chunk_elements)
-                            acc[n] += sq / targets.shape[1]
-                    n_seen += len(y)
-                    progress(task, n_seen, max(total, n_seen))
-            finally:
-                cap.close()
-                cap.clear()
+        for b, (x, y, _g) in rank_batches(data, batch_size, dev, workers):
+            add(model, layers, acc, x, y, BatchDraws(estimator, mc_samples, probes, batch_generator(seed, b), dev))
+            n_seen += len(y)
+            progress(task, n_seen, max(total, n_seen))
     return _reduced_mean(acc, n_seen, "curvature")
 
 
