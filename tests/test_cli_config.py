@@ -137,7 +137,7 @@ def _prune_command():
 
 
 def test_prune_has_at_most_20_options_each_showing_its_dataclass_default() -> None:
-    from fairdeploy.cli.common import default_of, shown_default
+    from fairdeploy.cli.options import default_of, shown_default
     from fairdeploy.cli.prune import PRUNE_FIELDS
     from fairdeploy.pruning.run import PruneConfig
 
@@ -157,7 +157,7 @@ def test_prune_has_at_most_20_options_each_showing_its_dataclass_default() -> No
 
 def test_defaults_shown_follow_the_dataclass(monkeypatch) -> None:
     """The help text is read from the field: a changed default changes the help (nothing is copied into it)."""
-    from fairdeploy.cli.common import config_option
+    from fairdeploy.cli.options import config_option
 
     @dataclasses.dataclass(frozen=True)
     class Inner:
@@ -239,12 +239,12 @@ def test_prune_takes_what_config_show_prints_and_its_options_win(run_main, monke
 ])
 def test_prune_refuses_moved_and_contradictory_options_in_one_line_before_reading_anything(run_main, monkeypatch,
                                                                                           tmp_path, args, message):
-    import fairdeploy.cli.common as common_cli
+    import fairdeploy.cli.option_blocks as option_blocks_cli
 
     def never(*_a, **_k):
         raise AssertionError("the manifest was read")
 
-    monkeypatch.setattr(common_cli, "read_manifest", never)
+    monkeypatch.setattr(option_blocks_cli, "read_manifest", never)
     code, out, err = run_main("prune", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
                               str(tmp_path / "o"), *args)
     assert code == 2 and out == ""

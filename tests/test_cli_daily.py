@@ -8,20 +8,20 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fairdeploy.cli.common import Images, Job, option_blocks
+from fairdeploy.cli.option_blocks import Images, Job, option_blocks
 
 
 def test_unexpected_error_has_its_own_exit_code_and_one_line(run_main, monkeypatch, tmp_path) -> None:
     import tempfile
 
-    import fairdeploy.cli.common as common_cli
+    import fairdeploy.cli.option_blocks as option_blocks_cli
 
     def boom(*_a, **_k):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the traceback file goes
 
-    monkeypatch.setattr(common_cli, "read_manifest", boom)
+    monkeypatch.setattr(option_blocks_cli, "read_manifest", boom)
     code, _out, err = run_main("compress", "--model", str(tmp_path), "--data", str(tmp_path / "m.csv"), "--out",
                                str(tmp_path / "o"), "--criterion", "magnitude", "--target-macs", "0.5")
     assert code == 4  # not 1: that code means "a validation gate failed" to CI
@@ -75,7 +75,7 @@ def test_threads_option_sets_torch_threads(run_main, tmp_path) -> None:
 
 
 def test_progress_prints_one_plain_line_per_finished_task_off_a_terminal(capsys) -> None:
-    from fairdeploy.cli.common import RichProgress
+    from fairdeploy.cli.progress_display import RichProgress
 
     with RichProgress() as progress:
         for i in range(1, 4):
@@ -180,7 +180,7 @@ def test_bad_options_are_refused_before_loading_anything(run_main, monkeypatch, 
     import importlib
     import time
 
-    import fairdeploy.cli.common as common_cli
+    import fairdeploy.cli.option_blocks as option_blocks_cli
 
     loaded: list[str] = []
 
@@ -194,7 +194,7 @@ def test_bad_options_are_refused_before_loading_anything(run_main, monkeypatch, 
                    "fairdeploy.validation"):
         importlib.import_module(module)  # imported first: torch and torchvision are not what is timed
 
-    monkeypatch.setattr(common_cli, "read_manifest", recording)  # train, evaluate, prune, finetune (Images.read)
+    monkeypatch.setattr(option_blocks_cli, "read_manifest", recording)  # train, evaluate, prune, finetune (Images.read)
     monkeypatch.setattr(validate_cli, "read_manifest", recording)
     t0 = time.perf_counter()
     code, out, err = run_main(*args, "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"))

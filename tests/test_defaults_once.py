@@ -301,11 +301,11 @@ def test_default_recipe_sets_nothing_and_documents_every_key_and_flag():
 
     from fairdeploy.cli.app import app
     from fairdeploy.export.calibration import CalibrationRecipe
-    from fairdeploy.pipeline.config import tomllib
-    from fairdeploy.schema import keys
+    from fairdeploy.schema import keys, read_toml
 
-    recipe = (PACKAGE / "resources" / "calibration" / "default.toml").read_text()
-    assert tomllib.loads(recipe) == {"calibration": {}}
+    recipe_file = PACKAGE / "resources" / "calibration" / "default.toml"
+    recipe = recipe_file.read_text()
+    assert read_toml(recipe_file) == {"calibration": {}}
     documented = set(re.findall(r"^#   (\w+) ", recipe, flags=re.MULTILINE))
     assert documented == set(keys(CalibrationRecipe)) - {"recipe"}
     export = typer.main.get_command(app).commands["export"]  # type: ignore[attr-defined]
@@ -368,7 +368,7 @@ def _configs() -> dict[str, list[type]]:
 
 
 def _mappings() -> dict[str, list[tuple[type, dict, dict]]]:
-    """(dataclass, option -> field path(s), flag overrides) as each command hands them to cli.common.configure."""
+    """(dataclass, option -> field path(s), flag overrides) as each command hands them to cli.options.configure."""
     from fairdeploy.cli import compress, data, prune, rank, train
     from fairdeploy.data.synth import SynthConfig
     from fairdeploy.pruning.budget import BudgetConfig

@@ -263,7 +263,7 @@ def test_out_a_fifo_is_refused_without_opening_it(tiny, tmp_path: Path) -> None:
 
 
 def test_out_a_character_device_is_refused(tiny, tmp_path: Path) -> None:
-    from fairdeploy.cli.common import OUT_POLICIES
+    from fairdeploy.cli.outputs import OUT_POLICIES
     from fairdeploy.files.entries import special_file
     from fairdeploy.files.outputs import claim_output
 
@@ -412,7 +412,7 @@ def test_a_sigkilled_export_is_cleaned_by_the_rerun(tiny, tmp_path: Path, overwr
 
 def test_a_foreign_folder_with_a_temporary_stays_refused(tmp_path: Path) -> None:
     """Only a folder of nothing but fairdeploy's temporaries counts as a killed run's leftovers."""
-    from fairdeploy.cli.common import OUT_POLICIES
+    from fairdeploy.cli.outputs import OUT_POLICIES
     from fairdeploy.files.outputs import claim_output
 
     out = tmp_path / "exp"

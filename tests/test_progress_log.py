@@ -111,7 +111,7 @@ def test_finished_and_one_shot_tasks_give_their_line_once() -> None:
 def test_rich_progress_off_a_terminal_uses_the_log_and_its_timer(capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI's renderer: stdout lines only; its timer thread gives a heartbeat during a silent step (a real
     thread, a short interval: it waits for the line, at most 20 s)."""
-    from fairdeploy.cli.common import RichProgress
+    from fairdeploy.cli.progress_display import RichProgress
 
     clock = FakeClock()
     with RichProgress(clock=clock) as progress:

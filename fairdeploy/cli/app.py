@@ -34,28 +34,29 @@ def _global_options(
         False, "--verbose", "-v", help="Print debug details, and full tracebacks with errors (also FAIRDEPLOY_DEBUG=1)."),
 ) -> None:
     """Fair, compact dermatology classifiers: prune for fairness, export, and re-validate on the runtime."""
-    from fairdeploy.cli import common
+    from fairdeploy.cli import console as cli_console
+    from fairdeploy.cli import options
     from fairdeploy.errors import FairdeployError
 
     if quiet and verbose:
         raise FairdeployError("--quiet and --verbose exclude each other: give one")
-    common.output.quiet = quiet
-    common.output.verbose = verbose or common.output.verbose
-    if quiet and common.quiet_capture is not None:
-        common.console.file = common.quiet_capture  # fairdeploy.cli.main prints its last line
-    common.threads_option = threads
+    cli_console.output.quiet = quiet
+    cli_console.output.verbose = verbose or cli_console.output.verbose
+    if quiet and cli_console.quiet_capture is not None:
+        cli_console.console.file = cli_console.quiet_capture  # fairdeploy.cli.main prints its last line
+    options.threads_option = threads
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    if common.output.verbose:
+    if cli_console.output.verbose:
         import platform
 
         from fairdeploy import __version__
 
-        common.debug(f"fairdeploy {__version__}, python {platform.python_version()}, threads "
-                     f"{threads if threads is not None else 'torch default'}, stdout "
-                     f"{'a terminal' if common.console.is_terminal else 'plain lines (not a terminal)'}")
+        cli_console.debug(f"fairdeploy {__version__}, python {platform.python_version()}, threads "
+                          f"{threads if threads is not None else 'torch default'}, stdout "
+                          f"{'a terminal' if cli_console.console.is_terminal else 'plain lines (not a terminal)'}")
 
 
 app.add_typer(data_cmd.data_app, name="data")

@@ -8,18 +8,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from rich.table import Table
 
-from fairdeploy.cli.common import (
-    DataOpt,
-    Job,
-    ModelOpt,
-    OutDirOpt,
-    checkpoint_job,
-    config_option,
-    configure,
-    console,
-    err_console,
-    option_blocks,
-)
+from fairdeploy.cli.console import console, err_console
+from fairdeploy.cli.jobs import checkpoint_job
+from fairdeploy.cli.option_blocks import Job, option_blocks
+from fairdeploy.cli.options import DataOpt, ModelOpt, OutDirOpt, config_option, configure
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.errors import FairdeployError
 from fairdeploy.pruning.budget import BudgetConfig
@@ -29,7 +21,7 @@ if TYPE_CHECKING:
     from fairdeploy.pruning.compress_records import BudgetRecord, PointMetrics
 
 
-_opt = config_option(BudgetConfig)  # each option's help ends with its default, read from BudgetConfig's field
+budget_option = config_option(BudgetConfig)  # each option's help ends with its default, read from BudgetConfig's field
 
 
 def _criteria() -> str:
@@ -38,30 +30,33 @@ def _criteria() -> str:
     return ", ".join(CRITERIA)
 
 
-CriterionOpt = Annotated[str | None, _opt(f"Channel importance: {_criteria()}.", "criterion")]
-ControlOpt = Annotated[str | None, _opt(
+CriterionOpt = Annotated[str | None, budget_option(f"Channel importance: {_criteria()}.", "criterion")]
+ControlOpt = Annotated[str | None, budget_option(
     "Control run under the same schedule and seed: magnitude, taylor, plain-recovery (the criterion without the "
     "recovery constraint), finetune-only (budget runs) or none (default: magnitude for a fairness-aware criterion; "
     "for a blind one plain-recovery with --recovery constrained, else finetune-only with a budget, none without).")]
-SpeedupOpt = Annotated[float | None, _opt("Budget: MACs divided by this (2 = keep half). Without a budget the run "
-                                          "compresses as far as every group stays within --max-group-drop.")]
-TargetMacsOpt = Annotated[float | None, _opt("Budget: keep this fraction of the input model's MACs.")]
-MaxGroupDropOpt = Annotated[float | None, _opt(
+SpeedupOpt = Annotated[float | None, budget_option(
+    "Budget: MACs divided by this (2 = keep half). Without a budget the run compresses as far as every group stays "
+    "within --max-group-drop.")]
+TargetMacsOpt = Annotated[float | None, budget_option("Budget: keep this fraction of the input model's MACs.")]
+MaxGroupDropOpt = Annotated[float | None, budget_option(
     "Tolerance: no group may lose more validation accuracy than this against the input model (the guard; with "
     "--recovery constrained also the constraint's epsilon).", "max_group_drop")]
-StepOpt = Annotated[float | None, _opt("Search: each round keeps this fraction of the previous round's MACs.", "step")]
-RoundsOpt = Annotated[int | None, _opt("Budget: rounds of removal + fine-tuning to reach it.", "rounds", min=1)]
-RecoveryOpt = Annotated[str | None, _opt(
+StepOpt = Annotated[float | None, budget_option(
+    "Search: each round keeps this fraction of the previous round's MACs.", "step")]
+RoundsOpt = Annotated[int | None, budget_option(
+    "Budget: rounds of removal + fine-tuning to reach it.", "rounds", min=1)]
+RecoveryOpt = Annotated[str | None, budget_option(
     "Recovery after every round: plain (distilled fine-tuning) or constrained (plus one Lagrange multiplier per "
     "group on its accuracy drop against the input model) (default: plain).")]
-EpochsOpt = Annotated[int | None, _opt("Fine-tuning epochs after every round.", "finetune.epochs", min=1)]
-DistillOpt = Annotated[float | None, _opt("Weight of distillation from the input model in the fine-tuning loss, "
-                                          "in [0, 1].", "finetune.distill")]
-ConfigOpt = Annotated[Path | None, _opt(
+EpochsOpt = Annotated[int | None, budget_option("Fine-tuning epochs after every round.", "finetune.epochs", min=1)]
+DistillOpt = Annotated[float | None, budget_option(
+    "Weight of distillation from the input model in the fine-tuning loss, in [0, 1].", "finetune.distill")]
+ConfigOpt = Annotated[Path | None, budget_option(
     "TOML file of the other settings (BudgetConfig's fields; `fairdeploy config show compress` prints them all); "
     "options given here win.")]
 
-# Each option's field(s) in BudgetConfig (fairdeploy.cli.common.configure); the budget options set metric/target.
+# Each option's field(s) in BudgetConfig (fairdeploy.cli.options.configure); the budget options set metric/target.
 FIELDS: dict[str, str | tuple[str, ...]] = {
     "criterion": "criterion", "control": "control", "max_group_drop": "max_group_drop", "step": "step",
     "rounds": "rounds", "recovery": "finetune.constrained", "epochs": "finetune.epochs",

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fairdeploy.cli.common import console
+from fairdeploy.cli.console import console
 from fairdeploy.errors import FairdeployError
 
 config_app = typer.Typer(help="Show a command's configuration: every setting with its value, as TOML.",
@@ -99,13 +99,13 @@ def _table(cfg: Any, prefix: str) -> list[str]:
         if sub is not None and value is not None:
             subs += ["", f"[{prefix}{f.name}]", *_table(value, f"{prefix}{f.name}.")]
         elif value is None:
-            own.append(_unset(f, sub, getattr(defaults, f.name, None), prefix))
+            own.append(_unset_as_toml(f, sub, getattr(defaults, f.name, None), prefix))
         else:
             own.append(f"{f.name} = {toml_value(value)}")
     return own + subs
 
 
-def _unset(f: dataclasses.Field, sub: type | None, default: Any, prefix: str) -> str:
+def _unset_as_toml(f: dataclasses.Field, sub: type | None, default: Any, prefix: str) -> str:
     """An unset (None) value as TOML: `false` for an optional sub-table; a field's own "off" value where its
     converter has one and the default is set (so that the file switches it off); else a comment."""
     if sub is not None:

@@ -11,19 +11,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fairdeploy.cli.common import (
-    OUT_POLICIES,
-    DataOpt,
-    Images,
-    OverwriteOpt,
-    SeedOpt,
-    configure,
-    console,
-    option_blocks,
-    prepare_record,
-    read_prepare_record,
-    unset,
-)
+from fairdeploy.cli.console import console
+from fairdeploy.cli.option_blocks import Images, option_blocks
+from fairdeploy.cli.options import DataOpt, OverwriteOpt, SeedOpt, configure, optional_option
+from fairdeploy.cli.outputs import OUT_POLICIES, prepare_record, read_prepare_record
 from fairdeploy.data.adapters import (
     ATTRIBUTES,
     FITZPATRICK_LABEL_COLUMNS,
@@ -158,7 +149,7 @@ def prepare_cmd(
     train: TrainOpt = DEFAULT_FRACTIONS[0],  # the split fractions' defaults: fairdeploy.data.splits
     val: ValOpt = DEFAULT_FRACTIONS[1],
     test: TestOpt = DEFAULT_FRACTIONS[2],
-    seed: unset(SeedOpt, "fairdeploy.data.adapters.prepare's") = None,  # type: ignore[valid-type]
+    seed: optional_option(SeedOpt, "fairdeploy.data.adapters.prepare's") = None,  # type: ignore[valid-type]
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Build a manifest from Fitzpatrick 17k, ISIC 2019, HAM10000 or a CSV, with seeded stratified splits.
@@ -261,7 +252,7 @@ def _inspect(data: Path, images: Images, check_images: bool, out: Path | None) -
 
 
 _SYNTH = SynthConfig()  # the defaults `data synth --help` shows
-# `data synth`: each option sets the SynthConfig field of its name (fairdeploy.cli.common.configure).
+# `data synth`: each option sets the SynthConfig field of its name (fairdeploy.cli.options.configure).
 SYNTH_FIELDS: dict[str, str | tuple[str, ...]] = {name: name for name in (
     "n_images", "image_size", "dark_fraction", "bias", "dark_bias", "dark_contrast", "image_format", "seed")}
 SYNTH_FLAGS = {"image_format": "--format"}  # the option whose flag is not --NAME
@@ -279,7 +270,7 @@ def synth_cmd(
     ] = None,
     dark_contrast: Annotated[float | None, typer.Option(help=f"Lesion darkening factor on dark skin (1 = invisible; default: {_SYNTH.dark_contrast}).")] = None,
     image_format: Annotated[str | None, typer.Option("--format", help=f"png or jpg (default: {_SYNTH.image_format}).")] = None,
-    seed: unset(SeedOpt, str(_SYNTH.seed)) = None,  # type: ignore[valid-type]
+    seed: optional_option(SeedOpt, str(_SYNTH.seed)) = None,  # type: ignore[valid-type]
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Generate a synthetic dataset whose shortcut cue helps one group and hurts the other."""

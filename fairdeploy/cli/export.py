@@ -7,18 +7,18 @@ from typing import Annotated
 
 import typer
 
-from fairdeploy.cli.common import (
-    OUT_POLICIES,
+from fairdeploy.cli.console import console
+from fairdeploy.cli.options import (
     AllowOutsideRootOpt,
     ImagesRootOpt,
     ModelOpt,
     OutDirOpt,
     OverwriteOpt,
-    RichProgress,
     SeedOpt,
-    console,
-    unset,
+    optional_option,
 )
+from fairdeploy.cli.outputs import OUT_POLICIES
+from fairdeploy.cli.progress_display import RichProgress
 from fairdeploy.files.outputs import claim_output
 
 PrecisionOpt = Annotated[
@@ -139,7 +139,7 @@ def export(
     trt_implicit_int8: ImplicitOpt = None,
     images_root: ImagesRootOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
-    seed: unset(SeedOpt, "run_export's") = None,  # type: ignore[valid-type]
+    seed: optional_option(SeedOpt, "run_export's") = None,  # type: ignore[valid-type]
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32 + fp16/int8), check it against PyTorch, optionally build engines."""

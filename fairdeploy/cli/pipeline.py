@@ -8,15 +8,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fairdeploy.cli.common import (
-    OUT_POLICIES,
-    AllowOutsideRootOpt,
-    OverwriteOpt,
-    RichProgress,
-    console,
-    err_console,
-    on_interrupt,
-)
+from fairdeploy.cli.console import console, err_console
+from fairdeploy.cli.interrupts import on_interrupt
+from fairdeploy.cli.options import AllowOutsideRootOpt, OverwriteOpt
+from fairdeploy.cli.outputs import OUT_POLICIES
+from fairdeploy.cli.progress_display import RichProgress
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.errors import EXIT_GATE_FAILED
 from fairdeploy.files.outputs import claim_output
@@ -61,13 +57,14 @@ def _print_result(result) -> None:
 
 def _set_threads(cfg) -> None:
     """The TOML's `threads` sets torch's CPU threads, unless the global --threads was given."""
-    from fairdeploy.cli import common
+    from fairdeploy.cli import options
+    from fairdeploy.cli.console import debug
 
-    if cfg.threads is not None and common.threads_option is None:
+    if cfg.threads is not None and options.threads_option is None:
         import torch
 
         torch.set_num_threads(cfg.threads)
-        common.debug(f"torch threads {cfg.threads} (from {cfg.source})")
+        debug(f"torch threads {cfg.threads} (from {cfg.source})")
 
 
 def _kept_stages(out: Path) -> str:

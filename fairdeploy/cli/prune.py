@@ -10,20 +10,19 @@ import typer
 from rich.table import Table
 from typer.core import TyperCommand
 
-from fairdeploy.cli.common import (
+from fairdeploy.cli.console import console, err_console
+from fairdeploy.cli.interrupts import on_interrupt
+from fairdeploy.cli.jobs import checkpoint_job
+from fairdeploy.cli.option_blocks import Job, option_blocks
+from fairdeploy.cli.options import (
     BatchSizeOpt,
     DataOpt,
-    Job,
     ModelOpt,
     OutDirOpt,
-    checkpoint_job,
     config_option,
     configure,
-    console,
-    err_console,
-    on_interrupt,
-    option_blocks,
-    unset,
+    optional_option,
+    options_defaulting_to,
 )
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.cli.train import FIT_FIELDS, describe_kept_run
@@ -57,37 +56,33 @@ def _steps_table(record: PruneRecord) -> Table:
     return table
 
 
-def _opt(help_text: str, *names: str, default: str | None = None, **kw: Any) -> Any:
-    """An option; `default` names the dataclass whose field holds its default (the option itself defaults to None)."""
-    return typer.Option(*names, help=help_text if default is None else f"{help_text.rstrip('.')} (default: {default}'s).",
-                        **kw)
-
-
 # `prune`: FairPrune / SNNL steps toward a fairness target. Each option's --help shows the default of its field in
 # PruneConfig (the option itself is None: not given, the field keeps it); every other setting is a key of --config.
-_field = config_option(PruneConfig)
-MethodOpt = Annotated[str | None, _field("fairprune or snnl.", "method")]
-GranularityOpt = Annotated[str | None, _field("FairPrune: weight, channel or 2:4.", "fairprune.granularity")]
-RatioOpt = Annotated[float | None, _field("FairPrune: fraction of the still-unpruned weights (channels) cut per step, "
-                                          "in (0, 1).", "fairprune.ratio")]
-PerRoundOpt = Annotated[int | None, _field("SNNL: channels removed per step.", "snnl.channels_per_round", min=1)]
-StepsOpt = Annotated[int | None, _field("Maximum prune steps.", "stop.steps", min=1)]
-TargetOpt = Annotated[str | None, _field("Validation gap watched by the stop rule and FATE: eodd, eopp0 or eopp1.",
-                                         "stop.target")]
-SelectOpt = Annotated[str | None, _field("Best step: fate (on --target vs the input model), gap, f1, or last (the most "
-                                         "pruned step the guard accepts).", "guard.select")]
-MaxGroupDropOpt = Annotated[float | None, _field("Guard: never select a step that costs the unprivileged group more "
-                                                 "validation accuracy than this.", "guard.max_group_drop")]
-PrivilegedOpt = Annotated[str | None, _field("Privileged group (none: the one with the higher validation accuracy).",
-                                             "privileged")]
-FinetuneEpochsOpt = Annotated[int | None, _field(
+prune_option = config_option(PruneConfig)
+MethodOpt = Annotated[str | None, prune_option("fairprune or snnl.", "method")]
+GranularityOpt = Annotated[str | None, prune_option("FairPrune: weight, channel or 2:4.", "fairprune.granularity")]
+RatioOpt = Annotated[float | None, prune_option(
+    "FairPrune: fraction of the still-unpruned weights (channels) cut per step, in (0, 1).", "fairprune.ratio")]
+PerRoundOpt = Annotated[int | None, prune_option("SNNL: channels removed per step.", "snnl.channels_per_round", min=1)]
+StepsOpt = Annotated[int | None, prune_option("Maximum prune steps.", "stop.steps", min=1)]
+TargetOpt = Annotated[str | None, prune_option(
+    "Validation gap watched by the stop rule and FATE: eodd, eopp0 or eopp1.", "stop.target")]
+SelectOpt = Annotated[str | None, prune_option(
+    "Best step: fate (on --target vs the input model), gap, f1, or last (the most pruned step the guard accepts).",
+    "guard.select")]
+MaxGroupDropOpt = Annotated[float | None, prune_option(
+    "Guard: never select a step that costs the unprivileged group more validation accuracy than this.",
+    "guard.max_group_drop")]
+PrivilegedOpt = Annotated[str | None, prune_option(
+    "Privileged group (none: the one with the higher validation accuracy).", "privileged")]
+FinetuneEpochsOpt = Annotated[int | None, prune_option(
     "Fine-tune this many epochs after every step, with `fairdeploy finetune`'s other settings (0 or none: no "
     "fine-tuning).", "finetune", min=0)]
-ConfigOpt = Annotated[Path | None, _field(
+ConfigOpt = Annotated[Path | None, prune_option(
     "TOML file of PruneConfig's other settings (`fairdeploy config show prune` prints every key with its value); "
     "options given here win (default: none).")]
 
-# Each option's field(s) in PruneConfig (fairdeploy.cli.common.configure); --finetune-epochs sets the fine-tuning.
+# Each option's field(s) in PruneConfig (fairdeploy.cli.options.configure); --finetune-epochs sets the fine-tuning.
 PRUNE_FIELDS: dict[str, str | tuple[str, ...]] = {
     "method": "method", "granularity": "fairprune.granularity", "ratio": "fairprune.ratio",
     "channels_per_round": "snnl.channels_per_round", "steps": "stop.steps", "target": "stop.target",
@@ -241,8 +236,9 @@ def prune(
     console.print(f"checkpoint: {result.out_dir} (prune.json beside it)", highlight=False, soft_wrap=True)
 
 
-FT = "FINETUNE_CONFIG"  # fairdeploy.training.finetune: `fairdeploy finetune`'s defaults (a FitConfig)
-CR = "ConstrainedRecovery"  # fairdeploy.training.constrained: constrained recovery's defaults
+FINETUNE_DEFAULTS = "FINETUNE_CONFIG"  # fairdeploy.training.finetune: `fairdeploy finetune`'s defaults (a FitConfig)
+finetune_option = options_defaulting_to(FINETUNE_DEFAULTS)
+recovery_option = options_defaulting_to("ConstrainedRecovery")  # fairdeploy.training.constrained's defaults
 # `finetune`: FitConfig's options as `train` has them, and constrained recovery's (with --constrained)
 FINETUNE_FIELDS: dict[str, str | tuple[str, ...]] = {
     **FIT_FIELDS, "max_group_drop": "constrained.max_group_drop", "dual_lr": "constrained.dual_lr"}
@@ -253,25 +249,26 @@ def finetune(
     model: ModelOpt,
     data: DataOpt,
     out: OutDirOpt,
-    epochs: Annotated[int | None, _opt("Training epochs.", default=FT, min=1)] = None,
-    lr: Annotated[float | None, _opt("Peak learning rate of the cosine schedule.", default=FT)] = None,
-    weight_decay: Annotated[float | None, _opt("AdamW/SGD weight decay.", default=FT)] = None,
-    optimizer: Annotated[str | None, _opt("adamw or sgd.", default=FT)] = None,
-    balance: Annotated[str | None, _opt("Sampling: none, class, group or group-class.", default=FT)] = None,
-    select: Annotated[str | None, _opt("Validation metric that picks the best epoch: f1_macro, accuracy, "
-                                       "worst_group_accuracy.", default=FT)] = None,
-    amp: Annotated[bool | None, _opt("Mixed precision on CUDA.", "--amp/--no-amp", default=FT)] = None,
-    constrained: Annotated[bool, _opt("Constrained recovery: one Lagrange multiplier per group keeps every group's "
-                                      "training accuracy within --max-group-drop of the --reference model.",
-                                      "--constrained")] = False,
-    max_group_drop: Annotated[float | None, _opt(
+    epochs: Annotated[int | None, finetune_option("Training epochs.", min=1)] = None,
+    lr: Annotated[float | None, finetune_option("Peak learning rate of the cosine schedule.")] = None,
+    weight_decay: Annotated[float | None, finetune_option("AdamW/SGD weight decay.")] = None,
+    optimizer: Annotated[str | None, finetune_option("adamw or sgd.")] = None,
+    balance: Annotated[str | None, finetune_option("Sampling: none, class, group or group-class.")] = None,
+    select: Annotated[str | None, finetune_option("Validation metric that picks the best epoch: f1_macro, accuracy, "
+                                                  "worst_group_accuracy.")] = None,
+    amp: Annotated[bool | None, finetune_option("Mixed precision on CUDA.", "--amp/--no-amp")] = None,
+    constrained: Annotated[bool, typer.Option("--constrained", help="Constrained recovery: one Lagrange multiplier "
+                                              "per group keeps every group's training accuracy within "
+                                              "--max-group-drop of the --reference model.")] = False,
+    max_group_drop: Annotated[float | None, typer.Option(help=(
         "With --constrained: the most accuracy a group may lose against the reference, in [0, 1] (default: the "
-        "guard's, fairdeploy.pruning.selection.Guard.max_group_drop).")] = None,
-    dual_lr: Annotated[float | None, _opt("With --constrained: step of the multipliers' dual ascent per batch, > 0.",
-                                          default=CR)] = None,
-    reference: Annotated[Path | None, _opt("With --constrained: the dense reference checkpoint (default: --model "
-                                           "itself, the model you start from).", "--reference")] = None,
-    batch_size: unset(BatchSizeOpt, f"{FT}'s") = None,  # type: ignore[valid-type]
+        "guard's, fairdeploy.pruning.selection.Guard.max_group_drop)."))] = None,
+    dual_lr: Annotated[float | None, recovery_option("With --constrained: step of the multipliers' dual ascent per "
+                                                     "batch, > 0.")] = None,
+    reference: Annotated[Path | None, typer.Option("--reference", help="With --constrained: the dense reference "
+                                                   "checkpoint (default: --model itself, the model you start "
+                                                   "from).")] = None,
+    batch_size: optional_option(BatchSizeOpt, f"{FINETUNE_DEFAULTS}'s") = None,  # type: ignore[valid-type]
     job: Job = Job(),
 ) -> None:
     """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best.

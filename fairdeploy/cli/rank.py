@@ -10,19 +10,20 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from fairdeploy.cli.common import (
-    OUT_POLICIES,
+from fairdeploy.cli.console import console
+from fairdeploy.cli.option_blocks import Images, option_blocks
+from fairdeploy.cli.options import (
     DataOpt,
     DeviceOpt,
-    Images,
     OverwriteOpt,
-    RichProgress,
     SeedOpt,
     configure,
-    console,
-    option_blocks,
-    unset,
+    default_of,
+    optional_option,
+    shown_default,
 )
+from fairdeploy.cli.outputs import OUT_POLICIES
+from fairdeploy.cli.progress_display import RichProgress
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.files.json_files import write_json
 from fairdeploy.files.outputs import claim_output
@@ -31,13 +32,13 @@ from fairdeploy.pruning.choose import RankConfig
 if TYPE_CHECKING:
     from fairdeploy.pruning.choose import Ranking
 
-# Each option's field of RankConfig (fairdeploy.cli.common.configure); unset options keep the field's default.
+# Each option's field of RankConfig (fairdeploy.cli.options.configure); unset options keep the field's default.
 FIELDS: dict[str, str | tuple[str, ...]] = {"max_group_drop": "max_group_drop", "seed": "seed"}
 
 
-def _default(field: str) -> str:
+def _rank_default(field: str) -> str:
     """RankConfig's default of `field`, as --help shows it (the value lives on the field only)."""
-    return str(getattr(RankConfig(), field))
+    return shown_default(default_of(RankConfig, field))
 
 
 ModelsOpt = Annotated[list[Path], typer.Option(
@@ -46,10 +47,10 @@ ModelsOpt = Annotated[list[Path], typer.Option(
 ReferenceOpt = Annotated[Path | None, typer.Option(
     "--reference", help="The model the runs started from (usually the dense one): each model must keep every group "
                         "within --max-group-drop of its validation accuracy and macro-F1 within "
-                        f"{_default('max_f1_drop')} (the guard). Default: no guard.")]
+                        f"{_rank_default('max_f1_drop')} (the guard). Default: no guard.")]
 MaxGroupDropOpt = Annotated[float | None, typer.Option(
     "--max-group-drop", help=f"The guard: no group may lose more validation accuracy than this against --reference "
-                             f"(default: {_default('max_group_drop')}).")]
+                             f"(default: {_rank_default('max_group_drop')}).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the ranking JSON here.")]
 
 
@@ -62,7 +63,8 @@ def rank(
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
-    seed: unset(SeedOpt, _default("seed") + ", the paired bootstrap's") = None,  # type: ignore[valid-type]
+    seed: optional_option(  # type: ignore[valid-type]
+        SeedOpt, _rank_default("seed") + ", the paired bootstrap's") = None,
     images: Images = Images(),
 ) -> None:
     """Rank runs' checkpoints on the validation split (never test): worst-group accuracy first (ties: macro-F1,

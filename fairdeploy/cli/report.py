@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from fairdeploy.cli.common import OUT_POLICIES, OverwriteOpt, console
+from fairdeploy.cli.console import console
+from fairdeploy.cli.options import OverwriteOpt
+from fairdeploy.cli.outputs import OUT_POLICIES
 from fairdeploy.files.outputs import claim_output
 
 

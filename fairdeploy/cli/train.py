@@ -7,20 +7,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fairdeploy.cli.common import (
-    OUT_POLICIES,
-    DataOpt,
-    Job,
-    ModelOpt,
-    OutDirOpt,
-    RichProgress,
-    check_split,
-    configure,
-    console,
-    on_interrupt,
-    option_blocks,
-    rank_job,
-)
+from fairdeploy.cli.console import console
+from fairdeploy.cli.interrupts import on_interrupt
+from fairdeploy.cli.jobs import rank_job
+from fairdeploy.cli.option_blocks import Job, option_blocks
+from fairdeploy.cli.options import DataOpt, ModelOpt, OutDirOpt, check_split, configure
+from fairdeploy.cli.outputs import OUT_POLICIES
+from fairdeploy.cli.progress_display import RichProgress
 from fairdeploy.cli.tables import fairness_table, metrics_table
 from fairdeploy.files.json_files import write_json
 from fairdeploy.files.outputs import claim_output
@@ -28,7 +21,7 @@ from fairdeploy.files.outputs import claim_output
 if TYPE_CHECKING:
     from fairdeploy.models.size import ModelSize
 
-# `train` and `finetune`: each option sets the FitConfig field of its name (fairdeploy.cli.common.configure).
+# `train` and `finetune`: each option sets the FitConfig field of its name (fairdeploy.cli.options.configure).
 FIT_FIELDS: dict[str, str | tuple[str, ...]] = {name: name for name in (
     "epochs", "batch_size", "lr", "weight_decay", "optimizer", "balance", "select", "amp", "workers", "seed")}
 

@@ -11,8 +11,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from fairdeploy.cli.common import (
-    OUT_POLICIES,
+from fairdeploy.cli.console import console
+from fairdeploy.cli.options import (
     AllowOutsideRootOpt,
     BatchSizeOpt,
     DataOpt,
@@ -20,14 +20,14 @@ from fairdeploy.cli.common import (
     ImagesRootOpt,
     OutDirOpt,
     OverwriteOpt,
-    RichProgress,
     SeedOpt,
     SplitOpt,
     WorkersOpt,
     check_split,
-    console,
-    unset,
+    optional_option,
 )
+from fairdeploy.cli.outputs import OUT_POLICIES
+from fairdeploy.cli.progress_display import RichProgress
 from fairdeploy.data.manifest import read_manifest
 from fairdeploy.errors import EXIT_GATE_FAILED
 from fairdeploy.files.json_files import write_json
@@ -105,7 +105,7 @@ def validate(
     candidate: Annotated[list[Path], typer.Option("--candidate", "-c", help="Artifact to validate: checkpoint dir, .onnx or .engine (repeatable).")],
     data: DataOpt,
     out: OutDirOpt,
-    split: unset(SplitOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
+    split: optional_option(SplitOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
     max_eodd_drift: Annotated[float | None, typer.Option(help="Largest allowed Eodd increase (candidate - reference; default: Tolerances').")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(help="Largest allowed drop of overall accuracy (default: Tolerances').")] = None,
     max_group_accuracy_drop: Annotated[float | None, typer.Option(help="Largest allowed accuracy drop in any one group (default: Tolerances').")] = None,
@@ -119,10 +119,10 @@ def validate(
     latency_batch: Annotated[int | None, typer.Option(min=1, help="The larger batch size timed besides batch 1 (default: LatencyConfig's).")] = None,
     latency_iterations: Annotated[int | None, typer.Option(min=1, help="Timed calls per batch size, after warm-up (default: LatencyConfig's).")] = None,
     latency_warmup: Annotated[int | None, typer.Option(min=0, help="Untimed warm-up calls per batch size (default: LatencyConfig's).")] = None,
-    batch_size: unset(BatchSizeOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
+    batch_size: optional_option(BatchSizeOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
     device: DeviceOpt = "auto",
-    workers: unset(WorkersOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
-    seed: unset(SeedOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
+    workers: optional_option(WorkersOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
+    seed: optional_option(SeedOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
     images_root: ImagesRootOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
