@@ -38,7 +38,7 @@ for variant in "${VARIANTS[@]}"; do
   capability=$(env "${vars[@]}" python -c "import torch; print(torch.backends.cpu.get_cpu_capability())")
   echo "== numerics under ${name}: ${vars[*]} (torch's ATen kernels: ${capability}; load $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a))"
   start=$SECONDS
-  if env "${vars[@]}" python -m pytest -q -m numerics "$@"; then
+  if env "${vars[@]}" python -m pytest -q -n auto --maxprocesses 2 --dist loadfile -m numerics "$@"; then
     echo "== ${name}: passed in $((SECONDS - start)) s"
   else
     echo "== ${name}: FAILED in $((SECONDS - start)) s"

@@ -56,6 +56,9 @@ def constructed(monkeypatch: pytest.MonkeyPatch):
         return model, FitResult(best_epoch=1, best_score=0.0,
                                 history=({"data_order": "fixed", "train_samples_per_s": 1.0},), best_dir=scratch)
 
+    real_remove = budget.remove_to_budget
+    monkeypatch.setattr(budget, "remove_to_budget",  # fewer bisection steps: the search, not the removal, is tested
+                        lambda *a, **kw: real_remove(*a, **{**kw, "iterations": 6}))
     monkeypatch.setattr(budget, "prepare_importance", prepare)
     monkeypatch.setattr(budget, "evaluate_model", evaluate)
     monkeypatch.setattr(budget, "finetune_model", finetune)

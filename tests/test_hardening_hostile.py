@@ -252,13 +252,13 @@ def test_out_a_fifo_is_refused_without_opening_it(tiny, tmp_path: Path) -> None:
     manifest, _ = tiny
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    for extra in ((), ("--overwrite",)):
-        for args in (("data", "inspect", "--data", str(manifest), "--no-check-images"),  # writes a file
-                     ("data", "synth", "--n-images", "30", "--image-size", "16")):  # writes a folder
-            proc = _fairdeploy(*args, "--out", str(fifo), *extra)  # a hang here fails at the timeout
-            line = _one_error_line(proc.stderr)
-            assert proc.returncode == 2 and f"--out {fifo} is a named pipe (FIFO), not a regular file or folder" in line
-            assert "--overwrite" not in line and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    # a command that writes a file, and one that writes a folder with --overwrite (each is a process: ~2.5 s)
+    for args, extra in ((("data", "inspect", "--data", str(manifest), "--no-check-images"), ()),
+                        (("data", "synth", "--n-images", "30", "--image-size", "16"), ("--overwrite",))):
+        proc = _fairdeploy(*args, "--out", str(fifo), *extra)  # a hang here fails at the timeout
+        line = _one_error_line(proc.stderr)
+        assert proc.returncode == 2 and f"--out {fifo} is a named pipe (FIFO), not a regular file or folder" in line
+        assert "--overwrite" not in line and stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert sorted(os.listdir(tmp_path)) == ["pipe"]  # no lock, no temporary left
 
 
