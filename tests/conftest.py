@@ -147,3 +147,23 @@ def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 def biased_checkpoint(trained_checkpoint: Path) -> Path:
     """The pruning tests' name for the shared one-thread-trained, biased resnet18."""
     return trained_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 30-image synthetic manifest (16 px) and an untrained resnet18 checkpoint of its classes and groups (for the
+    CLI's input and output checks, which need real files but no trained weights)."""
+    import torch
+
+    from fairdeploy.data.manifest import read_manifest
+    from fairdeploy.data.synth import SynthConfig, generate_synthetic
+    from fairdeploy.models.checkpoint import ModelSpec, save_checkpoint
+    from fairdeploy.models.registry import create_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    manifest_path = generate_synthetic(root / "data", SynthConfig(n_images=30, image_size=16, seed=1))
+    manifest = read_manifest(manifest_path)
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet18", tuple(manifest.classes), tuple(manifest.groups), image_size=16)
+    save_checkpoint(create_model("resnet18", spec.num_classes), spec, root / "ckpt")
+    return manifest_path, root / "ckpt"

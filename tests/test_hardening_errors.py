@@ -16,25 +16,6 @@ from fairdeploy.errors import FairdeployError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A 30-image synthetic manifest (16 px) and an untrained resnet18 checkpoint of its classes and groups."""
-    import torch
-
-    from fairdeploy.data.manifest import read_manifest
-    from fairdeploy.data.synth import SynthConfig, generate_synthetic
-    from fairdeploy.models.checkpoint import ModelSpec, save_checkpoint
-    from fairdeploy.models.registry import create_model
-
-    root = tmp_path_factory.mktemp("tiny")
-    manifest_path = generate_synthetic(root / "data", SynthConfig(n_images=30, image_size=16, seed=1))
-    manifest = read_manifest(manifest_path)
-    torch.manual_seed(0)
-    spec = ModelSpec("resnet18", tuple(manifest.classes), tuple(manifest.groups), image_size=16)
-    save_checkpoint(create_model("resnet18", spec.num_classes), spec, root / "ckpt")
-    return manifest_path, root / "ckpt"
-
-
 def _one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
