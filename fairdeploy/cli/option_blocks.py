@@ -37,14 +37,22 @@ class Images:
         return read_manifest(data, self.images_root, allow_outside_root=self.allow_outside_root)
 
 
+def _shared_default(name: str) -> str:
+    """The default of `name` (seed, workers) as --help shows it: FitConfig's, which every configuration a Job feeds
+    (FitConfig, FINETUNE_CONFIG, PruneConfig, BudgetConfig) shares (tests/test_defaults_once.py checks that)."""
+    from fairdeploy.training.loop import FitConfig
+
+    return str(getattr(FitConfig(), name))
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     """The options of a command that computes on a manifest's images and writes --out (--workers and --seed left
-    unset keep the command's configuration's defaults: FitConfig's, PruneConfig's, ...)."""
+    unset keep the command's configuration's defaults: FitConfig's, PruneConfig's, ..., all the same)."""
 
     device: DeviceOpt = "auto"
-    workers: optional_option(WorkersOpt, "the command's configuration's") = None  # type: ignore[valid-type]
-    seed: optional_option(SeedOpt, "the command's configuration's") = None  # type: ignore[valid-type]
+    workers: optional_option(WorkersOpt, _shared_default("workers")) = None  # type: ignore[valid-type]
+    seed: optional_option(SeedOpt, _shared_default("seed")) = None  # type: ignore[valid-type]
     images: Images = Images()
     overwrite: OverwriteOpt = False
 

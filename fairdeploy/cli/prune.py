@@ -22,12 +22,14 @@ from fairdeploy.cli.options import (
     config_option,
     configure,
     optional_option,
-    options_defaulting_to,
 )
 from fairdeploy.cli.tables import fmt_number
 from fairdeploy.cli.train import FIT_FIELDS, describe_kept_run
 from fairdeploy.errors import FairdeployError
 from fairdeploy.pruning.run import PruneConfig
+from fairdeploy.pruning.selection import Guard
+from fairdeploy.training.constrained import ConstrainedRecovery
+from fairdeploy.training.finetune import FINETUNE_CONFIG
 
 if TYPE_CHECKING:
     from fairdeploy.pruning.run import PruneRecord
@@ -236,9 +238,8 @@ def prune(
     console.print(f"checkpoint: {result.out_dir} (prune.json beside it)", highlight=False, soft_wrap=True)
 
 
-FINETUNE_DEFAULTS = "FINETUNE_CONFIG"  # fairdeploy.training.finetune: `fairdeploy finetune`'s defaults (a FitConfig)
-finetune_option = options_defaulting_to(FINETUNE_DEFAULTS)
-recovery_option = options_defaulting_to("ConstrainedRecovery")  # fairdeploy.training.constrained's defaults
+finetune_option = config_option(FINETUNE_CONFIG)  # `fairdeploy finetune`'s defaults (a FitConfig), shown in --help
+recovery_option = config_option(ConstrainedRecovery)  # constrained recovery's defaults
 # `finetune`: FitConfig's options as `train` has them, and constrained recovery's (with --constrained)
 FINETUNE_FIELDS: dict[str, str | tuple[str, ...]] = {
     **FIT_FIELDS, "max_group_drop": "constrained.max_group_drop", "dual_lr": "constrained.dual_lr"}
@@ -249,26 +250,26 @@ def finetune(
     model: ModelOpt,
     data: DataOpt,
     out: OutDirOpt,
-    epochs: Annotated[int | None, finetune_option("Training epochs.", min=1)] = None,
-    lr: Annotated[float | None, finetune_option("Peak learning rate of the cosine schedule.")] = None,
-    weight_decay: Annotated[float | None, finetune_option("AdamW/SGD weight decay.")] = None,
-    optimizer: Annotated[str | None, finetune_option("adamw or sgd.")] = None,
-    balance: Annotated[str | None, finetune_option("Sampling: none, class, group or group-class.")] = None,
+    epochs: Annotated[int | None, finetune_option("Training epochs.", "epochs", min=1)] = None,
+    lr: Annotated[float | None, finetune_option("Peak learning rate of the cosine schedule.", "lr")] = None,
+    weight_decay: Annotated[float | None, finetune_option("AdamW/SGD weight decay.", "weight_decay")] = None,
+    optimizer: Annotated[str | None, finetune_option("adamw or sgd.", "optimizer")] = None,
+    balance: Annotated[str | None, finetune_option("Sampling: none, class, group or group-class.", "balance")] = None,
     select: Annotated[str | None, finetune_option("Validation metric that picks the best epoch: f1_macro, accuracy, "
-                                                  "worst_group_accuracy.")] = None,
-    amp: Annotated[bool | None, finetune_option("Mixed precision on CUDA.", "--amp/--no-amp")] = None,
+                                                  "worst_group_accuracy.", "select")] = None,
+    amp: Annotated[bool | None, finetune_option("Mixed precision on CUDA.", "amp", "--amp/--no-amp")] = None,
     constrained: Annotated[bool, typer.Option("--constrained", help="Constrained recovery: one Lagrange multiplier "
                                               "per group keeps every group's training accuracy within "
                                               "--max-group-drop of the --reference model.")] = False,
-    max_group_drop: Annotated[float | None, typer.Option(help=(
-        "With --constrained: the most accuracy a group may lose against the reference, in [0, 1] (default: the "
-        "guard's, fairdeploy.pruning.selection.Guard.max_group_drop)."))] = None,
+    max_group_drop: Annotated[float | None, config_option(Guard)(
+        "With --constrained: the most accuracy a group may lose against the reference, in [0, 1] (the guard's "
+        "tolerance).", "max_group_drop")] = None,
     dual_lr: Annotated[float | None, recovery_option("With --constrained: step of the multipliers' dual ascent per "
-                                                     "batch, > 0.")] = None,
+                                                     "batch, > 0.", "dual_lr")] = None,
     reference: Annotated[Path | None, typer.Option("--reference", help="With --constrained: the dense reference "
                                                    "checkpoint (default: --model itself, the model you start "
                                                    "from).")] = None,
-    batch_size: optional_option(BatchSizeOpt, f"{FINETUNE_DEFAULTS}'s") = None,  # type: ignore[valid-type]
+    batch_size: optional_option(BatchSizeOpt, str(FINETUNE_CONFIG.batch_size)) = None,  # type: ignore[valid-type]
     job: Job = Job(),
 ) -> None:
     """Fine-tune a (pruned) checkpoint; weight and 2:4 masks stay applied. The checkpoint is OUT/best.
@@ -277,8 +278,7 @@ def finetune(
     fairdeploy.training.constrained.ConstrainedRecovery's)."""
     from functools import partial
 
-    from fairdeploy.training.constrained import ConstrainedRecovery
-    from fairdeploy.training.finetune import FINETUNE_CONFIG, finetune_checkpoint
+    from fairdeploy.training.finetune import finetune_checkpoint
     from fairdeploy.training.loop import FitConfig
 
     given = [flag for flag, v in (("--max-group-drop", max_group_drop), ("--dual-lr", dual_lr),
