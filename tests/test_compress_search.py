@@ -271,3 +271,17 @@ def test_frontier_plot_takes_compression_runs_and_leaves_step_runs_to_the_trajec
     png = plots.frontier([search, control, steps])
     assert png is not None and png.startswith(b"\x89PNG")
     assert plots.trajectories([search, steps]) is not None
+
+
+def test_rounds_table_names_no_control_when_none_ran(constructed, biased_checkpoint, synth_manifest, tmp_path,
+                                                      one_thread) -> None:
+    from fairdeploy.cli.compress import rounds_table
+    from fairdeploy.data.manifest import read_manifest
+    from fairdeploy.pruning.budget import BudgetConfig, compress_checkpoint
+
+    knee, _ = constructed
+    knee["fairprune"] = 0.99
+    cfg = BudgetConfig(criterion="fairprune", control="none", score_samples=4, keep_rounds=False)
+    rec = compress_checkpoint(biased_checkpoint, read_manifest(synth_manifest), tmp_path / "out", cfg, "cpu").record
+    title = rounds_table(rec).title
+    assert "none control" not in title and "no control run" in title and title.startswith("fairprune on validation")
