@@ -1,9 +1,11 @@
-"""Options declared once for several commands, their defaults shown from a configuration dataclass, and that
-dataclass built from a command's options (`configure`)."""
+"""Options declared once for several commands, their defaults shown from a configuration dataclass (or a library
+function's keyword defaults), and that dataclass built from a command's options (`configure`)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import re
 import typing
 from collections.abc import Callable, Mapping
@@ -62,11 +64,37 @@ def optional_option(option: Any, default: str) -> Any:
 # ---- literal defaults in --help, read from a command's configuration dataclass (the value stays on the field) ----
 
 def default_of(config: Any, path: str) -> Any:
-    """The value at the dotted field `path` of `config`: a dataclass (read from its defaults) or an instance."""
-    value: Any = config() if isinstance(config, type) else config
-    for part in path.split("."):
+    """The value at the dotted field `path` of `config`: a dataclass (its field's default: a class with fields
+    that have none, like ModelSpec, works too), an instance, or a function (the first part of `path` names a
+    keyword parameter; its default is read from the signature)."""
+    first, *rest = path.split(".")
+    if inspect.isfunction(config):
+        value: Any = keyword_default(config, first)
+    elif isinstance(config, type):
+        value = field_default(config, first)
+    else:
+        value = getattr(config, first)
+    for part in rest:
         value = getattr(value, part)
     return value
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of the dataclass `cls`'s field `name` (its default_factory called)."""
+    found = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if found.default is not dataclasses.MISSING:
+        return found.default
+    if found.default_factory is not dataclasses.MISSING:
+        return found.default_factory()
+    raise TypeError(f"{cls.__qualname__}'s field {name!r} has no default")
+
+
+def keyword_default(function: Callable[..., Any], name: str) -> Any:
+    """The default of `function`'s parameter `name` (written once, in its signature)."""
+    default = inspect.signature(function).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{function.__qualname__}'s parameter {name!r} has no default")
+    return default
 
 
 def shown_default(value: Any) -> str:
@@ -81,23 +109,14 @@ def shown_default(value: Any) -> str:
 
 
 def config_option(config: Any) -> Callable[..., Any]:
-    """The option factory of a command whose defaults are the fields of `config` (a dataclass or an instance):
-    `opt(help, path=None, *names, **kw)` is a typer.Option whose help ends "(default: VALUE)", VALUE read from
-    `config` at the dotted field `path` (no path: the help as written). The option itself defaults to None (not
-    given: the field keeps its default), so the value is written once, on the field."""
+    """The option factory of a command whose defaults are the fields of `config` (a dataclass or an instance) or the
+    keyword defaults of a library function: `opt(help, path=None, *names, **kw)` is a typer.Option whose help ends
+    "(default: VALUE)", VALUE read from `config` at the dotted field `path` (no path: the help as written). The
+    option itself defaults to None (not given: the field keeps its default), so the value is written once, there."""
     def opt(help_text: str, path: str | None = None, *names: str, **kw: Any) -> Any:
         if path is not None:
             help_text = f"{help_text.rstrip('.')} (default: {shown_default(default_of(config, path))})."
         return typer.Option(*names, help=help_text, **kw)
-
-    return opt
-
-
-def options_defaulting_to(owner: str) -> Callable[..., Any]:
-    """The option factory `opt(help, *names, **kw)` of options whose help ends "(default: OWNER's)": `owner` names
-    the configuration holding their defaults (the option itself defaults to None: not given, it keeps them)."""
-    def opt(help_text: str, *names: str, **kw: Any) -> Any:
-        return typer.Option(*names, help=f"{help_text.rstrip('.')} (default: {owner}'s).", **kw)
 
     return opt
 

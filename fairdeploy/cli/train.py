@@ -11,12 +11,23 @@ from fairdeploy.cli.console import console
 from fairdeploy.cli.interrupts import on_interrupt
 from fairdeploy.cli.jobs import rank_job
 from fairdeploy.cli.option_blocks import Job, option_blocks
-from fairdeploy.cli.options import DataOpt, ModelOpt, OutDirOpt, check_split, configure
+from fairdeploy.cli.options import (
+    DataOpt,
+    ModelOpt,
+    OutDirOpt,
+    check_split,
+    config_option,
+    configure,
+    default_of,
+)
 from fairdeploy.cli.outputs import OUT_POLICIES
 from fairdeploy.cli.progress_display import RichProgress
 from fairdeploy.cli.tables import fairness_table, metrics_table
 from fairdeploy.files.json_files import write_json
 from fairdeploy.files.outputs import claim_output
+from fairdeploy.models.checkpoint import ModelSpec
+from fairdeploy.training import train as training
+from fairdeploy.training.loop import FitConfig
 
 if TYPE_CHECKING:
     from fairdeploy.models.size import ModelSize
@@ -25,23 +36,30 @@ if TYPE_CHECKING:
 FIT_FIELDS: dict[str, str | tuple[str, ...]] = {name: name for name in (
     "epochs", "batch_size", "lr", "weight_decay", "optimizer", "balance", "select", "amp", "workers", "seed")}
 
+# Each option's --help shows its default, read from where it is defined: FitConfig's field (`train`),
+# ModelSpec's image_size, evaluate_checkpoint's keyword default (`evaluate`). The options themselves are None.
+fit_option = config_option(FitConfig)
+spec_option = config_option(ModelSpec)
+evaluate_option = config_option(training.evaluate_checkpoint)
+
 
 @option_blocks
 def train(
     data: DataOpt,
     out: OutDirOpt,
     arch: Annotated[str, typer.Option("--arch", help="resnet18, resnet50, vgg11_bn, mobilenet_v3_small, efficientnet_b0, ...")] = "resnet18",
-    epochs: Annotated[int | None, typer.Option(min=1, help="Training epochs (default: FitConfig's).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size (under torchrun: the global "
-                                                   "batch, split evenly over the processes; default: FitConfig's).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine schedule; default: FitConfig's).")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW/SGD weight decay (default: FitConfig's).")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adamw or sgd (default: FitConfig's).")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Input size (square; default: ModelSpec's).")] = None,
-    balance: Annotated[str | None, typer.Option(help="Sampling: none, class, group or group-class (default: FitConfig's).")] = None,
-    select: Annotated[str | None, typer.Option(help="Validation metric that picks the best epoch: f1_macro, accuracy, worst_group_accuracy (default: FitConfig's).")] = None,
+    epochs: Annotated[int | None, fit_option("Training epochs.", "epochs", min=1)] = None,
+    batch_size: Annotated[int | None, fit_option("Batch size; under torchrun the global batch, split evenly over "
+                                                 "the processes.", "batch_size", "--batch-size", min=1)] = None,
+    lr: Annotated[float | None, fit_option("Peak learning rate of the cosine schedule.", "lr")] = None,
+    weight_decay: Annotated[float | None, fit_option("AdamW/SGD weight decay.", "weight_decay")] = None,
+    optimizer: Annotated[str | None, fit_option("adamw or sgd.", "optimizer")] = None,
+    image_size: Annotated[int | None, spec_option("Side of the square input image in pixels.", "image_size")] = None,
+    balance: Annotated[str | None, fit_option("Sampling: none, class, group or group-class.", "balance")] = None,
+    select: Annotated[str | None, fit_option("Validation metric that picks the best epoch: f1_macro, accuracy, "
+                                             "worst_group_accuracy.", "select")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local weights file (.safetensors or state-dict .pt) to start from.")] = None,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default: FitConfig's).")] = None,
+    amp: Annotated[bool | None, fit_option("Mixed precision on CUDA.", "amp", "--amp/--no-amp")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last if it exists.")] = False,
     job: Job = Job(),
     keep_optimizer_state: Annotated[bool, typer.Option(
@@ -51,7 +69,6 @@ def train(
     """Train a torchvision classifier; the best epoch on validation is saved to OUT/best.
 
     Under `torchrun --nproc-per-node N -m fairdeploy train ...` it trains with DistributedDataParallel."""
-    from fairdeploy.training.loop import FitConfig
     from fairdeploy.training.train import train_model
 
     options = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
@@ -59,8 +76,6 @@ def train(
                "seed": job.seed}
     cfg = configure(FitConfig, FIT_FIELDS, options)
     if image_size is None:
-        from fairdeploy.models.checkpoint import ModelSpec
-
         image_size = ModelSpec.image_size  # the one default input size
     check_train_options(arch, image_size, cfg.balance)  # before the manifest or any model is loaded (cfg: configure)
     manifest = job.images.read(data)
@@ -114,19 +129,14 @@ def evaluate(
     model: ModelOpt,
     data: DataOpt,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics JSON here.")] = None,
-    split: Annotated[str | None, typer.Option("--split", help="Manifest split: train, val or test (default: "
-                                              "evaluate_checkpoint's, test).")] = None,
-    bootstrap: Annotated[int | None, typer.Option(min=0, help="Bootstrap resamples for confidence intervals (0 = none; "
-                                                  "default: evaluate_checkpoint's).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size (default: "
-                                                   "evaluate_checkpoint's).")] = None,
+    split: Annotated[str | None, evaluate_option("Manifest split: train, val or test.", "split", "--split")] = None,
+    bootstrap: Annotated[int | None, evaluate_option("Bootstrap resamples for confidence intervals; 0 = none.",
+                                                     "bootstrap", min=0)] = None,
+    batch_size: Annotated[int | None, evaluate_option("Batch size.", "batch_size", "--batch-size", min=1)] = None,
     job: Job = Job(),
 ) -> None:
     """Per-group accuracy, macro P/R/F1 and fairness gaps of a checkpoint on one split."""
     import contextlib
-    import inspect
-
-    from fairdeploy.training.train import evaluate_checkpoint
 
     claim = contextlib.nullcontext() if out is None else claim_output(
         out, OUT_POLICIES["evaluate"], overwrite=job.overwrite,
@@ -139,9 +149,9 @@ def evaluate(
             # an option not given keeps evaluate_checkpoint's default (written there once)
             given = {k: v for k, v in (("split", split), ("batch_size", batch_size), ("bootstrap", bootstrap),
                                        ("workers", job.workers), ("seed", job.seed)) if v is not None}
-            report = evaluate_checkpoint(model, manifest, device=job.device, progress=progress, **given)
+            report = training.evaluate_checkpoint(model, manifest, device=job.device, progress=progress, **given)
         size, image_size = checkpoint_size(model)
-        shown = split or inspect.signature(evaluate_checkpoint).parameters["split"].default
+        shown = split or default_of(training.evaluate_checkpoint, "split")
         console.print(f"{model}: {size.params:,} parameters ({size.nonzero_params:,} non-zero), "
                       f"{size.macs / 1e6:.1f} M MACs per {image_size}x{image_size} image", highlight=False,
                       soft_wrap=True)
