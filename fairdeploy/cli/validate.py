@@ -24,7 +24,10 @@ from fairdeploy.cli.options import (
     SplitOpt,
     WorkersOpt,
     check_split,
+    config_option,
+    default_of,
     optional_option,
+    shown_default,
 )
 from fairdeploy.cli.outputs import OUT_POLICIES
 from fairdeploy.cli.progress_display import RichProgress
@@ -34,6 +37,7 @@ from fairdeploy.files.json_files import write_json
 from fairdeploy.files.outputs import claim_output
 from fairdeploy.runtime.base import BACKENDS
 from fairdeploy.units import megabytes
+from fairdeploy.validation import LatencyConfig, ValidationConfig
 
 if TYPE_CHECKING:
     from fairdeploy.metrics import MetricsReport
@@ -100,29 +104,58 @@ def comparison_table(result: ValidationResult) -> Table:
     return table
 
 
+# Each option's --help shows its default, read from ValidationConfig's field (its tolerances: Tolerances') or
+# LatencyConfig's; the options themselves are None: not given, the field keeps its default (validation_config).
+validation_option = config_option(ValidationConfig)
+latency_option = config_option(LatencyConfig)
+
+
+def _shown(path: str) -> str:
+    """ValidationConfig's default at the dotted field `path`, as --help shows it."""
+    return shown_default(default_of(ValidationConfig, path))
+
+
+_LATENCY_SWITCH = "--no-latency" if default_of(ValidationConfig, "latency") is None else "--latency"
+LatencyOpt = Annotated[bool | None, typer.Option(
+    "--latency/--no-latency", help=f"Measure p50/p95 latency and throughput (default: {_LATENCY_SWITCH}).")]
+LatencyBatchOpt = Annotated[int | None, typer.Option(
+    min=1, help="The larger batch size timed besides batch 1 (default: "
+                f"{max(default_of(LatencyConfig, 'batch_sizes'))}).")]
+
+
 def validate(
     reference: Annotated[Path, typer.Option("--reference", "-r", help="The PyTorch checkpoint directory the candidates came from.")],
     candidate: Annotated[list[Path], typer.Option("--candidate", "-c", help="Artifact to validate: checkpoint dir, .onnx or .engine (repeatable).")],
     data: DataOpt,
     out: OutDirOpt,
-    split: optional_option(SplitOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
-    max_eodd_drift: Annotated[float | None, typer.Option(help="Largest allowed Eodd increase (candidate - reference; default: Tolerances').")] = None,
-    max_accuracy_drop: Annotated[float | None, typer.Option(help="Largest allowed drop of overall accuracy (default: Tolerances').")] = None,
-    max_group_accuracy_drop: Annotated[float | None, typer.Option(help="Largest allowed accuracy drop in any one group (default: Tolerances').")] = None,
-    min_agreement: Annotated[float | None, typer.Option(help="Smallest allowed top-1 agreement with the reference, overall (off by default).")] = None,
-    min_group_agreement: Annotated[float | None, typer.Option(help="Smallest allowed top-1 agreement in each group (off by default).")] = None,
+    split: optional_option(SplitOpt, _shown("split")) = None,  # type: ignore[valid-type]
+    max_eodd_drift: Annotated[float | None, validation_option(
+        "Largest allowed Eodd increase, candidate - reference.", "tolerances.max_eodd_drift")] = None,
+    max_accuracy_drop: Annotated[float | None, validation_option(
+        "Largest allowed drop of overall accuracy.", "tolerances.max_accuracy_drop")] = None,
+    max_group_accuracy_drop: Annotated[float | None, validation_option(
+        "Largest allowed accuracy drop in any one group.", "tolerances.max_group_accuracy_drop")] = None,
+    min_agreement: Annotated[float | None, validation_option(
+        "Smallest allowed top-1 agreement with the reference, overall; none: not checked.",
+        "tolerances.min_agreement")] = None,
+    min_group_agreement: Annotated[float | None, validation_option(
+        "Smallest allowed top-1 agreement in each group; none: not checked.",
+        "tolerances.min_group_agreement")] = None,
     backend: Annotated[str, typer.Option(help=f"Runtime for the candidates: {', '.join(BACKENDS)}.")] = "auto",
     allow_fallback: Annotated[bool, typer.Option("--allow-fallback", help="Accept ONNX Runtime falling back to another provider (recorded in validation.json).")] = False,
     allow_other_source: Annotated[bool, typer.Option("--allow-other-source", help="Let a candidate exported from another model than the reference pass the gate (by default it fails).")] = False,
-    bootstrap: Annotated[int | None, typer.Option(min=0, help="Bootstrap resamples for the gaps' confidence intervals (0 = none; default: ValidationConfig's).")] = None,
-    latency: Annotated[bool | None, typer.Option("--latency/--no-latency", help="Measure p50/p95 latency and throughput (default: ValidationConfig's).")] = None,
-    latency_batch: Annotated[int | None, typer.Option(min=1, help="The larger batch size timed besides batch 1 (default: LatencyConfig's).")] = None,
-    latency_iterations: Annotated[int | None, typer.Option(min=1, help="Timed calls per batch size, after warm-up (default: LatencyConfig's).")] = None,
-    latency_warmup: Annotated[int | None, typer.Option(min=0, help="Untimed warm-up calls per batch size (default: LatencyConfig's).")] = None,
-    batch_size: optional_option(BatchSizeOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
+    bootstrap: Annotated[int | None, validation_option(
+        "Bootstrap resamples for the gaps' confidence intervals; 0 = none.", "bootstrap", min=0)] = None,
+    latency: LatencyOpt = None,
+    latency_batch: LatencyBatchOpt = None,
+    latency_iterations: Annotated[int | None, latency_option(
+        "Timed calls per batch size, after warm-up.", "iterations", min=1)] = None,
+    latency_warmup: Annotated[int | None, latency_option(
+        "Untimed warm-up calls per batch size.", "warmup", min=0)] = None,
+    batch_size: optional_option(BatchSizeOpt, _shown("batch_size")) = None,  # type: ignore[valid-type]
     device: DeviceOpt = "auto",
-    workers: optional_option(WorkersOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
-    seed: optional_option(SeedOpt, "ValidationConfig's") = None,  # type: ignore[valid-type]
+    workers: optional_option(WorkersOpt, _shown("workers")) = None,  # type: ignore[valid-type]
+    seed: optional_option(SeedOpt, _shown("seed")) = None,  # type: ignore[valid-type]
     images_root: ImagesRootOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
     overwrite: OverwriteOpt = False,
@@ -182,7 +215,6 @@ def validation_config(split: str | None = None, *, max_eodd_drift: float | None 
     None keeps the dataclass default (ValidationConfig, Tolerances, LatencyConfig), so no default is written here.
     --no-latency (False) switches latency off; --latency-batch B times batch sizes 1 and B."""
     from fairdeploy.schema import build, flag_layer
-    from fairdeploy.validation import ValidationConfig
 
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
