@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,10 +12,12 @@ from rich.table import Table
 
 from fairdeploy.cli.console import console
 from fairdeploy.cli.option_blocks import Images, option_blocks
-from fairdeploy.cli.options import DataOpt, OverwriteOpt, SeedOpt, configure, optional_option
+from fairdeploy.cli.options import DataOpt, OverwriteOpt, SeedOpt, configure, keyword_default, optional_option
 from fairdeploy.cli.outputs import OUT_POLICIES, prepare_record, read_prepare_record
 from fairdeploy.data.adapters import (
     ATTRIBUTES,
+    DEFAULT_AGE_THRESHOLD,
+    DEFAULT_IMAGE_EXT,
     FITZPATRICK_LABEL_COLUMNS,
     FORMATS,
     GROUPINGS,
@@ -94,7 +95,7 @@ AttributeOpt = Annotated[
     typer.Option("--attribute", help=f"isic2019/ham10000 groups: {', '.join(ATTRIBUTES)} (default sex)."),
 ]
 AgeThresholdOpt = Annotated[
-    float | None, typer.Option("--age-threshold", help="With --attribute age: <T and >=T (default 60).")
+    float | None, typer.Option("--age-threshold", help=f"With --attribute age: <T and >=T (default: {DEFAULT_AGE_THRESHOLD:g}).")
 ]
 LabelColumnOpt = Annotated[
     str | None,
@@ -115,7 +116,7 @@ ImageColumnOpt = Annotated[str | None, typer.Option("--image-column", help="csv:
 GroupColumnOpt = Annotated[str | None, typer.Option("--group-column", help="csv: the sensitive group.")]
 SplitColumnOpt = Annotated[str | None, typer.Option("--split-column", help="csv: keep this split column.")]
 IdColumnOpt = Annotated[str | None, typer.Option("--id-column", help="csv: an id kept in one split.")]
-ImageExtOpt = Annotated[str | None, typer.Option("--image-ext", help="Added to image ids (default .jpg).")]
+ImageExtOpt = Annotated[str | None, typer.Option("--image-ext", help=f"Added to image ids (default: {DEFAULT_IMAGE_EXT}).")]
 ImagePrefixOpt = Annotated[
     str, typer.Option("--image-prefix", help="Folder prepended to every image path, e.g. images.")
 ]
@@ -149,7 +150,7 @@ def prepare_cmd(
     train: TrainOpt = DEFAULT_FRACTIONS[0],  # the split fractions' defaults: fairdeploy.data.splits
     val: ValOpt = DEFAULT_FRACTIONS[1],
     test: TestOpt = DEFAULT_FRACTIONS[2],
-    seed: optional_option(SeedOpt, "fairdeploy.data.adapters.prepare's") = None,  # type: ignore[valid-type]
+    seed: optional_option(SeedOpt, str(keyword_default(prepare, "seed"))) = None,  # type: ignore[valid-type]
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Build a manifest from Fitzpatrick 17k, ISIC 2019, HAM10000 or a CSV, with seeded stratified splits.
@@ -180,7 +181,7 @@ def prepare_cmd(
         write_json(record, {"command": "data prepare", "manifest": out.name, "manifest_sha256": sha256_file(out),
                             "metadata": str(metadata), "ground_truth": None if ground_truth is None else str(ground_truth),
                             "fractions": [train, val, test], "report": result.report,
-                            "seed": seed if seed is not None else inspect.signature(prepare).parameters["seed"].default})
+                            "seed": seed if seed is not None else keyword_default(prepare, "seed")})
     _print_prepare_report(result.report)
     _print_support(support_table(result.records), title=f"support: {out.name}")
     console.print(f"wrote {out}", highlight=False, soft_wrap=True)

@@ -16,10 +16,9 @@ from fairdeploy.cli.options import (
     DataOpt,
     DeviceOpt,
     OverwriteOpt,
-    SeedOpt,
+    config_option,
     configure,
     default_of,
-    optional_option,
     shown_default,
 )
 from fairdeploy.cli.outputs import OUT_POLICIES
@@ -41,6 +40,9 @@ def _rank_default(field: str) -> str:
     return shown_default(default_of(RankConfig, field))
 
 
+rank_option = config_option(RankConfig)  # each option's help ends with its default, read from RankConfig's field
+
+
 ModelsOpt = Annotated[list[Path], typer.Option(
     "--model", "-m", help="A run's checkpoint folder (model.safetensors + model.json, or a train run's folder with "
                           "best/); give two or more.")]
@@ -48,9 +50,10 @@ ReferenceOpt = Annotated[Path | None, typer.Option(
     "--reference", help="The model the runs started from (usually the dense one): each model must keep every group "
                         "within --max-group-drop of its validation accuracy and macro-F1 within "
                         f"{_rank_default('max_f1_drop')} (the guard). Default: no guard.")]
-MaxGroupDropOpt = Annotated[float | None, typer.Option(
-    "--max-group-drop", help=f"The guard: no group may lose more validation accuracy than this against --reference "
-                             f"(default: {_rank_default('max_group_drop')}).")]
+MaxGroupDropOpt = Annotated[float | None, rank_option(
+    "The guard: no group may lose more validation accuracy than this against --reference.", "max_group_drop",
+    "--max-group-drop")]
+BootstrapSeedOpt = Annotated[int | None, rank_option("Random seed of the paired bootstrap.", "seed", "--seed")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the ranking JSON here.")]
 
 
@@ -63,8 +66,7 @@ def rank(
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
-    seed: optional_option(  # type: ignore[valid-type]
-        SeedOpt, _rank_default("seed") + ", the paired bootstrap's") = None,
+    seed: BootstrapSeedOpt = None,
     images: Images = Images(),
 ) -> None:
     """Rank runs' checkpoints on the validation split (never test): worst-group accuracy first (ties: macro-F1,
