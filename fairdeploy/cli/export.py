@@ -15,17 +15,48 @@ from fairdeploy.cli.options import (
     OutDirOpt,
     OverwriteOpt,
     SeedOpt,
+    default_of,
+    keyword_default,
     optional_option,
+    shown_default,
 )
 from fairdeploy.cli.outputs import OUT_POLICIES
 from fairdeploy.cli.progress_display import RichProgress
+from fairdeploy.export import exporter
+from fairdeploy.export.onnx_export import MAX_OPSET, MIN_OPSET
+from fairdeploy.export.profiles import ExportOptions
+from fairdeploy.export.quant_target import TARGETS
 from fairdeploy.files.outputs import claim_output
+
+
+# Every flag of ExportOptions defaults to None (not given: the profile's value, else the recipe's for a calibration
+# key, else the dataclass field's); its --help shows that field's default, read from ExportOptions.
+def layered(path: str, *, recipe: bool = False, value: str | None = None) -> str:
+    """An ExportOptions flag's default as --help shows it: a profile (and for a [calibration] key the calibration
+    recipe) comes first, else the field's own default, read from ExportOptions at `path` (`value`: shown instead)."""
+    first = "the profile's or recipe's" if recipe else "the profile's"
+    return f"(default: {first}, else {shown_default(default_of(ExportOptions, path)) if value is None else value})"
+
+
+def _placement_default() -> str | None:
+    """CalibrationRecipe's placement None, as --help shows it: each target's own (quant_target.TARGETS)."""
+    if default_of(ExportOptions, "calibration.placement") is not None:
+        return None  # a placement of its own: layered() shows it
+    return "the --int8-target's own: " + ", ".join(f"{t.placement} for {name}" for name, t in TARGETS.items())
+
+
+def _dla_default() -> str | None:
+    """TrtOptions' dla_core None (no DLA, GPU only) as the flag value that asks for it, -1."""
+    return "-1" if default_of(ExportOptions, "tensorrt.dla_core") is None else None
+
 
 PrecisionOpt = Annotated[
     list[str] | None,
-    typer.Option("--precision", "-p", help="fp32, fp16, int8; repeat or comma-separate (fp32 is always written)."),
+    typer.Option("--precision", "-p", help="fp32, fp16, int8; repeat or comma-separate; fp32 is always written "
+                                           f"{layered('onnx.precision')}."),
 ]
-TrtOpt = Annotated[bool | None, typer.Option("--trt/--no-trt", help="Also build TensorRT engines (needs TensorRT).")]
+TrtOpt = Annotated[bool | None, typer.Option(
+    "--trt/--no-trt", help=f"Also build TensorRT engines; needs TensorRT {layered('tensorrt.enabled')}.")]
 ProfileOpt = Annotated[
     str | None, typer.Option("--profile", help="Target profile: a name from export/ or a .toml path; flags override it.")
 ]
@@ -38,73 +69,77 @@ CheckDataOpt = Annotated[
     Path | None,
     typer.Option("--data", "-d", help="Manifest whose --check-split images check every ONNX file (default: random tensors)."),
 ]
-
-
-def _check_split_default() -> str:
-    """run_export's check_split (defined there once): the split the export self-check uses unless asked."""
-    import inspect
-
-    from fairdeploy.export.exporter import run_export
-
-    return inspect.signature(run_export).parameters["check_split"].default
-
-
 CheckSplitOpt = Annotated[str | None, typer.Option("--check-split", help="Split of --data the exports are checked "
-                                                   f"on (default: {_check_split_default()}; test only when asked, "
-                                                   "while you still choose on validation).")]
+                                                   f"on (default: {keyword_default(exporter.run_export, 'check_split')}; test "
+                                                   "only when asked, while you still choose on validation).")]
 CalibDataOpt = Annotated[
     Path | None, typer.Option("--calib-data", help="Manifest the INT8 calibration set is drawn from (default --data).")
 ]
-CalibSizeOpt = Annotated[int | None, typer.Option("--calib-size", help="Calibration images, balanced over group x class.")]
-CalibMethodOpt = Annotated[str | None, typer.Option("--calib-method", help="minmax, entropy or percentile.")]
-CalibSplitOpt = Annotated[str | None, typer.Option("--calib-split", help="Manifest split to calibrate on (train or val).")]
+CalibSizeOpt = Annotated[int | None, typer.Option(
+    "--calib-size", help=f"Calibration images, balanced over group x class {layered('calibration.size', recipe=True)}.")]
+CalibMethodOpt = Annotated[str | None, typer.Option(
+    "--calib-method", help=f"minmax, entropy or percentile {layered('calibration.method', recipe=True)}.")]
+CalibSplitOpt = Annotated[str | None, typer.Option(
+    "--calib-split", help=f"Manifest split to calibrate on, train or val {layered('calibration.split', recipe=True)}.")]
 Int8TargetOpt = Annotated[
     str | None,
-    typer.Option("--int8-target", help="Runtime the INT8 graph is for: tensorrt (symmetric S8S8, GPU and Jetson) or "
-                 "ort-cpu (U8S8 for ONNX Runtime's CPU provider) (default: the profile's or recipe's)."),
+    typer.Option("--int8-target", help="Runtime the INT8 graph is for: tensorrt, symmetric S8S8 for GPU and Jetson; or "
+                 "ort-cpu, U8S8 for ONNX Runtime's CPU provider "
+                 f"{layered('calibration.target', recipe=True)}."),
 ]
 Int8PlacementOpt = Annotated[
     str | None,
     typer.Option("--int8-placement", help="Q/DQ placement: tensorrt (NVIDIA's guide), ort-default or ort-cpu "
-                 "(default: the target's)."),
+                 f"{layered('calibration.placement', recipe=True, value=_placement_default())}."),
 ]
 Int8MixedOpt = Annotated[
     str | None,
     typer.Option("--int8-mixed", help="off, or group-aware: keep the layers that fail a group in FP32, measured on "
-                 "the val split of --data (default: the recipe's)."),
+                 f"the val split of --data {layered('calibration.mixed_precision', recipe=True)}."),
 ]
 CalibRecipeOpt = Annotated[
-    str | None, typer.Option("--calib-recipe", help="Recipe name in calibration/ or a .toml path (default: default).")
+    str | None, typer.Option("--calib-recipe", help="Recipe name in calibration/ or a .toml path "
+                                                    f"{layered('calibration.recipe')}.")
 ]
 CalibRecipesDirOpt = Annotated[
     Path | None,
     typer.Option("--recipes-dir", envvar="FAIRDEPLOY_CALIBRATION",
                  help="Folder of calibration recipes, searched before ./calibration and the built-in recipes."),
 ]
-CalibSeedOpt = Annotated[int | None, typer.Option("--calib-seed", help="Seed of the calibration draw (default: the recipe's).")]
-OpsetOpt = Annotated[int | None, typer.Option("--opset", help="ONNX opset, 17..20 (default 17).")]
-SimplifyOpt = Annotated[bool | None, typer.Option("--simplify/--no-simplify", help="Simplify the graph with onnxslim.")]
-MinBatchOpt = Annotated[int | None, typer.Option("--min-batch", help="TensorRT profile: smallest batch.")]
-OptBatchOpt = Annotated[int | None, typer.Option("--opt-batch", help="TensorRT profile: batch to tune for.")]
-MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", help="TensorRT profile: largest batch.")]
-WorkspaceOpt = Annotated[int | None, typer.Option("--workspace-mib", help="TensorRT workspace memory pool limit (MiB).")]
-OptLevelOpt = Annotated[int | None, typer.Option("--opt-level", help="TensorRT builder optimisation level, 0..5.")]
-TimingCacheOpt = Annotated[
-    str | None, typer.Option("--timing-cache", help="TensorRT timing cache file (relative: in --out), or none.")
-]
-SparseOpt = Annotated[
-    bool | None, typer.Option("--sparse-weights/--no-sparse-weights", help="TensorRT SPARSE_WEIGHTS (2:4 models).")
-]
-DlaOpt = Annotated[int | None, typer.Option("--dla-core", help="Jetson DLA core (0 or 1); -1 for GPU only.")]
-FallbackOpt = Annotated[
-    bool | None, typer.Option("--gpu-fallback/--no-gpu-fallback", help="With DLA: run unsupported layers on the GPU.")
-]
+CalibSeedOpt = Annotated[int | None, typer.Option(
+    "--calib-seed", help=f"Seed of the calibration draw {layered('calibration.seed', recipe=True)}.")]
+OpsetOpt = Annotated[int | None, typer.Option(
+    "--opset", help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} {layered('onnx.opset')}.")]
+SimplifyOpt = Annotated[bool | None, typer.Option(
+    "--simplify/--no-simplify", help=f"Simplify the graph with onnxslim {layered('onnx.simplify')}.")]
+MinBatchOpt = Annotated[int | None, typer.Option(
+    "--min-batch", help=f"TensorRT profile: smallest batch {layered('tensorrt.min_batch')}.")]
+OptBatchOpt = Annotated[int | None, typer.Option(
+    "--opt-batch", help=f"TensorRT profile: batch to tune for {layered('tensorrt.opt_batch')}.")]
+MaxBatchOpt = Annotated[int | None, typer.Option(
+    "--max-batch", help=f"TensorRT profile: largest batch {layered('tensorrt.max_batch')}.")]
+WorkspaceOpt = Annotated[int | None, typer.Option(
+    "--workspace-mib", help=f"TensorRT workspace memory pool limit in MiB {layered('tensorrt.workspace_mib')}.")]
+OptLevelOpt = Annotated[int | None, typer.Option(
+    "--opt-level", help=f"TensorRT builder optimisation level, 0..5 {layered('tensorrt.optimization_level')}.")]
+TimingCacheOpt = Annotated[str | None, typer.Option(
+    "--timing-cache", help="TensorRT timing cache file, relative to --out, or none "
+                           f"{layered('tensorrt.timing_cache')}.")]
+SparseOpt = Annotated[bool | None, typer.Option(
+    "--sparse-weights/--no-sparse-weights",
+    help=f"TensorRT SPARSE_WEIGHTS, for 2:4 models {layered('tensorrt.sparse_weights')}.")]
+DlaOpt = Annotated[int | None, typer.Option(
+    "--dla-core", help=f"Jetson DLA core, 0 or 1; -1 for GPU only {layered('tensorrt.dla_core', value=_dla_default())}.")]
+FallbackOpt = Annotated[bool | None, typer.Option(
+    "--gpu-fallback/--no-gpu-fallback",
+    help=f"With DLA: run unsupported layers on the GPU {layered('tensorrt.gpu_fallback')}.")]
 ImplicitOpt = Annotated[
     bool | None,
     typer.Option("--trt-implicit-int8/--no-trt-implicit-int8",
-                 help="TensorRT 10.x only: INT8 engine from the fp32 ONNX with the implicit entropy calibrator."),
+                 help="TensorRT 10.x only: INT8 engine from the fp32 ONNX with the implicit entropy calibrator "
+                      f"{layered('tensorrt.implicit_int8')}."),
 ]
-
+ExportSeedOpt = optional_option(SeedOpt, str(keyword_default(exporter.run_export, "seed")))
 
 def export(
     model: ModelOpt,
@@ -139,12 +174,11 @@ def export(
     trt_implicit_int8: ImplicitOpt = None,
     images_root: ImagesRootOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
-    seed: optional_option(SeedOpt, "run_export's") = None,  # type: ignore[valid-type]
+    seed: ExportSeedOpt = None,  # type: ignore[valid-type]
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32 + fp16/int8), check it against PyTorch, optionally build engines."""
     from fairdeploy.export.calibration import default_recipe_dirs
-    from fairdeploy.export.exporter import run_export
     from fairdeploy.export.profiles import default_profile_dirs, resolve_export_options
     from fairdeploy.schema import flag_layer
 
@@ -174,8 +208,9 @@ def export(
               "--profiles-dir": profiles_dir, "--recipes-dir": recipes_dir}
     with claim_output(out, OUT_POLICIES["export"], overwrite=overwrite, inputs=inputs), RichProgress() as progress:
         given = {k: v for k, v in (("check_split", check_split), ("seed", seed)) if v is not None}
-        result = run_export(model, out, options, data=data, calib_data=calib_data, images_root=images_root,
-                            progress=progress, allow_outside_root=allow_outside_root, **given)
+        result = exporter.run_export(model, out, options, data=data, calib_data=calib_data,
+                                     images_root=images_root, progress=progress,
+                                     allow_outside_root=allow_outside_root, **given)
     summary = result.summary
     check = summary.check_data
     console.print(f"{summary.checkpoint.spec.arch} checked on {check.source} (n={check.n}) against PyTorch:",
