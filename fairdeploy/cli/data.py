@@ -39,6 +39,7 @@ data_app = typer.Typer(
 )
 
 _MAX_LISTED = 20
+PREPARE_SEED = keyword_default(prepare, "seed")  # the seed `data prepare` uses without --seed (read once: the function may be replaced in a test)
 
 
 def _print_support(rows: Sequence[tuple[str, str, str, int]], title: str) -> None:
@@ -150,7 +151,7 @@ def prepare_cmd(
     train: TrainOpt = DEFAULT_FRACTIONS[0],  # the split fractions' defaults: fairdeploy.data.splits
     val: ValOpt = DEFAULT_FRACTIONS[1],
     test: TestOpt = DEFAULT_FRACTIONS[2],
-    seed: optional_option(SeedOpt, str(keyword_default(prepare, "seed"))) = None,  # type: ignore[valid-type]
+    seed: optional_option(SeedOpt, str(PREPARE_SEED)) = None,  # type: ignore[valid-type]
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Build a manifest from Fitzpatrick 17k, ISIC 2019, HAM10000 or a CSV, with seeded stratified splits.
@@ -159,6 +160,7 @@ def prepare_cmd(
     with claim_output(out, OUT_POLICIES["data prepare"], overwrite=overwrite,
                       inputs={"--metadata": metadata, "--ground-truth": ground_truth}):
         check_record_path(record, overwrite)
+        seed = PREPARE_SEED if seed is None else seed
         result = prepare(
             fmt,
             metadata,
@@ -175,13 +177,13 @@ def prepare_cmd(
             image_ext=image_ext,
             image_prefix=image_prefix,
             fractions=(train, val, test),
-            **({} if seed is None else {"seed": seed}),
+            seed=seed,
         )
         write_manifest(result.records, out)
         write_json(record, {"command": "data prepare", "manifest": out.name, "manifest_sha256": sha256_file(out),
                             "metadata": str(metadata), "ground_truth": None if ground_truth is None else str(ground_truth),
                             "fractions": [train, val, test], "report": result.report,
-                            "seed": seed if seed is not None else keyword_default(prepare, "seed")})
+                            "seed": seed})
     _print_prepare_report(result.report)
     _print_support(support_table(result.records), title=f"support: {out.name}")
     console.print(f"wrote {out}", highlight=False, soft_wrap=True)
