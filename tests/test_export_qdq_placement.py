@@ -13,15 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
+from onnx_graphs import random_init_graphs
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.int8 import array_reader, quantize_qdq
 from fairdeploy.export.mixed_precision import graph_logits
-from fairdeploy.export.onnx_export import export_model_onnx
-from fairdeploy.models import ModelSpec
-from fairdeploy.models.checkpoint import build_model
 
 ARCHS = ("resnet18", "mobilenet_v3_small")
 NOT_QUANTIZED_INPUTS = ("HardSwish", "HardSigmoid")
@@ -34,29 +31,7 @@ CLIPPED_SCALE_DIVISOR = 16
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[np.ndarray]]]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = {}
-    rng = np.random.default_rng(0)
-    for arch in ARCHS:
-        spec = ModelSpec(arch=arch, classes=("a", "b", "c"), groups=("x", "y"), image_size=32)
-        torch.manual_seed(0)
-        model = build_model(spec).train()
-        for m in model.modules():  # BatchNorm statistics of real activations, not the init's (0, 1): the plain
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):  # average of the batches below (momentum
-                m.reset_running_stats()  # 0.1 would keep 43 % of the init's variance, and mobilenet's signal
-                m.momentum = None  # then fades layer by layer into input-independent logits)
-        with torch.no_grad():
-            for _ in range(8):
-                model(torch.randn(16, 3, 32, 32))
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):  # torchvision's heads start near 0: logits would all be equal
-                torch.nn.init.normal_(m.weight, 0.0, m.in_features ** -0.5)
-        path = tmp_path_factory.mktemp(arch) / "model.fp32.onnx"
-        export_model_onnx(model.eval(), spec, path, "0" * 64)
-        out[arch] = (path, [rng.standard_normal((8, 3, 32, 32)).astype(np.float32) for _ in range(4)])
-    torch.set_num_threads(before)
-    return out
+    return random_init_graphs(ARCHS, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
