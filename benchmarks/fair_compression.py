@@ -193,8 +193,9 @@ def search(dense: Path, manifest: Any, out: Path, criterion: str, constrained: b
     return read_json(out / "prune.json")
 
 
-def finetune_only(dense: Path, manifest: Any, rounds: int, args, seed: int) -> Any:
-    """The dense model after `rounds` rounds of the same recovery fine-tuning, no pruning (in memory)."""
+def finetune_only(dense: Path, manifest: Any, rounds: int, args, seed: int) -> list[Any]:
+    """The dense model after 1, 2, ... `rounds` rounds of the same recovery fine-tuning, no pruning (in memory):
+    one run serves every ε replayed from a search (round r's model is the same whichever ε asks for it)."""
     import torch
 
     from fairdeploy.device import seed_everything
@@ -208,11 +209,13 @@ def finetune_only(dense: Path, manifest: Any, rounds: int, args, seed: int) -> A
     train_ds, val_ds = spec_datasets(manifest, spec)
     seed_everything(seed)
     ft = replace(recovery(args, False, 0.0), seed=seed)
+    after: list[Any] = []
     with tempfile.TemporaryDirectory() as scratch:
         for r in range(rounds):
             model, _ = finetune_model(model, spec, train_ds, val_ds, ft, Path(scratch) / f"r{r}", dev,
                                       teacher=teacher)
-    return model
+            after.append(copy.deepcopy(model))
+    return after
 
 
 # ---- the grid -------------------------------------------------------------------------------------------------
@@ -256,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
                     seconds = time.perf_counter() - t1
                     frontiers.append({"dataset": dataset, "seed": seed, "config": config, "eps": eps,
                                       "points": _frontier(rec)})
-                    for e in (args.eps if once else [eps]):
-                        name, rnd, frac, kept = replay(rec, e, args.max_f1_drop)
+                    replayed = {e: replay(rec, e, args.max_f1_drop) for e in (args.eps if once else [eps])}
+                    ft_models = (finetune_only(dense, m, max(max(r[1], 1) for r in replayed.values()), args, seed)
+                                 if config == BLIND else [])
+                    for e, (name, rnd, frac, kept) in replayed.items():
                         ckpt = dense if name == "input" else out / "rounds" / f"candidate-{name}"
                         met = test_metrics(ckpt, manifest, root)
                         rows.append({"dataset": dataset, "seed": seed, "eps": e, "config": config, "reached": name,
@@ -267,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"[{dataset} seed {seed}] {config} eps {e:g}: reached x{frac:.3f} MACs ({name}); "
                               f"test {_line(met)} ({seconds:.0f} s)", flush=True)
                         if config == BLIND:  # the fine-tune-only control: the blind reached model's recovery
-                            ft_model = finetune_only(dense, m, max(rnd, 1), args, seed)
-                            met = test_metrics(dense, manifest, root, model=ft_model)
+                            met = test_metrics(dense, manifest, root, model=ft_models[max(rnd, 1) - 1])
                             rows.append({"dataset": dataset, "seed": seed, "eps": e, "config": "finetune-only",
                                          "round": max(rnd, 1), "macs_fraction": 1.0, **met})
                             print(f"[{dataset} seed {seed}] finetune-only ({max(rnd, 1)} rounds) eps {e:g}: "
