@@ -170,7 +170,7 @@ def test_help_is_not_cut_when_stdout_is_not_a_terminal() -> None:
     (("train", "--balance", "groups"), "unknown balance 'groups'"),
     (("train", "--image-size", "8"), "--image-size must be at least 16"),
     (("prune", "--model", "m", "--ratio", "1.5"), "ratio"),
-    (("compress", "--model", "m", "--criterion", "magnitude", "--target-macs", "1.5"), "must keep a fraction in (0, 1) of the macs, got 1.5"),
+    (("compress", "--model", "m", "--criterion", "magnitude", "--target-macs", "1.5"), "--target-macs must keep a fraction in (0, 1) of the model, got 1.5"),
     (("finetune", "--model", "m", "--optimizer", "adam"), "unknown optimizer 'adam'"),
     (("evaluate", "--model", "m", "--split", "tset"), "unknown --split 'tset'; choose one of train, val, test"),
     (("validate", "--reference", "m", "--candidate", "m", "--split", "tset"), "unknown --split 'tset'"),

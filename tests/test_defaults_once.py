@@ -505,8 +505,8 @@ def test_validate_with_no_options_is_validation_config():
     (("prune", "--target", "gap"), r"--target: unknown target 'gap'; choose one of eodd, eopp0, eopp1"),
     (("prune", "--method", "snnl", "--channels-per-round", "12"),
      r"--method, --channels-per-round: channels_per_round 12 is not a multiple of round_to 8"),
-    (("compress", "--criterion", "magnitude", "--target-macs", "1.5"),  # compress does not name the flag here yet
-     r"the budget must keep a fraction in \(0, 1\) of the macs, got 1\.5"),
+    (("compress", "--criterion", "magnitude", "--target-macs", "1.5"),
+     r"--target-macs must keep a fraction in \(0, 1\) of the model, got 1\.5"),
     (("compress", "--criterion", "magnitude", "--target-macs", "0.5", "--distill", "2"),
      r"--distill: distillation weight must be in \[0, 1\], got 2\.0"),
     (("finetune", "--optimizer", "adam"), r"--optimizer: unknown optimizer 'adam'; choose one of adamw, sgd"),

@@ -275,6 +275,9 @@ def test_budget_options_are_checked_before_work() -> None:
         budget_from(speedup=2, target_macs=0.5)
     with pytest.raises(FairdeployError, match="--speedup must be > 1"):
         budget_from(speedup=0.5)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(FairdeployError, match=rf"--target-params must keep a fraction in \(0, 1\) of the model, got {bad}"):
+            budget_from(target_params=bad)
     with pytest.raises(FairdeployError, match="unknown criterion 'l1'; choose one of magnitude, taylor"):
         BudgetConfig(criterion="l1").validate()
     with pytest.raises(FairdeployError, match="is the criterion itself"):

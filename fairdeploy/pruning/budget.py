@@ -211,7 +211,10 @@ def budget_from(speedup: float | None = None, target_macs: float | None = None, 
         if speedup <= 1.0:
             raise FairdeployError(f"{label('speedup')} must be > 1, got {speedup}")
         return "macs", 1.0 / speedup
-    return ("macs", float(target_macs)) if target_macs is not None else ("params", float(target_params))  # type: ignore[arg-type]
+    key, fraction = (("target_macs", target_macs) if target_macs is not None else ("target_params", target_params))
+    if not 0.0 < float(fraction) < 1.0:  # type: ignore[arg-type]
+        raise FairdeployError(f"{label(key)} must keep a fraction in (0, 1) of the model, got {fraction}")
+    return key.removeprefix("target_"), float(fraction)  # type: ignore[arg-type]
 
 
 def guard_point(report: MetricsReport, size: ModelSize, base: MetricsReport, cfg: BudgetConfig) -> BudgetPoint:
