@@ -101,8 +101,7 @@ def runtime_fp32_onnx(trained_checkpoint: Path, tmp_path_factory: pytest.TempPat
 def cpu_int8_export(trained_checkpoint: Path, synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """trained_checkpoint through `run_export` with the cpu-workstation-int8 profile (INT8 for ONNX Runtime's CPU
     kernels) and 24 calibration images from synth_manifest: the folder holding model.fp32.onnx, model.int8.onnx,
-    export.json and calibration.json. Shared by the session, so read it, never write into it. The same export is
-    made today by test_report_latency.py (onnx_pair) and test_export_quant_target.py (exports['ort-cpu'])."""
+    export.json and calibration.json. Shared by the session, so read it, never write into it."""
     from fairdeploy.export.exporter import run_export
     from fairdeploy.export.profiles import resolve_options
 

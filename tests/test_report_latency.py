@@ -85,17 +85,6 @@ def test_only_the_same_runtime_and_preferably_the_same_model_count() -> None:
 
 # ---- validate: recorded, warned, printed ----
 
-@pytest.fixture(scope="module")
-def onnx_pair(trained_checkpoint: Path, synth_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fairdeploy.export.exporter import run_export
-    from fairdeploy.export.profiles import resolve_options
-
-    out = tmp_path_factory.mktemp("pair") / "export"
-    options = resolve_options("cpu-workstation-int8", {"calibration": {"size": 24}})
-    run_export(trained_checkpoint, out, options, data=synth_manifest)
-    return out
-
-
 def _script_latency(monkeypatch: pytest.MonkeyPatch, int8_ms: float) -> None:
     """measure_latency replaced: FP32 artifacts 2.0 ms (p95 2.2) per call at every batch size, INT8 `int8_ms`."""
     def fake(runner, images, config):
@@ -111,10 +100,10 @@ def _script_latency(monkeypatch: pytest.MonkeyPatch, int8_ms: float) -> None:
 
 @pytest.mark.parametrize("int8_ms", [5.0, 1.0])
 def test_validate_warns_when_int8_is_slower_than_fp32(run_main, monkeypatch, trained_checkpoint: Path,
-                                                      synth_manifest: Path, onnx_pair: Path, tmp_path: Path,
+                                                      synth_manifest: Path, cpu_int8_export: Path, tmp_path: Path,
                                                       int8_ms: float) -> None:
     _script_latency(monkeypatch, int8_ms)
-    fp32, int8 = onnx_pair / "model.fp32.onnx", onnx_pair / "model.int8.onnx"
+    fp32, int8 = cpu_int8_export / "model.fp32.onnx", cpu_int8_export / "model.int8.onnx"
     out = tmp_path / "val"
     code, stdout, err = run_main("validate", "--reference", str(trained_checkpoint), "--candidate", str(fp32),
                                  "--candidate", str(int8), "--data", str(synth_manifest), "--out", str(out),
