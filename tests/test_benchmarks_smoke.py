@@ -1,15 +1,18 @@
 """The benchmark scripts' bookkeeping: interleaved timing on a fake clock, the curvature loop timed like the fast
-path (same samples, same calls) and agreeing with it, tree RSS."""
+path (same samples, same calls) and agreeing with it, tree RSS, the tolerance benchmark's paired ratios and target."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -89,3 +92,37 @@ def test_machine_header_records_the_cpu_features(monkeypatch, tmp_path):
     json.dumps(info)
     monkeypatch.setattr(fingerprint, "CPUINFO", tmp_path / "absent")  # no /proc/cpuinfo: unknown, not "none"
     assert "(ISA unknown)" in common.describe_machine(common.machine())
+
+
+def test_fair_compression_summary_ratios_and_target_by_hand():
+    """The tolerance benchmark's paired table and target line on hand-made rows: 3 seeds where one configuration
+    compresses 4x, 2x and 1x as far as the blind search (MACs kept 0.25/0.5/1.0 against 1.0 each) and keeps the
+    worst group within 1 point of dense on every seed."""
+    fc = _load("fair_compression")
+    rows = []
+    for seed, (kept, wga) in enumerate([(0.25, 0.80), (0.5, 0.795), (1.0, 0.80)]):
+        rows.append({"dataset": "d", "seed": seed, "eps": None, "config": "dense", "macs_fraction": 1.0,
+                     "worst_group_accuracy": 0.80, "eodd": 0.1, "f1_macro": 0.9})
+        for config, frac, w in ((fc.BLIND, 1.0, 0.80), ("group-taylor+constrained", kept, wga)):
+            rows.append({"dataset": "d", "seed": seed, "eps": 0.02, "config": config, "macs_fraction": frac,
+                         "worst_group_accuracy": w, "eodd": 0.1, "f1_macro": 0.9})
+    summary, paired, targets = fc.summarise(rows, [0.02])
+    gt = next(e for e in summary if e["config"] == "group-taylor+constrained")
+    assert gt["reduction"]["mean"] == pytest.approx(7 / 3) and gt["seeds"] == 3
+    assert gt["wga_minus_dense"]["mean"] == pytest.approx(-0.005 / 3)
+    (p,) = paired
+    assert p["per_seed_ratio"] == [4.0, 2.0, 1.0]
+    assert p["ratio"]["mean"] == pytest.approx(7 / 3)
+    # geometric mean of 4, 2, 1 is 2; the log ratios ln 4, ln 2, 0 have sd ln 2, so the interval is
+    # 2 * exp(±4.303 * ln 2 / sqrt 3) (t quantile 0.975 with 2 degrees of freedom, to 3 decimals)
+    half = 4.303 * math.log(2) / math.sqrt(3)
+    assert p["geometric_ratio"]["mean"] == pytest.approx(2.0)
+    assert p["geometric_ratio"]["low"] == pytest.approx(2 * math.exp(-half), rel=1e-5)
+    assert p["geometric_ratio"]["high"] == pytest.approx(2 * math.exp(half), rel=1e-5)
+    assert p["per_seed_delta_wga"] == pytest.approx([0.0, -0.005, 0.0])
+    (t,) = targets
+    assert [m.split(" ")[0] for m in t["met_by"]] == ["group-taylor+constrained"] and t["shown_by"] == []
+    assert "met on the mean by group-taylor+constrained" in t["line"] and "by none" in t["line"]
+    # one seed 2 points below dense: not met, whatever the ratio
+    rows[-1] = {**rows[-1], "worst_group_accuracy": 0.78}
+    assert fc.summarise(rows, [0.02])[2][0]["met_by"] == []
