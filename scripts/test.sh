@@ -5,5 +5,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 # models are tiny: on a small machine more threads only contend with each other and with the other processes.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # Two pytest workers (pytest-xdist), each taking whole test files (their module fixtures are made once): on a
-# 2-core machine the suite ran in 218 s instead of about 380 s (benchmarks/RESULTS.md §8); four workers were slower.
+# 2-core machine the suite ran in 3 m 40 s against 7 m 58 s serial under load (benchmarks/RESULTS.md §10); four
+# workers were slower.
 python -m pytest -q -n auto --maxprocesses 2 --dist loadfile "$@"
