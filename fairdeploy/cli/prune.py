@@ -24,7 +24,7 @@ from fairdeploy.cli.options import (
     optional_option,
 )
 from fairdeploy.cli.tables import fmt_number
-from fairdeploy.cli.train import FIT_FIELDS, describe_kept_run
+from fairdeploy.cli.train import FIT_FIELDS, FIT_HELP, describe_kept_run
 from fairdeploy.errors import FairdeployError
 from fairdeploy.pruning.run import PruneConfig
 from fairdeploy.pruning.selection import Guard
@@ -250,14 +250,13 @@ def finetune(
     model: ModelOpt,
     data: DataOpt,
     out: OutDirOpt,
-    epochs: Annotated[int | None, finetune_option("Training epochs.", "epochs", min=1)] = None,
-    lr: Annotated[float | None, finetune_option("Peak learning rate of the cosine schedule.", "lr")] = None,
-    weight_decay: Annotated[float | None, finetune_option("AdamW/SGD weight decay.", "weight_decay")] = None,
-    optimizer: Annotated[str | None, finetune_option("adamw or sgd.", "optimizer")] = None,
-    balance: Annotated[str | None, finetune_option("Sampling: none, class, group or group-class.", "balance")] = None,
-    select: Annotated[str | None, finetune_option("Validation metric that picks the best epoch: f1_macro, accuracy, "
-                                                  "worst_group_accuracy.", "select")] = None,
-    amp: Annotated[bool | None, finetune_option("Mixed precision on CUDA.", "amp", "--amp/--no-amp")] = None,
+    epochs: Annotated[int | None, finetune_option(FIT_HELP["epochs"], "epochs", min=1)] = None,
+    lr: Annotated[float | None, finetune_option(FIT_HELP["lr"], "lr")] = None,
+    weight_decay: Annotated[float | None, finetune_option(FIT_HELP["weight_decay"], "weight_decay")] = None,
+    optimizer: Annotated[str | None, finetune_option(FIT_HELP["optimizer"], "optimizer")] = None,
+    balance: Annotated[str | None, finetune_option(FIT_HELP["balance"], "balance")] = None,
+    select: Annotated[str | None, finetune_option(FIT_HELP["select"], "select")] = None,
+    amp: Annotated[bool | None, finetune_option(FIT_HELP["amp"], "amp", "--amp/--no-amp")] = None,
     constrained: Annotated[bool, typer.Option("--constrained", help="Constrained recovery: one Lagrange multiplier "
                                               "per group keeps every group's training accuracy within "
                                               "--max-group-drop of the --reference model.")] = False,

@@ -36,6 +36,17 @@ if TYPE_CHECKING:
 FIT_FIELDS: dict[str, str | tuple[str, ...]] = {name: name for name in (
     "epochs", "batch_size", "lr", "weight_decay", "optimizer", "balance", "select", "amp", "workers", "seed")}
 
+# The help of the FitConfig options `train` and `finetune` share (each shows its own command's default).
+FIT_HELP = {
+    "epochs": "Training epochs.",
+    "lr": "Peak learning rate of the cosine schedule.",
+    "weight_decay": "AdamW/SGD weight decay.",
+    "optimizer": "adamw or sgd.",
+    "balance": "Sampling: none, class, group or group-class.",
+    "select": "Validation metric that picks the best epoch: f1_macro, accuracy, worst_group_accuracy.",
+    "amp": "Mixed precision on CUDA.",
+}
+
 # Each option's --help shows its default, read from where it is defined: FitConfig's field (`train`),
 # ModelSpec's image_size, evaluate_checkpoint's keyword default (`evaluate`). The options themselves are None.
 fit_option = config_option(FitConfig)
@@ -48,18 +59,17 @@ def train(
     data: DataOpt,
     out: OutDirOpt,
     arch: Annotated[str, typer.Option("--arch", help="resnet18, resnet50, vgg11_bn, mobilenet_v3_small, efficientnet_b0, ...")] = "resnet18",
-    epochs: Annotated[int | None, fit_option("Training epochs.", "epochs", min=1)] = None,
+    epochs: Annotated[int | None, fit_option(FIT_HELP["epochs"], "epochs", min=1)] = None,
     batch_size: Annotated[int | None, fit_option("Batch size; under torchrun the global batch, split evenly over "
                                                  "the processes.", "batch_size", "--batch-size", min=1)] = None,
-    lr: Annotated[float | None, fit_option("Peak learning rate of the cosine schedule.", "lr")] = None,
-    weight_decay: Annotated[float | None, fit_option("AdamW/SGD weight decay.", "weight_decay")] = None,
-    optimizer: Annotated[str | None, fit_option("adamw or sgd.", "optimizer")] = None,
+    lr: Annotated[float | None, fit_option(FIT_HELP["lr"], "lr")] = None,
+    weight_decay: Annotated[float | None, fit_option(FIT_HELP["weight_decay"], "weight_decay")] = None,
+    optimizer: Annotated[str | None, fit_option(FIT_HELP["optimizer"], "optimizer")] = None,
     image_size: Annotated[int | None, spec_option("Side of the square input image in pixels.", "image_size")] = None,
-    balance: Annotated[str | None, fit_option("Sampling: none, class, group or group-class.", "balance")] = None,
-    select: Annotated[str | None, fit_option("Validation metric that picks the best epoch: f1_macro, accuracy, "
-                                             "worst_group_accuracy.", "select")] = None,
+    balance: Annotated[str | None, fit_option(FIT_HELP["balance"], "balance")] = None,
+    select: Annotated[str | None, fit_option(FIT_HELP["select"], "select")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local weights file (.safetensors or state-dict .pt) to start from.")] = None,
-    amp: Annotated[bool | None, fit_option("Mixed precision on CUDA.", "amp", "--amp/--no-amp")] = None,
+    amp: Annotated[bool | None, fit_option(FIT_HELP["amp"], "amp", "--amp/--no-amp")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last if it exists.")] = False,
     job: Job = Job(),
     keep_optimizer_state: Annotated[bool, typer.Option(
