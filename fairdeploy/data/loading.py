@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from torchvision import transforms as T
 from fairdeploy.data.images import ImageRefused, to_rgb
 from fairdeploy.data.manifest import Manifest, Record
 from fairdeploy.errors import FairdeployError
+from fairdeploy.files.entries import is_symlink_loop
 
 BALANCE_CHOICES = ("none", "class", "group", "group-class")
 EVAL_CROP_FRACTION = 0.875
@@ -117,10 +117,8 @@ def missing_image(path: Path) -> str:
     symlink' or 'is not a regular file'."""
     try:
         path.resolve(strict=True)
-    except RuntimeError:  # Python < 3.13: RuntimeError("Symlink loop from ...")
-        return "is a symlink loop"
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
+    except (RuntimeError, OSError) as exc:
+        if is_symlink_loop(exc):
             return "is a symlink loop"
         return "is a broken symlink" if path.is_symlink() else "not found"
     return "not found" if not path.exists() else "is not a regular file"

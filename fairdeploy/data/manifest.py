@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import errno
 import os
 import warnings
 from collections import defaultdict
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.files.atomic import atomic_path
+from fairdeploy.files.entries import is_symlink_loop
 
 REQUIRED_COLUMNS = ("image", "label", "group", "split")
 SPLITS = ("train", "val", "test")
@@ -130,10 +130,8 @@ def _resolved(path: Path) -> Path:
     """path.resolve(), with a symlink loop as SymlinkLoop (Python < 3.13 raises RuntimeError, 3.13 OSError ELOOP)."""
     try:
         return path.resolve()
-    except RuntimeError:
-        raise SymlinkLoop(str(path)) from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
+    except (RuntimeError, OSError) as exc:
+        if is_symlink_loop(exc):
             raise SymlinkLoop(str(path)) from None
         raise
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -20,6 +21,12 @@ def describe_entries(folder: Path, limit: int = 5) -> str:
         return "nothing"
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def is_symlink_loop(exc: BaseException) -> bool:
+    """Whether `exc`, raised by Path.resolve(), says the path is a symlink loop (Python < 3.13 raises RuntimeError,
+    3.13 OSError ELOOP)."""
+    return isinstance(exc, RuntimeError) or (isinstance(exc, OSError) and exc.errno == errno.ELOOP)
 
 
 def remove_entry(path: Path) -> None:

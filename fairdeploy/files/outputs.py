@@ -8,7 +8,6 @@ command is refused unless the user passes `--overwrite`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fnmatch
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -18,7 +17,7 @@ from typing import Any
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.files.approvals import approved
-from fairdeploy.files.entries import describe_entries, special_file
+from fairdeploy.files.entries import describe_entries, is_symlink_loop, special_file
 from fairdeploy.files.lock import output_lock
 from fairdeploy.files.temporaries import only_temporaries, remove_stale_temporaries
 
@@ -73,8 +72,8 @@ def _check_regular(out: Path, policy: OutputPolicy) -> None:
     replaces the node (or, a FIFO, blocks forever); nothing is opened or replaced."""
     try:
         out.resolve()
-    except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError before Python 3.13, OSError ELOOP after
-        if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+    except (RuntimeError, OSError) as exc:
+        if is_symlink_loop(exc):
             raise FairdeployError(f"--out {out} is a symlink loop: choose another --out") from None
     what = special_file(out)
     if what is not None:
