@@ -144,8 +144,7 @@ class FairPruneStep:
         if not groups:
             raise FairdeployError(f"the {self.arch} model has no prunable channel group")
         self.importance.prepare(model, dg, groups, self.score_data(step), self.device, progress)
-        removal = remove_lowest(model, self.importance, LowestShare(cfg.ratio, cfg.round_to), head, self.image_size,
-                                self.device, dg=dg)
+        removal = remove_lowest(model, self.importance, LowestShare(cfg.ratio, cfg.round_to), head, dg)
         removed_ids = {root: self.ids.remove(root, removal.channels_before[root], idxs)
                        for root, idxs in removal.removed.items()}
         if masks:  # a weight-sparse model keeps its zeros; masks follow the new shapes

@@ -24,7 +24,6 @@ from fairdeploy.pruning.criteria import TableImportance
 from fairdeploy.pruning.structured import (
     DEFAULT_ROUND_TO,
     channel_groups,
-    dependency_graph,
     lowest_channels,
     prune_out_channels,
 )
@@ -39,11 +38,12 @@ class BudgetUnreachable(FairdeployError):
 
 @dataclass(frozen=True)
 class Removal:
-    """What one removal did: the channel ratio used, the size after, and {root layer: removed channel indices
+    """What one removal did: the channel ratio used, the size after (a compression run's removal; None for a
+    FairPrune / SNNL step, whose loop measures the model itself), and {root layer: removed channel indices
     (positions in the layer before this removal)}."""
 
     ratio: float
-    size: ModelSize
+    size: ModelSize | None
     removed: dict[str, list[int]]
     channels_before: dict[str, int] = field(default_factory=dict)  # each scored group's width before the removal
 
@@ -199,16 +199,14 @@ class LowestCount:
 
 
 def remove_lowest(model: nn.Module, importance: tp.importance.Importance, rule: SelectionRule, head: str,
-                  image_size: int, device: torch.device | str = "cpu",
-                  dg: tp.DependencyGraph | None = None) -> Removal:
+                  dg: tp.DependencyGraph) -> Removal:
     """One pruning step (in place): every coupled group the `importance` scores (rooted at a conv / linear layer,
     the classifier `head`'s output untouched), in the order of the importance's table when it has one, loses the
-    positions `rule` picks from the scores. `dg`: the dependency graph of `model` as it is now, if already traced.
+    positions `rule` picks from the scores. `dg`: the dependency graph of `model` as it is now.
     Removal.removed holds the positions (before removal) per group root; channels_before every scored group's
     width."""
     was_training = model.training
     model.eval()
-    dg = dg if dg is not None else dependency_graph(model, image_size, device)
     modules = dict(model.named_modules())
     if head not in modules:
         raise FairdeployError(f"classifier head {head!r} not found in the model")
@@ -228,6 +226,5 @@ def remove_lowest(model: nn.Module, importance: tp.importance.Importance, rule: 
                 removed[g.root] = sorted(int(i) for i in idxs)
     model.train(was_training)
     total = sum(len(s) for _, s in scored)
-    return Removal(ratio=sum(len(v) for v in removed.values()) / max(total, 1),
-                   size=model_size(model, image_size, device), removed=removed,
+    return Removal(ratio=sum(len(v) for v in removed.values()) / max(total, 1), size=None, removed=removed,
                    channels_before={g.root: len(s) for g, s in scored})

@@ -124,8 +124,7 @@ class SnnlStep:
                  "images_per_s": len(self.batches) / max(seconds, 1e-9), "device": str(self.device)}
         scores = {n: importance.layer_scores[n] for n in layers}
         positions = dict(importance.layer_positions)  # before the removal
-        removal = remove_lowest(model, importance, LowestCount(self.budget(), cfg.round_to), head, self.image_size,
-                                self.device, dg=dg)
+        removal = remove_lowest(model, importance, LowestCount(self.budget(), cfg.round_to), head, dg)
         removed: dict[str, list[int]] = {}
         for n in layers:  # the feature layer's channels that went with its group's removed positions
             root, at_root = positions[n]
