@@ -15,13 +15,17 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.qdq_placement import place_qdq, weighted_nodes
 from fairdeploy.validation.tolerances import CheckResult, Tolerances, check_tolerances
+
+if TYPE_CHECKING:
+    from fairdeploy.metrics.fairness import MetricsReport
+    from fairdeploy.validation.compare import AgreementStats
 
 MIXED_PRECISION_MODES = ("off", "group-aware")
 DEFAULT_MIXED_PRECISION = "off"
@@ -144,24 +148,50 @@ def graph_logits(model: Any, inputs: np.ndarray, batch_size: int = GRAPH_BATCH_S
         return runner_logits(runner, array_batches(inputs, batch_size))
 
 
-def evaluate(logits: np.ndarray, reference: np.ndarray, data: EvalSet, tol: Tolerances) -> Evaluation:
-    """`logits` against the FP32 `reference` logits on `data`: per-group numbers and the gate's checks."""
+@dataclass(frozen=True)
+class ReferenceParts:
+    """What `evaluate` needs of the FP32 reference on an EvalSet, computed once (`reference_parts`) and shared by
+    every evaluation against it."""
+
+    names: np.ndarray  # each sample's group name
+    order: tuple[str, ...]  # the groups present, in group_names order
+    pred: np.ndarray
+    correct: AgreementStats  # the reference's predictions against the labels (its accuracy)
+    metrics: MetricsReport  # of the reference's predictions
+
+
+def reference_parts(reference: np.ndarray, data: EvalSet) -> ReferenceParts:
+    """The FP32 `reference` logits' groups, predictions, accuracy and metrics on `data`."""
     from fairdeploy.metrics import compute_metrics
-    from fairdeploy.validation.compare import agreement_stats, logit_diff_stats, named_groups
+    from fairdeploy.validation.compare import agreement_stats, named_groups
 
     names, order = named_groups(data.groups, data.group_names)
-    pred, ref_pred = logits.argmax(1), reference.argmax(1)
-    same = agreement_stats(ref_pred, pred, names, order)
+    ref_pred = reference.argmax(1)
+    return ReferenceParts(names, order, ref_pred, agreement_stats(data.labels, ref_pred, names, order),
+                          compute_metrics(data.labels, ref_pred, names, num_classes=data.num_classes,
+                                          group_order=order))
+
+
+def evaluate(logits: np.ndarray, reference: np.ndarray, data: EvalSet, tol: Tolerances,
+             ref: ReferenceParts | None = None) -> Evaluation:
+    """`logits` against the FP32 `reference` logits on `data`: per-group numbers and the gate's checks. `ref`:
+    reference_parts(reference, data), when the caller evaluates several graphs against one reference."""
+    from fairdeploy.metrics import compute_metrics
+    from fairdeploy.validation.compare import agreement_stats, logit_diff_stats
+
+    ref = ref if ref is not None else reference_parts(reference, data)
+    names, order = ref.names, ref.order
+    pred = logits.argmax(1)
+    same = agreement_stats(ref.pred, pred, names, order)
     correct = agreement_stats(data.labels, pred, names, order)  # accuracy: top-1 agreement with the labels
-    ref_correct = agreement_stats(data.labels, ref_pred, names, order)
     diff = logit_diff_stats(reference, logits, names, order)
-    kw = {"num_classes": data.num_classes, "group_order": order}
-    checks = check_tolerances(compute_metrics(data.labels, ref_pred, names, **kw),
-                              compute_metrics(data.labels, pred, names, **kw), same.overall, same.groups, tol)
+    checks = check_tolerances(ref.metrics,
+                              compute_metrics(data.labels, pred, names, num_classes=data.num_classes,
+                                              group_order=order), same.overall, same.groups, tol)
     return Evaluation(
         agreement=same.overall, agreement_per_group=same.groups,
         accuracy=correct.overall, accuracy_per_group=correct.groups,
-        accuracy_drop_per_group={g: ref_correct.groups[g] - correct.groups[g] for g in order},
+        accuracy_drop_per_group={g: ref.correct.groups[g] - correct.groups[g] for g in order},
         mean_abs_logit_diff_per_group={g: diff.groups[g].mean_abs for g in order}, checks=checks)
 
 
@@ -171,15 +201,19 @@ def with_fp32_layers(int8_model: Any, fp32_model: Any, layers: Sequence[str]) ->
 
 
 def layer_sensitivity(int8_model: Any, fp32_model: Any, data: EvalSet, reference: np.ndarray,
-                      tol: Tolerances, threads: int = 0) -> tuple[LayerSensitivity, ...]:
-    """Each weighted layer's harm when it alone is INT8, most harmful first (ties: graph order)."""
+                      tol: Tolerances, threads: int = 0,
+                      ref: ReferenceParts | None = None) -> tuple[LayerSensitivity, ...]:
+    """Each weighted layer's harm when it alone is INT8, most harmful first (ties: graph order). `ref`:
+    reference_parts(reference, data), if the caller has it."""
+    ref = ref if ref is not None else reference_parts(reference, data)
     layers = weighted_nodes(int8_model)
     ops = {n.name: n.op_type for n in int8_model.graph.node}
     out = []
     for layer in layers:
         only = with_fp32_layers(int8_model, fp32_model, [x for x in layers if x != layer])
         out.append(LayerSensitivity(layer, ops[layer],
-                                    evaluate(graph_logits(only, data.inputs, threads=threads), reference, data, tol)))
+                                    evaluate(graph_logits(only, data.inputs, threads=threads), reference, data, tol,
+                                             ref)))
     order = sorted(range(len(out)), key=lambda i: (tuple(-h for h in out[i].evaluation.harm), i))
     return tuple(out[i] for i in order)
 
@@ -192,8 +226,10 @@ def plan_group_aware(int8_model: Any, fp32_model: Any, data: EvalSet, tol: Toler
     if len(data.inputs) == 0:
         raise FairdeployError("group-aware mixed precision needs validation images; the split is empty")
     reference = graph_logits(fp32_model, data.inputs, threads=threads)
-    vanilla = evaluate(graph_logits(int8_model, data.inputs, threads=threads), reference, data, tol)
-    sensitivity = layer_sensitivity(int8_model, fp32_model, data, reference, tol, threads) if not vanilla.passed else ()
+    ref = reference_parts(reference, data)  # once, for every evaluation against the FP32 graph below
+    vanilla = evaluate(graph_logits(int8_model, data.inputs, threads=threads), reference, data, tol, ref)
+    sensitivity = (layer_sensitivity(int8_model, fp32_model, data, reference, tol, threads, ref)
+                   if not vanilla.passed else ())
     kept: list[str] = []
     steps: list[tuple[str, Evaluation]] = []
     current = vanilla
@@ -202,7 +238,7 @@ def plan_group_aware(int8_model: Any, fp32_model: Any, data: EvalSet, tol: Toler
             break
         kept.append(s.layer)
         current = evaluate(graph_logits(with_fp32_layers(int8_model, fp32_model, kept), data.inputs,
-                                        threads=threads), reference, data, tol)
+                                        threads=threads), reference, data, tol, ref)
         steps.append((s.layer, current))
     if not current.passed or (sensitivity and len(kept) == len(sensitivity)):
         raise FairdeployError(
