@@ -184,7 +184,11 @@ def neighbour_quantized(model: Any, int8: Collection[str]) -> set[str]:
     """The pooling ops and Flattens (NEIGHBOUR_QUANTIZED_OPS) whose input TensorRT's placement quantizes: those
     that feed an INT8 weighted op or are fed by one, directly or through COPY_OPS (a graph output's producer
     excluded, as ModelOpt's skipped output layers). `int8`: the weighted nodes left INT8."""
-    g = _Graph(model)
+    return _neighbour_quantized(_Graph(model), int8)
+
+
+def _neighbour_quantized(g: _Graph, int8: Collection[str]) -> set[str]:
+    """neighbour_quantized on the graph's maps `g` (place_qdq's, built before it rewires anything)."""
     int8 = set(int8)
 
     def feeds_int8(node: Any) -> bool:
@@ -199,7 +203,7 @@ def neighbour_quantized(model: Any, int8: Collection[str]) -> set[str]:
             p = g.producer.get(g.float_source(p.input[0]))
         return p is not None and p.name in int8
 
-    return {n.name for n in model.graph.node if n.op_type in NEIGHBOUR_QUANTIZED_OPS
+    return {n.name for n in g.model.graph.node if n.op_type in NEIGHBOUR_QUANTIZED_OPS
             and g.float_source(n.output[0]) not in g.outputs and (feeds_int8(n) or fed_by_int8(n))}
 
 
@@ -225,7 +229,7 @@ def place_qdq(model: Any, fp32_model: Any, keep_fp32: Collection[str] = ()) -> A
                               f"(weighted layers: {', '.join(weighted[:5])}{', ...' if len(weighted) > 5 else ''})")
     int8 = set(weighted) - set(keep_fp32)
     shortcut = {(a.node, a.shortcut_input) for a in residual_adds(model) if a.fused_into in int8}
-    inputs_kept = shortcut | {(name, 0) for name in neighbour_quantized(model, int8)}  # (node, input index)
+    inputs_kept = shortcut | {(name, 0) for name in _neighbour_quantized(g, int8)}  # (node, input index)
     fp32_nodes = {n.name: n for n in fp32_model.graph.node}
     fp32_inits = {i.name: i for i in fp32_model.graph.initializer}
     for n in model.graph.node:
