@@ -8,14 +8,19 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from fairdeploy.export.onnx_export import export_model_onnx
 from fairdeploy.models import ModelSpec
 from fairdeploy.models.checkpoint import build_model
 
 SIZE = 32
+# The agreement control: every activation scale divided by this (ranges clipped to 1/16), a quantization that is
+# wrong the way a one-group or far too small calibration set makes it wrong (its top-1 agreement is near chance).
+CLIPPED_SCALE_DIVISOR = 16
 
 
 def random_init_graphs(archs: Iterable[str], tmp_path_factory: pytest.TempPathFactory
@@ -46,3 +51,14 @@ def random_init_graphs(archs: Iterable[str], tmp_path_factory: pytest.TempPathFa
     finally:
         torch.set_num_threads(before)
     return out
+
+
+def clipped_control(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every activation scale divided by CLIPPED_SCALE_DIVISOR: a broken calibration."""
+    clipped = onnx.ModelProto()
+    clipped.CopyFrom(model)
+    scales = {n.input[1] for n in clipped.graph.node if n.op_type == "QuantizeLinear"}
+    for init in clipped.graph.initializer:
+        if init.name in scales:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) / CLIPPED_SCALE_DIVISOR, init.name))
+    return clipped

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from onnx_graphs import random_init_graphs
+from onnx_graphs import clipped_control, random_init_graphs
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.export.int8 import array_reader, quantize_qdq
@@ -24,9 +24,6 @@ ARCHS = ("resnet18", "mobilenet_v3_small")
 NOT_QUANTIZED_INPUTS = ("HardSwish", "HardSigmoid")
 # Pooling ops and Flatten next to INT8 layers read Q/DQ too (ModelOpt's rule; tests/test_export_qdq_modelopt.py).
 POOLED = ("MaxPool", "AveragePool", "GlobalAveragePool", "Flatten")
-# The agreement control: every activation scale divided by this (ranges clipped to 1/16), a quantization that is
-# wrong the way a one-group or far too small calibration set makes it wrong (its top-1 agreement is near chance).
-CLIPPED_SCALE_DIVISOR = 16
 
 
 @pytest.fixture(scope="module")
@@ -132,17 +129,6 @@ def test_tensorrt_placement_has_fewer_qdq_nodes(quantized, arch: str) -> None:
     shortcuts = {w.producer[t].input[0] for a in w.residual_adds() for t in a.input if w.activation_dq(t)}
     pooled = {w.producer[n.input[0]].input[0] for n in w.nodes if n.op_type in POOLED and w.activation_dq(n.input[0])}
     assert trt == len(activations | shortcuts | pooled) < ort_default
-
-
-def clipped_control(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with every activation scale divided by CLIPPED_SCALE_DIVISOR: a broken calibration."""
-    clipped = onnx.ModelProto()
-    clipped.CopyFrom(model)
-    scales = {n.input[1] for n in clipped.graph.node if n.op_type == "QuantizeLinear"}
-    for init in clipped.graph.initializer:
-        if init.name in scales:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) / CLIPPED_SCALE_DIVISOR, init.name))
-    return clipped
 
 
 @pytest.mark.numerics
