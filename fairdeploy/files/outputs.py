@@ -17,6 +17,7 @@ from typing import Any
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.files.approvals import approved
+from fairdeploy.files.atomic import _owned_by
 from fairdeploy.files.entries import describe_entries, is_symlink_loop, special_file
 from fairdeploy.files.lock import output_lock
 from fairdeploy.files.temporaries import only_temporaries, remove_stale_temporaries
@@ -82,6 +83,11 @@ def _check_regular(out: Path, policy: OutputPolicy) -> None:
                               f"{writes} there: choose another --out")
 
 
+def _owned(out: Path, policy: OutputPolicy) -> bool:
+    """Whether the folder `out` is a previous output of the command: its record file, or its `owned` predicate."""
+    return _owned_by(out, policy.record) or _owned_by(out, policy.owned)
+
+
 def _check_owner(out: Path, policy: OutputPolicy, overwrite: bool, resume: bool | None) -> bool:
     """Raise unless `policy.command` may write `out`; returns whether an existing output may be replaced."""
     cmd = f"`fairdeploy {policy.command}`"
@@ -100,8 +106,7 @@ def _check_owner(out: Path, policy: OutputPolicy, overwrite: bool, resume: bool 
         raise FairdeployError(f"--out {out} is a file; {policy.command} writes a folder there: give a folder path")
     if not any(out.iterdir()):
         return False
-    owned = (policy.record is not None and (out / policy.record).is_file()) or bool(
-        policy.owned is not None and policy.owned(out))
+    owned = _owned(out, policy)
     proof = policy.proof or policy.record or "its record file"
     action = "replace it" if policy.names is not None else "write into it"
     if overwrite:
@@ -145,9 +150,7 @@ def claim_output(
     _check_inputs(final, policy, inputs or {})
     with output_lock(final):
         _check_regular(final, policy)  # again, under the lock
-        owned_before = policy.kind == "dir" and final.is_dir() and (
-            (policy.record is not None and (final / policy.record).is_file())
-            or bool(policy.owned is not None and policy.owned(final)))
+        owned_before = policy.kind == "dir" and final.is_dir() and _owned(final, policy)
         # inside the folder too when it is the command's own, when --overwrite gives it to the command, or when
         # it holds nothing but a killed run's temporaries (a first run killed before its record was written)
         remove_stale_temporaries(final, inside=policy.kind == "dir" and (
