@@ -144,14 +144,14 @@ class FairPruneStep:
         if not groups:
             raise FairdeployError(f"the {self.arch} model has no prunable channel group")
         self.importance.prepare(model, dg, groups, self.score_data(step), self.device, progress)
-        removal = remove_lowest(model, self.importance, LowestShare(cfg.ratio, cfg.round_to), head, dg)
-        removed_ids = {root: self.ids.remove(root, removal.channels_before[root], idxs)
-                       for root, idxs in removal.removed.items()}
+        removal = remove_lowest(model, self.importance, LowestShare(cfg.ratio, cfg.round_to), dg, groups)
+        widths = {g.root: g.channels for g in groups if g.root in self.importance.table}  # the scored groups
+        removed_ids = {root: self.ids.remove(root, widths[root], idxs) for root, idxs in removal.removed.items()}
         if masks:  # a weight-sparse model keeps its zeros; masks follow the new shapes
             masks = masks_from_model(model, [k.removesuffix(".weight") for k in masks])
         total = removal.channels_removed
         removed = {"kind": "channel", "channels_removed": total, "channels": removed_ids,
-                   "groups": dict(removal.channels_before)}
+                   "groups": widths}
         exhausted = None if total else "no group can lose channels at this ratio and alignment"
         return StepOutput(model=model, removed=removed, masks=masks, exhausted=exhausted,
                           stats=self.importance.stats)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -23,7 +23,7 @@ from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.pruning.criteria import TableImportance
 from fairdeploy.pruning.structured import (
     DEFAULT_ROUND_TO,
-    channel_groups,
+    ChannelGroup,
     lowest_channels,
     prune_out_channels,
 )
@@ -45,7 +45,6 @@ class Removal:
     ratio: float
     size: ModelSize | None
     removed: dict[str, list[int]]
-    channels_before: dict[str, int] = field(default_factory=dict)  # each scored group's width before the removal
 
     @property
     def channels_removed(self) -> int:
@@ -198,25 +197,20 @@ class LowestCount:
         return [sorted(c[:len(c) - len(c) % self.round_to]) for c in chosen]
 
 
-def remove_lowest(model: nn.Module, importance: tp.importance.Importance, rule: SelectionRule, head: str,
-                  dg: tp.DependencyGraph) -> Removal:
-    """One pruning step (in place): every coupled group the `importance` scores (rooted at a conv / linear layer,
-    the classifier `head`'s output untouched), in the order of the importance's table when it has one, loses the
-    positions `rule` picks from the scores. `dg`: the dependency graph of `model` as it is now.
-    Removal.removed holds the positions (before removal) per group root; channels_before every scored group's
-    width."""
+def remove_lowest(model: nn.Module, importance: tp.importance.Importance, rule: SelectionRule,
+                  dg: tp.DependencyGraph, groups: Sequence[ChannelGroup]) -> Removal:
+    """One pruning step (in place): each of `groups` (structured.channel_groups of `dg`, the dependency graph of
+    `model` as it is now, the classifier head's output left out) that the `importance` scores loses the positions
+    `rule` picks from the scores, the groups ranked in the order given (ties follow it). Removal.removed holds the
+    positions (before removal) per group root."""
     was_training = model.training
     model.eval()
     modules = dict(model.named_modules())
-    if head not in modules:
-        raise FairdeployError(f"classifier head {head!r} not found in the model")
     scored = []
-    for g in channel_groups(dg, model, ignored=[head]):
+    for g in groups:
         scores = importance(g.group)
         if scores is not None:
             scored.append((g, scores.detach().to("cpu", torch.float64)))
-    order = list(getattr(importance, "table", {}))  # the criterion's own order of groups (ties follow it)
-    scored.sort(key=lambda item: order.index(item[0].root) if item[0].root in order else len(order))
     plan = rule.plan([s for _, s in scored])
     removed: dict[str, list[int]] = {}
     with torch.no_grad():
@@ -226,5 +220,4 @@ def remove_lowest(model: nn.Module, importance: tp.importance.Importance, rule: 
                 removed[g.root] = sorted(int(i) for i in idxs)
     model.train(was_training)
     total = sum(len(s) for _, s in scored)
-    return Removal(ratio=sum(len(v) for v in removed.values()) / max(total, 1), size=None, removed=removed,
-                   channels_before={g.root: len(s) for g, s in scored})
+    return Removal(ratio=sum(len(v) for v in removed.values()) / max(total, 1), size=None, removed=removed)

@@ -117,14 +117,16 @@ class SnnlStep:
         dg = dependency_graph(model, self.image_size, self.device)
         data = ScoreData(snnl_batches=self.batches, snnl_batch_size=self.batch_size)
         t0 = time.perf_counter()
-        importance.prepare(model, dg, channel_groups(dg, model, ignored=[head]), data, self.device,
-                           step_progress(self.progress, step))
+        groups = channel_groups(dg, model, ignored=[head])
+        importance.prepare(model, dg, groups, data, self.device, step_progress(self.progress, step))
         seconds = time.perf_counter() - t0
         stats = {"snnl_images": len(self.batches), "seconds": seconds,
                  "images_per_s": len(self.batches) / max(seconds, 1e-9), "device": str(self.device)}
         scores = {n: importance.layer_scores[n] for n in layers}
         positions = dict(importance.layer_positions)  # before the removal
-        removal = remove_lowest(model, importance, LowestCount(self.budget(), cfg.round_to), head, dg)
+        by_root = {g.root: g for g in groups}  # ranked in the importance's order of groups (the feature layers')
+        removal = remove_lowest(model, importance, LowestCount(self.budget(), cfg.round_to), dg,
+                                [by_root[root] for root in importance.table])
         removed: dict[str, list[int]] = {}
         for n in layers:  # the feature layer's channels that went with its group's removed positions
             root, at_root = positions[n]
