@@ -55,7 +55,7 @@ from fairdeploy.models.checkpoint import (
 from fairdeploy.progress import Progress, no_progress
 from fairdeploy.runtime.base import ArtifactInfo, ImageBatch, array_batches, runner_logits
 from fairdeploy.runtime.ort_runner import OrtRunner
-from fairdeploy.runtime.torch_runner import TorchRunner, spec_info
+from fairdeploy.runtime.torch_runner import module_logits, spec_info
 from fairdeploy.validation.compare import Comparison, LabelledImages, compare
 
 MIXED_PRECISION_SPLIT = "val"  # group-aware mixed precision measures layers here: never the test split
@@ -256,7 +256,7 @@ def _batches(check: CheckData) -> Iterator[ImageBatch]:
 def _torch_logits(model: torch.nn.Module, info: ArtifactInfo, check: CheckData) -> np.ndarray:
     """PyTorch's logits on the check images: the checkpoint's TorchRunner (the one `validate` runs), on the CPU,
     over the model already loaded."""
-    return runner_logits(TorchRunner(info.path, torch.device("cpu"), module=model, info=info), _batches(check))
+    return module_logits(model, info, _batches(check))
 
 
 def _onnx_logits(path: Path, check: CheckData) -> np.ndarray:

@@ -28,7 +28,7 @@ from fairdeploy.errors import FairdeployError
 from fairdeploy.files.atomic import atomic_path
 from fairdeploy.files.hashing import sha256_file
 from fairdeploy.models.checkpoint import ModelSpec, checkpoint_hash, load_checkpoint, resolve_checkpoint
-from fairdeploy.runtime.base import array_batches, run_runners, runner_logits
+from fairdeploy.runtime.base import array_batches, run_runners
 from fairdeploy.validation.compare import Comparison, compare
 
 # torch's TorchScript exporter (the dynamo one needs onnxscript) goes up to opset 20; TensorRT 10.3's
@@ -249,11 +249,10 @@ def _simplify(model: Any) -> Any:
 
 def _pytorch_logits(model: nn.Module, spec: ModelSpec, checkpoint_sha256: str, images: np.ndarray) -> np.ndarray:
     """The model's logits on `images`, one batch, from a TorchRunner over the model in memory."""
-    from fairdeploy.runtime.torch_runner import TorchRunner, spec_info
+    from fairdeploy.runtime.torch_runner import module_logits, spec_info
 
     info = spec_info(spec, f"{spec.arch} in memory (checkpoint {checkpoint_sha256[:12]})", checkpoint_sha256)
-    runner = TorchRunner(info.path, torch.device("cpu"), module=model, info=info)
-    return runner_logits(runner, array_batches(images, len(images)))
+    return module_logits(model, info, array_batches(images, len(images)))
 
 
 def check_graph(path: Path, images: np.ndarray, reference: np.ndarray,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from fairdeploy.models.checkpoint import (
     read_spec,
     resolve_checkpoint,
 )
-from fairdeploy.runtime.base import ArtifactInfo, BaseRunner, InputSpec
+from fairdeploy.runtime.base import ArtifactInfo, BaseRunner, ImageBatch, InputSpec, runner_logits
 
 if TYPE_CHECKING:
     from fairdeploy.models.size import ModelSize
@@ -93,3 +94,9 @@ class TorchRunner(BaseRunner):
         else:
             d["threads"] = torch.get_num_threads()
         return d
+
+
+def module_logits(model: torch.nn.Module, info: ArtifactInfo, batches: Iterable[ImageBatch]) -> np.ndarray:
+    """The logits of a model already in memory (eval mode, on the CPU) over `batches`: a CPU TorchRunner over it,
+    described (and named) by `info`."""
+    return runner_logits(TorchRunner(info.path, torch.device("cpu"), module=model, info=info), batches)
