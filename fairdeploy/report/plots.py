@@ -14,6 +14,7 @@ import numpy as np
 
 from fairdeploy.report.stages import RunStages, StageRecord, Trajectory
 from fairdeploy.report.summary import FAIRNESS_LABELS, interval, p50_ms, passes, reference_of, worst_group
+from fairdeploy.units import BYTES_PER_MB
 
 FAIRNESS_KEYS = tuple(FAIRNESS_LABELS)
 MAX_WIDTH_IN = 16.0
@@ -391,7 +392,7 @@ def size_latency(stages: Sequence[StageRecord]) -> bytes | None:
     width_in, rotation = _stage_layout(sized, 0.6)
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(width_in, 7.0))
     x = np.arange(len(sized))
-    a1.bar(x, [(s.size_bytes or 0) / 1e6 for s in sized])
+    a1.bar(x, [(s.size_bytes or 0) / BYTES_PER_MB for s in sized])
     a1.set_ylabel("artifact file size (MB)")
     lat = [p50_ms(s) for s in sized]
     a2.bar(x, [np.nan if v is None else v[0] for v in lat])

@@ -13,6 +13,7 @@ from fairdeploy.files.atomic import atomic_dir, atomic_path
 from fairdeploy.metrics import METRIC_DEFINITIONS
 from fairdeploy.report import plots, summary
 from fairdeploy.report.stages import RunStages, StageRecord, load_stages
+from fairdeploy.units import BYTES_PER_MB
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def stage_table(run: RunStages) -> tuple[list[str], list[list[str]]]:
             *[_fixed(m["groups"].get(g, {}).get("accuracy")) for g in groups],
             *[_fixed(m["fairness"].get(k)) for k in ("eodd", "eopp0", "eopp1", "dp")],
             _fixed(s.agreement), _fixed(s.macs / 1e6, 1) if s.macs else "",
-            _fixed(s.size_bytes / 1e6, 2) if s.size_bytes else "",
+            _fixed(s.size_bytes / BYTES_PER_MB, 2) if s.size_bytes else "",
             _fixed((s.latency or {}).get("batch1_p50_ms"), 2) if s.latency else "", gate,
         ])
     return head, rows
