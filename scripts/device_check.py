@@ -314,9 +314,10 @@ def wheelhouse_plan(python_version: str = DEVICE_PYTHON, roots: tuple[str, ...] 
         except metadata.PackageNotFoundError:
             not_carried[name] = {"name": name, "why": "not installed here either"}
             continue
-        if pure(dist) or via is not None:
-            carried[name] = {"name": name, "version": dist.version, "pure": pure(dist), "via": via}
-            if pure(dist):
+        is_pure = pure(dist)  # reads the WHEEL file: once per distribution
+        if is_pure or via is not None:
+            carried[name] = {"name": name, "version": dist.version, "pure": is_pure, "via": via}
+            if is_pure:
                 todo += [(r, name) for r in map(Requirement, dist.requires or []) if applies(r)]
         else:
             not_carried[name] = {"name": name, "version": dist.version,
