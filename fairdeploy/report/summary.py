@@ -149,14 +149,13 @@ class FairnessChange:
 
 def predicts_one_class(stage: StageRecord) -> bool:
     """Every image of the stage's split got the same class (the per-group confusion matrices, rows true and
-    columns predicted, have one non-empty column between them; fairdeploy.validation.compare.single_class)."""
-    from fairdeploy.validation.compare import single_class
-
+    columns predicted, have one non-empty column between them, of more than one: the rule of
+    fairdeploy.validation.compare.single_class)."""
     columns = [np.asarray(m["confusion"]).sum(axis=0) for m in stage.metrics["groups"].values() if m.get("confusion")]
     if not columns:
         return False
-    classes = stage.metrics.get("class_names") or [str(i) for i in range(len(columns[0]))]
-    return single_class(np.flatnonzero(sum(columns)), classes) is not None
+    total = sum(columns)  # images predicted as each class
+    return len(stage.metrics.get("class_names") or total) > 1 and np.count_nonzero(total) == 1
 
 
 def degenerate_pair(stage: StageRecord, ref: StageRecord) -> str | None:
