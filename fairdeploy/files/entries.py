@@ -7,16 +7,18 @@ import errno
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 
-def describe_entries(folder: Path, limit: int = 5) -> str:
-    """'a.txt, models/ and 3 more' (hidden entries included; folders end in /)."""
+def describe_entries(folder: Path, limit: int = 5, keep: Callable[[str], bool] | None = None) -> str:
+    """'a.txt, models/ and 3 more' (hidden entries included; folders end in /); with `keep`, only the entries whose
+    name it accepts."""
     try:
         entries = sorted(folder.iterdir(), key=lambda p: p.name)
     except OSError as exc:
         return f"unreadable entries ({exc.strerror or exc})"
-    names = [e.name + ("/" if e.is_dir() else "") for e in entries]
+    names = [e.name + ("/" if e.is_dir() else "") for e in entries if keep is None or keep(e.name)]
     if not names:
         return "nothing"
     shown = ", ".join(names[:limit])

@@ -118,11 +118,14 @@ def _check_owner(out: Path, policy: OutputPolicy, overwrite: bool, resume: bool 
         raise FairdeployError(f"{out} holds an earlier {cmd} run ({proof}): pass {policy.resume_option} to "
                               "continue it, or --overwrite to replace it")
     if policy.names is not None:
-        extra = [e.name + ("/" if e.is_dir() else "") for e in sorted(out.iterdir(), key=lambda p: p.name)
-                 if not any(fnmatch.fnmatchcase(e.name, pat) for pat in policy.names)]
-        if extra:
-            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-            raise FairdeployError(f"{out} is a previous {cmd} output but also holds {shown}, which "
+        names = policy.names
+
+        def foreign(name: str) -> bool:
+            return not any(fnmatch.fnmatchcase(name, pat) for pat in names)
+
+        if any(foreign(e.name) for e in out.iterdir()):
+            raise FairdeployError(f"{out} is a previous {cmd} output but also holds "
+                                  f"{describe_entries(out, keep=foreign)}, which "
                                   f"{policy.command} did not write and would delete: move it, choose another "
                                   "--out, or pass --overwrite to replace it all")
     return True
