@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
@@ -38,11 +37,14 @@ from fairdeploy.metrics.bootstrap import DEFAULT_N_BOOT
 from fairdeploy.models.checkpoint import ModelSpec, load_checkpoint, read_spec, resolve_checkpoint
 from fairdeploy.models.size import ModelSize, model_size
 from fairdeploy.progress import Progress, no_progress
-from fairdeploy.pruning.budget import BudgetConfig
-from fairdeploy.pruning.budget import guard_point  # the compression runs' guard, not a twin of it
+from fairdeploy.pruning.budget import (
+    BudgetConfig,
+    guard_point,  # the compression runs' guard, not a twin of it
+)
 from fairdeploy.pruning.compress_records import PointMetrics
 from fairdeploy.pruning.paired import Difference, PairedComparison, paired_comparison
 from fairdeploy.pruning.selection import Guard
+from fairdeploy.training.loop import named_present_groups
 from fairdeploy.training.predict import DEFAULT_EVAL_BATCH_SIZE, Predictions, predict
 from fairdeploy.validation.compare import single_class
 
@@ -202,8 +204,7 @@ def guard_check(report: MetricsReport, size: ModelSize, reference: MetricsReport
 
 def metrics_of(p: Predictions, spec: ModelSpec) -> MetricsReport:
     """Per-group metrics of predictions with the model's class and group names (as evaluate_model computes)."""
-    names = np.asarray(spec.groups)[p.groups]
-    present = [g for g in spec.groups if g in set(names.tolist())]
+    names, present = named_present_groups(p.groups, spec.groups)
     return compute_metrics(p.labels, p.predicted, names, spec.num_classes, spec.classes, group_order=present)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from fairdeploy.errors import FairdeployError
 from fairdeploy.metrics import compute_metrics
+from fairdeploy.training.loop import named_present_groups
 from fairdeploy.training.predict import Predictions
 
 
@@ -54,8 +55,7 @@ def paired_comparison(a: Predictions, b: Predictions, group_names: tuple[str, ..
     with 95 % percentile intervals from one shared within-group resampling of the images."""
     if not (np.array_equal(a.labels, b.labels) and np.array_equal(a.groups, b.groups)):
         raise FairdeployError("paired comparison needs predictions of the same images in the same order")
-    names = np.asarray(group_names)[a.groups]
-    order = [g for g in group_names if g in set(names.tolist())]
+    names, order = named_present_groups(a.groups, group_names)
 
     def stats(pred: np.ndarray, idx: np.ndarray) -> np.ndarray:
         r = compute_metrics(a.labels[idx], pred[idx], names[idx], num_classes, group_order=order)

@@ -11,7 +11,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -104,13 +104,20 @@ def selection_score(report: MetricsReport, select: str) -> float:
     return report.overall_f1_macro
 
 
+def named_present_groups(groups: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Each sample's group name (`names` indexed by its group index) and the names present, in `names` order
+    (compute_metrics' group_order): shared by evaluate_model, pruning.choose and pruning.paired."""
+    group_names = np.asarray(names)[groups]
+    present = set(group_names.tolist())
+    return group_names, [g for g in names if g in present]
+
+
 def evaluate_model(model: nn.Module, dataset: ImageDataset, spec: ModelSpec, device: torch.device,
                    batch_size: int = DEFAULT_EVAL_BATCH_SIZE, workers: int = 0, bootstrap: int = 0,
                    seed: int = 0, progress: Progress = no_progress) -> MetricsReport:
     """Predict a dataset and compute the per-group metrics with the model's class and group names."""
     p = predict(model, dataset, device, batch_size, workers, progress, task="evaluate")
-    group_names = np.asarray(spec.groups)[p.groups]
-    present = [g for g in spec.groups if g in set(group_names.tolist())]
+    group_names, present = named_present_groups(p.groups, spec.groups)
     return compute_metrics(p.labels, p.predicted, group_names, spec.num_classes, spec.classes,
                            group_order=present, bootstrap=bootstrap, seed=seed)
 
