@@ -101,7 +101,7 @@ def compress(
     if recovery is not None and recovery not in RECOVERIES:
         raise FairdeployError(f"unknown --recovery {recovery!r}; choose one of {', '.join(RECOVERIES)}")
     base = config_from_file(config)
-    metric, fraction = budget_from(speedup=speedup, target_macs=target_macs, required=False)
+    metric, fraction = budget_from(speedup=speedup, target_macs=target_macs)
     if fraction is not None:
         base = dataclasses.replace(base, metric=metric, target=fraction)
     options = {"criterion": criterion, "control": control, "max_group_drop": max_group_drop, "step": step,

@@ -73,9 +73,9 @@ def _budget_options(entry: PruneEntry, seed: int) -> Any:
     if reserved:
         raise FairdeployError(f"{entry.where}: {reserved[0]} is set by the table's criterion, its "
                               f"{' / '.join(BUDGET_KEYS)} and the pipeline's seed")
-    # exactly one of BUDGET_KEYS: checked by load_pipeline_config
+    # at most one of BUDGET_KEYS: checked by load_pipeline_config; none: a search to the tolerance
     budget = {k: check_type(options.pop(k), float, f"{entry.where}: {k}") for k in BUDGET_KEYS if k in options}
-    metric, fraction = budget_from(**budget, label=lambda k: f"{entry.where}: {k}", required=False)
+    metric, fraction = budget_from(**budget, label=lambda k: f"{entry.where}: {k}")
     default = BudgetConfig()
     # control None: BudgetConfig.control_run picks the default for the criterion and recovery
     base = replace(default, criterion=entry.criterion, metric=metric, target=fraction, seed=seed,

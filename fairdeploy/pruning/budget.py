@@ -196,13 +196,13 @@ def _flag(key: str) -> str:
 
 
 def budget_from(speedup: float | None = None, target_macs: float | None = None, target_params: float | None = None,
-                label: Callable[[str], str] = _flag, required: bool = True) -> tuple[str, float | None]:
+                label: Callable[[str], str] = _flag) -> tuple[str, float | None]:
     """(metric, fraction kept) from at most one of --speedup S (MACs / S), --target-macs F, --target-params F;
-    `label` says how the user wrote a key (a flag, or a pipeline table's key). With none given: an error when
-    `required`, else ("macs", None) (a search to the tolerance)."""
+    `label` says how the user wrote a key (a flag, or a pipeline table's key). With none given: ("macs", None)
+    (a search to the tolerance)."""
     given = {k: v for k, v in (("speedup", speedup), ("target_macs", target_macs),
                                ("target_params", target_params)) if v is not None}
-    if len(given) > 1 or (required and not given):
+    if len(given) > 1:
         raise FairdeployError("give exactly one budget: --target-macs F, --target-params F or --speedup S "
                               f"(got {', '.join(label(k) for k in given) or 'none'})")
     if not given:
