@@ -112,7 +112,7 @@ class SnnlStep:
         if self.importance is None:
             self.importance = SnnlImportance(cfg.temperature, compat=cfg.compat, tie_break=False,
                                              layers=resolve_feature_layers(model, cfg.layers, self.arch))
-        importance, layers = self.importance, list(self.importance.layers or ())
+        importance, layers = self.importance, self.importance.layers or []
         head = classifier_head_name(self.arch)
         dg = dependency_graph(model, self.image_size, self.device)
         data = ScoreData(snnl_batches=self.batches, snnl_batch_size=self.batch_size)
@@ -122,14 +122,12 @@ class SnnlStep:
         seconds = time.perf_counter() - t0
         stats = {"snnl_images": len(self.batches), "seconds": seconds,
                  "images_per_s": len(self.batches) / max(seconds, 1e-9), "device": str(self.device)}
-        scores = {n: importance.layer_scores[n] for n in layers}
-        positions = dict(importance.layer_positions)  # before the removal
         by_root = {g.root: g for g in groups}  # ranked in the importance's order of groups (the feature layers')
         removal = remove_lowest(model, importance, LowestCount(self.budget(), cfg.round_to), dg,
                                 [by_root[root] for root in importance.table])
         removed: dict[str, list[int]] = {}
         for n in layers:  # the feature layer's channels that went with its group's removed positions
-            root, at_root = positions[n]
+            root, at_root = importance.layer_positions[n]  # before the removal (it changes only in prepare)
             gone = set(removal.removed.get(root, ()))
             mine = [i for i, r in enumerate(at_root) if r in gone]
             if mine:
@@ -145,5 +143,5 @@ class SnnlStep:
             exhausted = f"--max-channels {cfg.max_channels} reached"
         out = {"kind": "channel", "layers": layers, "channels_removed": total,
                "channels": {n: sorted(v) for n, v in removed.items()},
-               "scores": {n: [round(float(s), 6) for s in scores[n]] for n in layers}}
+               "scores": {n: [round(float(s), 6) for s in importance.layer_scores[n]] for n in layers}}
         return StepOutput(model=model, removed=out, masks=masks, exhausted=exhausted, stats=stats)
