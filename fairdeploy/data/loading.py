@@ -87,29 +87,29 @@ def open_rgb(path: Path) -> Image.Image:
             return to_rgb(im, path)
 
 
-def why_unreadable(path: Path) -> str:
-    """Why `path` cannot be read, in a few words (for the one-line error)."""
+def _decode_problem(path: Path) -> tuple[bool, str]:
+    """Decode `path` once: (refused, why), refused when it decodes but cannot be used (ImageRefused)."""
     try:
         open_rgb(path)
     except ImageRefused as exc:
-        return str(exc)
+        return True, str(exc)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return f"a decompression bomb: {exc}"
+        return False, f"a decompression bomb: {exc}"
     except UNREADABLE_IMAGE:
-        return "not a valid image file"
-    return "decoding failed while loading"
+        return False, "not a valid image file"
+    return False, "decoding failed while loading"
+
+
+def why_unreadable(path: Path) -> str:
+    """Why `path` cannot be read, in a few words (for the one-line error)."""
+    return _decode_problem(path)[1]
 
 
 def image_failure(path: Path) -> str:
     """The one line for an image the loaders cannot use: 'image PATH could not be read (why)', or 'image PATH is
     refused: why' for one that decodes but cannot be used."""
-    try:
-        open_rgb(path)
-    except ImageRefused as exc:
-        return f"image {path} is refused: {exc}"
-    except UNREADABLE_IMAGE:
-        pass
-    return f"image {path} could not be read ({why_unreadable(path)})"
+    refused, why = _decode_problem(path)
+    return f"image {path} is refused: {why}" if refused else f"image {path} could not be read ({why})"
 
 
 def missing_image(path: Path) -> str:
