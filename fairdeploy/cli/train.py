@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -26,11 +26,9 @@ from fairdeploy.cli.tables import fairness_table, metrics_table
 from fairdeploy.files.json_files import write_json
 from fairdeploy.files.outputs import claim_output
 from fairdeploy.models.checkpoint import ModelSpec
+from fairdeploy.models.size import checkpoint_size
 from fairdeploy.training import train as training
 from fairdeploy.training.loop import FitConfig
-
-if TYPE_CHECKING:
-    from fairdeploy.models.size import ModelSize
 
 # `train` and `finetune`: each option sets the FitConfig field of its name (fairdeploy.cli.options.configure).
 FIT_FIELDS: dict[str, str | tuple[str, ...]] = {name: name for name in (
@@ -170,12 +168,3 @@ def evaluate(
         if out is not None:
             write_json(out, {**report.to_dict(), "size": {**size.to_dict(), "image_size": image_size}})
             console.print(f"metrics: {out}")
-
-
-def checkpoint_size(model_dir: Path) -> tuple[ModelSize, int]:
-    """The checkpoint's parameter, non-zero parameter and MAC counts (fairdeploy.models.size) at its input size."""
-    from fairdeploy.models.checkpoint import load_checkpoint
-    from fairdeploy.models.size import model_size
-
-    net, spec = load_checkpoint(model_dir, "cpu")
-    return model_size(net, spec.image_size), spec.image_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,3 +32,11 @@ def model_size(model: nn.Module, image_size: int, device: torch.device | str = "
     model.train(was_training)
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     return ModelSize(params=int(params), nonzero_params=nonzero, macs=int(macs))
+
+
+def checkpoint_size(path: Path) -> tuple[ModelSize, int]:
+    """A checkpoint's counts at its input size (loaded on the CPU), and that image size."""
+    from fairdeploy.models.checkpoint import load_checkpoint
+
+    model, spec = load_checkpoint(path, "cpu")
+    return model_size(model, spec.image_size), spec.image_size

@@ -332,11 +332,9 @@ def _guard_failure(ckpt: Path) -> str | None:
 
 
 def _size(ckpt: Path) -> Any:
-    from fairdeploy.models.checkpoint import load_checkpoint
-    from fairdeploy.models.size import model_size
+    from fairdeploy.models.size import checkpoint_size
 
-    model, spec = load_checkpoint(ckpt, "cpu")
-    return model_size(model, spec.image_size)
+    return checkpoint_size(ckpt)[0]
 
 
 def _weights_path(ckpt: Path) -> Path:
