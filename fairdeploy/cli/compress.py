@@ -135,8 +135,7 @@ def rounds_table(record: BudgetRecord) -> Table:
     what = (f"budget: {record.budget.metric} x{record.budget.fraction:g}" if record.budget is not None else
             f"tolerance: max group drop {cfg.max_group_drop:g}")
     against = "" if cfg.control_run == "none" else f" vs {cfg.control_run} control"
-    table = Table(title=f"{cfg.criterion}{against} on validation ({what}; no control run)" if not against else
-                  f"{cfg.criterion}{against} on validation ({what})")
+    table = Table(title=f"{cfg.criterion}{against} on validation ({what}{'' if against else '; no control run'})")
     for col in ("run", "model", "MACs", *[f"acc {g}" for g in groups], "worst group", "macro-F1", "Eodd", "guard"):
         table.add_column(col, justify="left" if col in ("run", "model", "guard") else "right")
 
