@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fairdeploy.data.loading import Encoding, eval_transform, split_dataset
 from fairdeploy.data.manifest import Manifest
 from fairdeploy.device import resolve_device
@@ -285,8 +283,7 @@ def rank_models(models: Sequence[str | Path], manifest: Manifest, reference: str
         if key not in datasets:  # the same images in manifest order; each input size transformed once
             datasets[key] = split_dataset(manifest, SPLIT, Encoding(spec.classes, spec.groups),
                                           eval_transform(spec.image_size, spec.mean, spec.std))
-        with torch.no_grad():
-            p = predict(net, datasets[key], dev, cfg.batch_size, progress=progress, task=task)
+        p = predict(net, datasets[key], dev, cfg.batch_size, progress=progress, task=task)  # no_grad itself
         size = model_size(net, spec.image_size, dev)
         del net
         return p, size
