@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest, dense, root = dense_checkpoint(dataset, work, seed, args)
             m = read_manifest(manifest, root)
             base = test_metrics(dense, manifest, root)
+            tested: dict[Path, dict[str, Any]] = {dense: base}  # each checkpoint's test metrics, once per seed
             rows.append({"dataset": dataset, "seed": seed, "eps": None, "config": "dense", "macs_fraction": 1.0,
                          "round": 0, **base, "seconds": time.perf_counter() - t0})
             print(f"[{dataset} seed {seed}] dense: {_line(base)}", flush=True)
@@ -269,9 +270,12 @@ def main(argv: list[str] | None = None) -> int:
                     replayed = {e: replay(rec, e, args.max_f1_drop) for e in (args.eps if once else [eps])}
                     ft_models = (finetune_only(dense, m, max(max(r[1], 1) for r in replayed.values()), args, seed)
                                  if config == BLIND else [])
+                    ft_tested: dict[int, dict[str, Any]] = {}  # each fine-tune-only round's test metrics, once
                     for e, (name, rnd, frac, kept) in replayed.items():
                         ckpt = dense if name == "input" else out / "rounds" / f"candidate-{name}"
-                        met = test_metrics(ckpt, manifest, root)
+                        if ckpt not in tested:  # replays at several eps may reach the same round
+                            tested[ckpt] = test_metrics(ckpt, manifest, root)
+                        met = tested[ckpt]
                         rows.append({"dataset": dataset, "seed": seed, "eps": e, "config": config, "reached": name,
                                      "constraint_eps": eps if constrained else None,
                                      "round": rnd, "macs_fraction": frac, "rounds_run": len(kept), **met,
@@ -279,32 +283,39 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"[{dataset} seed {seed}] {config} eps {e:g}: reached x{frac:.3f} MACs ({name}); "
                               f"test {_line(met)} ({seconds:.0f} s)", flush=True)
                         if config == BLIND:  # the fine-tune-only control: the blind reached model's recovery
-                            met = test_metrics(dense, manifest, root, model=ft_models[max(rnd, 1) - 1])
+                            if max(rnd, 1) not in ft_tested:
+                                ft_tested[max(rnd, 1)] = test_metrics(dense, manifest, root,
+                                                                      model=ft_models[max(rnd, 1) - 1])
+                            met = ft_tested[max(rnd, 1)]
                             rows.append({"dataset": dataset, "seed": seed, "eps": e, "config": "finetune-only",
                                          "round": max(rnd, 1), "macs_fraction": 1.0, **met})
                             print(f"[{dataset} seed {seed}] finetune-only ({max(rnd, 1)} rounds) eps {e:g}: "
                                   f"test {_line(met)}", flush=True)
-    summary, paired, targets = summarise(rows, args.eps)
-    print(render(summary, paired, targets))
-    if frontiers:
-        plot_frontiers(frontiers, Path(args.plot))
-        print(f"frontier plot: {args.plot}")
+    summary, paired, targets = _report(rows, args.eps, frontiers, args.plot)
     path = common.write_results(args.out, "fair_compression", args, info, rows, summary=summary, paired=paired,
                                 targets=targets, frontiers=frontiers)
     print(f"machine: {common.describe_machine(info)}\nresults: {path}")
     return 0
 
 
+def _report(rows: list[dict[str, Any]], eps_list: list[float], frontiers: list[dict[str, Any]], plot: str | Path
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Print the tables and target lines of `rows` and draw the frontiers (if any) to `plot`; returns the summary,
+    paired and target records (main's and render_again's ending)."""
+    summary, paired, targets = summarise(rows, eps_list)
+    print(render(summary, paired, targets))
+    if frontiers:
+        plot_frontiers(frontiers, Path(plot))
+        print(f"frontier plot: {plot}")  # as given (main: the --plot text)
+    return summary, paired, targets
+
+
 def render_again(results: Path, plot: Path) -> int:
     """The tables and target lines of an earlier run, recomputed from its rows (the current summary code)."""
-    import json
+    from fairdeploy.files.json_files import read_json
 
-    data = json.loads(results.read_text())
-    summary, paired, targets = summarise(data["results"], data["args"]["eps"])
-    print(render(summary, paired, targets))
-    if data.get("frontiers"):
-        plot_frontiers(data["frontiers"], plot)
-        print(f"frontier plot: {plot}")
+    data = read_json(results)
+    _report(data["results"], data["args"]["eps"], data.get("frontiers") or [], plot)
     print(f"machine: {common.describe_machine(data['machine'])}; at end {data.get('load_average_at_end')}")
     return 0
 
