@@ -30,6 +30,7 @@ from fairdeploy.pruning.run import PruneConfig
 from fairdeploy.pruning.selection import Guard
 from fairdeploy.training.constrained import ConstrainedRecovery
 from fairdeploy.training.finetune import FINETUNE_CONFIG
+from fairdeploy.training.loop import FitConfig
 
 if TYPE_CHECKING:
     from fairdeploy.pruning.run import PruneRecord
@@ -172,9 +173,6 @@ def _refuse_contradictions(options: dict[str, Any], base: PruneConfig) -> None:
 def prune_config(options: dict[str, Any], path: Path | None) -> PruneConfig:
     """PruneConfig: its defaults, then --config FILE, then the options given (None: not given), checked. A problem
     that only the file's values cause is reported with the file's name."""
-    from fairdeploy.training.finetune import FINETUNE_CONFIG
-    from fairdeploy.training.loop import FitConfig
-
     def built(base: PruneConfig) -> PruneConfig:
         _refuse_contradictions(options, base)
         finetune = base.finetune
@@ -278,7 +276,6 @@ def finetune(
     from functools import partial
 
     from fairdeploy.training.finetune import finetune_checkpoint
-    from fairdeploy.training.loop import FitConfig
 
     given = [flag for flag, v in (("--max-group-drop", max_group_drop), ("--dual-lr", dual_lr),
                                   ("--reference", reference)) if v is not None]
