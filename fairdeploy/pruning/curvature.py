@@ -136,12 +136,11 @@ class _Capture:
     """Forward hooks saving each layer's input and output (the output is cloned for the next op, so an
     in-place activation after the layer cannot change the tensor whose gradient we take)."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
+    def __init__(self, modules: dict[str, nn.Module], layers: Sequence[str]):
         self.inputs: dict[str, torch.Tensor] = {}
         self.versions: dict[str, int] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles = []
-        modules = dict(model.named_modules())
         for name in layers:
             self._handles.append(modules[name].register_forward_hook(self._hook(name)))
 
@@ -254,31 +253,55 @@ class VectorisedSums:
 
     def __call__(self, model: nn.Module, layers: Sequence[str], acc: dict[str, torch.Tensor], x: torch.Tensor,
                  y: torch.Tensor, draws: BatchDraws) -> None:
+        with self.attached(model, layers, draws.estimator) as add:
+            add(model, layers, acc, x, y, draws)
+
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module, layers: Sequence[str], estimator: str) -> Iterator[BatchSums]:
+        """This BatchSums with its per-call setup done once for the block (group_curvature's batches): the modules
+        looked up and, for the per-sample estimators, the capture hooks registered until the block ends."""
         modules = dict(model.named_modules())
-        if draws.estimator == "hutchinson":
-            params = [modules[n].weight for n in layers]
-            loss = F.cross_entropy(model(x).float(), y, reduction="sum")
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            for p in range(draws.probes):
-                vs = draws.probe(params)
-                hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=p < draws.probes - 1)
-                for n, v, hv in zip(layers, vs, hvs):
-                    acc[n] += (v * hv).float() / draws.probes
-            return
-        cap = _Capture(model, layers)
+        cap = None if estimator == "hutchinson" else _Capture(modules, layers)
+
+        def add(model: nn.Module, layers: Sequence[str], acc: dict[str, torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor, draws: BatchDraws) -> None:
+            if cap is None:
+                self._hutchinson(modules, model, layers, acc, x, y, draws)
+                return
+            try:
+                self._per_sample(modules, cap, model, layers, acc, x, y, draws)
+            finally:
+                cap.clear()
+
         try:
-            logits = model(x).float()
-            targets = draws.targets(logits, y)
-            outs = [cap.outputs[n] for n in layers]
-            for s in range(targets.shape[1]):
-                loss = F.cross_entropy(logits, targets[:, s], reduction="sum")
-                grads = torch.autograd.grad(loss, outs, retain_graph=s < targets.shape[1] - 1)
-                for n, go in zip(layers, grads):
-                    sq = _layer_sq(modules[n], cap.input(n).float(), go.float(), self.max_chunk_elements)
-                    acc[n] += sq / targets.shape[1]
+            yield add
         finally:
-            cap.close()
-            cap.clear()
+            if cap is not None:
+                cap.close()
+
+    @staticmethod
+    def _hutchinson(modules: dict[str, nn.Module], model: nn.Module, layers: Sequence[str],
+                    acc: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, draws: BatchDraws) -> None:
+        params = [modules[n].weight for n in layers]
+        loss = F.cross_entropy(model(x).float(), y, reduction="sum")
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        for p in range(draws.probes):
+            vs = draws.probe(params)
+            hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=p < draws.probes - 1)
+            for n, v, hv in zip(layers, vs, hvs):
+                acc[n] += (v * hv).float() / draws.probes
+
+    def _per_sample(self, modules: dict[str, nn.Module], cap: _Capture, model: nn.Module, layers: Sequence[str],
+                    acc: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, draws: BatchDraws) -> None:
+        logits = model(x).float()
+        targets = draws.targets(logits, y)
+        outs = [cap.outputs[n] for n in layers]
+        for s in range(targets.shape[1]):
+            loss = F.cross_entropy(logits, targets[:, s], reduction="sum")
+            grads = torch.autograd.grad(loss, outs, retain_graph=s < targets.shape[1] - 1)
+            for n, go in zip(layers, grads):
+                sq = _layer_sq(modules[n], cap.input(n).float(), go.float(), self.max_chunk_elements)
+                acc[n] += sq / targets.shape[1]
 
 
 def group_curvature(
@@ -310,14 +333,16 @@ def group_curvature(
     total = len(data) if hasattr(data, "__len__") else 0
     if mc_samples < 1 or probes < 1:
         raise FairdeployError(f"mc_samples and probes must be >= 1, got {mc_samples} and {probes}")
-    add = batch_sums if batch_sums is not None else VectorisedSums(max_chunk_elements)
+    # the fast path registers its hooks once for the whole call, not once per batch
+    attached = (contextlib.nullcontext(batch_sums) if batch_sums is not None
+                else VectorisedSums(max_chunk_elements).attached(model, layers, estimator))
     modules = dict(model.named_modules())
     model.to(dev)
     n_seen = 0
     acc: dict[str, torch.Tensor] = {
         n: torch.zeros_like(modules[n].weight, dtype=torch.float64, device=dev) for n in layers
     }
-    with _eval_mode(model), torch.enable_grad():
+    with _eval_mode(model), torch.enable_grad(), attached as add:
         for b, (x, y, _g) in rank_batches(data, batch_size, dev, workers):
             add(model, layers, acc, x, y, BatchDraws(estimator, mc_samples, probes, batch_generator(seed, b), dev))
             n_seen += len(y)
