@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from rich.table import Table
 
+from fairdeploy.cli.config import load_config
 from fairdeploy.cli.console import console, err_console
 from fairdeploy.cli.jobs import checkpoint_job
 from fairdeploy.cli.option_blocks import Job, option_blocks
@@ -65,15 +66,6 @@ FIELDS: dict[str, str | tuple[str, ...]] = {
 RECOVERIES = {"plain": False, "constrained": True}
 
 
-def config_from_file(path: Path | None) -> Any:
-    """BudgetConfig from a TOML file of its fields (the same keys as a pipeline's compression [[prune]] table)."""
-    if path is None:
-        return BudgetConfig()
-    from fairdeploy.schema import load, read_toml
-
-    return load(BudgetConfig, read_toml(path), str(path))
-
-
 @option_blocks
 def compress(
     model: ModelOpt,
@@ -100,7 +92,7 @@ def compress(
 
     if recovery is not None and recovery not in RECOVERIES:
         raise FairdeployError(f"unknown --recovery {recovery!r}; choose one of {', '.join(RECOVERIES)}")
-    base = config_from_file(config)
+    base = load_config("compress", config)  # BudgetConfig: the same keys as a pipeline's compression [[prune]] table
     metric, fraction = budget_from(speedup=speedup, target_macs=target_macs)
     if fraction is not None:
         base = dataclasses.replace(base, metric=metric, target=fraction)

@@ -45,8 +45,7 @@ def command_configs() -> dict[str, CommandConfig]:
         return lambda values, source: load(cls, values, source, base=base)
 
     return {
-        "prune": CommandConfig("PruneConfig (fairdeploy.pruning.run)", PruneConfig,
-                               lambda values, source: load_prune_config(values, source)),
+        "prune": CommandConfig("PruneConfig (fairdeploy.pruning.run)", PruneConfig, load_prune_config),
         "compress": CommandConfig("BudgetConfig (fairdeploy.pruning.budget)", BudgetConfig, plain(BudgetConfig)),
         "finetune": CommandConfig("FINETUNE_CONFIG, a FitConfig (fairdeploy.training.finetune)",
                                   lambda: FINETUNE_CONFIG, plain(FitConfig, FINETUNE_CONFIG)),
@@ -57,15 +56,21 @@ def command_configs() -> dict[str, CommandConfig]:
     }
 
 
-def effective_config(command: str, path: Path | None = None) -> Any:
-    """`command`'s configuration: its defaults, or `path` (a TOML file of its fields) merged onto them, checked."""
+def load_config(command: str, path: Path | None = None) -> Any:
+    """`command`'s configuration: its defaults, or `path` (a TOML file of its fields) merged onto them by the
+    command's own loader (not yet checked: `effective_config`). What `--config FILE` gives a command."""
     from fairdeploy.schema import read_toml
 
     configs = command_configs()
     if command not in configs:
         raise FairdeployError(f"no configuration for command {command!r}; choose one of {', '.join(configs)}")
     spec = configs[command]
-    cfg = spec.default() if path is None else spec.load(read_toml(path), str(path))
+    return spec.default() if path is None else spec.load(read_toml(path), str(path))
+
+
+def effective_config(command: str, path: Path | None = None) -> Any:
+    """`command`'s configuration: its defaults, or `path` (a TOML file of its fields) merged onto them, checked."""
+    cfg = load_config(command, path)
     try:
         cfg.validate()
     except FairdeployError as exc:

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 from typer.core import TyperCommand
 
+from fairdeploy.cli.config import load_config
 from fairdeploy.cli.console import console, err_console
 from fairdeploy.cli.interrupts import on_interrupt
 from fairdeploy.cli.jobs import checkpoint_job
@@ -140,16 +141,6 @@ class PruneCommand(TyperCommand):
         return super().parse_args(ctx, args)
 
 
-def config_from_file(path: Path | None) -> PruneConfig:
-    """PruneConfig from a TOML file of its fields (what `fairdeploy config show prune` prints)."""
-    if path is None:
-        return PruneConfig()
-    from fairdeploy.pruning.run import load_prune_config
-    from fairdeploy.schema import read_toml
-
-    return load_prune_config(read_toml(path), str(path))
-
-
 def _refuse_contradictions(options: dict[str, Any], base: PruneConfig) -> None:
     """Options the chosen method does not use, and --ratio with 2:4 (reached in one step), are refused."""
     def flags(names: tuple[str, ...]) -> list[str]:
@@ -183,7 +174,7 @@ def prune_config(options: dict[str, Any], path: Path | None) -> PruneConfig:
             finetune = configure(FitConfig, FINETUNE_JOB_FIELDS, options, base=finetune)
         return configure(PruneConfig, PRUNE_FIELDS, options, base=replace(base, finetune=finetune))
 
-    base = config_from_file(path)
+    base = load_config("prune", path)  # PruneConfig: its defaults, or the file (what `config show prune` prints)
     try:
         return built(base)
     except FairdeployError as exc:
